@@ -1,0 +1,44 @@
+"""Who may see and do what. One helper per object, used by views and the API alike."""
+
+from __future__ import annotations
+
+from django.db.models import QuerySet
+from django.http import Http404
+
+from orchestration.models import Process, Run
+
+
+def can_start(user, process: Process) -> bool:  # type: ignore[no-untyped-def]
+    return bool(
+        user.is_authenticated
+        and (user.has_perm("orchestration.start_run") or
+             user.has_perm("orchestration.start_run", process))
+    )
+
+
+def startable_processes(user) -> QuerySet[Process]:  # type: ignore[no-untyped-def]
+    qs = Process.objects.filter(current_version__isnull=False).select_related("current_version")
+    if user.has_perm("orchestration.start_run"):
+        return qs.order_by("slug")
+    from guardian.shortcuts import get_objects_for_user
+
+    return get_objects_for_user(user, "orchestration.start_run", qs, accept_global_perms=False)
+
+
+def visible_runs(user) -> QuerySet[Run]:  # type: ignore[no-untyped-def]
+    qs = Run.objects.select_related("process_version__process", "created_by")
+    if user.has_perm("orchestration.view_run"):
+        return qs
+    return qs.filter(created_by=user)
+
+
+def get_run_for_user(user, run_id) -> Run:  # type: ignore[no-untyped-def]
+    """The run if this user may see it; 404 otherwise (never reveal that it exists)."""
+    try:
+        return visible_runs(user).get(pk=run_id)
+    except (Run.DoesNotExist, ValueError, TypeError):
+        raise Http404("no such run") from None
+
+
+def can_cancel(user, run: Run) -> bool:  # type: ignore[no-untyped-def]
+    return bool(user.has_perm("orchestration.change_run") or run.created_by_id == user.pk)

@@ -1,0 +1,17 @@
+"""ASGI entry point. With no REDIS_URL this is a complete standalone server: the worker pool
+starts with the app and picks up any run a previous process left unfinished."""
+
+import os
+
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "console.settings")
+django_asgi_app = get_asgi_application()
+
+from channels.routing import ProtocolTypeRouter  # noqa: E402
+
+from orchestration import standalone  # noqa: E402
+
+standalone.start()
+
+application = ProtocolTypeRouter({"http": django_asgi_app})

@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_POST
+
+from audit.models import Event
+from console.access import can_cancel, can_start, get_run_for_user, startable_processes, visible_runs
+from orchestration import services
+from orchestration.engine.states import RUN_TERMINAL
+from orchestration.models import Process
+
+
+@login_required
+def dashboard(request: HttpRequest) -> HttpResponse:
+    runs = visible_runs(request.user).order_by("-created_at")[:50]
+    return render(request, "console/dashboard.html", {
+        "processes": startable_processes(request.user),
+        "runs": runs,
+    })
+
+
+@login_required
+@require_POST
+def run_start(request: HttpRequest) -> HttpResponse:
+    process = get_object_or_404(Process.objects.select_related("current_version"),
+                                slug=request.POST.get("process", ""))
+    if not can_start(request.user, process):
+        return HttpResponse("You may not start runs of this process.", status=403)
+    raw = request.POST.get("input", "").strip() or "{}"
+    error = ""
+    try:
+        data: Any = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        error = f"Input is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})."
+    else:
+        try:
+            run = services.run_create(process=process, input=data, user=request.user)
+        except services.ServiceError as exc:
+            error = str(exc)
+        else:
+            return redirect("run_detail", run_id=run.pk)
+    response = render(request, "console/dashboard.html", {
+        "processes": startable_processes(request.user),
+        "runs": visible_runs(request.user).order_by("-created_at")[:50],
+        "start_error": error,
+        "start_process": process.slug,
+        "start_input": raw,
+    }, status=400)
+    return response
+
+
+def _run_context(request: HttpRequest, run_id: Any) -> dict[str, Any]:
+    run = get_run_for_user(request.user, run_id)
+    return {
+        "run": run,
+        "tasks": list(run.tasks.all()),
+        "events": list(Event.objects.filter(chain=run.pk).order_by("seq")),
+        "active": run.status not in RUN_TERMINAL,
+        "may_cancel": can_cancel(request.user, run),
+    }
+
+
+@login_required
+def run_detail(request: HttpRequest, run_id: Any) -> HttpResponse:
+    context = _run_context(request, run_id)
+    template = "console/run_detail.html"
+    if getattr(request, "htmx", False):
+        template += "#live"
+    return render(request, template, context)
+
+
+@login_required
+@require_POST
+def run_cancel(request: HttpRequest, run_id: Any) -> HttpResponse:
+    run = get_run_for_user(request.user, run_id)
+    if not can_cancel(request.user, run):
+        return HttpResponse("You may not cancel this run.", status=403)
+    try:
+        services.run_cancel(run=run, user=request.user)
+    except services.RunNotCancellable as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, "Run cancelled.")
+    return redirect("run_detail", run_id=run.pk)

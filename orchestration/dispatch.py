@@ -1,0 +1,73 @@
+"""Where run work goes: Celery in distributed mode, the in-process thread pool in standalone.
+
+Both paths call the same Celery task functions. Call these from ``transaction.on_commit``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from django.conf import settings
+from django.db import close_old_connections, connections
+
+log = logging.getLogger("switchboard.dispatch")
+
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def standalone() -> bool:
+    return settings.SWITCHBOARD_MODE == "standalone"
+
+
+def pool() -> concurrent.futures.ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=settings.SWITCHBOARD_WORKER_THREADS,
+                thread_name_prefix="switchboard-worker",
+            )
+        return _pool
+
+
+def _in_thread(fn: Callable[..., Any], *args: Any) -> None:
+    close_old_connections()
+    try:
+        fn(*args)
+    except Exception:
+        log.exception("run work %s%r failed", getattr(fn, "__name__", fn), args)
+    finally:
+        connections.close_all()
+
+
+def submit(task: Any, *args: Any) -> None:
+    """Send a Celery task (by its task object) to wherever this mode runs work."""
+    if standalone():
+        pool().submit(_in_thread, task.run, *args)
+    else:
+        task.delay(*args)
+
+
+def enqueue_advance(run_id: Any) -> None:
+    from orchestration.tasks import advance_run
+
+    submit(advance_run, str(run_id))
+
+
+def enqueue_execute(run_id: Any, key: str) -> None:
+    from orchestration.tasks import execute_task
+
+    submit(execute_task, str(run_id), key)
+
+
+def shutdown(wait: bool = True) -> None:
+    global _pool
+    with _pool_lock:
+        if _pool is not None:
+            _pool.shutdown(wait=wait)
+            _pool = None

@@ -1,0 +1,132 @@
+"""Tool contracts: a JSON Schema for input and output, a timeout, an implementation."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import jsonschema
+
+from orchestration.engine.errors import (
+    ToolFailed,
+    ToolInputInvalid,
+    ToolOutputInvalid,
+    ToolTimeout,
+    UnknownTool,
+)
+
+ToolFn = Callable[..., Any]
+
+_timeout_pool = concurrent.futures.ThreadPoolExecutor(
+    max_workers=8, thread_name_prefix="switchboard-tool"
+)
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    where = "/".join(str(p) for p in error.absolute_path)
+    return f"{where}: {error.message}" if where else error.message
+
+
+@dataclass(slots=True)
+class ToolContract:
+    name: str
+    fn: ToolFn
+    input_schema: Mapping[str, Any] = field(default_factory=lambda: {"type": "object"})
+    output_schema: Mapping[str, Any] = field(default_factory=dict)
+    timeout_s: float | None = 10.0
+    idempotent: bool = True
+    description: str = ""
+    _in: jsonschema.Draft202012Validator | None = None
+    _out: jsonschema.Draft202012Validator | None = None
+
+    def __post_init__(self) -> None:
+        jsonschema.Draft202012Validator.check_schema(self.input_schema)
+        jsonschema.Draft202012Validator.check_schema(self.output_schema)
+        self._in = jsonschema.Draft202012Validator(self.input_schema)
+        self._out = jsonschema.Draft202012Validator(self.output_schema)
+
+    def validate_input(self, args: Any) -> None:
+        assert self._in is not None
+        errors = sorted(self._in.iter_errors(args), key=lambda e: list(e.absolute_path))
+        if errors:
+            detail = "; ".join(_describe(e) for e in errors[:5])
+            raise ToolInputInvalid(f"arguments for {self.name} are invalid: {detail}")
+
+    def validate_output(self, result: Any) -> None:
+        assert self._out is not None
+        errors = sorted(self._out.iter_errors(result), key=lambda e: list(e.absolute_path))
+        if errors:
+            detail = "; ".join(_describe(e) for e in errors[:5])
+            raise ToolOutputInvalid(f"{self.name} returned output that breaks its schema: {detail}")
+
+    def call(self, args: Mapping[str, Any], *, timeout_s: float | None = None) -> Any:
+        """Validate, run with a timeout, verify. Never repairs arguments."""
+        self.validate_input(args)
+        limit = self.timeout_s if timeout_s is None else timeout_s
+        try:
+            if limit is None:
+                result = self.fn(**args)
+            else:
+                future = _timeout_pool.submit(self.fn, **args)
+                try:
+                    result = future.result(timeout=limit)
+                except concurrent.futures.TimeoutError:
+                    future.cancel()
+                    raise ToolTimeout(f"{self.name} did not answer within {limit:g} s") from None
+        except (ToolTimeout, ToolInputInvalid):
+            raise
+        except Exception as exc:  # the implementation's own failure, reported as data
+            raise ToolFailed(f"{self.name} failed: {type(exc).__name__}: {exc}") from exc
+        self.validate_output(result)
+        return result
+
+
+class ToolRegistry:
+    """Named contracts. The engine looks implementations up here and nowhere else."""
+
+    def __init__(self) -> None:
+        self._tools: dict[str, ToolContract] = {}
+
+    def register(self, contract: ToolContract) -> ToolContract:
+        self._tools[contract.name] = contract
+        return contract
+
+    def tool(
+        self,
+        name: str,
+        *,
+        input_schema: Mapping[str, Any],
+        output_schema: Mapping[str, Any],
+        timeout_s: float | None = 10.0,
+        idempotent: bool = True,
+        description: str = "",
+    ) -> Callable[[ToolFn], ToolFn]:
+        def decorate(fn: ToolFn) -> ToolFn:
+            self.register(
+                ToolContract(
+                    name=name,
+                    fn=fn,
+                    input_schema=input_schema,
+                    output_schema=output_schema,
+                    timeout_s=timeout_s,
+                    idempotent=idempotent,
+                    description=description or (fn.__doc__ or "").strip(),
+                )
+            )
+            return fn
+
+        return decorate
+
+    def get(self, name: str) -> ToolContract:
+        try:
+            return self._tools[name]
+        except KeyError:
+            raise UnknownTool(f"no tool or function named {name!r} is registered") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tools
+
+    def names(self) -> list[str]:
+        return sorted(self._tools)

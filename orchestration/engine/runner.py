@@ -1,0 +1,167 @@
+"""The run loop: schedule ready tasks within the hydration limit, execute them, checkpoint.
+
+``advance`` and ``execute`` are the two units of work. Whatever drives them (a Celery worker,
+the standalone thread pool, the local driver in tests) calls ``advance`` after a run is created
+and after every task finishes, and ``execute`` for every task that ``advance`` released.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from orchestration.engine.contracts import ToolRegistry
+from orchestration.engine.errors import ContractError, EngineError
+from orchestration.engine.plan import TaskSpec
+from orchestration.engine.refs import resolve
+from orchestration.engine.states import (
+    RUN_TERMINAL,
+    TASK_ACTIVE,
+    RunStatus,
+    TaskStatus,
+)
+from orchestration.engine.store import RunStore
+
+
+@dataclass(slots=True)
+class TaskContext:
+    run_id: str
+    spec: TaskSpec
+    attempt: int
+    run_input: Mapping[str, Any]
+    dep_outputs: Mapping[str, Any]
+
+    def idempotency_key(self, call_index: int = 0) -> str:
+        return f"{self.run_id}:{self.spec.key}:{call_index}"
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What an executor produced: an output or an error, and the ledger events of the step."""
+
+    output: Any = None
+    error: str = ""
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    status: str = TaskStatus.SUCCEEDED
+
+
+class Executor(Protocol):
+    def __call__(self, ctx: TaskContext) -> Outcome: ...
+
+
+class ContractExecutor:
+    """Runs ``tool`` and ``function`` tasks: resolve arguments, call the contract, record it."""
+
+    def __init__(self, registry: ToolRegistry) -> None:
+        self.registry = registry
+
+    def __call__(self, ctx: TaskContext) -> Outcome:
+        spec = ctx.spec
+        started = time.perf_counter()
+        key = ctx.idempotency_key(0)
+        try:
+            contract = self.registry.get(spec.executor_ref)
+            args = resolve(dict(spec.args), run_input=ctx.run_input, outputs=ctx.dep_outputs)
+            output = contract.call(args)
+        except (ContractError, EngineError) as exc:
+            latency_ms = round((time.perf_counter() - started) * 1000, 3)
+            event = {"task": spec.key, "tool": spec.executor_ref, "idempotency_key": key,
+                     "error": str(exc), "latency_ms": latency_ms}
+            return Outcome(error=str(exc), status=TaskStatus.FAILED,
+                           events=[("tool.failed", event)])
+        latency_ms = round((time.perf_counter() - started) * 1000, 3)
+        event = {"task": spec.key, "tool": spec.executor_ref, "idempotency_key": key,
+                 "arguments": args, "result": output, "latency_ms": latency_ms}
+        return Outcome(output=output, events=[("tool.called", event)])
+
+
+def default_executors(registry: ToolRegistry) -> dict[str, Executor]:
+    contract = ContractExecutor(registry)
+    return {"tool": contract, "function": contract}
+
+
+@dataclass(slots=True)
+class AdvanceResult:
+    released: list[str]
+    status: str
+
+
+def advance(store: RunStore, run_id: str) -> AdvanceResult:
+    """One scheduling step under the run's lock. Returns the task keys to dispatch."""
+    with store.locked(run_id) as run:
+        status = RunStatus(run.status)
+        if status in RUN_TERMINAL:
+            return AdvanceResult([], status)
+        if run.cancel_requested:
+            _cancel(store, run)
+            return AdvanceResult([], RunStatus.CANCELLED)
+        if status in (RunStatus.PENDING, RunStatus.QUEUED):
+            if status == RunStatus.PENDING:
+                store.set_run_status(run_id, RunStatus.QUEUED)
+            store.set_run_status(run_id, RunStatus.RUNNING)
+            status = RunStatus.RUNNING
+        if status != RunStatus.RUNNING:
+            return AdvanceResult([], status)
+
+        statuses = run.statuses()
+        failed = [k for k, s in statuses.items() if s == TaskStatus.FAILED]
+        if failed and not any(s in TASK_ACTIVE for s in statuses.values()):
+            errors = "; ".join(f"{k}: {run.tasks[k].error}" for k in failed)
+            for key, s in statuses.items():
+                if s == TaskStatus.PENDING:
+                    store.finish_task(run_id, key, TaskStatus.CANCELLED,
+                                      error="an upstream task failed")
+            store.set_run_status(run_id, RunStatus.FAILED, error=errors)
+            return AdvanceResult([], RunStatus.FAILED)
+        if failed:
+            return AdvanceResult([], status)  # let active tasks land before failing the run
+
+        if all(s == TaskStatus.SUCCEEDED for s in statuses.values()):
+            outputs = {k: t.output for k, t in run.tasks.items()}
+            if run.plan.result:
+                result = resolve(dict(run.plan.result), run_input=run.input, outputs=outputs)
+            else:
+                result = outputs
+            store.set_run_status(run_id, RunStatus.SUCCEEDED, result=result)
+            return AdvanceResult([], RunStatus.SUCCEEDED)
+
+        active = sum(1 for s in statuses.values() if s in TASK_ACTIVE)
+        slots = max(0, run.hydration_limit - active)
+        released = run.plan.ready(statuses)[:slots]
+        for key in released:
+            store.release_task(run_id, key)
+        return AdvanceResult(released, status)
+
+
+def _cancel(store: RunStore, run: Any) -> None:
+    for key, task in run.tasks.items():
+        if task.status in (TaskStatus.PENDING, TaskStatus.QUEUED, TaskStatus.WAITING):
+            store.finish_task(run.run_id, key, TaskStatus.CANCELLED, error="run cancelled")
+    store.set_run_status(run.run_id, RunStatus.CANCELLED, reason="cancel requested")
+
+
+def execute(store: RunStore, run_id: str, key: str, executors: Mapping[str, Executor]) -> bool:
+    """Run one released task. Returns False when it was not ours to run (double delivery)."""
+    claimed = store.claim_task(run_id, key)
+    if claimed is None:
+        return False
+    spec, run_input, dep_outputs = store.task_inputs(run_id, key)
+    ctx = TaskContext(run_id=run_id, spec=spec, attempt=claimed.attempts,
+                      run_input=run_input, dep_outputs=dep_outputs)
+    executor = executors.get(spec.executor_type)
+    if executor is None:
+        outcome = Outcome(status=TaskStatus.FAILED,
+                          error=f"no executor for tasks of type {spec.executor_type!r}")
+    else:
+        outcome = executor(ctx)
+    store.finish_task(run_id, key, outcome.status, output=outcome.output, error=outcome.error,
+                      events=outcome.events)
+    return True
+
+
+def recover(store: RunStore, run_id: str, stale_keys: list[str]) -> None:
+    """Tasks a dead worker left running go back to the queue; the caller decides staleness."""
+    for key in stale_keys:
+        store.requeue_task(run_id, key, reason="worker lost before the task finished")

@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth.models import Group, Permission, User
+from django.core.management.base import BaseCommand
+from django.db import transaction
+
+from orchestration import demo, services
+from orchestration.builtin_tools import registry
+from orchestration.models import Process, Tool
+
+ROLE_PERMISSIONS = {
+    "operator": ["orchestration.start_run", "orchestration.view_run", "orchestration.change_run",
+                 "orchestration.view_process"],
+    "reviewer": ["orchestration.view_run", "orchestration.view_process"],
+    "admin": [],  # admins are superusers
+}
+PEOPLE = [
+    ("operator", "operator", False),
+    ("reviewer", "reviewer", False),
+    ("reviewer2", "reviewer", False),
+    ("admin", "admin", True),
+]
+RISK = {"issue_refund": "financial", "send_customer_email": "write",
+        "create_vendor_record": "write", "notify_procurement": "write",
+        "check_sanctions": "compliance"}
+
+
+def _perm(label: str) -> Permission:
+    app, codename = label.split(".")
+    return Permission.objects.get(content_type__app_label=app, codename=codename)
+
+
+class Command(BaseCommand):
+    help = "Create the demo people, tools and processes (safe to run again)."
+
+    @transaction.atomic
+    def handle(self, *args: Any, **options: Any) -> None:
+        password = settings.SWITCHBOARD_DEMO_PASSWORD
+        for role, perms in ROLE_PERMISSIONS.items():
+            group, _ = Group.objects.get_or_create(name=role)
+            group.permissions.set([_perm(p) for p in perms])
+        for username, role, is_admin in PEOPLE:
+            user, created = User.objects.get_or_create(username=username)
+            if created:
+                user.set_password(password)
+            user.email = f"{username}@switchboard.example"
+            user.is_staff = is_admin
+            user.is_superuser = is_admin
+            user.save()
+            user.groups.add(Group.objects.get(name=role))
+
+        for name in registry.names():
+            contract = registry.get(name)
+            Tool.objects.update_or_create(
+                slug=name.replace("_", "-"),
+                defaults={
+                    "name": name.replace("_", " ").capitalize(),
+                    "description": contract.description,
+                    "implementation": name,
+                    "input_schema": dict(contract.input_schema),
+                    "output_schema": dict(contract.output_schema),
+                    "timeout_s": contract.timeout_s or 10.0,
+                    "idempotent": contract.idempotent,
+                    "risk_class": RISK.get(name, "read"),
+                    "cost_per_call": Decimal("0.0010") if name == "check_sanctions" else Decimal(0),
+                },
+            )
+
+        for spec in demo.PROCESSES:
+            process, _ = Process.objects.update_or_create(
+                slug=spec["slug"],
+                defaults={"name": spec["name"], "pattern": spec["pattern"],
+                          "description": spec["description"]},
+            )
+            plan = demo.plan(spec["slug"])
+            current = process.current_version
+            if current is None or current.plan != plan or current.input_schema != spec[
+                    "input_schema"]:
+                services.process_publish(process=process, plan=plan,
+                                         input_schema=spec["input_schema"])
+
+        self.stdout.write("Demo data is ready. Sign in at http://127.0.0.1:8000/ as:")
+        for username, role, _ in PEOPLE:
+            self.stdout.write(f"  {username:<10} ({role})  password: {password}")

@@ -1,0 +1,187 @@
+"""The Django implementation of the engine's RunStore: rows for state, the ledger for steps."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from decimal import Decimal
+from typing import Any
+
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+
+from audit import ledger
+from orchestration.engine.plan import Plan, TaskSpec, parse_plan
+from orchestration.engine.states import (
+    RUN_TERMINAL,
+    RunStatus,
+    TaskStatus,
+    check_run_transition,
+    check_task_transition,
+)
+from orchestration.engine.store import RunSnapshot, TaskSnapshot
+from orchestration.models import ProcessVersion, Run, Task
+
+_plans: dict[uuid.UUID, Plan] = {}
+_plans_lock = threading.Lock()
+
+
+def plan_for(version: ProcessVersion) -> Plan:
+    """Process versions are immutable, so their parsed plans can be cached by id."""
+    plan = _plans.get(version.pk)
+    if plan is None:
+        plan = parse_plan(version.plan)
+        with _plans_lock:
+            _plans[version.pk] = plan
+    return plan
+
+
+class DjangoRunStore:
+    def __init__(self, actor: str = "system") -> None:
+        self.actor = actor
+
+    @contextmanager
+    def locked(self, run_id: str) -> Iterator[RunSnapshot]:
+        with transaction.atomic():
+            run = Run.objects.select_for_update().select_related("process_version").get(pk=run_id)
+            tasks = {
+                t.key: TaskSnapshot(key=t.key, status=t.status, attempts=t.attempts,
+                                    output=t.output, error=t.error)
+                for t in Task.objects.filter(run_id=run.pk).only(
+                    "key", "status", "attempts", "output", "error")
+            }
+            yield RunSnapshot(
+                run_id=str(run.pk),
+                status=run.status,
+                plan=plan_for(run.process_version),
+                input=run.input,
+                hydration_limit=run.process_version.hydration_limit,
+                tasks=tasks,
+                cancel_requested=run.cancel_requested,
+            )
+
+    def record(self, run_id: str, kind: str, data: dict[str, Any], *, actor: str = "") -> None:
+        with transaction.atomic():
+            ledger.append(uuid.UUID(str(run_id)), kind, data, actor=actor or self.actor)
+
+    def set_run_status(
+        self, run_id: str, status: str, *, result: Any = None, error: str = "", reason: str = ""
+    ) -> None:
+        with transaction.atomic():
+            run = Run.objects.select_for_update().only("status").get(pk=run_id)
+            old = run.status
+            new = check_run_transition(old, status)
+            fields: dict[str, Any] = {"status": new.value, "updated_at": timezone.now()}
+            if result is not None:
+                fields["result"] = result
+            if error:
+                fields["error"] = error
+            if new in RUN_TERMINAL:
+                fields["finished_at"] = timezone.now()
+            Run.objects.filter(pk=run_id).update(**fields)
+            data: dict[str, Any] = {"from": old, "to": new.value}
+            if reason:
+                data["reason"] = reason
+            if error:
+                data["error"] = error
+            if result is not None:
+                data["result"] = result
+            ledger.append(run.pk, "run.state", data, actor=self.actor)
+
+    def release_task(self, run_id: str, key: str) -> None:
+        with transaction.atomic():
+            updated = Task.objects.filter(run_id=run_id, key=key, status=TaskStatus.PENDING).update(
+                status=TaskStatus.QUEUED
+            )
+            if not updated:
+                check_task_transition(self._status(run_id, key), TaskStatus.QUEUED)
+            ledger.append(uuid.UUID(str(run_id)), "task.queued", {"task": key}, actor=self.actor)
+
+    def claim_task(self, run_id: str, key: str) -> TaskSnapshot | None:
+        with transaction.atomic():
+            # The conditional UPDATE is the claim: a second delivery finds nothing to update.
+            claimed = Task.objects.filter(run_id=run_id, key=key, status=TaskStatus.QUEUED).update(
+                status=TaskStatus.RUNNING, attempts=F("attempts") + 1, started_at=timezone.now()
+            )
+            if not claimed:
+                return None
+            task = Task.objects.only("key", "status", "attempts").get(run_id=run_id, key=key)
+            ledger.append(uuid.UUID(str(run_id)), "task.started",
+                          {"task": key, "attempt": task.attempts}, actor=self.actor)
+            return TaskSnapshot(key=key, status=task.status, attempts=task.attempts)
+
+    def task_inputs(
+        self, run_id: str, key: str
+    ) -> tuple[TaskSpec, Mapping[str, Any], dict[str, Any]]:
+        run = Run.objects.select_related("process_version").only(
+            "input", "process_version__plan").get(pk=run_id)
+        spec = plan_for(run.process_version).by_key()[key]
+        outputs: dict[str, Any] = {}
+        if spec.depends_on:
+            outputs = dict(
+                Task.objects.filter(run_id=run_id, key__in=spec.depends_on).values_list(
+                    "key", "output")
+            )
+        return spec, run.input, outputs
+
+    def finish_task(
+        self,
+        run_id: str,
+        key: str,
+        status: str,
+        *,
+        output: Any = None,
+        error: str = "",
+        events: list[tuple[str, dict[str, Any]]] | None = None,
+    ) -> None:
+        chain = uuid.UUID(str(run_id))
+        with transaction.atomic():
+            old = self._status(run_id, key, lock=True)
+            new = check_task_transition(old, status)
+            usage = {"tokens_in": 0, "tokens_out": 0, "cost": Decimal("0"), "tool_calls": 0}
+            for kind, data in events or ():
+                ledger.append(chain, kind, data, actor=data.get("actor", self.actor))
+                if kind.startswith("tool."):
+                    usage["tool_calls"] += 1
+                usage["tokens_in"] += int(data.get("tokens_in", 0))
+                usage["tokens_out"] += int(data.get("tokens_out", 0))
+                usage["cost"] += Decimal(str(data.get("cost", "0")))
+            Task.objects.filter(run_id=run_id, key=key).update(
+                status=new.value, output=output, error=error, finished_at=timezone.now()
+            )
+            if old == TaskStatus.RUNNING:
+                Run.objects.filter(pk=run_id).update(
+                    steps=F("steps") + 1,
+                    tool_calls=F("tool_calls") + usage["tool_calls"],
+                    tokens_in=F("tokens_in") + usage["tokens_in"],
+                    tokens_out=F("tokens_out") + usage["tokens_out"],
+                    cost=F("cost") + usage["cost"],
+                    updated_at=timezone.now(),
+                )
+            data: dict[str, Any] = {"task": key}
+            if new == TaskStatus.SUCCEEDED:
+                data["output"] = output
+            if error:
+                data["error"] = error
+            ledger.append(chain, f"task.{new.value}", data, actor=self.actor)
+
+    def requeue_task(self, run_id: str, key: str, *, reason: str) -> None:
+        with transaction.atomic():
+            old = self._status(run_id, key, lock=True)
+            check_task_transition(old, TaskStatus.QUEUED)
+            Task.objects.filter(run_id=run_id, key=key).update(status=TaskStatus.QUEUED)
+            ledger.append(uuid.UUID(str(run_id)), "task.requeued", {"task": key, "reason": reason},
+                          actor=self.actor)
+
+    def _status(self, run_id: str, key: str, *, lock: bool = False) -> str:
+        qs = Task.objects.filter(run_id=run_id, key=key)
+        if lock:
+            qs = qs.select_for_update()
+        return qs.values_list("status", flat=True).get()
+
+
+def is_terminal(status: str) -> bool:
+    return RunStatus(status) in RUN_TERMINAL

@@ -1,0 +1,39 @@
+"""Celery tasks: thin, take ids, re-fetch, and are safe to deliver twice."""
+
+from __future__ import annotations
+
+import logging
+
+from celery import shared_task
+
+from orchestration import dispatch
+from orchestration.engine import runner
+from orchestration.executors import executors
+from orchestration.models import Run
+from orchestration.store import DjangoRunStore
+
+log = logging.getLogger("switchboard.tasks")
+
+
+@shared_task(name="orchestration.advance_run", acks_late=True)
+def advance_run(run_id: str) -> None:
+    if not Run.objects.filter(pk=run_id).exists():
+        return
+    result = runner.advance(DjangoRunStore(), run_id)
+    for key in result.released:
+        dispatch.enqueue_execute(run_id, key)
+
+
+@shared_task(name="orchestration.execute_task", acks_late=True)
+def execute_task(run_id: str, key: str) -> None:
+    if not Run.objects.filter(pk=run_id).exists():
+        return
+    if runner.execute(DjangoRunStore(), run_id, key, executors()):
+        dispatch.enqueue_advance(run_id)
+
+
+@shared_task(name="orchestration.recover_stale_tasks")
+def recover_stale_tasks() -> int:
+    from orchestration.services import tasks_recover_stale
+
+    return tasks_recover_stale()
