@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import threading
+import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
-from django.db import transaction
+from django.db import OperationalError, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -25,6 +27,7 @@ from orchestration.engine.states import (
 from orchestration.engine.store import RunSnapshot, TaskSnapshot
 from orchestration.models import ProcessVersion, Run, Task
 
+T = TypeVar("T")
 _plans: dict[uuid.UUID, Plan] = {}
 _plans_lock = threading.Lock()
 
@@ -37,6 +40,31 @@ def plan_for(version: ProcessVersion) -> Plan:
         with _plans_lock:
             _plans[version.pk] = plan
     return plan
+
+
+def _lock_run(run_id: str) -> None:
+    """Every write to a run's state takes the run's row lock first: one lock order, no deadlocks,
+    and one writer per run at a time (so its ledger sequence is written in order)."""
+    list(Run.objects.select_for_update().filter(pk=run_id).values_list("pk", flat=True))
+
+
+def _retrying(fn: Callable[..., T]) -> Callable[..., T]:
+    """Retry a whole unit of work when the database reports a lock conflict."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        if transaction.get_connection().in_atomic_block:
+            return fn(*args, **kwargs)  # the outer unit of work owns the retry
+        for attempt in range(6):
+            try:
+                return fn(*args, **kwargs)
+            except OperationalError:
+                if attempt == 5:
+                    raise
+                time.sleep(0.02 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    return wrapper
 
 
 class DjangoRunStore:
@@ -63,10 +91,13 @@ class DjangoRunStore:
                 cancel_requested=run.cancel_requested,
             )
 
+    @_retrying
     def record(self, run_id: str, kind: str, data: dict[str, Any], *, actor: str = "") -> None:
         with transaction.atomic():
+            _lock_run(run_id)
             ledger.append(uuid.UUID(str(run_id)), kind, data, actor=actor or self.actor)
 
+    @_retrying
     def set_run_status(
         self, run_id: str, status: str, *, result: Any = None, error: str = "", reason: str = ""
     ) -> None:
@@ -91,8 +122,10 @@ class DjangoRunStore:
                 data["result"] = result
             ledger.append(run.pk, "run.state", data, actor=self.actor)
 
+    @_retrying
     def release_task(self, run_id: str, key: str) -> None:
         with transaction.atomic():
+            _lock_run(run_id)
             updated = Task.objects.filter(run_id=run_id, key=key, status=TaskStatus.PENDING).update(
                 status=TaskStatus.QUEUED
             )
@@ -100,8 +133,10 @@ class DjangoRunStore:
                 check_task_transition(self._status(run_id, key), TaskStatus.QUEUED)
             ledger.append(uuid.UUID(str(run_id)), "task.queued", {"task": key}, actor=self.actor)
 
+    @_retrying
     def claim_task(self, run_id: str, key: str) -> TaskSnapshot | None:
         with transaction.atomic():
+            _lock_run(run_id)
             # The conditional UPDATE is the claim: a second delivery finds nothing to update.
             claimed = Task.objects.filter(run_id=run_id, key=key, status=TaskStatus.QUEUED).update(
                 status=TaskStatus.RUNNING, attempts=F("attempts") + 1, started_at=timezone.now()
@@ -127,6 +162,7 @@ class DjangoRunStore:
             )
         return spec, run.input, outputs
 
+    @_retrying
     def finish_task(
         self,
         run_id: str,
@@ -139,6 +175,7 @@ class DjangoRunStore:
     ) -> None:
         chain = uuid.UUID(str(run_id))
         with transaction.atomic():
+            _lock_run(run_id)
             old = self._status(run_id, key, lock=True)
             new = check_task_transition(old, status)
             usage = {"tokens_in": 0, "tokens_out": 0, "cost": Decimal("0"), "tool_calls": 0}
@@ -168,8 +205,10 @@ class DjangoRunStore:
                 data["error"] = error
             ledger.append(chain, f"task.{new.value}", data, actor=self.actor)
 
+    @_retrying
     def requeue_task(self, run_id: str, key: str, *, reason: str) -> None:
         with transaction.atomic():
+            _lock_run(run_id)
             old = self._status(run_id, key, lock=True)
             check_task_transition(old, TaskStatus.QUEUED)
             Task.objects.filter(run_id=run_id, key=key).update(status=TaskStatus.QUEUED)

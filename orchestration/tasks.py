@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from celery import shared_task
+from django.db import OperationalError
 
 from orchestration import dispatch
 from orchestration.engine import runner
@@ -15,7 +16,8 @@ from orchestration.store import DjangoRunStore
 log = logging.getLogger("switchboard.tasks")
 
 
-@shared_task(name="orchestration.advance_run", acks_late=True)
+@shared_task(name="orchestration.advance_run", acks_late=True, autoretry_for=(OperationalError,),
+             retry_backoff=True, max_retries=5)
 def advance_run(run_id: str) -> None:
     if not Run.objects.filter(pk=run_id).exists():
         return

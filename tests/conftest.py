@@ -1,0 +1,186 @@
+"""Shared fixtures. The suite runs twice (see scripts/test): standalone on SQLite with the
+in-process worker pool, and distributed on PostgreSQL + Redis with a real Celery worker."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+from django.conf import settings
+
+ROOT = Path(__file__).resolve().parent.parent
+DISTRIBUTED = settings.SWITCHBOARD_MODE == "distributed"
+POSTGRES = settings.DATABASES["default"]["ENGINE"].endswith("postgresql")
+REQUIRE_SERVICES = os.environ.get("SWITCHBOARD_REQUIRE_SERVICES", "").lower() in {"1", "true"}
+
+
+def _reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def _unreachable_services() -> list[str]:
+    missing = []
+    if POSTGRES:
+        db = settings.DATABASES["default"]
+        host, port = db.get("HOST") or "127.0.0.1", int(db.get("PORT") or 5432)
+        if not _reachable(host, port):
+            missing.append(f"PostgreSQL at {host}:{port}")
+    if DISTRIBUTED:
+        parts = urlsplit(settings.REDIS_URL)
+        host, port = parts.hostname or "127.0.0.1", parts.port or 6379
+        if not _reachable(host, port):
+            missing.append(f"Redis at {host}:{port}")
+    return missing
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    db = settings.DATABASES["default"]["ENGINE"].rsplit(".", 1)[-1]
+    return f"switchboard mode: {settings.SWITCHBOARD_MODE}, database: {db}"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    missing = _unreachable_services()
+    if missing:
+        message = "unreachable: " + ", ".join(missing)
+        if REQUIRE_SERVICES:
+            raise pytest.UsageError(f"SWITCHBOARD_REQUIRE_SERVICES is set but {message}")
+        skip_all = pytest.mark.skip(reason=f"distributed pass skipped, {message}")
+        for item in items:
+            item.add_marker(skip_all)
+        return
+    for item in items:
+        if "distributed" in item.keywords and not DISTRIBUTED:
+            item.add_marker(pytest.mark.skip(
+                reason="runs in the distributed pass (PostgreSQL + Redis + Celery worker)"))
+        if "postgres" in item.keywords and not POSTGRES:
+            item.add_marker(pytest.mark.skip(reason="needs PostgreSQL (the distributed pass)"))
+
+
+@pytest.fixture(autouse=True)
+def _drain_worker_pool() -> Iterator[None]:
+    """Standalone work runs on threads: let it finish before the test's database goes away."""
+    yield
+    from orchestration import dispatch
+
+    dispatch.shutdown(wait=True)
+
+
+@pytest.fixture
+def demo(db: Any) -> None:
+    from django.core.management import call_command
+
+    call_command("seed_demo", stdout=open(os.devnull, "w"))
+
+
+@pytest.fixture
+def operator(demo: None) -> Any:
+    from django.contrib.auth.models import User
+
+    return User.objects.get(username="operator")
+
+
+@pytest.fixture
+def api_token(operator: Any) -> str:
+    from console.models import ApiToken
+
+    return ApiToken.issue(operator, name="tests")[1]
+
+
+@pytest.fixture
+def api(client: Any, api_token: str) -> Any:
+    """Django's test client with the operator's bearer token on every request."""
+
+    class Api:
+        def get(self, path: str, **kw: Any) -> Any:
+            return client.get(path, HTTP_AUTHORIZATION=f"Bearer {api_token}", **kw)
+
+        def post(self, path: str, data: Any = None, **kw: Any) -> Any:
+            import json
+
+            return client.post(path, data=json.dumps(data if data is not None else {}),
+                               content_type="application/json",
+                               HTTP_AUTHORIZATION=f"Bearer {api_token}", **kw)
+
+    return Api()
+
+
+VENDOR_INPUT = {"name": "Northwind Traders", "country": "DE",
+                "iban": "DE89370400440532013000", "email": "ap@northwind.example"}
+
+
+@pytest.fixture
+def vendor_input() -> dict[str, str]:
+    return dict(VENDOR_INPUT)
+
+
+def wait_for(predicate: Callable[[], Any], *, timeout: float = 30.0, interval: float = 0.05,
+             what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def wait_for_run(run_id: Any, *, timeout: float = 30.0) -> Any:
+    from orchestration.engine.states import RUN_TERMINAL
+    from orchestration.models import Run
+
+    def ended() -> Any:
+        run = Run.objects.get(pk=run_id)
+        return run if run.status in RUN_TERMINAL or run.status == "waiting" else None
+
+    return wait_for(ended, timeout=timeout, what=f"run {run_id} to end")
+
+
+@pytest.fixture
+def celery_worker(transactional_db: Any) -> Iterator[subprocess.Popen[bytes]]:
+    """A real `celery worker` process against the test database and the test Redis."""
+    if not DISTRIBUTED:
+        pytest.skip("needs REDIS_URL (the distributed pass)")
+    import redis
+    from django.db import connection
+
+    redis.Redis.from_url(settings.REDIS_URL).flushdb()
+    db = connection.settings_dict
+    env = dict(os.environ)
+    auth = db["USER"] + (f":{db['PASSWORD']}" if db["PASSWORD"] else "")
+    env["DATABASE_URL"] = (f"postgresql://{auth}@{db['HOST'] or '127.0.0.1'}:"
+                           f"{db['PORT'] or 5432}/{db['NAME']}")
+    env["REDIS_URL"] = settings.REDIS_URL
+    log_path = ROOT / "artifacts" / "celery-worker.log"
+    log_path.parent.mkdir(exist_ok=True)
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "console", "worker", "--loglevel=INFO",
+         "--concurrency=3", "--pool=threads", "--without-gossip", "--without-mingle",
+         "--without-heartbeat", "-n", f"test-{os.getpid()}@%h"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(lambda: b"ready." in log_path.read_bytes() or proc.poll() is not None,
+                 timeout=60, what="the celery worker to start")
+        if proc.poll() is not None:
+            raise AssertionError(f"celery worker exited early; see {log_path}")
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
