@@ -47,6 +47,17 @@ def envlist(name: str, default: list[str]) -> list[str]:
     return [item.strip() for item in raw.split(",") if item.strip()]
 
 
+def credentials_from_env(prefix: str) -> dict[str, str]:
+    found = {}
+    for key, value in os.environ.items():
+        if key.startswith(prefix):
+            name = key[len(prefix):].lower()
+            if not name or not value:
+                raise ImproperlyConfigured(f"{key} must name a credential and hold a value")
+            found[name] = value
+    return found
+
+
 def database_from_url(url: str, *, sqlite_default_path: str) -> dict:
     """Turn ``DATABASE_URL`` into a Django DATABASES entry (PostgreSQL or SQLite only)."""
     if not url:

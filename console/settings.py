@@ -6,7 +6,14 @@ from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
 
-from console.env import database_from_url, envbool, envint, envlist, envstr
+from console.env import (
+    credentials_from_env,
+    database_from_url,
+    envbool,
+    envint,
+    envlist,
+    envstr,
+)
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -25,6 +32,9 @@ REDIS_URL = envstr("REDIS_URL", "")
 SWITCHBOARD_MODE = "distributed" if REDIS_URL else "standalone"
 SWITCHBOARD_WORKER_THREADS = envint("SWITCHBOARD_WORKER_THREADS", 4, minimum=1)
 SWITCHBOARD_DEMO_PASSWORD = envstr("SWITCHBOARD_DEMO_PASSWORD", "switchboard")
+# Credentials for providers and HTTP tools, referenced by name (credential_ref) and never shown:
+# SWITCHBOARD_CREDENTIAL_OPENAI=sk-... makes the credential "openai".
+SWITCHBOARD_CREDENTIALS = credentials_from_env("SWITCHBOARD_CREDENTIAL_")
 
 INSTALLED_APPS = [
     "daphne",

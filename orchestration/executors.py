@@ -1,4 +1,5 @@
-"""The executors the engine uses here: registered contracts for tool and function tasks."""
+"""The executors the engine uses here: registered contracts for tool and function tasks, and
+the governed agent loop for agent tasks."""
 
 from __future__ import annotations
 
@@ -10,4 +11,8 @@ from orchestration.engine.runner import Executor, default_executors
 
 @cache
 def executors() -> dict[str, Executor]:
-    return default_executors(registry)
+    from orchestration.agents import run_agent_task
+
+    table = default_executors(registry)
+    table["agent"] = run_agent_task
+    return table

@@ -29,7 +29,15 @@ class Agent(models.Model):
     instructions = models.TextField(blank=True)
     provider = models.CharField(max_length=40, default="scripted")
     model_name = models.CharField(max_length=200, blank=True)
-    model_params = models.JSONField(default=dict, blank=True)
+    model_params = models.JSONField(
+        default=dict, blank=True,
+        help_text="provider options: base_url, timeout_s, max_retries, temperature, max_tokens; "
+                  "for the scripted provider, script: a list of assistant turns",
+    )
+    credential_ref = models.CharField(
+        max_length=100, blank=True,
+        help_text="name of the credential holding the provider's API key (never shown)",
+    )
     autonomy = models.CharField(
         max_length=20, choices=Autonomy.choices, default=Autonomy.SUPERVISED
     )
@@ -49,11 +57,22 @@ class Tool(models.Model):
         FINANCIAL = "financial"
         COMPLIANCE = "compliance"
 
+    class Kind(models.TextChoices):
+        PYTHON = "python", "registered Python callable"
+        HTTP = "http", "HTTP endpoint"
+
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     slug = models.SlugField(unique=True, max_length=100)
     name = models.CharField(max_length=200)
     description = models.TextField(blank=True)
-    implementation = models.CharField(max_length=200, help_text="name in the tool registry")
+    kind = models.CharField(max_length=10, choices=Kind.choices, default=Kind.PYTHON)
+    implementation = models.CharField(max_length=200, blank=True,
+                                      help_text="name in the tool registry (python tools)")
+    http_method = models.CharField(max_length=10, blank=True, default="POST")
+    url_template = models.CharField(max_length=500, blank=True,
+                                    help_text="e.g. https://crm.example/api/customers/{id}")
+    credential_ref = models.CharField(max_length=100, blank=True,
+                                      help_text="credential injected at call time (never logged)")
     input_schema = models.JSONField(default=dict)
     output_schema = models.JSONField(default=dict)
     timeout_s = models.FloatField(default=10.0)
@@ -176,3 +195,23 @@ class Task(models.Model):
 
     def __str__(self) -> str:
         return f"{self.run_id}/{self.key}"
+
+
+class ModelPrice(models.Model):
+    """What a provider charges per million tokens; admins edit it, runs read it."""
+
+    provider = models.CharField(max_length=40)
+    model_name = models.CharField(max_length=200)
+    input_per_mtok = models.DecimalField(max_digits=12, decimal_places=6, default=Decimal("0"))
+    output_per_mtok = models.DecimalField(max_digits=12, decimal_places=6, default=Decimal("0"))
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["provider", "model_name"],
+                                               name="model_price_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.provider}/{self.model_name}"
+
+    def cost(self, tokens_in: int, tokens_out: int) -> Decimal:
+        million = Decimal(1_000_000)
+        return (self.input_per_mtok * tokens_in + self.output_per_mtok * tokens_out) / million

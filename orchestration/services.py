@@ -3,7 +3,6 @@ transaction; work is enqueued only after commit."""
 
 from __future__ import annotations
 
-import uuid
 from datetime import timedelta
 from typing import Any
 
@@ -148,5 +147,3 @@ def tasks_recover_stale(*, older_than: timedelta = STALE_AFTER) -> int:
     return count
 
 
-def new_run_id() -> uuid.UUID:
-    return uuid.uuid4()

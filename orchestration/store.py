@@ -16,6 +16,8 @@ from django.db.models import F
 from django.utils import timezone
 
 from audit import ledger
+from audit.models import Event
+from orchestration.engine.agent import Journal
 from orchestration.engine.plan import Plan, TaskSpec, parse_plan
 from orchestration.engine.states import (
     RUN_TERMINAL,
@@ -28,6 +30,7 @@ from orchestration.engine.store import RunSnapshot, TaskSnapshot
 from orchestration.models import ProcessVersion, Run, Task
 
 T = TypeVar("T")
+JOURNAL_KINDS = ("model.called", "tool.intent", "tool.called", "tool.failed")
 _plans: dict[uuid.UUID, Plan] = {}
 _plans_lock = threading.Lock()
 
@@ -189,7 +192,7 @@ class DjangoRunStore:
             Task.objects.filter(run_id=run_id, key=key).update(
                 status=new.value, output=output, error=error, finished_at=timezone.now()
             )
-            if old == TaskStatus.RUNNING:
+            if old == TaskStatus.RUNNING and events:
                 Run.objects.filter(pk=run_id).update(
                     steps=F("steps") + 1,
                     tool_calls=F("tool_calls") + usage["tool_calls"],
@@ -214,6 +217,40 @@ class DjangoRunStore:
             Task.objects.filter(run_id=run_id, key=key).update(status=TaskStatus.QUEUED)
             ledger.append(uuid.UUID(str(run_id)), "task.requeued", {"task": key, "reason": reason},
                           actor=self.actor)
+
+    @_retrying
+    def record_step(self, run_id: str, kind: str, data: dict[str, Any], *, usage: Any) -> None:
+        """Checkpoint one model or tool call and add its usage to the run, atomically."""
+        with transaction.atomic():
+            _lock_run(run_id)
+            ledger.append(uuid.UUID(str(run_id)), kind, data,
+                          actor=data.get("actor", self.actor))
+            if usage.steps or usage.tool_calls or usage.tokens_in or usage.tokens_out or usage.cost:
+                Run.objects.filter(pk=run_id).update(
+                    steps=F("steps") + usage.steps,
+                    tool_calls=F("tool_calls") + usage.tool_calls,
+                    tokens_in=F("tokens_in") + usage.tokens_in,
+                    tokens_out=F("tokens_out") + usage.tokens_out,
+                    cost=F("cost") + usage.cost,
+                    updated_at=timezone.now(),
+                )
+
+    def journal(self, run_id: str, key: str) -> Journal:
+        """What the ledger holds for a task's agent loop, for a resume that calls nothing twice."""
+        journal = Journal()
+        events = Event.objects.filter(
+            chain=run_id, kind__in=JOURNAL_KINDS, data__task=key
+        ).order_by("seq").values_list("kind", "data")
+        for kind, data in events:
+            if kind == "model.called":
+                journal.turns[int(data["step"])] = data["response"]
+            elif kind == "tool.intent":
+                journal.intents.add(data["idempotency_key"])
+            elif kind == "tool.called":
+                journal.results[data["idempotency_key"]] = {"result": data["result"]}
+            elif kind == "tool.failed":
+                journal.results[data["idempotency_key"]] = {"error": data["error"]}
+        return journal
 
     def _status(self, run_id: str, key: str, *, lock: bool = False) -> str:
         qs = Task.objects.filter(run_id=run_id, key=key)

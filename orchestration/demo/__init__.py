@@ -72,3 +72,86 @@ PROCESSES: list[dict[str, Any]] = [
 
 def plan(slug: str) -> dict[str, Any]:
     return yaml.safe_load((HERE / f"{slug}.yaml").read_text())
+
+
+# Scripted agents: deterministic turns, so the demo runs offline. Token counts are what a real
+# model of this size would report for these prompts; the price table turns them into cost.
+AGENTS: list[dict[str, Any]] = [
+    {
+        "slug": "refund-investigator",
+        "name": "Refund investigator",
+        "instructions": "You investigate refund requests. Look up the order and the refund "
+                        "policy, then state whether the refund fits the policy.",
+        "autonomy": "supervised",
+        "tools": ["lookup_order", "lookup_refund_policy"],
+        "script": [
+            {"tool_calls": [
+                {"name": "lookup_order", "arguments": {"order_id": "$input.order_id"}},
+                {"name": "lookup_refund_policy", "arguments": {"reason": "$input.reason"}},
+            ], "tokens_in": 412, "tokens_out": 58},
+            {"text": "Order {{input.order_id}} was delivered and the request ({{input.reason}}) "
+                     "is inside the policy window. A refund of {{input.amount}} fits.\n"
+                     "```toml\nsummary = \"Order {{input.order_id}} is eligible for a refund of "
+                     "{{input.amount}}.\"\nopen_questions = []\n\n[key_facts]\n"
+                     "order_id = \"{{input.order_id}}\"\nreason = \"{{input.reason}}\"\n```",
+             "tokens_in": 655, "tokens_out": 96},
+        ],
+    },
+    {
+        "slug": "refund-executor",
+        "name": "Refund executor",
+        "instructions": "You issue refunds that an investigation supports, exactly as "
+                        "requested, and report the refund reference.",
+        "autonomy": "supervised",
+        "tools": ["issue_refund"],
+        "script": [
+            {"tool_calls": [
+                {"name": "issue_refund", "arguments": {"order_id": "$input.order_id",
+                                                        "amount": "$input.amount"}},
+            ], "tokens_in": 380, "tokens_out": 41},
+            {"text": "Refund {{last.refund_id}} of {{last.amount}} issued for order "
+                     "{{input.order_id}}.", "tokens_in": 470, "tokens_out": 30},
+        ],
+    },
+    {
+        "slug": "customer-comms",
+        "name": "Customer communications",
+        "instructions": "You write short, clear emails to customers.",
+        "autonomy": "autonomous",
+        "tools": ["send_customer_email"],
+        "script": [
+            {"tool_calls": [
+                {"name": "send_customer_email", "arguments": {
+                    "to": "$input.customer_email", "subject": "Your refund",
+                    "body": "We have refunded {{input.amount}} for order {{input.order_id}}. "
+                            "It will reach your account within 5 working days."}},
+            ], "tokens_in": 350, "tokens_out": 72},
+            {"text": "The customer has been told about the refund.", "tokens_in": 440,
+             "tokens_out": 14},
+        ],
+    },
+    {
+        "slug": "frontdesk",
+        "name": "Front desk",
+        "instructions": "You answer customers' questions about their orders. Look up what you "
+                        "need, then reply by email.",
+        "autonomy": "autonomous",
+        "tools": ["lookup_order", "send_customer_email"],
+        "script": [
+            {"tool_calls": [
+                {"name": "lookup_order", "arguments": {"order_id": "$input.order_id"}},
+            ], "tokens_in": 390, "tokens_out": 35},
+            {"tool_calls": [
+                {"name": "send_customer_email", "arguments": {
+                    "to": "$input.customer_email", "subject": "About order {{input.order_id}}",
+                    "body": "Your order {{last.order_id}} is {{last.status}}."}},
+            ], "tokens_in": 520, "tokens_out": 64},
+            {"text": "I told the customer that order {{input.order_id}} is delivered.",
+             "tokens_in": 610, "tokens_out": 22},
+        ],
+    },
+]
+
+MODEL_NAME = "scripted-demo"
+# Per million tokens, so scripted runs show what a comparable hosted model would cost.
+PRICES = {"input_per_mtok": "3.00", "output_per_mtok": "15.00"}

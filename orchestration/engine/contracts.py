@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 import jsonschema
@@ -38,6 +39,7 @@ class ToolContract:
     timeout_s: float | None = 10.0
     idempotent: bool = True
     description: str = ""
+    cost_per_call: Decimal = Decimal("0")
     _in: jsonschema.Draft202012Validator | None = None
     _out: jsonschema.Draft202012Validator | None = None
 

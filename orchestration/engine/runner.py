@@ -102,10 +102,18 @@ def advance(store: RunStore, run_id: str) -> AdvanceResult:
                 store.set_run_status(run_id, RunStatus.QUEUED)
             store.set_run_status(run_id, RunStatus.RUNNING)
             status = RunStatus.RUNNING
+        statuses = run.statuses()
+        if status == RunStatus.WAITING:
+            # A person's decision put work back in the queue (or took it over): carry on.
+            if any(s in TASK_ACTIVE for s in statuses.values()) or not any(
+                    s == TaskStatus.WAITING for s in statuses.values()):
+                store.set_run_status(run_id, RunStatus.RUNNING, reason="resumed")
+                status = RunStatus.RUNNING
+            else:
+                return AdvanceResult([], status)
         if status != RunStatus.RUNNING:
             return AdvanceResult([], status)
 
-        statuses = run.statuses()
         failed = [k for k, s in statuses.items() if s == TaskStatus.FAILED]
         if failed and not any(s in TASK_ACTIVE for s in statuses.values()):
             errors = "; ".join(f"{k}: {run.tasks[k].error}" for k in failed)
@@ -132,6 +140,12 @@ def advance(store: RunStore, run_id: str) -> AdvanceResult:
         released = run.plan.ready(statuses)[:slots]
         for key in released:
             store.release_task(run_id, key)
+        if not released and not active:
+            waiting = [k for k, s in statuses.items() if s == TaskStatus.WAITING]
+            if waiting:
+                reasons = "; ".join(f"{k}: {run.tasks[k].error}" for k in waiting)
+                store.set_run_status(run_id, RunStatus.WAITING, reason=reasons)
+                return AdvanceResult([], RunStatus.WAITING)
         return AdvanceResult(released, status)
 
 

@@ -95,6 +95,9 @@ class _MemRun:
     result: Any = None
     error: str = ""
     events: list[MemoryEvent] = field(default_factory=list)
+    usage_steps: int = 0
+    usage_tool_calls: int = 0
+    usage_tokens: int = 0
 
 
 class MemoryStore:
@@ -214,6 +217,32 @@ class MemoryStore:
             check_task_transition(task.status, TaskStatus.QUEUED)
             task.status = TaskStatus.QUEUED
             self.record(run_id, "task.requeued", {"task": key, "reason": reason})
+
+    def record_step(self, run_id: str, kind: str, data: dict[str, Any], *, usage: Any) -> None:
+        with self._lock:
+            self.record(run_id, kind, data, actor=data.get("actor", "system"))
+            run = self.runs[run_id]
+            run.usage_steps += usage.steps
+            run.usage_tool_calls += usage.tool_calls
+            run.usage_tokens += usage.tokens_in + usage.tokens_out
+
+    def journal(self, run_id: str, key: str) -> Any:
+        from orchestration.engine.agent import Journal
+
+        journal = Journal()
+        with self._lock:
+            for e in self.runs[run_id].events:
+                if e.data.get("task") != key:
+                    continue
+                if e.kind == "model.called":
+                    journal.turns[int(e.data["step"])] = e.data["response"]
+                elif e.kind == "tool.intent":
+                    journal.intents.add(e.data["idempotency_key"])
+                elif e.kind == "tool.called":
+                    journal.results[e.data["idempotency_key"]] = {"result": e.data["result"]}
+                elif e.kind == "tool.failed":
+                    journal.results[e.data["idempotency_key"]] = {"error": e.data["error"]}
+        return journal
 
     # helpers for tests
     def result(self, run_id: str) -> Any:

@@ -10,7 +10,9 @@ from django.db import transaction
 
 from orchestration import demo, services
 from orchestration.builtin_tools import registry
-from orchestration.models import Process, Tool
+from guardian.shortcuts import assign_perm
+
+from orchestration.models import Agent, ModelPrice, Process, Tool
 
 ROLE_PERMISSIONS = {
     "operator": ["orchestration.start_run", "orchestration.view_run", "orchestration.change_run",
@@ -56,7 +58,7 @@ class Command(BaseCommand):
         for name in registry.names():
             contract = registry.get(name)
             Tool.objects.update_or_create(
-                slug=name.replace("_", "-"),
+                slug=name,
                 defaults={
                     "name": name.replace("_", " ").capitalize(),
                     "description": contract.description,
@@ -69,6 +71,28 @@ class Command(BaseCommand):
                     "cost_per_call": Decimal("0.0010") if name == "check_sanctions" else Decimal(0),
                 },
             )
+
+        ModelPrice.objects.update_or_create(
+            provider="scripted", model_name=demo.MODEL_NAME,
+            defaults={k: Decimal(v) for k, v in demo.PRICES.items()},
+        )
+        for spec in demo.AGENTS:
+            agent = Agent.objects.filter(slug=spec["slug"]).first()
+            if agent is None:
+                identity, _ = User.objects.get_or_create(
+                    username=f"agent-{spec['slug']}", defaults={"is_active": True})
+                identity.set_unusable_password()
+                identity.save()
+                agent = Agent(slug=spec["slug"], user=identity)
+            agent.name = spec["name"]
+            agent.instructions = spec["instructions"]
+            agent.provider = "scripted"
+            agent.model_name = demo.MODEL_NAME
+            agent.model_params = {"script": spec["script"]}
+            agent.autonomy = spec["autonomy"]
+            agent.save()
+            for slug in spec["tools"]:
+                assign_perm("orchestration.invoke_tool", agent.user, Tool.objects.get(slug=slug))
 
         for spec in demo.PROCESSES:
             process, _ = Process.objects.update_or_create(

@@ -1,0 +1,180 @@
+"""Models of language behind one interface, and the scripted model used offline."""
+
+from __future__ import annotations
+
+import abc
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestration.engine.errors import EngineError
+from orchestration.engine.refs import resolve
+
+
+class ProviderError(EngineError):
+    """A model provider failed (after its retries): the message says which and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    id: str
+    name: str
+    # Arguments as the model sent them: a dict when it sent valid JSON, else the raw string.
+    arguments: Any
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "arguments": self.arguments}
+
+
+@dataclass(frozen=True, slots=True)
+class ToolSpec:
+    name: str
+    description: str
+    input_schema: Mapping[str, Any]
+
+
+@dataclass(slots=True)
+class Message:
+    role: str  # system | user | assistant | tool
+    content: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    tool_call_id: str = ""
+    is_error: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRequest:
+    messages: Sequence[Message]
+    tools: Sequence[ToolSpec] = ()
+    params: Mapping[str, Any] = field(default_factory=dict)
+    # Values a scripted model may substitute into its turns ($input.x, $last.y). Never sent out.
+    variables: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class ModelResponse:
+    text: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    tokens_in: int = 0
+    tokens_out: int = 0
+    stop_reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "tool_calls": [c.to_dict() for c in self.tool_calls],
+                "tokens_in": self.tokens_in, "tokens_out": self.tokens_out,
+                "stop_reason": self.stop_reason}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelResponse:
+        return cls(
+            text=data.get("text", ""),
+            tool_calls=[ToolCall(c["id"], c["name"], c["arguments"])
+                        for c in data.get("tool_calls", [])],
+            tokens_in=int(data.get("tokens_in", 0)),
+            tokens_out=int(data.get("tokens_out", 0)),
+            stop_reason=data.get("stop_reason", ""),
+        )
+
+
+class Model(abc.ABC):
+    provider: str = ""
+    name: str = ""
+
+    @abc.abstractmethod
+    def complete(self, request: ModelRequest) -> ModelResponse:
+        """One turn. Raises ProviderError on failure; never hangs past its timeout."""
+
+
+def parse_arguments(raw: Any) -> Any:
+    if isinstance(raw, str):
+        try:
+            return json.loads(raw) if raw.strip() else {}
+        except json.JSONDecodeError:
+            return raw
+    return raw
+
+
+class ScriptedModel(Model):
+    """Replays a script of assistant turns, one per call, chosen by how many assistant turns the
+    conversation already holds, so a resumed loop gets the same turn again.
+
+    A turn is ``{"text": str, "tool_calls": [{"name", "arguments"}], "tokens_in", "tokens_out"}``.
+    An argument that is exactly ``$input.<path>`` or ``$last.<path>`` takes that value (the run
+    input, the last tool result in the conversation); ``{{input.path}}`` and ``{{last.path}}``
+    inside any string are filled in as text.
+    """
+
+    provider = "scripted"
+
+    def __init__(self, script: Sequence[Mapping[str, Any]], name: str = "scripted") -> None:
+        self.script = list(script)
+        self.name = name
+
+    def complete(self, request: ModelRequest) -> ModelResponse:
+        index = sum(1 for m in request.messages if m.role == "assistant")
+        if index >= len(self.script):
+            raise ProviderError(f"the script has {len(self.script)} turns; turn {index + 1} "
+                                "was asked for")
+        turn = self.script[index]
+        last: Any = {}
+        for m in reversed(request.messages):
+            if m.role == "tool":
+                last = parse_arguments(m.content)
+                break
+        run_input = request.variables.get("input", {})
+        calls = []
+        try:
+            for i, call in enumerate(turn.get("tool_calls", [])):
+                args = _resolve_last(
+                    resolve(call.get("arguments", {}), run_input=run_input, outputs={}), last)
+                args = _interpolate(args, run_input, last)
+                calls.append(ToolCall(id=f"call_{index}_{i}", name=call["name"], arguments=args))
+            text = _interpolate(turn.get("text", ""), run_input, last)
+        except EngineError as exc:
+            raise ProviderError(f"scripted turn {index + 1}: {exc}") from None
+        prompt_chars = sum(len(m.content) for m in request.messages)
+        return ModelResponse(
+            text="" if text is None else str(text),
+            tool_calls=calls,
+            tokens_in=int(turn.get("tokens_in", max(1, prompt_chars // 4))),
+            tokens_out=int(turn.get("tokens_out", 20)),
+            stop_reason="tool_use" if calls else "end_turn",
+        )
+
+
+_PLACEHOLDER = re.compile(r"\{\{\s*(input|last)((?:\.[A-Za-z0-9_]+)*)\s*\}\}")
+
+
+def _interpolate(value: Any, run_input: Any, last: Any) -> Any:
+    """Fill ``{{input.path}}`` and ``{{last.path}}`` placeholders inside strings."""
+    if isinstance(value, str):
+        def fill(match: re.Match[str]) -> str:
+            node: Any = run_input if match.group(1) == "input" else last
+            for part in filter(None, match.group(2).split(".")):
+                node = node.get(part) if isinstance(node, Mapping) else None
+            return "" if node is None else str(node)
+
+        return _PLACEHOLDER.sub(fill, value)
+    if isinstance(value, Mapping):
+        return {k: _interpolate(v, run_input, last) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, run_input, last) for v in value]
+    return value
+
+
+def _resolve_last(value: Any, last: Any) -> Any:
+    if isinstance(value, str) and value.startswith("$last"):
+        node = last
+        for part in value.split(".")[1:]:
+            if isinstance(node, Mapping) and part in node:
+                node = node[part]
+            else:
+                return None
+        return node
+    if isinstance(value, Mapping):
+        return {k: _resolve_last(v, last) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_resolve_last(v, last) for v in value]
+    return value
