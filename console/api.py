@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from django.http import Http404, HttpRequest, HttpResponse
-from ninja import NinjaAPI, Schema
+from ninja import NinjaAPI, Schema, Status
 from ninja.errors import AuthenticationError, ValidationError
 from ninja.security import HttpBearer
 from pydantic import Field
@@ -168,14 +168,14 @@ def create_run(request: HttpRequest, payload: RunIn) -> Any:
     process = Process.objects.select_related("current_version").filter(
         slug=payload.process).first()
     if process is None or process.current_version is None:
-        return 400, {"error": f"unknown process {payload.process!r}"}
+        return Status(400, {"error": f"unknown process {payload.process!r}"})
     if not can_start(request.user, process):
-        return 403, {"error": f"you may not start runs of {process.slug!r}"}
+        return Status(403, {"error": f"you may not start runs of {process.slug!r}"})
     try:
         run = services.run_create(process=process, input=payload.input, user=request.user)
     except services.ServiceError as exc:
-        return 400, {"error": str(exc)}
-    return 201, run_out(run)
+        return Status(400, {"error": str(exc)})
+    return Status(201, run_out(run))
 
 
 @api.get("/runs/{run_id}", response=RunOut, summary="A run's state, usage and result")
@@ -198,9 +198,9 @@ def run_events(request: HttpRequest, run_id: uuid.UUID, after: int = 0,
 def cancel_run(request: HttpRequest, run_id: uuid.UUID) -> Any:
     run = get_run_for_user(request.user, run_id)
     if not can_cancel(request.user, run):
-        return 403, {"error": "you may not cancel this run"}
+        return Status(403, {"error": "you may not cancel this run"})
     try:
         run = services.run_cancel(run=run, user=request.user)
     except services.RunNotCancellable as exc:
-        return 409, {"error": str(exc)}
-    return 200, run_out(run)
+        return Status(409, {"error": str(exc)})
+    return Status(200, run_out(run))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
@@ -89,9 +90,12 @@ DATABASES = {
         envstr("DATABASE_URL", ""), sqlite_default_path=str(BASE_DIR / "switchboard.sqlite3")
     )
 }
+# Test databases carry the process id, so test runs side by side never share one. On SQLite it
+# must be a file, not shared memory: tests run work on threads with their own connections.
 if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
-    # Tests run work on threads, so the test database must be a file, not shared memory.
-    DATABASES["default"]["TEST"] = {"NAME": str(BASE_DIR / ".test-switchboard.sqlite3")}
+    DATABASES["default"]["TEST"] = {"NAME": str(BASE_DIR / f".test-switchboard-{os.getpid()}.sqlite3")}
+else:
+    DATABASES["default"]["TEST"] = {"NAME": f"test_{DATABASES['default']['NAME']}_{os.getpid()}"}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTHENTICATION_BACKENDS = [

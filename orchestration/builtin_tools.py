@@ -10,6 +10,7 @@ import hashlib
 import re
 from typing import Any
 
+from orchestration.engine import sandbox
 from orchestration.engine.contracts import ToolRegistry
 
 registry = ToolRegistry()
@@ -297,3 +298,23 @@ def decide_refund(requested: float, order: dict[str, Any], policy: dict[str, Any
     approve = in_window and order.get("status") == "delivered" and requested > 0
     reason = "within policy" if approve else "outside the refund window"
     return {"approve": approve, "amount": float(requested), "reason": reason}
+
+
+# ---- risky: code execution, always in a sandboxed child process ---------------------------
+
+@registry.tool(
+    "run_python",
+    input_schema={
+        "type": _OBJ, "additionalProperties": False, "required": ["code"],
+        "properties": {"code": {"type": "string", "maxLength": 20000}},
+    },
+    output_schema={
+        "type": _OBJ, "required": ["exit_code", "stdout", "stderr"],
+        "properties": {"exit_code": {"type": "integer"}, "stdout": {"type": "string"},
+                       "stderr": {"type": "string"}},
+    },
+    timeout_s=10.0,
+)
+def run_python(code: str) -> dict[str, Any]:
+    """Run a Python snippet in an isolated child process (5 s, 256 MB) and return its output."""
+    return sandbox.run_python(code, timeout_s=5.0, memory_mb=256)

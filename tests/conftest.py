@@ -116,6 +116,9 @@ def api(client: Any, api_token: str) -> Any:
     return Api()
 
 
+# The credential "crm" the worker process gets, for tests of credential injection and redaction.
+TEST_CRM_SECRET = "crm-secret-7f3a9c2e11"
+
 VENDOR_INPUT = {"name": "Northwind Traders", "country": "DE",
                 "iban": "DE89370400440532013000", "email": "ap@northwind.example"}
 
@@ -162,6 +165,7 @@ def celery_worker(transactional_db: Any) -> Iterator[subprocess.Popen[bytes]]:
     env["DATABASE_URL"] = (f"postgresql://{auth}@{db['HOST'] or '127.0.0.1'}:"
                            f"{db['PORT'] or 5432}/{db['NAME']}")
     env["REDIS_URL"] = settings.REDIS_URL
+    env["SWITCHBOARD_CREDENTIAL_CRM"] = TEST_CRM_SECRET
     log_path = ROOT / "artifacts" / "celery-worker.log"
     log_path.parent.mkdir(exist_ok=True)
     log = open(log_path, "wb")

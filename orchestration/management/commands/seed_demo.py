@@ -26,7 +26,7 @@ PEOPLE = [
     ("reviewer2", "reviewer", False),
     ("admin", "admin", True),
 ]
-RISK = {"issue_refund": "financial", "send_customer_email": "write",
+RISK = {"issue_refund": "financial", "run_python": "compliance", "send_customer_email": "write",
         "create_vendor_record": "write", "notify_procurement": "write",
         "check_sanctions": "compliance"}
 
