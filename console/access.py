@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
 from django.http import Http404
 
@@ -36,7 +37,7 @@ def get_run_for_user(user, run_id) -> Run:  # type: ignore[no-untyped-def]
     """The run if this user may see it; 404 otherwise (never reveal that it exists)."""
     try:
         return visible_runs(user).get(pk=run_id)
-    except (Run.DoesNotExist, ValueError, TypeError):
+    except (Run.DoesNotExist, ValidationError, ValueError, TypeError):
         raise Http404("no such run") from None
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from django.http import Http404, HttpRequest, HttpResponse
 from ninja import NinjaAPI, Schema, Status
-from ninja.errors import AuthenticationError, ValidationError
+from ninja.errors import AuthenticationError, HttpError, ValidationError
 from ninja.security import HttpBearer
 from pydantic import Field
 
@@ -60,6 +60,13 @@ def _auth_error(request: HttpRequest, exc: AuthenticationError) -> HttpResponse:
         status=401)
     response["WWW-Authenticate"] = "Bearer"
     return response
+
+
+@api.exception_handler(HttpError)
+def _http_error(request: HttpRequest, exc: HttpError) -> HttpResponse:
+    # e.g. a body that is not JSON at all: same error shape as everything else.
+    return api.create_response(request, {"error": f"invalid request: {exc}"},
+                               status=exc.status_code)
 
 
 @api.exception_handler(Http404)
@@ -179,12 +186,12 @@ def create_run(request: HttpRequest, payload: RunIn) -> Any:
 
 
 @api.get("/runs/{run_id}", response=RunOut, summary="A run's state, usage and result")
-def get_run(request: HttpRequest, run_id: uuid.UUID) -> dict[str, Any]:
+def get_run(request: HttpRequest, run_id: str) -> dict[str, Any]:
     return run_out(get_run_for_user(request.user, run_id))
 
 
 @api.get("/runs/{run_id}/events", response=EventsOut, summary="A run's ledger events")
-def run_events(request: HttpRequest, run_id: uuid.UUID, after: int = 0,
+def run_events(request: HttpRequest, run_id: str, after: int = 0,
                limit: int = 500) -> dict[str, Any]:
     run = get_run_for_user(request.user, run_id)
     limit = max(1, min(limit, 1000))
@@ -195,7 +202,7 @@ def run_events(request: HttpRequest, run_id: uuid.UUID, after: int = 0,
 
 @api.post("/runs/{run_id}/cancel", response={200: RunOut, 403: ErrorOut, 409: ErrorOut},
           summary="Cancel a run")
-def cancel_run(request: HttpRequest, run_id: uuid.UUID) -> Any:
+def cancel_run(request: HttpRequest, run_id: str) -> Any:
     run = get_run_for_user(request.user, run_id)
     if not can_cancel(request.user, run):
         return Status(403, {"error": "you may not cancel this run"})

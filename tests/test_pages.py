@@ -1,0 +1,193 @@
+"""The console pages: sign-in, the dashboard, starting a run, a run's page, escaping."""
+
+from __future__ import annotations
+
+import html
+import json
+from typing import Any
+
+import pytest
+from django.contrib.auth.models import User
+from django.test import Client
+
+from audit.models import Event
+from orchestration import services
+from orchestration.models import Process, Run, Task
+
+PAYLOAD = "<script>alert(1)</script>"
+ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;"
+
+
+@pytest.fixture(autouse=True)
+def _fast_password_hashing(settings: Any) -> None:
+    # seed_demo hashes four passwords per test; the default hasher makes that slow.
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.fixture
+def signed_in(client: Client, operator: User) -> Client:
+    client.force_login(operator)
+    return client
+
+
+def _counts() -> tuple[int, int, int]:
+    return Run.objects.count(), Task.objects.count(), Event.objects.count()
+
+
+def _pending_run(user: Any, slug: str, data: dict[str, Any]) -> Run:
+    # Non-transactional tests never commit, so on_commit never enqueues the run: it stays pending.
+    return services.run_create(process=Process.objects.get(slug=slug), input=data, user=user)
+
+
+def test_it_sends_anonymous_visitors_to_sign_in(client: Client, operator: User,
+                                                 vendor_input: dict[str, str]) -> None:
+    run = _pending_run(operator, "vendor-onboarding", vendor_input)
+    for path in ("/", f"/runs/{run.pk}/"):
+        response = client.get(path)
+        assert response.status_code == 302, path
+        assert response["Location"] == f"/login/?next={path}"
+
+
+def test_it_refuses_starting_a_run_anonymously(client: Client, demo: None,
+                                               vendor_input: dict[str, str]) -> None:
+    before = _counts()
+    response = client.post("/runs/start", {"process": "vendor-onboarding", "input": "{}"})
+    assert response.status_code == 302
+    assert response["Location"].startswith("/login/")
+    assert _counts() == before
+
+
+def test_it_signs_in_the_demo_operator(client: Client, demo: None) -> None:
+    page = client.get("/login/")
+    assert page.status_code == 200
+    assert 'name="password"' in page.content.decode()
+
+    response = client.post("/login/", {"username": "operator", "password": "switchboard"})
+    assert response.status_code == 302
+    assert response["Location"] == "/"
+    dashboard = client.get("/")
+    assert dashboard.status_code == 200
+    text = dashboard.content.decode()
+    assert "Start a run" in text
+    for slug in ("vendor-onboarding", "refund-exception", "customer-inquiry"):
+        assert slug in text
+
+
+def test_it_rejects_a_wrong_password(client: Client, demo: None) -> None:
+    response = client.post("/login/", {"username": "operator", "password": "wrong"})
+    assert response.status_code == 200
+    assert "didn't match" in response.content.decode()
+    assert client.get("/").status_code == 302
+
+
+def test_it_shows_a_runs_tasks_and_ledger(signed_in: Client, operator: User,
+                                          vendor_input: dict[str, str]) -> None:
+    run = _pending_run(operator, "vendor-onboarding", vendor_input)
+    services.run_cancel(run=run, user=operator)  # more ledger events and task states to show
+    response = signed_in.get(f"/runs/{run.pk}/")
+    assert response.status_code == 200
+    text = response.content.decode()
+    assert str(run.pk) in text
+    keys = list(run.tasks.values_list("key", flat=True))
+    assert len(keys) >= 2
+    for key in keys:
+        assert f'id="task-{key}"' in text
+    kinds = set(Event.objects.filter(chain=run.pk).values_list("kind", flat=True))
+    assert {"run.created", "run.cancel_requested"} <= kinds
+    for kind in kinds:
+        assert f"<td>{kind}</td>" in text
+
+
+def test_it_lists_the_run_on_the_dashboard(signed_in: Client, operator: User,
+                                           vendor_input: dict[str, str]) -> None:
+    run = _pending_run(operator, "vendor-onboarding", vendor_input)
+    text = signed_in.get("/").content.decode()
+    assert f'href="/runs/{run.pk}/"' in text
+
+
+def test_it_hides_a_run_from_another_user(client: Client, operator: User,
+                                          vendor_input: dict[str, str]) -> None:
+    run = _pending_run(operator, "vendor-onboarding", vendor_input)
+    outsider = User.objects.create_user("outsider", password="outsider-password")
+    client.force_login(outsider)
+    assert client.get(f"/runs/{run.pk}/").status_code == 404
+    assert f'href="/runs/{run.pk}/"' not in client.get("/").content.decode()
+    assert client.post(f"/runs/{run.pk}/cancel").status_code == 404
+    run.refresh_from_db()
+    assert run.status == "pending"
+    assert not run.cancel_requested
+
+
+def test_it_answers_404_for_an_unknown_run(signed_in: Client) -> None:
+    assert signed_in.get("/runs/00000000-0000-0000-0000-000000000000/").status_code == 404
+
+
+def test_it_rerenders_the_form_for_invalid_json(signed_in: Client) -> None:
+    before = _counts()
+    response = signed_in.post("/runs/start", {"process": "vendor-onboarding",
+                                              "input": '{"name": "Northwind",'})
+    assert response.status_code == 400
+    text = response.content.decode()
+    assert 'role="alert"' in text
+    assert "Input is not valid JSON" in text
+    assert html.escape('{"name": "Northwind",') in text  # what was typed is kept
+    assert _counts() == before
+
+
+def test_it_rerenders_the_form_for_input_failing_the_schema(signed_in: Client,
+                                                            vendor_input: dict[str, str]) -> None:
+    del vendor_input["email"]
+    before = _counts()
+    response = signed_in.post("/runs/start", {"process": "vendor-onboarding",
+                                              "input": json.dumps(vendor_input)})
+    assert response.status_code == 400
+    text = response.content.decode()
+    assert "input does not match" in text
+    assert "email" in text
+    assert _counts() == before
+
+
+def test_it_starts_a_run_from_the_form(signed_in: Client, operator: User,
+                                       vendor_input: dict[str, str]) -> None:
+    before = _counts()
+    response = signed_in.post("/runs/start", {"process": "vendor-onboarding",
+                                              "input": json.dumps(vendor_input)})
+    assert response.status_code == 302
+    run = Run.objects.get()
+    assert response["Location"] == f"/runs/{run.pk}/"
+    assert run.created_by == operator
+    assert run.input == vendor_input
+    assert Run.objects.count() == before[0] + 1
+    assert signed_in.get(response["Location"]).status_code == 200
+
+
+def test_it_forbids_starting_a_run_without_permission(client: Client, demo: None,
+                                                      vendor_input: dict[str, str]) -> None:
+    client.force_login(User.objects.create_user("outsider", password="outsider-password"))
+    before = _counts()
+    response = client.post("/runs/start", {"process": "vendor-onboarding",
+                                           "input": json.dumps(vendor_input)})
+    assert response.status_code == 403
+    assert _counts() == before
+
+
+def test_it_escapes_untrusted_input_on_the_run_page(signed_in: Client, operator: User) -> None:
+    run = _pending_run(operator, "customer-inquiry", {
+        "customer_email": "kim@example.com", "order_id": "ORD-1042",
+        "message": f"Where is my order? {PAYLOAD}"})
+    for headers in ({}, {"HTTP_HX_REQUEST": "true"}):  # the full page and the live partial
+        response = signed_in.get(f"/runs/{run.pk}/", **headers)
+        assert response.status_code == 200
+        text = response.content.decode()
+        assert ESCAPED in text
+        assert PAYLOAD not in text
+
+
+def test_it_escapes_untrusted_input_in_the_rerendered_form(signed_in: Client) -> None:
+    typed = f'{{"message": "</textarea>{PAYLOAD}"'
+    response = signed_in.post("/runs/start", {"process": "customer-inquiry", "input": typed})
+    assert response.status_code == 400
+    text = response.content.decode()
+    assert ESCAPED in text
+    assert PAYLOAD not in text
+    assert "</textarea><script>" not in text
