@@ -6,12 +6,15 @@ import uuid
 from datetime import datetime
 from typing import Any
 
+from django.core.exceptions import ValidationError as DjangoValidationError
 from django.http import Http404, HttpRequest, HttpResponse
 from ninja import NinjaAPI, Schema, Status
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 from ninja.security import HttpBearer
 from pydantic import Field
 
+from approvals import services as approval_services
+from approvals.models import ApprovalRequest
 from audit.models import Event
 from console.access import can_cancel, can_start, get_run_for_user, startable_processes
 from console.models import ApiToken
@@ -139,10 +142,19 @@ class EventsOut(Schema):
 
 def run_out(run: Run) -> dict[str, Any]:
     tasks = list(run.tasks.all())
-    waiting = [
-        {"kind": "task", "task": t.key, "reason": t.error or "waiting", "id": None}
-        for t in tasks if t.status == TaskStatus.WAITING
-    ]
+    pending = {r.task_key: r for r in ApprovalRequest.objects.filter(
+        run_id=run.pk, status=ApprovalRequest.Status.PENDING)}
+    waiting = []
+    for t in tasks:
+        if t.status != TaskStatus.WAITING:
+            continue
+        request = pending.get(t.key)
+        if request is not None:
+            waiting.append({"kind": "approval", "task": t.key, "reason": request.reason,
+                            "id": str(request.pk)})
+        else:
+            waiting.append({"kind": "task", "task": t.key, "reason": t.error or "waiting",
+                            "id": None})
     return {
         "id": run.pk,
         "process": run.process_version.process.slug,
@@ -211,3 +223,94 @@ def cancel_run(request: HttpRequest, run_id: str) -> Any:
     except services.RunNotCancellable as exc:
         return Status(409, {"error": str(exc)})
     return Status(200, run_out(run))
+
+
+class ApprovalOut(Schema):
+    id: uuid.UUID
+    run: uuid.UUID
+    task: str
+    tool: str
+    arguments: Any
+    arguments_digest: str
+    reason: str
+    detail: str
+    policy: str | None
+    status: str
+    deadline: datetime
+    required_approvals: int
+    approvals: int
+    tier: int
+    decisions: list[dict[str, Any]]
+
+
+class DecisionIn(Schema):
+    decision: str = Field(description="approve | reject | edit | raise_budget | stop")
+    arguments: dict[str, Any] | None = None
+    arguments_digest: str | None = Field(
+        default=None, description="the digest you saw; the decision is refused if it changed")
+    note: str = Field(default="", max_length=2000)
+    budget: dict[str, Any] | None = None
+
+
+def approval_out(request: ApprovalRequest) -> dict[str, Any]:
+    decisions = list(request.decisions.select_related("decider"))
+    approvals = {d.decider_id for d in decisions
+                 if d.kind in ("approve", "edit") and d.arguments_digest == request.arguments_digest}
+    return {
+        "id": request.pk, "run": request.run_id, "task": request.task_key, "tool": request.tool,
+        "arguments": request.arguments, "arguments_digest": request.arguments_digest,
+        "reason": request.reason, "detail": request.detail,
+        "policy": str(request.policy_version) if request.policy_version_id else None,
+        "status": request.status, "deadline": request.deadline,
+        "required_approvals": request.required_approvals, "approvals": len(approvals),
+        "tier": request.tier,
+        "decisions": [{"by": d.decider.get_username(), "decision": d.kind, "note": d.note,
+                       "arguments_digest": d.arguments_digest, "at": d.created_at.isoformat()}
+                      for d in decisions],
+    }
+
+
+@api.get("/approvals", response=list[ApprovalOut], summary="Approval requests you may decide")
+def list_approvals(request: HttpRequest, status: str = "pending") -> list[dict[str, Any]]:
+    if status == "pending":
+        qs = approval_services.pending_for(request.user)
+    else:
+        qs = ApprovalRequest.objects.filter(
+            decider_group__in=request.user.groups.all(), status=status).order_by("-created_at")
+    return [approval_out(r) for r in qs.select_related("policy_version__policy")[:500]]
+
+
+def _visible_request(user: Any, request_id: str) -> ApprovalRequest:
+    try:
+        approval = ApprovalRequest.objects.select_related("policy_version__policy").get(
+            pk=request_id)
+    except (ApprovalRequest.DoesNotExist, DjangoValidationError, ValueError):
+        raise Http404("no such approval request") from None
+    in_group = user.groups.filter(pk=approval.decider_group_id).exists()
+    if not in_group:
+        try:
+            get_run_for_user(user, approval.run_id)
+        except Http404:
+            raise Http404("no such approval request") from None
+    return approval
+
+
+@api.get("/approvals/{request_id}", response=ApprovalOut, summary="One approval request")
+def get_approval(request: HttpRequest, request_id: str) -> dict[str, Any]:
+    return approval_out(_visible_request(request.user, request_id))
+
+
+@api.post("/approvals/{request_id}/decision",
+          response={200: ApprovalOut, 400: ErrorOut, 403: ErrorOut, 404: ErrorOut,
+                    409: ErrorOut},
+          summary="Decide an approval request")
+def decide_approval(request: HttpRequest, request_id: str, payload: DecisionIn) -> Any:
+    _visible_request(request.user, request_id)
+    try:
+        approval = approval_services.request_decide(
+            request_id=request_id, user=request.user, decision=payload.decision,
+            arguments=payload.arguments, note=payload.note, budget=payload.budget,
+            expected_digest=payload.arguments_digest)
+    except approval_services.ApprovalError as exc:
+        return Status(exc.status, {"error": str(exc)})
+    return Status(200, approval_out(approval))

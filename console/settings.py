@@ -143,6 +143,12 @@ CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
+# Approval deadlines and lost-work recovery: Celery beat in distributed mode, a thread in
+# standalone mode, both calling orchestration.sweep.
+SWITCHBOARD_SWEEP_SECONDS = envint("SWITCHBOARD_SWEEP_SECONDS", 30, minimum=1)
+CELERY_BEAT_SCHEDULE = {
+    "sweep": {"task": "orchestration.sweep", "schedule": float(SWITCHBOARD_SWEEP_SECONDS)},
+}
 
 LOGGING = {
     "version": 1,

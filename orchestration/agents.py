@@ -10,7 +10,9 @@ from django.conf import settings
 from guardian.core import ObjectPermissionChecker
 
 from orchestration.builtin_tools import registry
-from orchestration.engine.agent import AgentSpec, Journal, Usage, run_agent
+from orchestration.engine.agent import AgentSpec, Journal, run_agent
+from orchestration.engine.governance import Usage
+from orchestration.governance import DjangoGovernor
 from orchestration.engine.contracts import ToolContract
 from orchestration.engine.errors import ContractError
 from orchestration.engine.http_tool import http_contract
@@ -18,7 +20,7 @@ from orchestration.engine.llm import Model, ProviderError, ScriptedModel
 from orchestration.engine.providers import AnthropicModel, OpenAICompatibleModel
 from orchestration.engine.runner import Outcome, TaskContext
 from orchestration.engine.states import TaskStatus
-from orchestration.models import Agent, ModelPrice, Tool
+from orchestration.models import Agent, ModelPrice, Task, Tool
 from orchestration.store import DjangoRunStore
 
 
@@ -85,8 +87,9 @@ class _Log:
     def journal(self) -> Journal:
         return self.store.journal(self.run_id, self.key)
 
-    def record(self, kind: str, data: dict[str, Any], *, usage: Usage) -> None:
-        self.store.record_step(self.run_id, kind, data, usage=usage)
+    def record(self, kind: str, data: dict[str, Any], *, usage: Usage,
+               reserved: Usage | None = None) -> None:
+        self.store.record_step(self.run_id, kind, data, usage=usage, reserved=reserved)
 
 
 def _pricing(agent: Agent):  # type: ignore[no-untyped-def]
@@ -103,8 +106,10 @@ def run_agent_task(ctx: TaskContext) -> Outcome:
         return Outcome(status=TaskStatus.FAILED,
                        error=f"no agent named {ctx.spec.executor_ref!r}")
     if agent.status != Agent.Status.ACTIVE or not agent.user.is_active:
-        return Outcome(status=TaskStatus.WAITING,
-                       error=f"agent_retired: {agent.slug} is retired; a person must reassign")
+        reason = f"agent_retired: {agent.slug} is retired; a person must decide what happens"
+        return Outcome(status=TaskStatus.WAITING, error=reason,
+                       escalation={"reason": "agent_retired", "detail": reason,
+                                   "call_key": f"{ctx.run_id}:{ctx.spec.key}:retired"})
     try:
         model = model_for(agent)
         tools = {t.slug: contract_for(t) for t in Tool.objects.all()}
@@ -122,7 +127,13 @@ def run_agent_task(ctx: TaskContext) -> Outcome:
         return user.is_active and ObjectPermissionChecker(user).has_perm("invoke_tool", tool)
 
     secrets = [v for v in settings.SWITCHBOARD_CREDENTIALS.values() if v]
+    task = Task.objects.select_related("run__process_version__process", "run__created_by").get(
+        run_id=ctx.run_id, key=ctx.spec.key)
     spec = AgentSpec(slug=agent.slug, instructions=agent.instructions,
-                     step_budget=agent.step_budget, token_budget=agent.token_budget or None)
+                     step_budget=agent.step_budget + task.step_budget_extra,
+                     token_budget=agent.token_budget or None,
+                     max_output_tokens=int(agent.model_params.get("max_tokens", 1024)))
+    governor = DjangoGovernor(run=task.run, task_key=task.key, actor=f"agent:{agent.slug}")
     return run_agent(ctx, spec, model, tools, _Log(DjangoRunStore(), ctx.run_id, ctx.spec.key),
-                     granted=granted, pricing=_pricing(agent), secrets=secrets)
+                     granted=granted, pricing=_pricing(agent), secrets=secrets,
+                     governor=governor)

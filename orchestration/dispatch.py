@@ -65,6 +65,12 @@ def enqueue_execute(run_id: Any, key: str) -> None:
     submit(execute_task, str(run_id), key)
 
 
+def enqueue_resume(request_id: Any) -> None:
+    from orchestration.tasks import resume_after_decision
+
+    submit(resume_after_decision, str(request_id))
+
+
 def shutdown(wait: bool = True) -> None:
     global _pool
     with _pool_lock:

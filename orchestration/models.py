@@ -79,6 +79,13 @@ class Tool(models.Model):
     idempotent = models.BooleanField(default=True)
     risk_class = models.CharField(max_length=20, choices=Risk.choices, default=Risk.READ)
     cost_per_call = models.DecimalField(max_digits=12, decimal_places=6, default=Decimal("0"))
+    quota_per_run = models.PositiveIntegerField(null=True, blank=True,
+                                                help_text="most calls in one run; blank = none")
+    quota_per_window = models.PositiveIntegerField(
+        null=True, blank=True, help_text="most calls across all runs per window; blank = none")
+    quota_window_s = models.PositiveIntegerField(default=3600)
+    rate_limit = models.CharField(max_length=40, blank=True,
+                                  help_text='e.g. "10/second" or "100 per minute"; blank = none')
 
     class Meta:
         permissions = [("invoke_tool", "May invoke this tool")]
@@ -155,6 +162,15 @@ class Run(models.Model):
     result = models.JSONField(null=True, blank=True)
     error = models.TextField(blank=True)
     cancel_requested = models.BooleanField(default=False)
+    # Caps (null = none), copied from the process version and raised by reviewers.
+    budget_tokens = models.PositiveBigIntegerField(null=True, blank=True)
+    budget_cost = models.DecimalField(max_digits=14, decimal_places=6, null=True, blank=True)
+    budget_steps = models.PositiveIntegerField(null=True, blank=True)
+    budget_wall_s = models.PositiveIntegerField(null=True, blank=True)
+    # Worst cases reserved by calls in flight; settled against real usage when they finish.
+    reserved_tokens = models.BigIntegerField(default=0)
+    reserved_cost = models.DecimalField(max_digits=14, decimal_places=6, default=Decimal("0"))
+    reserved_steps = models.IntegerField(default=0)
     tokens_in = models.PositiveBigIntegerField(default=0)
     tokens_out = models.PositiveBigIntegerField(default=0)
     cost = models.DecimalField(max_digits=14, decimal_places=6, default=Decimal("0"))
@@ -184,6 +200,14 @@ class Task(models.Model):
     depends_on = models.JSONField(default=list)
     status = models.CharField(max_length=20, choices=Status.choices, default="pending")
     attempts = models.PositiveIntegerField(default=0)
+    step_budget_extra = models.PositiveIntegerField(
+        default=0, help_text="steps reviewers granted beyond the agent's own step budget")
+    budget_tokens = models.PositiveBigIntegerField(null=True, blank=True)
+    budget_cost = models.DecimalField(max_digits=14, decimal_places=6, null=True, blank=True)
+    used_tokens = models.PositiveBigIntegerField(default=0)
+    used_cost = models.DecimalField(max_digits=14, decimal_places=6, default=Decimal("0"))
+    reserved_tokens = models.BigIntegerField(default=0)
+    reserved_cost = models.DecimalField(max_digits=14, decimal_places=6, default=Decimal("0"))
     output = models.JSONField(null=True, blank=True)
     error = models.TextField(blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
@@ -215,3 +239,18 @@ class ModelPrice(models.Model):
     def cost(self, tokens_in: int, tokens_out: int) -> Decimal:
         million = Decimal(1_000_000)
         return (self.input_per_mtok * tokens_in + self.output_per_mtok * tokens_out) / million
+
+
+class ToolUsage(models.Model):
+    """Calls of one tool in one run, for the per-run quota (claimed by conditional UPDATE)."""
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="tool_usage")
+    tool = models.CharField(max_length=100)
+    calls = models.PositiveIntegerField(default=0)
+    allowance = models.PositiveIntegerField(default=0, help_text="extra calls reviewers allowed")
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["run", "tool"], name="tool_usage_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.tool} in {self.run_id}: {self.calls}"

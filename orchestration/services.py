@@ -6,11 +6,15 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+from decimal import Decimal, InvalidOperation
+
 import jsonschema
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 from django.utils import timezone
 
+from approvals import services as approvals
+from approvals.models import ApprovalRequest, Reason
 from audit import ledger
 from orchestration import dispatch
 from orchestration.engine import runner
@@ -62,6 +66,15 @@ def process_publish(
         raise ServiceError(f"input schema is not a valid JSON Schema: {exc.message}") from None
     if hydration_limit < 1:
         raise ServiceError("hydration limit must be at least 1")
+    for key, value in (budgets or {}).items():
+        if key not in ("tokens", "cost", "steps", "wall_s"):
+            raise ServiceError(f"unknown budget {key!r}; use tokens, cost, steps or wall_s")
+        try:
+            ok = Decimal(str(value)) > 0
+        except InvalidOperation:
+            ok = False
+        if not ok:
+            raise ServiceError(f"budget {key} must be a positive number, not {value!r}")
     with transaction.atomic():
         last = process.versions.order_by("-number").values_list("number", flat=True).first()
         version = ProcessVersion.objects.create(
@@ -91,12 +104,20 @@ def run_create(*, process: Process, input: Any, user: AbstractBaseUser | None) -
         raise ServiceError(f"process {process.slug!r} has no published version")
     validate_run_input(version, input)
     plan = plan_for(version)
+    budgets = version.budgets or {}
     with transaction.atomic():
-        run = Run.objects.create(process_version=version, created_by=user, input=input)
+        run = Run.objects.create(
+            process_version=version, created_by=user, input=input,
+            budget_tokens=budgets.get("tokens"), budget_steps=budgets.get("steps"),
+            budget_cost=Decimal(str(budgets["cost"])) if budgets.get("cost") is not None
+            else None,
+            budget_wall_s=budgets.get("wall_s"),
+        )
         Task.objects.bulk_create(
             Task(run=run, key=t.key, position=i, title=t.title or t.key.replace("_", " "),
                  executor_type=t.executor_type, executor_ref=t.executor_ref,
-                 depends_on=list(t.depends_on))
+                 depends_on=list(t.depends_on), budget_tokens=t.budget.get("tokens"),
+                 budget_cost=Decimal(str(t.budget["cost"])) if "cost" in t.budget else None)
             for i, t in enumerate(plan.tasks)
         )
         ledger.open_chain(run.pk)
@@ -117,6 +138,7 @@ def run_cancel(*, run: Run, user: AbstractBaseUser | None) -> Run:
         if not locked.cancel_requested:
             Run.objects.filter(pk=run.pk).update(cancel_requested=True)
             ledger.append(run.pk, "run.cancel_requested", {}, actor=actor_of(user))
+        approvals.requests_cancel_for_run(run.pk, actor=actor_of(user))
     # The engine's own step applies the cancellation under the run lock.
     runner.advance(DjangoRunStore(actor=actor_of(user)), str(run.pk))
     run.refresh_from_db()
@@ -147,3 +169,72 @@ def tasks_recover_stale(*, older_than: timedelta = STALE_AFTER) -> int:
     return count
 
 
+
+
+def resume_after_decision(request: ApprovalRequest) -> None:
+    """A request was resolved: apply what the people decided, then put the work back."""
+    run = Run.objects.filter(pk=request.run_id).select_related("created_by").first()
+    if run is None or RunStatus(run.status) in RUN_TERMINAL:
+        return
+    resolution = request.resolution or {}
+    action = resolution.get("action")
+    decider = request.decisions.select_related("decider").order_by("-created_at").first()
+    user = decider.decider if decider else None
+    if action == "stop":
+        run_cancel(run=run, user=user)
+        return
+    store = DjangoRunStore(actor=actor_of(user))
+    with transaction.atomic():
+        task = Task.objects.select_for_update().filter(run_id=run.pk,
+                                                       key=request.task_key).first()
+        if task is None or task.status != TaskStatus.WAITING:
+            return
+        if action == "raise_budget":
+            _raise_budget(run, task, resolution.get("budget", {}), actor=actor_of(user))
+        elif action == "proceed" and request.reason == Reason.STEP_BUDGET_EXHAUSTED:
+            agent_steps = 5
+            from orchestration.models import Agent
+
+            agent = Agent.objects.filter(slug=task.executor_ref).first()
+            if agent is not None:
+                agent_steps = agent.step_budget
+            _raise_budget(run, task, {"steps": agent_steps}, actor=actor_of(user))
+        elif action == "reject" and request.reason != Reason.SENSITIVE_ACTION:
+            store.finish_task(str(run.pk), task.key, TaskStatus.FAILED,
+                              error=f"stopped by a reviewer: {resolution.get('note', '')}")
+            transaction.on_commit(lambda: dispatch.enqueue_advance(run.pk))
+            return
+        store.requeue_task(str(run.pk), task.key, reason=f"approval {request.pk} {request.status}")
+    released = runner.advance(store, str(run.pk)).released
+    for key in [request.task_key, *released]:
+        dispatch.enqueue_execute(run.pk, key)
+
+
+def _raise_budget(run: Run, task: Task, budget: dict[str, Any], *, actor: str) -> None:
+    old = {"tokens": run.budget_tokens, "cost": str(run.budget_cost) if run.budget_cost
+           is not None else None, "steps": run.budget_steps,
+           "task_steps_extra": task.step_budget_extra}
+    fields: dict[str, Any] = {}
+    if "tokens" in budget:
+        if run.budget_tokens is not None:
+            fields["budget_tokens"] = run.budget_tokens + int(budget["tokens"])
+        if task.budget_tokens is not None:
+            Task.objects.filter(pk=task.pk).update(
+                budget_tokens=task.budget_tokens + int(budget["tokens"]))
+    if "cost" in budget:
+        if run.budget_cost is not None:
+            fields["budget_cost"] = run.budget_cost + Decimal(str(budget["cost"]))
+        if task.budget_cost is not None:
+            Task.objects.filter(pk=task.pk).update(
+                budget_cost=task.budget_cost + Decimal(str(budget["cost"])))
+    if "steps" in budget:
+        Task.objects.filter(pk=task.pk).update(
+            step_budget_extra=task.step_budget_extra + int(budget["steps"]))
+        if run.budget_steps is not None:
+            fields["budget_steps"] = run.budget_steps + int(budget["steps"])
+    if "wall_s" in budget and run.budget_wall_s is not None:
+        fields["budget_wall_s"] = run.budget_wall_s + int(budget["wall_s"])
+    if fields:
+        Run.objects.filter(pk=run.pk).update(**fields)
+    ledger.append(run.pk, "budget.raised", {"task": task.key, "old": old, "raise": budget},
+                  actor=actor)

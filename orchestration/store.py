@@ -17,6 +17,7 @@ from django.utils import timezone
 
 from audit import ledger
 from audit.models import Event
+from orchestration import governance
 from orchestration.engine.agent import Journal
 from orchestration.engine.plan import Plan, TaskSpec, parse_plan
 from orchestration.engine.states import (
@@ -175,6 +176,7 @@ class DjangoRunStore:
         output: Any = None,
         error: str = "",
         events: list[tuple[str, dict[str, Any]]] | None = None,
+        escalation: Mapping[str, Any] | None = None,
     ) -> None:
         chain = uuid.UUID(str(run_id))
         with transaction.atomic():
@@ -207,6 +209,9 @@ class DjangoRunStore:
             if error:
                 data["error"] = error
             ledger.append(chain, f"task.{new.value}", data, actor=self.actor)
+            if new == TaskStatus.WAITING and escalation:
+                governance.open_escalation(run_id=str(run_id), task_key=key,
+                                           escalation=escalation, actor=self.actor)
 
     @_retrying
     def requeue_task(self, run_id: str, key: str, *, reason: str) -> None:
@@ -219,21 +224,15 @@ class DjangoRunStore:
                           actor=self.actor)
 
     @_retrying
-    def record_step(self, run_id: str, kind: str, data: dict[str, Any], *, usage: Any) -> None:
-        """Checkpoint one model or tool call and add its usage to the run, atomically."""
+    def record_step(self, run_id: str, kind: str, data: dict[str, Any], *, usage: Any,
+                    reserved: Any = None) -> None:
+        """Checkpoint one model or tool call and settle its reservation, atomically."""
         with transaction.atomic():
             _lock_run(run_id)
             ledger.append(uuid.UUID(str(run_id)), kind, data,
                           actor=data.get("actor", self.actor))
-            if usage.steps or usage.tool_calls or usage.tokens_in or usage.tokens_out or usage.cost:
-                Run.objects.filter(pk=run_id).update(
-                    steps=F("steps") + usage.steps,
-                    tool_calls=F("tool_calls") + usage.tool_calls,
-                    tokens_in=F("tokens_in") + usage.tokens_in,
-                    tokens_out=F("tokens_out") + usage.tokens_out,
-                    cost=F("cost") + usage.cost,
-                    updated_at=timezone.now(),
-                )
+            if reserved is not None or not usage.is_zero():
+                governance.settle(run_id, data.get("task", ""), reserved, usage)
 
     def journal(self, run_id: str, key: str) -> Journal:
         """What the ledger holds for a task's agent loop, for a resume that calls nothing twice."""

@@ -39,3 +39,23 @@ def recover_stale_tasks() -> int:
     from orchestration.services import tasks_recover_stale
 
     return tasks_recover_stale()
+
+
+@shared_task(name="orchestration.resume_after_decision", acks_late=True)
+def resume_after_decision(request_id: str) -> None:
+    from approvals.models import ApprovalRequest
+    from orchestration import services
+
+    request = ApprovalRequest.objects.filter(pk=request_id).first()
+    if request is not None:
+        services.resume_after_decision(request)
+
+
+@shared_task(name="orchestration.sweep")
+def sweep() -> None:
+    """Periodic: enforce approval deadlines and pick up work a lost worker left behind."""
+    from approvals.services import requests_expire
+    from orchestration.services import tasks_recover_stale
+
+    requests_expire()
+    tasks_recover_stale()

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from orchestration.engine.agent import AgentSpec, Journal, Usage, run_agent
+from orchestration.engine.agent import AgentSpec, Journal, run_agent
+from orchestration.engine.governance import Usage
 from orchestration.engine.contracts import ToolContract
 from orchestration.engine.handoff import Envelope, HandoffError, parse_envelope
 from orchestration.engine.llm import ModelRequest, ModelResponse, ScriptedModel
@@ -25,7 +26,8 @@ class Log:
     def __init__(self) -> None:
         self.events: list[tuple[str, dict[str, Any]]] = []
 
-    def record(self, kind: str, data: dict[str, Any], *, usage: Usage) -> None:
+    def record(self, kind: str, data: dict[str, Any], *, usage: Usage,
+               reserved: Usage | None = None) -> None:
         self.events.append((kind, data))
 
     def journal(self) -> Journal:

@@ -155,3 +155,15 @@ AGENTS: list[dict[str, Any]] = [
 MODEL_NAME = "scripted-demo"
 # Per million tokens, so scripted runs show what a comparable hosted model would cost.
 PRICES = {"input_per_mtok": "3.00", "output_per_mtok": "15.00"}
+
+
+# Refunds above 100 need a reviewer; above 1000, two reviewers, and an unanswered request
+# goes to the admins after its deadline.
+POLICIES: list[dict[str, Any]] = [
+    {"slug": "refund-over-100", "name": "Refunds over 100", "tool": "issue_refund",
+     "conditions": [{"arg": "amount", "op": ">", "value": 100}], "required": 1,
+     "deadline_minutes": 240, "on_expiry": "reject"},
+    {"slug": "refund-over-1000", "name": "Refunds over 1000", "tool": "issue_refund",
+     "conditions": [{"arg": "amount", "op": ">", "value": 1000}], "required": 2,
+     "deadline_minutes": 240, "on_expiry": "escalate"},
+]

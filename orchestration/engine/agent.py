@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from audit.chain import canonical_json
 from orchestration.engine.contracts import ToolContract
 from orchestration.engine.errors import ContractError, ToolInputInvalid
+from orchestration.engine.governance import Governor, Ungoverned, Usage
 from orchestration.engine.handoff import (
     HandoffError,
     Envelope,
@@ -38,15 +39,6 @@ REDACTED = "[redacted]"
 
 
 @dataclass(slots=True)
-class Usage:
-    steps: int = 0
-    tool_calls: int = 0
-    tokens_in: int = 0
-    tokens_out: int = 0
-    cost: Decimal = Decimal("0")
-
-
-@dataclass(slots=True)
 class Journal:
     """What the ledger already holds for this task: recorded turns and tool outcomes."""
 
@@ -58,7 +50,10 @@ class Journal:
 class StepLog(Protocol):
     def journal(self) -> Journal: ...
 
-    def record(self, kind: str, data: dict[str, Any], *, usage: Usage) -> None: ...
+    def record(self, kind: str, data: dict[str, Any], *, usage: Usage,
+               reserved: Usage | None = None) -> None:
+        """Checkpoint one step; settle its reservation against the real usage atomically."""
+        ...
 
 
 @dataclass(slots=True)
@@ -68,6 +63,7 @@ class AgentSpec:
     step_budget: int = 5
     token_budget: int | None = None
     params: Mapping[str, Any] = field(default_factory=dict)
+    max_output_tokens: int = 1024
 
 
 Pricing = Callable[[int, int], Decimal]
@@ -126,7 +122,9 @@ def run_agent(
     granted: Callable[[str], bool],
     pricing: Pricing = no_cost,
     secrets: Sequence[str] = (),
+    governor: Governor | None = None,
 ) -> Outcome:
+    governor = governor or Ungoverned()
     actor = f"agent:{agent.slug}"
     task = ctx.spec.key
     try:
@@ -149,13 +147,20 @@ def run_agent(
         else:
             request = ModelRequest(messages=tuple(messages), tools=specs, params=agent.params,
                                    variables={"input": ctx.run_input})
+            worst_in = _estimate_tokens(messages, specs)
+            worst = Usage(steps=1, tokens_in=worst_in, tokens_out=agent.max_output_tokens,
+                          cost=pricing(worst_in, agent.max_output_tokens))
+            refused = governor.reserve(worst)
+            if refused:
+                return _escalate(refused, key=f"{ctx.run_id}:{task}:{step}:model")
             started = time.perf_counter()
             try:
                 response = model.complete(request)
             except ProviderError as exc:
                 log.record("model.failed", {"task": task, "step": step, "actor": actor,
                                             "provider": model.provider, "model": model.name,
-                                            "error": redact(str(exc), secrets)}, usage=Usage())
+                                            "error": redact(str(exc), secrets)}, usage=Usage(),
+                           reserved=worst)
                 return Outcome(status=TaskStatus.FAILED, error=redact(str(exc), secrets))
             latency = round((time.perf_counter() - started) * 1000, 3)
             cost = pricing(response.tokens_in, response.tokens_out)
@@ -168,6 +173,7 @@ def run_agent(
                  "cost": str(cost), "latency_ms": latency},
                 usage=Usage(steps=1, tokens_in=response.tokens_in,
                             tokens_out=response.tokens_out, cost=cost),
+                reserved=worst,
             )
         tokens_used += response.tokens_in + response.tokens_out
         messages.append(Message("assistant", response.text, tool_calls=list(response.tool_calls)))
@@ -188,34 +194,55 @@ def run_agent(
             key = f"{ctx.run_id}:{task}:{step}:{index}"
             content, is_error = _tool_step(
                 key, call.name, call.arguments, task=task, actor=actor, tools=tools, log=log,
-                journal=journal, granted=granted, secrets=secrets)
-            if content is None:  # a non-idempotent call whose outcome is unknown
-                return Outcome(status=TaskStatus.WAITING,
-                               error=f"unknown_outcome: {call.name} may or may not have run "
-                                     f"(call {key}); a person must decide")
+                journal=journal, granted=granted, secrets=secrets, governor=governor)
+            if isinstance(content, Pause):
+                return _escalate(content.reason, key=key, tool=call.name,
+                                 arguments=redact(call.arguments, secrets))
             if not is_error:
                 tool_results[call.name] = json.loads(content)
             messages.append(Message("tool", content, tool_call_id=call.id, is_error=is_error))
 
         if agent.token_budget is not None and tokens_used >= agent.token_budget:
-            return Outcome(status=TaskStatus.WAITING,
-                           error=f"token_budget_exhausted: {tokens_used} tokens used of "
-                                 f"{agent.token_budget}")
+            return _escalate(f"budget_exhausted: the agent loop used {tokens_used} tokens of "
+                             f"its {agent.token_budget}", key=f"{ctx.run_id}:{task}:{step}:tokens")
 
-    return Outcome(status=TaskStatus.WAITING,
-                   error=f"step_budget_exhausted: no final answer within {agent.step_budget} "
-                         "steps")
+    return _escalate(f"step_budget_exhausted: no final answer within {agent.step_budget} steps",
+                     key=f"{ctx.run_id}:{task}:{agent.step_budget}:steps")
+
+
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """A tool step that cannot go on without people: the reason names why."""
+
+    reason: str
+
+
+def _escalate(reason: str, *, key: str, tool: str = "", arguments: Any = None) -> Outcome:
+    """Park the task for people. ``reason`` starts with the escalation code."""
+    code = reason.split(":", 1)[0]
+    return Outcome(status=TaskStatus.WAITING, error=reason,
+                   escalation={"reason": code, "detail": reason, "call_key": key, "tool": tool,
+                               "arguments": arguments if arguments is not None else {}})
+
+
+def _estimate_tokens(messages: Sequence[Message], tools: Sequence[ToolSpec]) -> int:
+    """A safe upper bound on prompt tokens: about 3 characters a token, plus framing."""
+    chars = sum(len(m.content) + sum(len(str(c.arguments)) for c in m.tool_calls)
+                for m in messages)
+    chars += sum(len(canonical_json(dict(t.input_schema))) + len(t.description) for t in tools)
+    return chars // 3 + 16 * len(messages) + 64
 
 
 def _tool_step(
     key: str, name: str, arguments: Any, *, task: str, actor: str,
     tools: Mapping[str, ToolContract], log: StepLog, journal: Journal,
-    granted: Callable[[str], bool], secrets: Sequence[str],
-) -> tuple[str | None, bool]:
-    """One tool call, governed: grant, validation, execution, verification, record.
+    granted: Callable[[str], bool], secrets: Sequence[str], governor: Governor,
+) -> tuple[str | Pause, bool]:
+    """One tool call, governed: grant, validation, approval policy, quota, budget, execution
+    with a timeout, output verification, record.
 
-    Returns the content fed back to the model and whether it is an error; content None means
-    the call's outcome is unknown and it must not run again."""
+    Returns the content fed back to the model and whether it is an error, or a Pause when the
+    call must wait for people (approval, quota, budget, unknown outcome)."""
     recorded = journal.results.get(key)
     if recorded is not None:
         if "error" in recorded:
@@ -239,8 +266,30 @@ def _tool_step(
                                      "error": str(exc)}, usage=Usage())
         return f"{exc}. Fix the arguments and call again.", True
 
+    gate = governor.gate(contract, arguments, key)
+    if gate.action == "wait":
+        return Pause(f"awaiting_approval: {gate.message}"), True
+    if gate.action == "deny":
+        log.record("tool.denied", {**base, "arguments": redact(dict(arguments), secrets),
+                                   "error": gate.message}, usage=Usage())
+        return f"A reviewer rejected this call: {gate.message}", True
+    if gate.arguments is not None:
+        arguments = gate.arguments  # a reviewer's edit, already re-validated and digest-bound
+
     if key in journal.intents and not contract.idempotent:
-        return None, True
+        decided = governor.outcome_decision(key)
+        if decided == "reject":
+            return ("A reviewer decided this call must not be repeated; treat it as not "
+                    "done."), True
+        if decided != "rerun":
+            return Pause(f"unknown_outcome: {name} may or may not have run (call {key})"), True
+    refused = governor.admit(contract, key)
+    if refused:
+        return Pause(refused), True
+    worst = Usage(tool_calls=1, cost=contract.cost_per_call)
+    refused = governor.reserve(worst)
+    if refused:
+        return Pause(refused), True
     if not contract.idempotent:
         # Written before the call: if we die mid-call, a resume knows not to repeat it.
         log.record("tool.intent", {**base, "arguments": redact(dict(arguments), secrets)},
@@ -253,11 +302,11 @@ def _tool_step(
         error = redact(str(exc), secrets)
         log.record("tool.failed", {**base, "arguments": redact(dict(arguments), secrets),
                                    "error": error, "latency_ms": latency},
-                   usage=Usage(tool_calls=1, cost=contract.cost_per_call))
+                   usage=Usage(tool_calls=1, cost=contract.cost_per_call), reserved=worst)
         return error, True
     latency = round((time.perf_counter() - started) * 1000, 3)
     clean = redact(result, secrets)
     log.record("tool.called", {**base, "arguments": redact(dict(arguments), secrets),
                                "result": clean, "latency_ms": latency},
-               usage=Usage(tool_calls=1, cost=contract.cost_per_call))
+               usage=Usage(tool_calls=1, cost=contract.cost_per_call), reserved=worst)
     return canonical_json(clean), False

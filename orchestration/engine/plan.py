@@ -47,6 +47,14 @@ PLAN_SCHEMA: dict[str, Any] = {
                     "args": {"type": "object"},
                     "spec": {"type": "string"},
                     "acceptance": {"type": "array", "items": {"type": "string"}},
+                    "budget": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "tokens": {"type": "integer", "minimum": 1},
+                            "cost": {"type": ["number", "string"]},
+                        },
+                    },
                 },
             },
         },
@@ -66,6 +74,7 @@ class TaskSpec:
     title: str = ""
     spec: str = ""
     acceptance: tuple[str, ...] = ()
+    budget: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +109,8 @@ class Plan:
                 item["spec"] = t.spec
             if t.acceptance:
                 item["acceptance"] = list(t.acceptance)
+            if t.budget:
+                item["budget"] = dict(t.budget)
             tasks.append(item)
         return {"tasks": tasks, "result": dict(self.result)}
 
@@ -136,6 +147,7 @@ def parse_plan(source: str | Mapping[str, Any]) -> Plan:
             title=t.get("title", ""),
             spec=t.get("spec", ""),
             acceptance=tuple(t.get("acceptance", ())),
+            budget=t.get("budget", {}),
         )
         for t in data["tasks"]
     )

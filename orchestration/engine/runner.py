@@ -45,6 +45,8 @@ class Outcome:
     error: str = ""
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     status: str = TaskStatus.SUCCEEDED
+    # For a waiting outcome: why people are needed (reason code, detail, the paused call).
+    escalation: Mapping[str, Any] | None = None
 
 
 class Executor(Protocol):
@@ -171,7 +173,7 @@ def execute(store: RunStore, run_id: str, key: str, executors: Mapping[str, Exec
     else:
         outcome = executor(ctx)
     store.finish_task(run_id, key, outcome.status, output=outcome.output, error=outcome.error,
-                      events=outcome.events)
+                      events=outcome.events, escalation=outcome.escalation)
     return True
 
 

@@ -70,6 +70,7 @@ class RunStore(Protocol):
         output: Any = None,
         error: str = "",
         events: list[tuple[str, dict[str, Any]]] = ...,
+        escalation: Mapping[str, Any] | None = None,
     ) -> None: ...
 
     def requeue_task(self, run_id: str, key: str, *, reason: str) -> None: ...
@@ -195,9 +196,12 @@ class MemoryStore:
         output: Any = None,
         error: str = "",
         events: list[tuple[str, dict[str, Any]]] | None = None,
+        escalation: Mapping[str, Any] | None = None,
     ) -> None:
         with self._lock:
             task = self._task(run_id, key)
+            if escalation:
+                self.record(run_id, "task.escalated", {"task": key, **escalation})
             check_task_transition(task.status, status)
             for kind, data in events or ():
                 self.record(run_id, kind, data)
@@ -218,7 +222,8 @@ class MemoryStore:
             task.status = TaskStatus.QUEUED
             self.record(run_id, "task.requeued", {"task": key, "reason": reason})
 
-    def record_step(self, run_id: str, kind: str, data: dict[str, Any], *, usage: Any) -> None:
+    def record_step(self, run_id: str, kind: str, data: dict[str, Any], *, usage: Any,
+                    reserved: Any = None) -> None:
         with self._lock:
             self.record(run_id, kind, data, actor=data.get("actor", "system"))
             run = self.runs[run_id]

@@ -8,6 +8,8 @@ from django.contrib.auth.models import Group, Permission, User
 from django.core.management.base import BaseCommand
 from django.db import transaction
 
+from approvals.models import Policy
+from approvals.services import policy_publish
 from orchestration import demo, services
 from orchestration.builtin_tools import registry
 from guardian.shortcuts import assign_perm
@@ -106,6 +108,20 @@ class Command(BaseCommand):
                     "input_schema"]:
                 services.process_publish(process=process, plan=plan,
                                          input_schema=spec["input_schema"])
+
+        reviewers = Group.objects.get(name="reviewer")
+        admins = Group.objects.get(name="admin")
+        for spec in demo.POLICIES:
+            policy, _ = Policy.objects.get_or_create(slug=spec["slug"],
+                                                     defaults={"name": spec["name"]})
+            fields = {"tool": spec["tool"], "risk_class": "", "conditions": spec["conditions"],
+                      "decider_group": reviewers, "required_approvals": spec["required"],
+                      "deadline_minutes": spec["deadline_minutes"],
+                      "on_expiry": spec["on_expiry"],
+                      "escalation_group": admins if spec["on_expiry"] == "escalate" else None}
+            current = policy.current_version
+            if current is None or any(getattr(current, k) != v for k, v in fields.items()):
+                policy_publish(policy=policy, **fields)
 
         self.stdout.write("Demo data is ready. Sign in at http://127.0.0.1:8000/ as:")
         for username, role, _ in PEOPLE:

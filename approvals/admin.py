@@ -1,0 +1,32 @@
+from django.contrib import admin
+
+from approvals.models import ApprovalRequest, Decision, Policy, PolicyVersion
+
+
+@admin.register(Policy)
+class PolicyAdmin(admin.ModelAdmin):
+    list_display = ["slug", "name", "current_version"]
+
+
+@admin.register(PolicyVersion)
+class PolicyVersionAdmin(admin.ModelAdmin):
+    list_display = ["policy", "number", "tool", "risk_class", "decider_group",
+                    "required_approvals", "deadline_minutes", "on_expiry"]
+
+    def has_change_permission(self, request, obj=None):  # type: ignore[no-untyped-def]
+        return False
+
+
+class DecisionInline(admin.TabularInline):
+    model = Decision
+    extra = 0
+    can_delete = False
+    readonly_fields = ["decider", "kind", "arguments_digest", "note", "created_at"]
+
+
+@admin.register(ApprovalRequest)
+class ApprovalRequestAdmin(admin.ModelAdmin):
+    list_display = ["id", "reason", "tool", "status", "deadline", "required_approvals"]
+    list_filter = ["status", "reason"]
+    readonly_fields = [f.name for f in ApprovalRequest._meta.fields]
+    inlines = [DecisionInline]

@@ -1,0 +1,341 @@
+"""Open, decide, expire and cancel approval requests. Every change is a ledger event written in
+the same transaction, naming the person; resolutions are announced after commit."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from datetime import timedelta
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import jsonschema
+from django.contrib.auth.models import AbstractBaseUser, Group
+from django.core.exceptions import ObjectDoesNotExist, ValidationError
+from django.db import transaction
+from django.utils import timezone
+
+from approvals.models import ApprovalRequest, Decision, Policy, PolicyVersion, Reason
+from approvals.signals import approval_resolved
+from audit import ledger
+from audit.chain import canonical_json
+
+DEFAULT_ESCALATION_GROUP = "reviewer"
+DEFAULT_DEADLINE = timedelta(hours=24)
+Status = ApprovalRequest.Status
+
+
+class ApprovalError(Exception):
+    """Refused with a message fit for the person; ``status`` is the HTTP code it maps to."""
+
+    status = 400
+
+
+class NotAllowed(ApprovalError):
+    status = 403
+
+
+class Conflict(ApprovalError):
+    status = 409
+
+
+class NotFound(ApprovalError):
+    status = 404
+
+
+def digest(arguments: Any) -> str:
+    return hashlib.sha256(canonical_json(arguments).encode()).hexdigest()
+
+
+def actor_of(user: AbstractBaseUser) -> str:
+    return f"user:{user.get_username()}"
+
+
+_OPS = {
+    ">": lambda a, b: a > b, ">=": lambda a, b: a >= b, "<": lambda a, b: a < b,
+    "<=": lambda a, b: a <= b, "==": lambda a, b: a == b, "!=": lambda a, b: a != b,
+    "in": lambda a, b: a in b,
+}
+
+
+def _condition_holds(condition: dict[str, Any], arguments: Any) -> bool:
+    node = arguments
+    for part in str(condition.get("arg", "")).split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    op = _OPS.get(condition.get("op", "=="))
+    try:
+        return bool(op and op(node, condition.get("value")))
+    except TypeError:
+        return False
+
+
+def policy_match(*, tool: str, risk_class: str, arguments: Any) -> PolicyVersion | None:
+    """The strictest current policy that matches this call, or None."""
+    matches = []
+    versions = PolicyVersion.objects.filter(policy__current_version_id__isnull=False).filter(
+        pk__in=Policy.objects.values("current_version_id")).select_related("policy")
+    for version in versions:
+        if version.tool and version.tool != tool:
+            continue
+        if version.risk_class and version.risk_class != risk_class:
+            continue
+        if all(_condition_holds(c, arguments) for c in version.conditions or []):
+            matches.append(version)
+    if not matches:
+        return None
+    return max(matches, key=lambda v: (v.required_approvals, v.number))
+
+
+def policy_publish(*, policy: Policy, acting_user: AbstractBaseUser | None = None,
+                   **fields: Any) -> PolicyVersion:
+    for condition in fields.get("conditions", []):
+        if condition.get("op") not in _OPS or not condition.get("arg"):
+            raise ApprovalError(f"condition {condition!r} needs an 'arg' and an op in "
+                                f"{sorted(_OPS)}")
+    if int(fields.get("required_approvals", 1)) < 1:
+        raise ApprovalError("required_approvals must be at least 1")
+    with transaction.atomic():
+        last = policy.versions.order_by("-number").values_list("number", flat=True).first()
+        version = PolicyVersion.objects.create(policy=policy, number=(last or 0) + 1, **fields)
+        Policy.objects.filter(pk=policy.pk).update(current_version=version)
+        policy.current_version = version
+    return version
+
+
+def request_open(
+    *,
+    run_id: uuid.UUID | str,
+    task_key: str,
+    reason: str,
+    requested_by: str,
+    call_key: str = "",
+    tool: str = "",
+    arguments: Any = None,
+    detail: str = "",
+    policy_version: PolicyVersion | None = None,
+    run_started_by: AbstractBaseUser | None = None,
+    context: dict[str, Any] | None = None,
+) -> ApprovalRequest:
+    """Open a request (call inside the transaction of the state change that needs it)."""
+    if reason not in Reason.values:
+        raise ApprovalError(f"unknown escalation reason {reason!r}")
+    arguments = {} if arguments is None else arguments
+    if policy_version is not None:
+        group = policy_version.decider_group
+        required = policy_version.required_approvals
+        deadline = timezone.now() + timedelta(minutes=policy_version.deadline_minutes)
+    else:
+        group, _ = Group.objects.get_or_create(name=DEFAULT_ESCALATION_GROUP)
+        required = 1
+        deadline = timezone.now() + DEFAULT_DEADLINE
+    with transaction.atomic():
+        request = ApprovalRequest.objects.create(
+            run_id=run_id, task_key=task_key, call_key=call_key, tool=tool,
+            arguments=arguments, arguments_digest=digest(arguments), reason=reason,
+            detail=detail, policy_version=policy_version, decider_group=group,
+            required_approvals=required, requested_by=requested_by,
+            run_started_by=run_started_by, context=context or {}, deadline=deadline,
+        )
+        ledger.append(uuid.UUID(str(run_id)), "approval.requested", {
+            "request": str(request.pk), "task": task_key, "reason": reason, "tool": tool,
+            "arguments": arguments, "arguments_digest": request.arguments_digest,
+            "policy": str(policy_version) if policy_version else None,
+            "group": group.name, "required_approvals": required,
+            "deadline": deadline.isoformat(), "detail": detail,
+        }, actor=requested_by)
+    return request
+
+
+def can_decide(user: AbstractBaseUser, request: ApprovalRequest) -> str:
+    """Empty when this person may decide the request; otherwise why not."""
+    if not user.is_authenticated or not user.is_active:
+        return "you must be signed in to decide"
+    try:
+        user.agent_identity  # type: ignore[attr-defined]
+    except (ObjectDoesNotExist, AttributeError):
+        pass
+    else:
+        return "an agent identity can never decide an approval"
+    if not user.groups.filter(pk=request.decider_group_id).exists():  # type: ignore[attr-defined]
+        return f"only members of {request.decider_group.name!r} may decide this request"
+    if request.run_started_by_id is not None and request.run_started_by_id == user.pk:
+        return "you started this run, so you cannot decide its approvals"
+    return ""
+
+
+def _parse_budget(budget: Any) -> dict[str, Any]:
+    if not isinstance(budget, dict) or not budget:
+        raise ApprovalError('raise_budget needs "budget": {"tokens": n, "cost": "x", "steps": n}')
+    clean: dict[str, Any] = {}
+    for key, value in budget.items():
+        if key in ("tokens", "steps", "tool_calls", "wall_s"):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ApprovalError(f"budget {key} must be a positive integer")
+            clean[key] = value
+        elif key == "cost":
+            try:
+                amount = Decimal(str(value))
+            except InvalidOperation:
+                raise ApprovalError("budget cost must be a decimal amount") from None
+            if amount <= 0:
+                raise ApprovalError("budget cost must be positive")
+            clean[key] = str(amount)
+        else:
+            raise ApprovalError(f"unknown budget {key!r}")
+    return clean
+
+
+def request_decide(
+    *,
+    request_id: uuid.UUID | str,
+    user: AbstractBaseUser,
+    decision: str,
+    arguments: Any = None,
+    note: str = "",
+    budget: Any = None,
+    expected_digest: str | None = None,
+) -> ApprovalRequest:
+    if decision not in Decision.Kind.values:
+        raise ApprovalError(f"decision must be one of {', '.join(Decision.Kind.values)}")
+    with transaction.atomic():
+        try:
+            request = ApprovalRequest.objects.select_for_update().select_related(
+                "decider_group").get(pk=request_id)
+        except (ApprovalRequest.DoesNotExist, ValidationError, ValueError):
+            raise NotFound("no such approval request") from None
+        why_not = can_decide(user, request)
+        if why_not:
+            raise NotAllowed(why_not)
+        if request.status == Status.CANCELLED:
+            raise Conflict("the run was stopped; this request can no longer be decided")
+        if request.status != Status.PENDING:
+            raise Conflict(f"this request is already {request.get_status_display()}")
+        if request.deadline <= timezone.now():
+            raise Conflict("this request expired at " + request.deadline.isoformat())
+        if expected_digest is not None and expected_digest != request.arguments_digest:
+            raise Conflict("the arguments changed since you saw them (digest mismatch); "
+                           "reload and decide again")
+        if request.decisions.filter(decider=user).exists():
+            raise Conflict("you have already decided this request")
+
+        bound = request.arguments_digest
+        new_arguments = None
+        clean_budget: dict[str, Any] = {}
+        if decision == Decision.Kind.EDIT:
+            if request.reason != Reason.SENSITIVE_ACTION:
+                raise ApprovalError("only a proposed action's arguments can be edited")
+            if not isinstance(arguments, dict):
+                raise ApprovalError('edit needs "arguments": an object')
+            schema = request.context.get("input_schema") or {"type": "object"}
+            errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(arguments),
+                            key=lambda e: list(e.absolute_path))
+            if errors:
+                where = "/".join(str(p) for p in errors[0].absolute_path)
+                raise ApprovalError("edited arguments break the tool's schema: " +
+                                    (f"{where}: " if where else "") + errors[0].message)
+            new_arguments = arguments
+            bound = digest(arguments)
+        elif decision == Decision.Kind.RAISE_BUDGET:
+            clean_budget = _parse_budget(budget)
+
+        Decision.objects.create(request=request, decider=user, kind=decision,
+                                arguments_digest=bound, arguments=new_arguments, note=note,
+                                budget=clean_budget)
+        ledger.append(request.run_id, "approval.decision", {
+            "request": str(request.pk), "decision": decision, "arguments_digest": bound,
+            "arguments": new_arguments, "note": note, "budget": clean_budget,
+        }, actor=actor_of(user))
+
+        if new_arguments is not None:
+            request.arguments = new_arguments
+            request.arguments_digest = bound
+        resolution: dict[str, Any] | None = None
+        if decision in (Decision.Kind.APPROVE, Decision.Kind.EDIT):
+            approvals = request.decisions.filter(
+                kind__in=[Decision.Kind.APPROVE, Decision.Kind.EDIT],
+                arguments_digest=request.arguments_digest).values("decider").distinct().count()
+            if approvals >= request.required_approvals:
+                request.status = Status.EDITED if decision == Decision.Kind.EDIT else (
+                    Status.APPROVED)
+                resolution = {"action": "proceed", "arguments": request.arguments}
+        elif decision == Decision.Kind.REJECT:
+            request.status = Status.REJECTED
+            resolution = {"action": "reject", "note": note or "rejected by a reviewer"}
+        elif decision == Decision.Kind.RAISE_BUDGET:
+            request.status = Status.BUDGET_RAISED
+            resolution = {"action": "raise_budget", "budget": clean_budget}
+        elif decision == Decision.Kind.STOP:
+            request.status = Status.STOPPED
+            resolution = {"action": "stop", "note": note}
+        if resolution is not None:
+            _resolve(request, resolution, actor=actor_of(user))
+        else:
+            request.save(update_fields=["arguments", "arguments_digest"])
+    return request
+
+
+def _resolve(request: ApprovalRequest, resolution: dict[str, Any], *, actor: str) -> None:
+    request.resolution = resolution
+    request.decided_at = timezone.now()
+    request.save(update_fields=["status", "resolution", "decided_at", "arguments",
+                                "arguments_digest"])
+    ledger.append(request.run_id, "approval.resolved", {
+        "request": str(request.pk), "status": request.status, "resolution": resolution,
+    }, actor=actor)
+    transaction.on_commit(lambda: approval_resolved.send(sender=ApprovalRequest,
+                                                         request=request))
+
+
+def requests_expire(*, now: Any = None) -> int:
+    """The deadline sweep: reject, or hand to the second tier, whatever is overdue."""
+    now = now or timezone.now()
+    done = 0
+    overdue = ApprovalRequest.objects.filter(status=Status.PENDING, deadline__lte=now)
+    for pk in overdue.values_list("pk", flat=True):
+        with transaction.atomic():
+            request = ApprovalRequest.objects.select_for_update().select_related(
+                "policy_version").get(pk=pk)
+            if request.status != Status.PENDING or request.deadline > now:
+                continue
+            version = request.policy_version
+            if (version is not None and version.on_expiry == PolicyVersion.OnExpiry.ESCALATE
+                    and version.escalation_group_id and request.tier == 1):
+                request.tier = 2
+                request.decider_group_id = version.escalation_group_id
+                request.deadline = now + timedelta(minutes=version.deadline_minutes)
+                request.save(update_fields=["tier", "decider_group", "deadline"])
+                ledger.append(request.run_id, "approval.escalated", {
+                    "request": str(request.pk), "tier": 2,
+                    "group": version.escalation_group.name,
+                    "deadline": request.deadline.isoformat(),
+                }, actor="system")
+            else:
+                request.status = Status.EXPIRED
+                _resolve(request, {"action": "reject",
+                                   "note": "no decision before the deadline"}, actor="system")
+            done += 1
+    return done
+
+
+def requests_cancel_for_run(run_id: uuid.UUID | str, *, actor: str) -> int:
+    count = 0
+    for request in ApprovalRequest.objects.select_for_update().filter(run_id=run_id,
+                                                                      status=Status.PENDING):
+        request.status = Status.CANCELLED
+        request.decided_at = timezone.now()
+        request.save(update_fields=["status", "decided_at"])
+        ledger.append(request.run_id, "approval.cancelled", {"request": str(request.pk)},
+                      actor=actor)
+        count += 1
+    return count
+
+
+def pending_for(user: AbstractBaseUser):  # type: ignore[no-untyped-def]
+    """Pending requests this person may decide, oldest deadline first."""
+    groups = user.groups.all()  # type: ignore[attr-defined]
+    qs = ApprovalRequest.objects.filter(status=Status.PENDING, decider_group__in=groups)
+    if user.pk is not None:
+        qs = qs.exclude(run_started_by=user)
+    return qs.select_related("decider_group", "policy_version__policy").order_by("deadline")

@@ -1,0 +1,81 @@
+"""What the agent loop asks before it spends anything: budgets, quotas, approvals.
+
+The engine defines the questions; the Django side answers them against the database (atomic
+reservations, quota counters, approval requests). ``Ungoverned`` answers yes to everything,
+for the engine's own tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, Protocol
+
+
+@dataclass(slots=True)
+class Usage:
+    steps: int = 0
+    tool_calls: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cost: Decimal = Decimal("0")
+
+    @property
+    def tokens(self) -> int:
+        return self.tokens_in + self.tokens_out
+
+    def is_zero(self) -> bool:
+        return not (self.steps or self.tool_calls or self.tokens_in or self.tokens_out
+                    or self.cost)
+
+
+@dataclass(frozen=True, slots=True)
+class Gate:
+    """An approval policy's answer for one call: allow (maybe with edited arguments), wait for
+    people, or deny (the message goes back to the model as the tool result)."""
+
+    action: str  # "allow" | "wait" | "deny"
+    arguments: Any = None
+    message: str = ""
+
+
+ALLOW = Gate("allow")
+
+
+class Governor(Protocol):
+    def reserve(self, worst: Usage) -> str:
+        """Reserve the worst case atomically across every budget that applies.
+        Returns "" when it fits, else the reason (``budget_exhausted: ...``)."""
+        ...
+
+    def release(self, reserved: Usage) -> None:
+        """Give back a reservation whose call never ran."""
+        ...
+
+    def admit(self, tool: Any, key: str) -> str:
+        """Quota and rate-limit check for one call: "" or ``quota_exhausted: ...``."""
+        ...
+
+    def gate(self, tool: Any, arguments: Mapping[str, Any], key: str) -> Gate: ...
+
+    def outcome_decision(self, key: str) -> str:
+        """For a non-idempotent call of unknown outcome: "rerun", "reject" or "" (undecided)."""
+        ...
+
+
+class Ungoverned:
+    def reserve(self, worst: Usage) -> str:
+        return ""
+
+    def release(self, reserved: Usage) -> None:
+        return None
+
+    def admit(self, tool: Any, key: str) -> str:
+        return ""
+
+    def gate(self, tool: Any, arguments: Mapping[str, Any], key: str) -> Gate:
+        return ALLOW
+
+    def outcome_decision(self, key: str) -> str:
+        return ""
