@@ -9,6 +9,7 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
+from approvals.models import ApprovalRequest
 from audit.models import Event
 from console.access import can_cancel, can_start, get_run_for_user, startable_processes, visible_runs
 from orchestration import services
@@ -63,6 +64,9 @@ def _run_context(request: HttpRequest, run_id: Any) -> dict[str, Any]:
         "events": list(Event.objects.filter(chain=run.pk).order_by("seq")),
         "active": run.status not in RUN_TERMINAL,
         "may_cancel": can_cancel(request.user, run),
+        "waiting_on": list(ApprovalRequest.objects.filter(
+            run_id=run.pk, status=ApprovalRequest.Status.PENDING).select_related(
+            "decider_group")),
     }
 
 

@@ -131,7 +131,8 @@ def advance(store: RunStore, run_id: str) -> AdvanceResult:
         if all(s == TaskStatus.SUCCEEDED for s in statuses.values()):
             outputs = {k: t.output for k, t in run.tasks.items()}
             if run.plan.result:
-                result = resolve(dict(run.plan.result), run_input=run.input, outputs=outputs)
+                result = resolve(dict(run.plan.result), run_input=run.input, outputs=outputs,
+                                 strict=False)
             else:
                 result = outputs
             store.set_run_status(run_id, RunStatus.SUCCEEDED, result=result)

@@ -1,0 +1,87 @@
+"""The review queue: pending requests for the signed-in reviewer, and their decisions."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import ValidationError
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_POST
+
+from approvals import services as approvals
+from approvals.models import ApprovalRequest
+from audit.models import Event
+from console.access import get_run_for_user
+
+
+def _request_for(user: Any, request_id: Any) -> ApprovalRequest:
+    try:
+        approval = ApprovalRequest.objects.select_related(
+            "policy_version__policy", "decider_group").get(pk=request_id)
+    except (ApprovalRequest.DoesNotExist, ValidationError, ValueError):
+        raise Http404("no such approval request") from None
+    if not user.groups.filter(pk=approval.decider_group_id).exists():
+        get_run_for_user(user, approval.run_id)  # 404 unless they may see the run
+    return approval
+
+
+@login_required
+def queue(request: HttpRequest) -> HttpResponse:
+    pending = list(approvals.pending_for(request.user))
+    template = "console/review_queue.html"
+    if getattr(request, "htmx", False):
+        template += "#queue"
+    return render(request, template, {"pending": pending})
+
+
+@login_required
+def detail(request: HttpRequest, request_id: Any) -> HttpResponse:
+    approval = _request_for(request.user, request_id)
+    trace = list(Event.objects.filter(chain=approval.run_id, data__task=approval.task_key)
+                 .order_by("seq")[:200])
+    return render(request, "console/approval_detail.html", {
+        "approval": approval,
+        "decisions": list(approval.decisions.select_related("decider")),
+        "trace": trace,
+        "why_not": approvals.can_decide(request.user, approval),
+        "arguments_json": json.dumps(approval.arguments, indent=2, sort_keys=True),
+    })
+
+
+@login_required
+@require_POST
+def decide(request: HttpRequest, request_id: Any) -> HttpResponse:
+    approval = _request_for(request.user, request_id)
+    decision = request.POST.get("decision", "")
+    arguments = None
+    budget: dict[str, Any] | None = None
+    try:
+        if decision == "edit":
+            try:
+                arguments = json.loads(request.POST.get("arguments", ""))
+            except json.JSONDecodeError as exc:
+                raise approvals.ApprovalError(f"edited arguments are not valid JSON: {exc.msg}") \
+                    from None
+        if decision == "raise_budget":
+            budget = {}
+            for key in ("tokens", "steps"):
+                raw = request.POST.get(key, "").strip()
+                if raw:
+                    if not raw.isdigit():
+                        raise approvals.ApprovalError(f"{key} must be a whole number")
+                    budget[key] = int(raw)
+            if request.POST.get("cost", "").strip():
+                budget["cost"] = request.POST["cost"].strip()
+        approvals.request_decide(
+            request_id=approval.pk, user=request.user, decision=decision, arguments=arguments,
+            note=request.POST.get("note", "")[:2000], budget=budget,
+            expected_digest=request.POST.get("arguments_digest") or None)
+    except approvals.ApprovalError as exc:
+        messages.error(request, str(exc))
+        return redirect("approval_detail", request_id=approval.pk)
+    messages.success(request, "Decision recorded.")
+    return redirect("review_queue")
