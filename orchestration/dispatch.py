@@ -48,7 +48,10 @@ def _in_thread(fn: Callable[..., Any], *args: Any) -> None:
 def submit(task: Any, *args: Any) -> None:
     """Send a Celery task (by its task object) to wherever this mode runs work."""
     if standalone():
-        pool().submit(_in_thread, task.run, *args)
+        try:
+            pool().submit(_in_thread, task.run, *args)
+        except RuntimeError:  # that pool was shut down between lookup and submit
+            pool().submit(_in_thread, task.run, *args)
     else:
         task.delay(*args)
 
@@ -72,8 +75,17 @@ def enqueue_resume(request_id: Any) -> None:
 
 
 def shutdown(wait: bool = True) -> None:
+    """Stop the pool. With ``wait``, also drain work that running work enqueues meanwhile.
+
+    The lock is never held while waiting: a worker finishing its job may itself enqueue (which
+    takes the lock to find the pool); that work lands in a fresh pool, drained next round.
+    """
     global _pool
-    with _pool_lock:
-        if _pool is not None:
-            _pool.shutdown(wait=wait)
-            _pool = None
+    while True:
+        with _pool_lock:
+            current, _pool = _pool, None
+        if current is None:
+            return
+        current.shutdown(wait=wait)
+        if not wait:
+            return

@@ -6,6 +6,7 @@ import concurrent.futures
 from collections.abc import Mapping
 
 from orchestration.engine.runner import Executor, advance, execute
+from orchestration.engine.states import TaskStatus
 from orchestration.engine.store import RunStore
 
 
@@ -14,8 +15,11 @@ def drive(
 ) -> str:
     """Advance and execute until nothing is in flight; returns the run's final status."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        with store.locked(run_id) as snapshot:  # tasks queued earlier, e.g. after recover()
+            queued = [k for k, t in snapshot.tasks.items() if t.status == TaskStatus.QUEUED]
         result = advance(store, run_id)
-        pending = {pool.submit(execute, store, run_id, key, executors) for key in result.released}
+        pending = {pool.submit(execute, store, run_id, key, executors)
+                   for key in [*queued, *result.released]}
         while pending:
             done, pending = concurrent.futures.wait(
                 pending, return_when=concurrent.futures.FIRST_COMPLETED
