@@ -201,7 +201,7 @@ def request_decide(
         raise ApprovalError(f"decision must be one of {', '.join(Decision.Kind.values)}")
     with transaction.atomic():
         try:
-            request = ApprovalRequest.objects.select_for_update().select_related(
+            request = ApprovalRequest.objects.select_for_update(of=("self",)).select_related(
                 "decider_group").get(pk=request_id)
         except (ApprovalRequest.DoesNotExist, ValidationError, ValueError):
             raise NotFound("no such approval request") from None
@@ -295,7 +295,7 @@ def requests_expire(*, now: Any = None) -> int:
     overdue = ApprovalRequest.objects.filter(status=Status.PENDING, deadline__lte=now)
     for pk in overdue.values_list("pk", flat=True):
         with transaction.atomic():
-            request = ApprovalRequest.objects.select_for_update().select_related(
+            request = ApprovalRequest.objects.select_for_update(of=("self",)).select_related(
                 "policy_version").get(pk=pk)
             if request.status != Status.PENDING or request.deadline > now:
                 continue

@@ -118,6 +118,8 @@ def api(client: Any, api_token: str) -> Any:
 
 # The credential "crm" the worker process gets, for tests of credential injection and redaction.
 TEST_CRM_SECRET = "crm-secret-7f3a9c2e11"
+# The credential "llm": the API key of agents that call a model server.
+TEST_LLM_SECRET = "llm-secret-4b8d0e6a52"
 
 VENDOR_INPUT = {"name": "Northwind Traders", "country": "DE",
                 "iban": "DE89370400440532013000", "email": "ap@northwind.example"}
@@ -166,6 +168,7 @@ def celery_worker(transactional_db: Any) -> Iterator[subprocess.Popen[bytes]]:
                            f"{db['PORT'] or 5432}/{db['NAME']}")
     env["REDIS_URL"] = settings.REDIS_URL
     env["SWITCHBOARD_CREDENTIAL_CRM"] = TEST_CRM_SECRET
+    env["SWITCHBOARD_CREDENTIAL_LLM"] = TEST_LLM_SECRET
     log_path = ROOT / "artifacts" / "celery-worker.log"
     log_path.parent.mkdir(exist_ok=True)
     log = open(log_path, "wb")
