@@ -7,11 +7,18 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from audit.chain import GENESIS, canonical_json, chain_hash
 from audit.models import ChainHead, Event
+
+
+_HEAD_SQL = "SELECT seq, head_hash FROM audit_chainhead WHERE chain = %s{lock}"
+
+
+def _lock_clause() -> str:
+    return " FOR UPDATE" if connection.features.has_select_for_update else ""
 
 
 def open_chain(chain: uuid.UUID) -> None:
@@ -22,21 +29,29 @@ def append(chain: uuid.UUID, kind: str, data: dict[str, Any], *, actor: str) -> 
     """Append one event. Must run inside the caller's transaction (the state change's own)."""
     if not transaction.get_connection().in_atomic_block:
         raise RuntimeError("ledger.append must be called inside transaction.atomic()")
-    head = ChainHead.objects.select_for_update().filter(chain=chain).first()
-    if head is None:
-        head = ChainHead.objects.create(chain=chain, seq=0, head_hash=GENESIS)
+    chain_param = ChainHead._meta.pk.get_db_prep_value(chain, connection)
+    with connection.cursor() as cursor:  # plain SQL: this runs for every step of every run
+        cursor.execute(_HEAD_SQL.format(lock=_lock_clause()), [chain_param])
+        row = cursor.fetchone()
+    if row is None:
+        head_seq, head_hash = 0, GENESIS
+        ChainHead.objects.create(chain=chain, seq=0, head_hash=GENESIS)
+    else:
+        head_seq, head_hash = row
     at = timezone.now()
-    seq = head.seq + 1
+    seq = head_seq + 1
     body = canonical_json(
         {"chain": str(chain), "seq": seq, "kind": kind, "at": at.isoformat(), "actor": actor,
          "data": data}
     )
-    digest = chain_hash(head.head_hash, body)
+    digest = chain_hash(head_hash, body)
     event = Event.objects.create(
         chain=chain, seq=seq, kind=kind, at=at, actor=actor, data=json.loads(body)["data"],
-        body=body, prev_hash=head.head_hash, hash=digest,
+        body=body, prev_hash=head_hash, hash=digest,
     )
-    ChainHead.objects.filter(chain=chain).update(seq=seq, head_hash=digest)
+    with connection.cursor() as cursor:
+        cursor.execute("UPDATE audit_chainhead SET seq = %s, head_hash = %s WHERE chain = %s",
+                       [seq, digest, chain_param])
     return event
 
 

@@ -3,11 +3,14 @@ engine's agent loop with every step checkpointed in the ledger."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
-from guardian.core import ObjectPermissionChecker
+from django.contrib.auth.models import Permission
+from django.contrib.contenttypes.models import ContentType
+from django.db import connection
 
 from orchestration.builtin_tools import registry
 from orchestration.engine.agent import AgentSpec, Journal, run_agent
@@ -92,6 +95,35 @@ class _Log:
         self.store.record_step(self.run_id, kind, data, usage=usage, reserved=reserved)
 
 
+_GRANT_SQL = """
+SELECT 1 FROM auth_user u
+ WHERE u.id = %(user)s AND u.is_active
+   AND (u.is_superuser
+        OR EXISTS (SELECT 1 FROM guardian_userobjectpermission p
+                    WHERE p.user_id = u.id AND p.permission_id = %(perm)s
+                      AND p.content_type_id = %(ct)s AND p.object_pk = %(obj)s)
+        OR EXISTS (SELECT 1 FROM guardian_groupobjectpermission g
+                     JOIN auth_user_groups ug ON ug.group_id = g.group_id
+                    WHERE ug.user_id = u.id AND g.permission_id = %(perm)s
+                      AND g.content_type_id = %(ct)s AND g.object_pk = %(obj)s))
+"""
+
+
+def grant_checker(user_id: int) -> Callable[[Tool], bool]:
+    """Whether the active user holds ``invoke_tool`` on a tool, directly or through a group,
+    as django-guardian grants it. One small query per check (this runs before every call)."""
+    ct = ContentType.objects.get_for_model(Tool)
+    perm = Permission.objects.get(content_type=ct, codename="invoke_tool").pk
+
+    def holds(tool: Tool) -> bool:
+        with connection.cursor() as cursor:
+            cursor.execute(_GRANT_SQL, {"user": user_id, "perm": perm, "ct": ct.pk,
+                                        "obj": str(tool.pk)})
+            return cursor.fetchone() is not None
+
+    return holds
+
+
 def _pricing(agent: Agent):  # type: ignore[no-untyped-def]
     price = ModelPrice.objects.filter(provider=agent.provider,
                                       model_name=agent.model_name).first()
@@ -118,13 +150,12 @@ def run_agent_task(ctx: TaskContext) -> Outcome:
     user = agent.user
     by_slug = {t.slug: t for t in Tool.objects.all()}
 
+    holds = grant_checker(user.pk)
+
     def granted(name: str) -> bool:
         # Checked on every call: a revoked grant or a retired agent stops working at once.
         tool = by_slug.get(name)
-        if tool is None:
-            return False
-        user.refresh_from_db(fields=["is_active"])
-        return user.is_active and ObjectPermissionChecker(user).has_perm("invoke_tool", tool)
+        return tool is not None and holds(tool)
 
     secrets = [v for v in settings.SWITCHBOARD_CREDENTIALS.values() if v]
     task = Task.objects.select_related("run__process_version__process", "run__created_by").get(

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from decimal import Decimal
 from typing import Any, TypeVar
 
-from django.db import OperationalError, transaction
+from django.db import OperationalError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -49,7 +49,11 @@ def plan_for(version: ProcessVersion) -> Plan:
 def _lock_run(run_id: str) -> None:
     """Every write to a run's state takes the run's row lock first: one lock order, no deadlocks,
     and one writer per run at a time (so its ledger sequence is written in order)."""
-    list(Run.objects.select_for_update().filter(pk=run_id).values_list("pk", flat=True))
+    if not connection.features.has_select_for_update:
+        return  # SQLite: BEGIN IMMEDIATE (settings) already makes every writer go one at a time
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT id FROM orchestration_run WHERE id = %s FOR UPDATE",
+                       [Run._meta.pk.get_db_prep_value(uuid.UUID(str(run_id)), connection)])
 
 
 def _retrying(fn: Callable[..., T]) -> Callable[..., T]:
