@@ -40,16 +40,28 @@ def queue(request: HttpRequest) -> HttpResponse:
 
 @login_required
 def detail(request: HttpRequest, request_id: Any) -> HttpResponse:
-    approval = _request_for(request.user, request_id)
+    return _render_detail(request, _request_for(request.user, request_id))
+
+
+def _render_detail(request: HttpRequest, approval: ApprovalRequest, *, error: str = "",
+                   status: int = 200) -> HttpResponse:
+    """The request, its decisions and trace; after a refused decision, the reviewer's own input
+    comes back with the error, so nothing typed is lost."""
     trace = list(Event.objects.filter(chain=approval.run_id, data__task=approval.task_key)
                  .order_by("seq")[:200])
+    arguments_json = json.dumps(approval.arguments, indent=2, sort_keys=True)
+    form = {"note": "", "arguments": arguments_json, "tokens": "", "cost": "", "steps": ""}
+    if error:
+        form.update({k: request.POST.get(k, v) for k, v in form.items()})
     return render(request, "console/approval_detail.html", {
         "approval": approval,
         "decisions": list(approval.decisions.select_related("decider")),
         "trace": trace,
         "why_not": approvals.can_decide(request.user, approval),
-        "arguments_json": json.dumps(approval.arguments, indent=2, sort_keys=True),
-    })
+        "arguments_json": arguments_json,
+        "form": form,
+        "error": error,
+    }, status=status)
 
 
 @login_required
@@ -81,7 +93,7 @@ def decide(request: HttpRequest, request_id: Any) -> HttpResponse:
             note=request.POST.get("note", "")[:2000], budget=budget,
             expected_digest=request.POST.get("arguments_digest") or None)
     except approvals.ApprovalError as exc:
-        messages.error(request, str(exc))
-        return redirect("approval_detail", request_id=approval.pk)
+        approval.refresh_from_db()
+        return _render_detail(request, approval, error=str(exc), status=exc.status)
     messages.success(request, "Decision recorded.")
     return redirect("review_queue")
