@@ -97,11 +97,38 @@ def policy_publish(*, policy: Policy, acting_user: AbstractBaseUser | None = Non
     if int(fields.get("required_approvals", 1)) < 1:
         raise ApprovalError("required_approvals must be at least 1")
     with transaction.atomic():
+        previous = (PolicyVersion.objects.filter(pk=policy.current_version_id).first()
+                    if policy.current_version_id else None)
         last = policy.versions.order_by("-number").values_list("number", flat=True).first()
         version = PolicyVersion.objects.create(policy=policy, number=(last or 0) + 1, **fields)
         Policy.objects.filter(pk=policy.pk).update(current_version=version)
         policy.current_version = version
+        _config_event(policy, previous, version, acting_user)
     return version
+
+
+_POLICY_FIELDS = ("number", "tool", "risk_class", "conditions", "decider_group",
+                  "required_approvals", "deadline_minutes", "on_expiry", "escalation_group")
+
+
+def _config_event(policy: Policy, previous: PolicyVersion | None, version: PolicyVersion,
+                  acting_user: AbstractBaseUser | None) -> None:
+    """``config.policy.publish`` on the configuration chain, in the publishing transaction.
+
+    The same shape as orchestration.config_audit.record (approvals may not import it)."""
+    def values(v: PolicyVersion | None) -> dict[str, Any]:
+        if v is None:
+            return {}
+        return {f: (str(getattr(v, f)) if f.endswith("group") and getattr(v, f) is not None
+                    else getattr(v, f)) for f in _POLICY_FIELDS}
+
+    old, new = values(previous), values(version)
+    keys = [k for k in _POLICY_FIELDS if old.get(k) != new.get(k) or k not in old]
+    chain = getattr(ledger, "CONFIG_CHAIN", uuid.UUID(int=1))
+    ledger.append(chain, "config.policy.publish", {
+        "model": "approvals.policy", "object": policy.slug,
+        "old": {k: old[k] for k in keys if k in old}, "new": {k: new[k] for k in keys}},
+        actor=actor_of(acting_user) if acting_user is not None else "system")
 
 
 def request_open(

@@ -2,19 +2,38 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import uuid
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from django.db import connection, transaction
 from django.utils import timezone
 
-from audit.chain import GENESIS, canonical_json, chain_hash
+from audit.chain import GENESIS, canonical_json, chain_hash, global_hash
 from audit.models import ChainHead, Event
+from audit.signals import event_appended
 
+# The global chain over every event; its head is a ChainHead row like any other chain's.
+GLOBAL_CHAIN = uuid.UUID(int=0)
+# Administrative and configuration changes: a chain of its own, with no Run behind it.
+CONFIG_CHAIN = uuid.UUID(int=1)
 
 _HEAD_SQL = "SELECT seq, head_hash FROM audit_chainhead WHERE chain = %s{lock}"
+_OPEN_SQL = ("INSERT INTO audit_chainhead (chain, seq, head_hash) VALUES (%s, 0, %s) "
+             "ON CONFLICT (chain) DO NOTHING")
+# Both heads move in one statement: their rows are already locked, so order does not matter.
+_MOVE_SQL = ("UPDATE audit_chainhead SET"
+             " seq = CASE WHEN chain = %s THEN %s ELSE %s END,"
+             " head_hash = CASE WHEN chain = %s THEN %s ELSE %s END"
+             " WHERE chain IN (%s, %s)")
+_INSERT_SQL = ("INSERT INTO audit_event (chain, seq, kind, at, actor, data, body, prev_hash, hash,"
+               " gseq, gprev_hash, ghash) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+               " RETURNING id")
+_CHUNK = 2000
 
 
 def _lock_clause() -> str:
@@ -25,74 +44,259 @@ def open_chain(chain: uuid.UUID) -> None:
     ChainHead.objects.get_or_create(chain=chain, defaults={"seq": 0, "head_hash": GENESIS})
 
 
+def _locked_head(cursor: Any, chain_param: Any) -> tuple[int, str]:
+    """The chain's (seq, head_hash), its row locked until commit; created on first use."""
+    sql = _HEAD_SQL.format(lock=_lock_clause())
+    cursor.execute(sql, [chain_param])
+    row = cursor.fetchone()
+    if row is None:
+        cursor.execute(_OPEN_SQL, [chain_param, GENESIS])
+        cursor.execute(sql, [chain_param])
+        row = cursor.fetchone()
+    return row[0], row[1]
+
+
 def append(chain: uuid.UUID, kind: str, data: dict[str, Any], *, actor: str) -> Event:
-    """Append one event. Must run inside the caller's transaction (the state change's own)."""
+    """Append one event. Must run inside the caller's transaction (the state change's own);
+    ``audit.signals.event_appended`` is sent once that transaction commits.
+
+    Lock order, everywhere: the event's own chain head, then the global chain head. The global
+    head stays locked until the caller commits, so appends commit one at a time in gseq order;
+    a transaction that appends to two chains (say a run's and CONFIG_CHAIN) can deadlock with
+    one doing the opposite, which PostgreSQL detects and aborts, so keep to one chain per
+    transaction where possible."""
     if not transaction.get_connection().in_atomic_block:
         raise RuntimeError("ledger.append must be called inside transaction.atomic()")
-    chain_param = ChainHead._meta.pk.get_db_prep_value(chain, connection)
+    if chain == GLOBAL_CHAIN:
+        raise ValueError("the global chain is written by append() itself, not appended to")
+    pk = ChainHead._meta.pk
+    chain_param = pk.get_db_prep_value(chain, connection)
+    global_param = pk.get_db_prep_value(GLOBAL_CHAIN, connection)
     with connection.cursor() as cursor:  # plain SQL: this runs for every step of every run
-        cursor.execute(_HEAD_SQL.format(lock=_lock_clause()), [chain_param])
-        row = cursor.fetchone()
-    if row is None:
-        head_seq, head_hash = 0, GENESIS
-        ChainHead.objects.create(chain=chain, seq=0, head_hash=GENESIS)
-    else:
-        head_seq, head_hash = row
+        head_seq, head_hash = _locked_head(cursor, chain_param)
+        gseq, gprev_hash = _locked_head(cursor, global_param)
     at = timezone.now()
     seq = head_seq + 1
+    gseq += 1
     body = canonical_json(
         {"chain": str(chain), "seq": seq, "kind": kind, "at": at.isoformat(), "actor": actor,
          "data": data}
     )
     digest = chain_hash(head_hash, body)
-    event = Event.objects.create(
+    ghash = global_hash(gprev_hash, digest)
+    event = Event(
         chain=chain, seq=seq, kind=kind, at=at, actor=actor, data=json.loads(body)["data"],
-        body=body, prev_hash=head_hash, hash=digest,
+        body=body, prev_hash=head_hash, hash=digest, gseq=gseq, gprev_hash=gprev_hash,
+        ghash=ghash,
     )
+    data_param = Event._meta.get_field("data").get_db_prep_save(event.data, connection)
     with connection.cursor() as cursor:
-        cursor.execute("UPDATE audit_chainhead SET seq = %s, head_hash = %s WHERE chain = %s",
-                       [seq, digest, chain_param])
+        cursor.execute(_INSERT_SQL, [
+            chain_param, seq, kind, connection.ops.adapt_datetimefield_value(at), actor,
+            data_param, body, head_hash, digest, gseq, gprev_hash, ghash])
+        event.pk = cursor.fetchone()[0]
+        cursor.execute(_MOVE_SQL, [chain_param, seq, gseq, chain_param, digest, ghash,
+                                   chain_param, global_param])
+    event._state.adding = False
+    event._state.db = connection.alias
+    transaction.on_commit(
+        functools.partial(event_appended.send, sender=Event, chain=chain, seq=seq, kind=kind),
+        robust=True)
     return event
+
+
+# --- verification -----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
 class Verification:
+    """The outcome for one chain (or the global chain): where it first breaks, and how."""
+
     chain: uuid.UUID
     events: int
     ok: bool
     broken_seq: int | None = None
     problem: str = ""
+    # The global position of the event named by broken_seq, when known.
+    broken_gseq: int | None = None
+
+    def describe(self) -> str:
+        if self.ok:
+            return f"{chain_label(self.chain)}: {self.events} events, intact"
+        where = chain_label(self.chain)
+        if self.broken_seq is not None:
+            where += f" seq {self.broken_seq}"
+        if self.broken_gseq is not None:
+            where += f" (gseq {self.broken_gseq})"
+        return f"{where}: {self.problem}"
 
 
-def verify_chain(chain: uuid.UUID) -> Verification:
+def chain_label(chain: uuid.UUID) -> str:
+    if chain == GLOBAL_CHAIN:
+        return "global chain"
+    if chain == CONFIG_CHAIN:
+        return f"configuration chain {chain}"
+    return f"chain {chain}"
+
+
+_COLUMNS = ("chain", "seq", "kind", "at", "actor", "data", "body", "prev_hash", "hash", "gseq",
+            "gprev_hash", "ghash")
+
+
+Head = tuple[int, str]
+
+
+def _check_chain(chain: uuid.UUID, events: Iterable[Event], head: Head | None) -> Verification:
+    """Walk one chain's events in seq order, then compare them with the chain head.
+
+    ``head`` is read before the events: it must not record more events than are found (one was
+    deleted) and its hash must be that of the event at its seq. Events past it are appends that
+    committed meanwhile, unless the head, read again, still does not record them (forged)."""
     prev = GENESIS
     expected_seq = 1
     count = 0
-    for event in Event.objects.filter(chain=chain).order_by("seq").iterator(chunk_size=2000):
+    hash_at_head = GENESIS
+    head_seq = head[0] if head else 0
+    # A bad ghash is reported only if the chain itself holds: a rewritten event usually also
+    # breaks the next event's prev_hash, and the run chain's own finding comes first.
+    bad_ghash: Verification | None = None
+
+    def broken(event: Event, problem: str) -> Verification:
+        return Verification(chain, count, False, event.seq, problem, event.gseq)
+
+    for event in events:
         count += 1
         if event.seq != expected_seq:
-            return Verification(chain, count, False, event.seq,
-                                f"sequence gap: expected {expected_seq}, found {event.seq}")
+            what = "missing" if event.seq > expected_seq else "out of order or duplicated"
+            return broken(event, f"sequence gap: expected seq {expected_seq}, found "
+                                 f"{event.seq} (an event is {what})")
         if event.prev_hash != prev:
-            return Verification(chain, count, False, event.seq,
-                                "prev_hash does not match the previous event's hash")
+            return broken(event, "prev_hash link broken: it does not match the previous "
+                                 "event's hash (an event was removed, inserted or reordered)")
         if chain_hash(prev, event.body) != event.hash:
-            return Verification(chain, count, False, event.seq,
-                                "hash does not match the event's recorded body")
+            return broken(event, "hash mismatch: the hash does not match the recorded body")
+        if bad_ghash is None and global_hash(event.gprev_hash, event.hash) != event.ghash:
+            bad_ghash = broken(event, "global hash mismatch: ghash does not match gprev_hash "
+                                      "and hash")
         try:
             body = json.loads(event.body)
         except json.JSONDecodeError:
-            return Verification(chain, count, False, event.seq, "body is not valid JSON")
+            return broken(event, "body is not valid JSON")
         columns = {"chain": str(event.chain), "seq": event.seq, "kind": event.kind,
                    "actor": event.actor, "at": event.at.isoformat(), "data": event.data}
         for name, value in columns.items():
-            if body.get(name) != value:
-                return Verification(chain, count, False, event.seq,
-                                    f"column {name!r} differs from the hashed body")
+            if not isinstance(body, dict) or body.get(name) != value:
+                return broken(event, f"column {name!r} differs from the hashed body")
         prev = event.hash
+        if event.seq == head_seq:
+            hash_at_head = event.hash
         expected_seq += 1
-    head = ChainHead.objects.filter(chain=chain).first()
-    if head is not None and (head.seq != count or (count and head.head_hash != prev)):
-        return Verification(chain, count, False, count + 1 if head.seq > count else count,
-                            f"the chain head records {head.seq} events but {count} remain")
-    return Verification(chain, count, True)
+    now = _head(chain) if head is None or count > head_seq else head
+    if now is None:
+        if count:
+            return Verification(chain, count, False, None,
+                                "the chain head is missing (its row was deleted)")
+        return Verification(chain, 0, True)  # never opened: nothing to check
+    if now[0] < count:
+        return Verification(chain, count, False, now[0] + 1,
+                            f"event forged: the chain head records {now[0]} events but "
+                            f"{count} exist")
+    if head_seq > count:
+        return Verification(chain, count, False, count + 1,
+                            f"event missing: the chain head records {head_seq} events but "
+                            f"{count} remain")
+    if head is not None and head_seq and hash_at_head != head[1]:
+        return Verification(chain, count, False, head_seq,
+                            "the chain head's hash does not match the event at its seq")
+    return bad_ghash or Verification(chain, count, True)
+
+
+def _head(chain: uuid.UUID) -> Head | None:
+    row = ChainHead.objects.filter(chain=chain).values_list("seq", "head_hash").first()
+    return (row[0], row[1]) if row else None
+
+
+def verify_chain(chain: uuid.UUID) -> Verification:
+    """One chain (a run's, or CONFIG_CHAIN), streamed in seq order."""
+    head = _head(chain)  # before the events: see _check_chain
+    events = Event.objects.filter(chain=chain).order_by("seq").only(*_COLUMNS)
+    return _check_chain(chain, events.iterator(chunk_size=_CHUNK), head)
+
+
+def verify_chains() -> Iterator[Verification]:
+    """Every chain but the global one, in one pass over the events in (chain, seq) order, merged
+    with the chain heads in chain order. Yields one result per chain."""
+    events = Event.objects.order_by("chain", "seq").only(*_COLUMNS).iterator(chunk_size=_CHUNK)
+    heads = (ChainHead.objects.exclude(chain=GLOBAL_CHAIN).order_by("chain")
+             .values_list("chain", "seq", "head_hash").iterator(chunk_size=_CHUNK))
+    head = next(heads, None)  # the heads' query runs first: _check_chain relies on that
+    for chain, group in itertools.groupby(events, key=lambda e: e.chain):
+        while head is not None and head[0] < chain:
+            yield _check_chain(head[0], (), (head[1], head[2]))
+            head = next(heads, None)
+        own = None
+        if head is not None and head[0] == chain:
+            own = (head[1], head[2])
+            head = next(heads, None)
+        yield _check_chain(chain, group, own)
+    while head is not None:
+        yield _check_chain(head[0], (), (head[1], head[2]))
+        head = next(heads, None)
+
+
+def verify_global() -> Verification:
+    """The global chain: gseq gapless from 1, each gprev_hash the ghash before it, each ghash
+    recomputed, and the global head (read first, as in _check_chain) at its event. Event bodies
+    are the run chains' job."""
+    head = _head(GLOBAL_CHAIN)
+    head_seq = head[0] if head else 0
+    hash_at_head = GENESIS
+    rows = (Event.objects.order_by("gseq")
+            .values_list("gseq", "chain", "seq", "hash", "gprev_hash", "ghash")
+            .iterator(chunk_size=_CHUNK))
+    prev = GENESIS
+    expected = 1
+    count = 0
+    for gseq, chain, seq, event_hash, gprev_hash, ghash in rows:
+        count += 1
+        where = f" (the event is {chain_label(chain)} seq {seq})"
+        if gseq != expected:
+            return Verification(GLOBAL_CHAIN, count, False, None,
+                                f"global sequence gap: expected gseq {expected}, found {gseq}; "
+                                f"an event is missing{where}", gseq)
+        if gprev_hash != prev:
+            return Verification(GLOBAL_CHAIN, count, False, None,
+                                "global order broken: gprev_hash does not match the ghash of "
+                                f"gseq {gseq - 1}{where}", gseq)
+        if global_hash(prev, event_hash) != ghash:
+            return Verification(GLOBAL_CHAIN, count, False, None,
+                                f"global hash mismatch: ghash does not match the event{where}",
+                                gseq)
+        if gseq == head_seq:
+            hash_at_head = ghash
+        prev = ghash
+        expected += 1
+    now = _head(GLOBAL_CHAIN) if head is None or count > head_seq else head
+    if now is None:
+        if count:
+            return Verification(GLOBAL_CHAIN, count, False, None,
+                                "the global chain head is missing (its row was deleted)")
+        return Verification(GLOBAL_CHAIN, 0, True)
+    if now[0] < count:
+        return Verification(GLOBAL_CHAIN, count, False, None,
+                            f"event forged: the global head records {now[0]} events but "
+                            f"{count} exist", now[0] + 1)
+    if head_seq > count:
+        return Verification(GLOBAL_CHAIN, count, False, None,
+                            f"event missing: the global head records {head_seq} events but "
+                            f"{count} remain", count + 1)
+    if head is not None and head_seq and hash_at_head != head[1]:
+        return Verification(GLOBAL_CHAIN, count, False, None,
+                            "the global head's hash does not match the event at its gseq",
+                            head_seq)
+    return Verification(GLOBAL_CHAIN, count, True)
+
+
+def global_head() -> tuple[int, str]:
+    """(last gseq, last ghash): record it somewhere else to anchor the whole ledger."""
+    return _head(GLOBAL_CHAIN) or (0, GENESIS)

@@ -1,4 +1,5 @@
-"""The append-only ledger: one hash chain per run (chain id = run id)."""
+"""The append-only ledger: one hash chain per run (chain id = run id), one per other named chain
+(configuration changes), and one global chain over every event (see audit/chain.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ from django.db import models
 
 
 class ChainHead(models.Model):
-    """The tip of one chain. Appends lock this row, so sequence numbers never race."""
+    """The tip of one chain. Appends lock this row, so sequence numbers never race.
+
+    The global chain's head is the row whose chain is ``audit.ledger.GLOBAL_CHAIN``: its ``seq``
+    is the last ``gseq`` and its ``head_hash`` the last ``ghash``."""
 
     chain = models.UUIDField(primary_key=True)
     seq = models.PositiveBigIntegerField(default=0)
@@ -27,6 +31,10 @@ class Event(models.Model):
     body = models.TextField()
     prev_hash = models.CharField(max_length=64)
     hash = models.CharField(max_length=64, unique=True)
+    # The global chain: position among all events, and the link to the event before it.
+    gseq = models.PositiveBigIntegerField(unique=True)
+    gprev_hash = models.CharField(max_length=64)
+    ghash = models.CharField(max_length=64)
 
     class Meta:
         ordering = ["chain", "seq"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from django.core.exceptions import ValidationError
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 from django.http import Http404
 
 from orchestration.models import Process, Run
@@ -27,10 +27,15 @@ def startable_processes(user) -> QuerySet[Process]:  # type: ignore[no-untyped-d
 
 
 def visible_runs(user) -> QuerySet[Run]:  # type: ignore[no-untyped-def]
+    """Runs a person started, runs of processes they may start (their team's), or all of them
+    with the ``view_run`` model permission (reviewers, admins)."""
     qs = Run.objects.select_related("process_version__process", "created_by")
+    if not user.is_authenticated or not user.is_active:
+        return qs.none()
     if user.has_perm("orchestration.view_run"):
         return qs
-    return qs.filter(created_by=user)
+    processes = startable_processes(user).values("pk")
+    return qs.filter(Q(created_by=user) | Q(process_version__process__in=processes))
 
 
 def get_run_for_user(user, run_id) -> Run:  # type: ignore[no-untyped-def]
@@ -42,4 +47,8 @@ def get_run_for_user(user, run_id) -> Run:  # type: ignore[no-untyped-def]
 
 
 def can_cancel(user, run: Run) -> bool:  # type: ignore[no-untyped-def]
-    return bool(user.has_perm("orchestration.change_run") or run.created_by_id == user.pk)
+    """The starter, anyone who may start runs of its process, or ``change_run`` (admins)."""
+    if not user.is_authenticated or not user.is_active:
+        return False
+    return bool(user.has_perm("orchestration.change_run") or run.created_by_id == user.pk
+                or can_start(user, run.process_version.process))

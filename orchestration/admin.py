@@ -1,30 +1,90 @@
-from django.contrib import admin
+from __future__ import annotations
+
+from typing import Any
+
+from django import forms
+from django.contrib import admin, messages
+from django.core.exceptions import ValidationError
 from guardian.admin import GuardedModelAdmin
 
-from orchestration.models import Agent, Process, ProcessVersion, Run, Task, Tool
+from orchestration import services
+from orchestration.config_audit import AuditedAdmin
+from orchestration.models import Agent, ModelPrice, Process, ProcessVersion, Run, Task, Tool
 
 
 @admin.register(Agent)
-class AgentAdmin(GuardedModelAdmin):
+class AgentAdmin(AuditedAdmin, GuardedModelAdmin):
     list_display = ["slug", "name", "provider", "model_name", "autonomy", "status"]
+    actions = ["retire"]
+
+    @admin.action(description="Retire the selected agents (their grants stop at once)")
+    def retire(self, request: Any, queryset: Any) -> None:
+        retired = 0
+        for agent in queryset.select_related("user"):
+            if agent.status == Agent.Status.RETIRED:
+                continue
+            services.agent_retire(agent=agent, by=request.user)
+            retired += 1
+        self.message_user(request, f"{retired} agent(s) retired; their waiting work is "
+                                   "escalated to the review queue.", messages.SUCCESS)
 
 
 @admin.register(Tool)
-class ToolAdmin(GuardedModelAdmin):
-    list_display = ["slug", "implementation", "risk_class", "idempotent", "timeout_s"]
+class ToolAdmin(AuditedAdmin, GuardedModelAdmin):
+    list_display = ["slug", "implementation", "risk_class", "idempotent", "timeout_s",
+                    "quota_per_run", "quota_per_window", "rate_limit"]
 
 
 @admin.register(Process)
-class ProcessAdmin(GuardedModelAdmin):
+class ProcessAdmin(AuditedAdmin, GuardedModelAdmin):
     list_display = ["slug", "name", "pattern", "current_version"]
+    audit_exclude = ("current_version",)  # changed by publishing, which writes its own event
+
+
+@admin.register(ModelPrice)
+class ModelPriceAdmin(AuditedAdmin, admin.ModelAdmin):
+    list_display = ["provider", "model_name", "input_per_mtok", "output_per_mtok"]
+    audit_what = "price"
+
+
+class ProcessVersionForm(forms.ModelForm):
+    class Meta:
+        model = ProcessVersion
+        fields = ["process", "plan", "input_schema", "hydration_limit", "budgets", "gates"]
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        if not self.errors:
+            try:
+                services.process_validate(plan=data.get("plan") or {},
+                                          input_schema=data.get("input_schema") or {},
+                                          hydration_limit=data.get("hydration_limit") or 0,
+                                          budgets=data.get("budgets") or {})
+            except services.ServiceError as exc:
+                raise ValidationError(str(exc)) from None
+        return data
 
 
 @admin.register(ProcessVersion)
 class ProcessVersionAdmin(admin.ModelAdmin):
+    """Adding a version publishes it (with its budgets and gates) through process_publish."""
+
+    form = ProcessVersionForm
     list_display = ["process", "number", "hydration_limit", "created_at"]
 
     def has_change_permission(self, request, obj=None):  # type: ignore[no-untyped-def]
         return False
+
+    def has_delete_permission(self, request, obj=None):  # type: ignore[no-untyped-def]
+        return False
+
+    def save_model(self, request: Any, obj: ProcessVersion, form: Any, change: bool) -> None:
+        version = services.process_publish(
+            process=obj.process, plan=obj.plan, input_schema=obj.input_schema,
+            hydration_limit=obj.hydration_limit, budgets=obj.budgets, gates=obj.gates,
+            by=request.user)
+        obj.pk, obj.number, obj.created_at = version.pk, version.number, version.created_at
+        obj._state.adding = False
 
 
 class TaskInline(admin.TabularInline):

@@ -162,6 +162,11 @@ class Run(models.Model):
     result = models.JSONField(null=True, blank=True)
     error = models.TextField(blank=True)
     cancel_requested = models.BooleanField(default=False)
+    # A fork starts from a step of another run, reusing that run's results before the step.
+    forked_from = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL,
+                                    related_name="forks")
+    fork_point = models.PositiveIntegerField(
+        null=True, blank=True, help_text="the origin's task position (1-based) the fork ran from")
     # Caps (null = none), copied from the process version and raised by reviewers.
     budget_tokens = models.PositiveBigIntegerField(null=True, blank=True)
     budget_cost = models.DecimalField(max_digits=14, decimal_places=6, null=True, blank=True)

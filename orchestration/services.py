@@ -16,12 +16,12 @@ from django.utils import timezone
 from approvals import services as approvals
 from approvals.models import ApprovalRequest, Reason
 from audit import ledger
-from orchestration import dispatch
+from orchestration import config_audit, dispatch
 from orchestration.engine import runner
 from orchestration.engine.errors import PlanError
 from orchestration.engine.plan import parse_plan
 from orchestration.engine.states import RUN_TERMINAL, RunStatus, TaskStatus
-from orchestration.models import Process, ProcessVersion, Run, Task
+from orchestration.models import Agent, Process, ProcessVersion, Run, Task, Tool
 from orchestration.store import DjangoRunStore, plan_for
 
 
@@ -54,8 +54,32 @@ def process_publish(
     hydration_limit: int = 3,
     budgets: dict[str, Any] | None = None,
     gates: dict[str, Any] | None = None,
+    by: AbstractBaseUser | None = None,
 ) -> ProcessVersion:
     """Validate and publish a new immutable version; it becomes the process's current one."""
+    process_validate(plan=plan, input_schema=input_schema, hydration_limit=hydration_limit,
+                     budgets=budgets)
+    with transaction.atomic():
+        previous = (ProcessVersion.objects.filter(pk=process.current_version_id).first()
+                    if process.current_version_id else None)
+        last = process.versions.order_by("-number").values_list("number", flat=True).first()
+        version = ProcessVersion.objects.create(
+            process=process, number=(last or 0) + 1, plan=plan, input_schema=input_schema,
+            hydration_limit=hydration_limit, budgets=budgets or {}, gates=gates or {},
+        )
+        Process.objects.filter(pk=process.pk).update(current_version=version)
+        process.current_version = version
+        fields = ["number", "plan", "input_schema", "hydration_limit", "budgets", "gates"]
+        config_audit.record(
+            "process.publish", model="orchestration.process", object=process.slug,
+            old={f: getattr(previous, f) for f in fields} if previous else {},
+            new={f: getattr(version, f) for f in fields}, by=by)
+    return version
+
+
+def process_validate(*, plan: dict[str, Any], input_schema: dict[str, Any],
+                     hydration_limit: int = 3, budgets: dict[str, Any] | None = None) -> None:
+    """Raise ServiceError unless these could be published as a process version."""
     try:
         parse_plan(plan)
     except PlanError as exc:
@@ -75,15 +99,6 @@ def process_publish(
             ok = False
         if not ok:
             raise ServiceError(f"budget {key} must be a positive number, not {value!r}")
-    with transaction.atomic():
-        last = process.versions.order_by("-number").values_list("number", flat=True).first()
-        version = ProcessVersion.objects.create(
-            process=process, number=(last or 0) + 1, plan=plan, input_schema=input_schema,
-            hydration_limit=hydration_limit, budgets=budgets or {}, gates=gates or {},
-        )
-        Process.objects.filter(pk=process.pk).update(current_version=version)
-        process.current_version = version
-    return version
 
 
 def validate_run_input(version: ProcessVersion, data: Any) -> None:
@@ -98,26 +113,32 @@ def validate_run_input(version: ProcessVersion, data: Any) -> None:
                               "; ".join(parts))
 
 
-def run_create(*, process: Process, input: Any, user: AbstractBaseUser | None) -> Run:
+def run_create(*, process: Process, input: Any, user: AbstractBaseUser | None,
+               fork: tuple[Run, int, dict[str, Any]] | None = None) -> Run:
+    """Start a run of the process's current version. ``fork`` (origin, step, reused outputs)
+    makes it a fork: see ``run_fork``."""
     version = process.current_version
     if version is None:
         raise ServiceError(f"process {process.slug!r} has no published version")
     validate_run_input(version, input)
     plan = plan_for(version)
     budgets = version.budgets or {}
+    origin, point, reused = fork if fork is not None else (None, None, {})
     with transaction.atomic():
         run = Run.objects.create(
             process_version=version, created_by=user, input=input,
             budget_tokens=budgets.get("tokens"), budget_steps=budgets.get("steps"),
             budget_cost=Decimal(str(budgets["cost"])) if budgets.get("cost") is not None
             else None,
-            budget_wall_s=budgets.get("wall_s"),
+            budget_wall_s=budgets.get("wall_s"), forked_from=origin, fork_point=point,
         )
         Task.objects.bulk_create(
             Task(run=run, key=t.key, position=i, title=t.title or t.key.replace("_", " "),
                  executor_type=t.executor_type, executor_ref=t.executor_ref,
                  depends_on=list(t.depends_on), budget_tokens=t.budget.get("tokens"),
-                 budget_cost=Decimal(str(t.budget["cost"])) if "cost" in t.budget else None)
+                 budget_cost=Decimal(str(t.budget["cost"])) if "cost" in t.budget else None,
+                 status=TaskStatus.SUCCEEDED if t.key in reused else TaskStatus.PENDING,
+                 output=reused.get(t.key))
             for i, t in enumerate(plan.tasks)
         )
         ledger.open_chain(run.pk)
@@ -126,8 +147,49 @@ def run_create(*, process: Process, input: Any, user: AbstractBaseUser | None) -
             {"process": process.slug, "version": version.number, "input": input},
             actor=actor_of(user),
         )
+        if origin is not None:
+            ledger.append(run.pk, "run.forked", {
+                "origin": str(origin.pk), "step": point, "task": plan.tasks[(point or 1) - 1].key,
+                "reused": sorted(reused)},
+                actor=actor_of(user))
+            for key, output in reused.items():
+                ledger.append(run.pk, "task.succeeded",
+                              {"task": key, "output": output, "reused_from": str(origin.pk)},
+                              actor=actor_of(user))
         transaction.on_commit(lambda: dispatch.enqueue_advance(run.pk))
     return run
+
+
+class ForkInvalid(ServiceError):
+    pass
+
+
+def run_fork(*, run: Run, step: int, user: AbstractBaseUser | None) -> Run:
+    """Start a new run of the process's current version from task ``step`` (1-based, plan
+    order) of ``run``: the tasks before it keep the origin's recorded outputs and are not run
+    again; the task at ``step`` and everything after it run for real."""
+    process = run.process_version.process
+    version = process.current_version
+    if version is None:
+        raise ServiceError(f"process {process.slug!r} has no published version")
+    plan = plan_for(version)
+    if isinstance(step, bool) or not isinstance(step, int) or not 1 <= step <= len(plan.tasks):
+        raise ForkInvalid(f"step must be a task position from 1 to {len(plan.tasks)}, "
+                          f"not {step!r}")
+    origin = {t.key: t for t in run.tasks.all()}
+    reused: dict[str, Any] = {}
+    for spec in plan.tasks[:step - 1]:
+        task = origin.get(spec.key)
+        if task is None or task.status != TaskStatus.SUCCEEDED:
+            raise ForkInvalid(f"task {spec.key!r} did not succeed in the origin run, so a fork "
+                              f"cannot reuse it; fork from step {plan.tasks.index(spec) + 1} "
+                              "or earlier")
+        missing = [d for d in spec.depends_on if d not in reused]
+        if missing:
+            raise ForkInvalid(f"task {spec.key!r} depends on {', '.join(missing)}, which would "
+                              "run again; fork from an earlier step")
+        reused[spec.key] = task.output
+    return run_create(process=process, input=run.input, user=user, fork=(run, step, reused))
 
 
 def run_cancel(*, run: Run, user: AbstractBaseUser | None) -> Run:
@@ -238,3 +300,81 @@ def _raise_budget(run: Run, task: Task, budget: dict[str, Any], *, actor: str) -
         Run.objects.filter(pk=run.pk).update(**fields)
     ledger.append(run.pk, "budget.raised", {"task": task.key, "old": old, "raise": budget},
                   actor=actor)
+
+
+# --- agents and their grants ------------------------------------------------------------------
+
+
+def _grants_of(agent: Agent, tool: Tool) -> list[str]:
+    from guardian.shortcuts import get_user_perms
+
+    return sorted(get_user_perms(agent.user, tool))
+
+
+def tool_grant(*, agent: Agent, tool: Tool, by: AbstractBaseUser | None) -> bool:
+    """Let ``agent`` invoke ``tool``; False if it already could (nothing is written)."""
+    from guardian.shortcuts import assign_perm
+
+    with transaction.atomic():
+        old = _grants_of(agent, tool)
+        if "invoke_tool" in old:
+            return False
+        assign_perm("orchestration.invoke_tool", agent.user, tool)
+        config_audit.record("grant", model="orchestration.tool", object=tool.slug,
+                            grantee=f"agent:{agent.slug}", old={"perms": old},
+                            new={"perms": _grants_of(agent, tool)}, by=by)
+    return True
+
+
+def tool_revoke(*, agent: Agent, tool: Tool, by: AbstractBaseUser | None) -> bool:
+    """Stop ``agent`` invoking ``tool`` from its next call on; False if it could not anyway."""
+    from guardian.shortcuts import remove_perm
+
+    with transaction.atomic():
+        old = _grants_of(agent, tool)
+        if "invoke_tool" not in old:
+            return False
+        remove_perm("orchestration.invoke_tool", agent.user, tool)
+        config_audit.record("grant", model="orchestration.tool", object=tool.slug,
+                            grantee=f"agent:{agent.slug}", old={"perms": old},
+                            new={"perms": _grants_of(agent, tool)}, by=by)
+    return True
+
+
+def agent_retire(*, agent: Agent, by: AbstractBaseUser | None) -> dict[str, int]:
+    """Retire an agent: its user is deactivated, so every grant stops working at once.
+
+    Its parked tasks open an ``agent_retired`` escalation now; its queued tasks are executed
+    again, which parks them with the same escalation instead of calling the agent."""
+    from django.contrib.auth import get_user_model
+
+    with transaction.atomic():
+        locked = Agent.objects.select_for_update().get(pk=agent.pk)
+        user = get_user_model().objects.select_for_update().get(pk=locked.user_id)
+        old = {"status": locked.status, "user_active": user.is_active}
+        Agent.objects.filter(pk=locked.pk).update(status=Agent.Status.RETIRED)
+        type(user).objects.filter(pk=user.pk).update(is_active=False)
+        config_audit.record("agent.retire", model="orchestration.agent", object=locked.slug,
+                            old=old, new={"status": Agent.Status.RETIRED, "user_active": False},
+                            by=by)
+        agent.status, agent.user.is_active = Agent.Status.RETIRED, False
+        mine = Task.objects.filter(executor_type="agent", executor_ref=locked.slug).exclude(
+            run__status__in=[s.value for s in RUN_TERMINAL])
+        escalated = 0
+        from orchestration.governance import open_escalation
+
+        for run_id, key in mine.filter(status=TaskStatus.WAITING).values_list("run_id", "key"):
+            if ApprovalRequest.objects.filter(run_id=run_id, task_key=key,
+                                              reason=Reason.AGENT_RETIRED,
+                                              status=ApprovalRequest.Status.PENDING).exists():
+                continue
+            detail = (f"agent_retired: {locked.slug} was retired while this task waited; "
+                      "a person must decide what happens")
+            open_escalation(run_id=str(run_id), task_key=key, actor=actor_of(by), escalation={
+                "reason": Reason.AGENT_RETIRED, "detail": detail,
+                "call_key": f"{run_id}:{key}:retired"})
+            escalated += 1
+        queued = list(mine.filter(status=TaskStatus.QUEUED).values_list("run_id", "key"))
+        for run_id, key in queued:
+            transaction.on_commit(lambda r=run_id, k=key: dispatch.enqueue_execute(r, k))
+    return {"escalated": escalated, "requeued": len(queued)}

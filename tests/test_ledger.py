@@ -197,10 +197,13 @@ def _forge(chain: uuid.UUID, seq: int, prev_hash: str) -> None:
     data = {"amount": 1_000_000}
     body = canonical_json({"chain": str(chain), "seq": seq, "kind": "refund.issued",
                            "at": at.isoformat(), "actor": "user:mallory", "data": data})
-    _sql("INSERT INTO audit_event (chain, seq, kind, at, actor, data, body, prev_hash, hash) "
-         "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+    digest = chain_hash(prev_hash, body)
+    gseq, gprev_hash = ledger.global_head()
+    _sql("INSERT INTO audit_event (chain, seq, kind, at, actor, data, body, prev_hash, hash, "
+         "gseq, gprev_hash, ghash) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
          [_db("chain", chain), seq, "refund.issued", _db("at", at), "user:mallory",
-          _db("data", data), body, prev_hash, chain_hash(prev_hash, body)])
+          _db("data", data), body, prev_hash, digest, gseq + 1, gprev_hash,
+          chain_hash(gprev_hash, digest)])
 
 
 def test_it_detects_a_forged_event_with_a_wrong_prev_hash(db: Any) -> None:

@@ -16,7 +16,8 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("username")
         parser.add_argument("--name", default="", help="a label to tell tokens apart")
-        parser.add_argument("--days", type=int, default=None, help="expire after this many days")
+        parser.add_argument("--expires-in-days", "--days", dest="days", type=int, default=None,
+                            help="expire after this many days (default: never)")
 
     def handle(self, *args: Any, username: str, name: str, days: int | None, **options: Any) -> None:
         User = get_user_model()
@@ -25,8 +26,9 @@ class Command(BaseCommand):
         except User.DoesNotExist:
             raise CommandError(f"no user named {username!r}") from None
         if days is not None and days < 1:
-            raise CommandError("--days must be at least 1")
+            raise CommandError("--expires-in-days must be at least 1")
         expires = timezone.now() + timedelta(days=days) if days else None
         token, raw = ApiToken.issue(user, name=name, expires_at=expires)
-        self.stderr.write(f"Token {token.prefix}… for {username} created; store it now.")
+        until = f", expires {expires:%Y-%m-%d %H:%M} UTC" if expires else ""
+        self.stderr.write(f"Token {token.prefix}… for {username} created{until}; store it now.")
         self.stdout.write(raw)

@@ -12,16 +12,20 @@ from approvals.models import Policy
 from approvals.services import policy_publish
 from orchestration import demo, services
 from orchestration.builtin_tools import registry
-from guardian.shortcuts import assign_perm
-
 from orchestration.models import Agent, ModelPrice, Process, Tool
 
+# Model permissions of each role. The operator role may start (and so see and cancel) runs of
+# every process; a person outside it gets per-process `start_run` object permissions instead.
+# What a reviewer may decide is named by each policy's decider group.
 ROLE_PERMISSIONS = {
-    "operator": ["orchestration.start_run", "orchestration.view_run", "orchestration.change_run",
+    "operator": ["orchestration.start_run", "orchestration.add_run",
                  "orchestration.view_process"],
-    "reviewer": ["orchestration.view_run", "orchestration.view_process"],
-    "admin": [],  # admins are superusers
+    "reviewer": ["orchestration.view_run", "orchestration.view_process",
+                 "approvals.view_approvalrequest", "approvals.add_decision",
+                 "approvals.view_policy"],
 }
+# Admins configure everything: every permission of these apps (the demo admin is also a superuser).
+ADMIN_APPS = ["orchestration", "approvals", "audit", "console", "auth", "guardian"]
 PEOPLE = [
     ("operator", "operator", False),
     ("reviewer", "reviewer", False),
@@ -47,6 +51,8 @@ class Command(BaseCommand):
         for role, perms in ROLE_PERMISSIONS.items():
             group, _ = Group.objects.get_or_create(name=role)
             group.permissions.set([_perm(p) for p in perms])
+        admins, _ = Group.objects.get_or_create(name="admin")
+        admins.permissions.set(Permission.objects.filter(content_type__app_label__in=ADMIN_APPS))
         for username, role, is_admin in PEOPLE:
             user, created = User.objects.get_or_create(username=username)
             if created:
@@ -93,8 +99,11 @@ class Command(BaseCommand):
             agent.model_params = {"script": spec["script"]}
             agent.autonomy = spec["autonomy"]
             agent.save()
-            for slug in spec["tools"]:
-                assign_perm("orchestration.invoke_tool", agent.user, Tool.objects.get(slug=slug))
+            for tool in Tool.objects.all():
+                if tool.slug in spec["tools"]:
+                    services.tool_grant(agent=agent, tool=tool, by=None)
+                else:
+                    services.tool_revoke(agent=agent, tool=tool, by=None)
 
         for spec in demo.PROCESSES:
             process, _ = Process.objects.update_or_create(
@@ -110,7 +119,6 @@ class Command(BaseCommand):
                                          input_schema=spec["input_schema"])
 
         reviewers = Group.objects.get(name="reviewer")
-        admins = Group.objects.get(name="admin")
         for spec in demo.POLICIES:
             policy, _ = Policy.objects.get_or_create(slug=spec["slug"],
                                                      defaults={"name": spec["name"]})
