@@ -10,8 +10,12 @@ django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter  # noqa: E402
 
+from console.routing import websocket_application  # noqa: E402
 from orchestration import standalone  # noqa: E402
 
 standalone.start()
 
-application = ProtocolTypeRouter({"http": django_asgi_app})
+application = ProtocolTypeRouter({
+    "http": django_asgi_app,
+    "websocket": websocket_application(),
+})

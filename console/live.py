@@ -1,0 +1,107 @@
+"""Live updates: channel-layer group names and the broadcaster.
+
+The broadcaster only announces *that* something changed (run, runs list, review queue); each
+websocket consumer then renders the same template fragment its page uses, for its own user, so
+permissions and CSRF tokens are per recipient. It runs after commit, from the ledger's
+`event_appended` signal, never from domain code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import uuid
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.conf import settings
+
+log = logging.getLogger("switchboard.live")
+
+_loop: asyncio.AbstractEventLoop | None = None
+_loop_lock = threading.Lock()
+
+
+def run_group(run_id: Any) -> str:
+    return f"run_{uuid.UUID(str(run_id)).hex}"
+
+
+def runs_group() -> str:
+    return "runs"
+
+
+def review_group(group_id: int) -> str:
+    return f"review_{int(group_id)}"
+
+
+def user_group(user_id: int) -> str:
+    return f"user_{int(user_id)}"
+
+
+def bind_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Remember the server's event loop: the in-memory channel layer lives on it."""
+    global _loop
+    with _loop_lock:
+        if _loop is None or _loop.is_closed() or not _loop.is_running():
+            _loop = loop
+
+
+def _in_memory() -> bool:
+    return settings.CHANNEL_LAYERS["default"]["BACKEND"].endswith("InMemoryChannelLayer")
+
+
+def send(group: str, message: dict[str, Any]) -> None:
+    """Send to a group from synchronous code (a view, a worker thread, a Celery task)."""
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    if not _in_memory():
+        async_to_sync(layer.group_send)(group, message)
+        return
+    loop = _loop
+    if loop is None or loop.is_closed() or not loop.is_running():
+        return  # no socket was ever opened in this process: nobody to tell
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:
+        loop.create_task(layer.group_send(group, message))
+    else:
+        asyncio.run_coroutine_threadsafe(layer.group_send(group, message), loop)
+
+
+def announce(chain: Any, seq: int, kind: str) -> None:
+    """Tell the pages showing this chain's run, the runs list and the review queues."""
+    try:
+        run_id = uuid.UUID(str(chain))
+    except ValueError:
+        return
+    try:
+        send(run_group(run_id), {"type": "run.changed", "seq": int(seq)})
+        send(runs_group(), {"type": "runs.changed", "run": str(run_id)})
+        if kind.startswith("approval."):
+            from approvals.models import ApprovalRequest
+
+            groups = set(ApprovalRequest.objects.filter(run_id=run_id)
+                         .values_list("decider_group_id", flat=True))
+            for group_id in groups:
+                if group_id is not None:
+                    send(review_group(group_id), {"type": "queue.changed"})
+    except Exception:  # a broadcast must never break the work that committed
+        log.exception("could not announce %s event %s of chain %s", kind, seq, chain)
+
+
+def on_event_appended(sender: Any, *, chain: Any, seq: int, kind: str, **_: Any) -> None:
+    announce(chain, seq, kind)
+
+
+def on_logged_out(sender: Any, *, user: Any = None, **_: Any) -> None:
+    """Close every live socket of a user who signs out."""
+    if user is not None and user.pk is not None:
+        try:
+            send(user_group(user.pk), {"type": "session.ended"})
+        except Exception:
+            log.exception("could not close the sockets of user %s", user.pk)
