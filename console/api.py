@@ -225,6 +225,24 @@ def cancel_run(request: HttpRequest, run_id: str) -> Any:
     return Status(200, run_out(run))
 
 
+class ForkIn(Schema):
+    step: int = Field(ge=1, description="task position (1-based, plan order) to run from")
+
+
+@api.post("/runs/{run_id}/fork", response={201: RunOut, 400: ErrorOut, 403: ErrorOut},
+          summary="Start a new run from a step of this one, reusing the results before it")
+def fork_run(request: HttpRequest, run_id: str, payload: ForkIn) -> Any:
+    run = get_run_for_user(request.user, run_id)
+    if not can_start(request.user, run.process_version.process):
+        return Status(403, {"error": f"you may not start runs of "
+                                     f"{run.process_version.process.slug!r}"})
+    try:
+        fork = services.run_fork(run=run, step=payload.step, user=request.user)
+    except services.ServiceError as exc:
+        return Status(400, {"error": str(exc)})
+    return Status(201, run_out(fork))
+
+
 class ApprovalOut(Schema):
     id: uuid.UUID
     run: uuid.UUID

@@ -2,18 +2,27 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from console import review, views
+from console import ledger_views, review, screens, views
 from console.api import api
+from console.auth_views import ThrottledLoginView
 
 urlpatterns = [
     path("", views.dashboard, name="dashboard"),
     path("runs/start", views.run_start, name="run_start"),
     path("runs/<uuid:run_id>/", views.run_detail, name="run_detail"),
     path("runs/<uuid:run_id>/cancel", views.run_cancel, name="run_cancel"),
+    path("runs/<uuid:run_id>/replay", views.run_replay, name="run_replay"),
+    path("runs/<uuid:run_id>/fork", views.run_fork, name="run_fork"),
+    path("agents/", screens.agent_list, name="agent_list"),
+    path("agents/<slug:slug>/", screens.agent_detail, name="agent_detail"),
+    path("agents/<slug:slug>/retire", screens.agent_retire, name="agent_retire"),
+    path("tools/", screens.tool_list, name="tool_list"),
+    path("analytics/", screens.analytics, name="analytics"),
+    path("ledger/", ledger_views.ledger, name="ledger"),
     path("review/", review.queue, name="review_queue"),
     path("review/<uuid:request_id>/", review.detail, name="approval_detail"),
     path("review/<uuid:request_id>/decide", review.decide, name="approval_decide"),
-    path("login/", auth_views.LoginView.as_view(), name="login"),
+    path("login/", ThrottledLoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),
     path("api/v1/", api.urls),

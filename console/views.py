@@ -12,6 +12,7 @@ from django.views.decorators.http import require_POST
 from approvals.models import ApprovalRequest
 from audit.models import Event
 from console.access import can_cancel, can_start, get_run_for_user, startable_processes, visible_runs
+from console.screens import dashboard_figures
 from orchestration import services
 from orchestration.engine.states import RUN_TERMINAL
 from orchestration.models import Process
@@ -23,6 +24,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
     return render(request, "console/dashboard.html", {
         "processes": startable_processes(request.user),
         "runs": runs,
+        "figures": dashboard_figures(request.user),
     })
 
 
@@ -64,6 +66,7 @@ def _run_context(request: HttpRequest, run_id: Any) -> dict[str, Any]:
         "events": list(Event.objects.filter(chain=run.pk).order_by("seq")),
         "active": run.status not in RUN_TERMINAL,
         "may_cancel": can_cancel(request.user, run),
+        "may_fork": can_start(request.user, run.process_version.process),
         "waiting_on": list(ApprovalRequest.objects.filter(
             run_id=run.pk, status=ApprovalRequest.Status.PENDING).select_related(
             "decider_group")),
@@ -92,3 +95,36 @@ def run_cancel(request: HttpRequest, run_id: Any) -> HttpResponse:
     else:
         messages.success(request, "Run cancelled.")
     return redirect("run_detail", run_id=run.pk)
+
+
+@login_required
+@require_POST
+def run_replay(request: HttpRequest, run_id: Any) -> HttpResponse:
+    """Replay the run from its ledger and show the verdict on its page."""
+    from orchestration.replay import replay
+
+    run = get_run_for_user(request.user, run_id)
+    result = replay(run)
+    context = _run_context(request, run.pk)
+    context["replay"] = result
+    return render(request, "console/run_detail.html", context)
+
+
+@login_required
+@require_POST
+def run_fork(request: HttpRequest, run_id: Any) -> HttpResponse:
+    run = get_run_for_user(request.user, run_id)
+    if not can_start(request.user, run.process_version.process):
+        return HttpResponse("You may not start runs of this process.", status=403)
+    try:
+        step = int(request.POST.get("step", ""))
+    except ValueError:
+        messages.error(request, "Choose the step to fork from (a task number).")
+        return redirect("run_detail", run_id=run.pk)
+    try:
+        fork = services.run_fork(run=run, step=step, user=request.user)
+    except services.ServiceError as exc:
+        messages.error(request, str(exc))
+        return redirect("run_detail", run_id=run.pk)
+    messages.success(request, f"Forked from step {step} of run {run.pk}.")
+    return redirect("run_detail", run_id=fork.pk)

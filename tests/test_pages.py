@@ -191,3 +191,66 @@ def test_it_escapes_untrusted_input_in_the_rerendered_form(signed_in: Client) ->
     assert ESCAPED in text
     assert PAYLOAD not in text
     assert "</textarea><script>" not in text
+
+
+@pytest.mark.django_db
+def test_it_sends_a_content_security_policy_without_inline_scripts(signed_in: Client) -> None:
+    policy = signed_in.get("/")["Content-Security-Policy"]
+    directives = dict(d.strip().split(" ", 1) for d in policy.split(";"))
+    assert directives["script-src"] == "'self'"
+    assert directives["object-src"] == "'none'" and directives["frame-ancestors"] == "'none'"
+    assert "unsafe-inline" not in policy and "unsafe-eval" not in policy
+
+
+@pytest.mark.django_db
+def test_it_carries_no_inline_script_or_handler_on_any_screen(signed_in: Client,
+                                                              operator: User) -> None:
+    import re
+
+    run = _pending_run(operator, "vendor-onboarding", {
+        "name": "Northwind", "country": "DE", "iban": "DE89370400440532013000",
+        "email": "ap@northwind.example"})
+    for path in ("/", f"/runs/{run.pk}/", "/review/"):
+        page = signed_in.get(path).content.decode()
+        assert not re.search(r"<script(?![^>]*\bsrc=)[^>]*>", page), path
+        assert not re.search(r"\son[a-z]+\s*=", page), path
+
+
+def _queries(client: Client, path: str) -> int:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    with CaptureQueriesContext(connection) as captured:
+        assert client.get(path).status_code == 200
+    return len(captured.captured_queries)
+
+
+@pytest.mark.django_db
+def test_it_renders_the_dashboard_in_queries_that_do_not_grow_with_the_runs(
+        signed_in: Client, operator: User) -> None:
+    data = {"name": "Northwind", "country": "DE", "iban": "DE89370400440532013000",
+            "email": "ap@northwind.example"}
+    for _ in range(2):
+        _pending_run(operator, "vendor-onboarding", data)
+    few = _queries(signed_in, "/")
+    for _ in range(20):
+        _pending_run(operator, "vendor-onboarding", data)
+    assert _queries(signed_in, "/") == few
+
+
+@pytest.mark.django_db
+def test_it_renders_a_run_in_queries_that_do_not_grow_with_its_events(
+        signed_in: Client, operator: User) -> None:
+    from django.db import transaction
+
+    from audit import ledger
+
+    run = _pending_run(operator, "vendor-onboarding", {
+        "name": "Northwind", "country": "DE", "iban": "DE89370400440532013000",
+        "email": "ap@northwind.example"})
+    few = _queries(signed_in, f"/runs/{run.pk}/")
+    with transaction.atomic():
+        for i in range(40):
+            ledger.append(run.pk, "tool.called", {"task": "check_sanctions", "n": i},
+                          actor="system")
+    assert _queries(signed_in, f"/runs/{run.pk}/") == few

@@ -91,9 +91,9 @@ AGENTS: list[dict[str, Any]] = [
             ], "tokens_in": 412, "tokens_out": 58},
             {"text": "Order {{input.order_id}} was delivered and the request ({{input.reason}}) "
                      "is inside the policy window. A refund of {{input.amount}} fits.\n"
-                     "```toml\nsummary = \"Order {{input.order_id}} is eligible for a refund of "
-                     "{{input.amount}}.\"\nopen_questions = []\n\n[key_facts]\n"
-                     "order_id = \"{{input.order_id}}\"\nreason = \"{{input.reason}}\"\n```",
+                     "```toml\nsummary = \"The order is eligible for the requested refund.\"\n"
+                     "open_questions = []\n\n[key_facts]\norder_id = {{input.order_id|toml}}\n"
+                     "amount = {{input.amount|toml}}\nreason = {{input.reason|toml}}\n```",
              "tokens_in": 655, "tokens_out": 96},
         ],
     },

@@ -103,7 +103,8 @@ class ScriptedModel(Model):
     A turn is ``{"text": str, "tool_calls": [{"name", "arguments"}], "tokens_in", "tokens_out"}``.
     An argument that is exactly ``$input.<path>`` or ``$last.<path>`` takes that value (the run
     input, the last tool result in the conversation); ``{{input.path}}`` and ``{{last.path}}``
-    inside any string are filled in as text.
+    inside any string are filled in as text, and ``{{input.path|toml}}`` as a TOML value (quoted
+    and escaped), for handoff envelopes.
     """
 
     provider = "scripted"
@@ -144,7 +145,21 @@ class ScriptedModel(Model):
         )
 
 
-_PLACEHOLDER = re.compile(r"\{\{\s*(input|last)((?:\.[A-Za-z0-9_]+)*)\s*\}\}")
+_PLACEHOLDER = re.compile(
+    r"\{\{\s*(input|last)((?:\.[A-Za-z0-9_]+)*)\s*(\|\s*toml\s*)?\}\}")
+
+
+def _toml_value(value: Any) -> str:
+    """A value written as a TOML value (a quoted, escaped string for text), for placeholders
+    inside a handoff envelope: run input must never be able to change the envelope's shape."""
+    import tomli_w
+
+    if value is None:
+        value = ""
+    try:
+        return tomli_w.dumps({"v": value}).split("=", 1)[1].strip()
+    except TypeError:
+        return tomli_w.dumps({"v": str(value)}).split("=", 1)[1].strip()
 
 
 def _interpolate(value: Any, run_input: Any, last: Any) -> Any:
@@ -154,6 +169,8 @@ def _interpolate(value: Any, run_input: Any, last: Any) -> Any:
             node: Any = run_input if match.group(1) == "input" else last
             for part in filter(None, match.group(2).split(".")):
                 node = node.get(part) if isinstance(node, Mapping) else None
+            if match.group(3):
+                return _toml_value(node)
             return "" if node is None else str(node)
 
         return _PLACEHOLDER.sub(fill, value)

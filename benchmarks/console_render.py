@@ -1,0 +1,236 @@
+"""Server-side render time of the dashboard and the run page on a large PostgreSQL database.
+
+    .venv/bin/python benchmarks/console_render.py            # 10,000 runs, 500,000 events
+
+Seeds a throwaway PostgreSQL database (created and dropped here) with the demo data plus
+``--runs`` runs of the demo processes, five tasks each, spread over the last 14 days in every
+status, and ``--events`` ledger events with both hash chains computed as ``audit.ledger.append`` does
+(``--verify`` runs ``audit_verify`` over the result). Then it renders, in process through Django's full middleware stack as a signed-in
+operator who may see every run, the dashboard ``--samples`` times and the run page of ``--samples``
+random runs, and prints milliseconds per render (p50, p95, max) and the queries each render made.
+The target is p95 under 150 ms for both.
+
+Options: ``--runs N``, ``--events N``, ``--samples N``, ``--verify``, ``--postgres-url`` (server to create the
+throwaway database on; default ``$BENCH_POSTGRES_URL`` or postgresql://postgres@127.0.0.1:5432/postgres),
+``--keep`` (leave the database for inspection), ``--check`` (exit 1 if a p95 is 150 ms or more).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
+TARGET_MS = 150.0
+STATUSES = ["succeeded"] * 16 + ["failed", "running", "running", "waiting"]
+TASKS = ["validate", "check_sanctions", "check_bank", "score", "approve"]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def seed(runs: int, events: int) -> list[str]:
+    """Runs and tasks by bulk insert; events with both hash chains computed here exactly as
+    ``audit.ledger.append`` computes them (``audit_verify`` passes on the result), written in
+    bulk because half a million one-by-one appends would take many minutes."""
+    from datetime import timedelta
+
+    from django.contrib.auth.models import User
+    from django.db import connection, transaction
+    from django.utils import timezone
+
+    from audit.chain import GENESIS, canonical_json, chain_hash, global_hash
+    from audit.ledger import GLOBAL_CHAIN
+    from audit.models import ChainHead, Event
+    from orchestration.models import Process, Run, Task
+
+    operator = User.objects.get(username="operator")
+    versions = [p.current_version for p in Process.objects.select_related("current_version")]
+    rng = random.Random(7)
+    per_run = max(events // runs, 1)
+    extra = events - per_run * runs
+    ids: list[str] = []
+    started = time.perf_counter()
+    now = timezone.now()
+    batch = 200
+    for first in range(0, runs, batch):
+        with transaction.atomic():
+            made = Run.objects.bulk_create([
+                Run(process_version=rng.choice(versions), created_by=operator,
+                    status=rng.choice(STATUSES), input={"order_id": f"ORD-{n}"},
+                    tokens_in=rng.randint(0, 5000), tokens_out=rng.randint(0, 900),
+                    cost=rng.randint(0, 90000) / 1_000_000, steps=rng.randint(0, 12),
+                    tool_calls=rng.randint(0, 8), budget_cost=1)
+                for n in range(first, min(first + batch, runs))
+            ])
+            Task.objects.bulk_create([
+                Task(run=run, key=key, position=i, title=key.replace("_", " "),
+                     executor_type="tool", executor_ref=key, status="succeeded",
+                     output={"ok": True})
+                for run in made for i, key in enumerate(TASKS)
+            ])
+            head = ChainHead.objects.select_for_update().get(chain=GLOBAL_CHAIN)
+            gseq, ghash = head.seq, head.head_hash
+            rows: list[Event] = []
+            heads: list[ChainHead] = []
+            for index, run in enumerate(made):
+                prev = GENESIS
+                at = now - timedelta(seconds=rng.randint(0, 14 * 86400))
+                count = per_run + (1 if first + index < extra else 0)
+                for seq in range(1, count + 1):
+                    data = {"task": TASKS[seq % len(TASKS)], "step": seq, "tokens_in": 320,
+                            "tokens_out": 70, "cost": "0.002010",
+                            "response": {"text": "Checked the order; it was delivered. " * 6}}
+                    kind = "model.called" if seq % 2 else "tool.called"
+                    actor = "agent:refund-executor"
+                    body = canonical_json({"chain": str(run.pk), "seq": seq, "kind": kind,
+                                           "at": at.isoformat(), "actor": actor, "data": data})
+                    digest = chain_hash(prev, body)
+                    gseq += 1
+                    gnext = global_hash(ghash, digest)
+                    rows.append(Event(chain=run.pk, seq=seq, kind=kind, at=at, actor=actor,
+                                      data=data, body=body, prev_hash=prev, hash=digest,
+                                      gseq=gseq, gprev_hash=ghash, ghash=gnext))
+                    prev, ghash = digest, gnext
+                heads.append(ChainHead(chain=run.pk, seq=count, head_hash=prev))
+            Event.objects.bulk_create(rows, batch_size=2000)
+            ChainHead.objects.bulk_create(heads)
+            ChainHead.objects.filter(chain=GLOBAL_CHAIN).update(seq=gseq, head_hash=ghash)
+        ids.extend(str(r.pk) for r in made)
+        done = min(first + batch, runs)
+        if done % 2000 == 0 or done == runs:
+            print(f"  seeded {done} runs ({time.perf_counter() - started:.0f} s)",
+                  file=sys.stderr, flush=True)
+    with connection.cursor() as cursor:
+        cursor.execute("UPDATE orchestration_run SET created_at = now() - random() * "
+                       "interval '14 days', finished_at = now()")
+        cursor.execute("ANALYZE")
+    return ids
+
+
+def measure(ids: list[str], samples: int) -> dict[str, Any]:
+    from django.contrib.auth.models import User
+    from django.db import connection
+    from django.test import Client
+    from django.test.utils import CaptureQueriesContext
+
+    client = Client()
+    client.force_login(User.objects.get(username="operator"))
+    rng = random.Random(11)
+    paths = {"dashboard": lambda: "/", "run page": lambda: f"/runs/{rng.choice(ids)}/"}
+    out: dict[str, Any] = {}
+    for name, path in paths.items():
+        client.get(path())  # warm caches and connections
+        times: list[float] = []
+        queries: list[int] = []
+        for _ in range(samples):
+            target = path()
+            with CaptureQueriesContext(connection) as captured:
+                started = time.perf_counter()
+                response = client.get(target)
+                times.append((time.perf_counter() - started) * 1000)
+            if response.status_code != 200:
+                raise RuntimeError(f"{target} answered {response.status_code}")
+            queries.append(len(captured.captured_queries))
+        out[name] = {"p50_ms": statistics.median(times), "p95_ms": percentile(times, 0.95),
+                     "max_ms": max(times), "queries": max(queries), "samples": samples}
+    return out
+
+
+def worker(args: argparse.Namespace) -> None:
+    sys.path.insert(0, str(ROOT))
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "console.settings")
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    from audit.models import Event
+    from orchestration.models import Run
+
+    call_command("migrate", verbosity=0, interactive=False)
+    call_command("seed_demo", stdout=open(os.devnull, "w"))
+    started = time.perf_counter()
+    ids = seed(args.runs, args.events)
+    seeded_s = time.perf_counter() - started
+    if args.verify:
+        call_command("audit_verify")
+    result = measure(ids, args.samples)
+    result["seed"] = {"runs": Run.objects.count(), "events": Event.objects.count(),
+                      "seconds": round(seeded_s, 1)}
+    Path(args.out).write_text(json.dumps(result))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=10_000)
+    parser.add_argument("--events", type=int, default=500_000)
+    parser.add_argument("--samples", type=int, default=100)
+    parser.add_argument("--postgres-url", default=os.environ.get("BENCH_POSTGRES_URL",
+                                                                 DEFAULT_PG))
+    parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--verify", action="store_true", help="run audit_verify after seeding")
+    parser.add_argument("--check", action="store_true")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.runs < 1 or args.events < 0 or args.samples < 1:
+        parser.error("--runs and --samples must be at least 1, --events at least 0")
+    if args.worker:
+        worker(args)
+        return 0
+
+    import tempfile
+    from urllib.parse import urlsplit, urlunsplit
+
+    import psycopg
+
+    name = f"switchboard_bench_render_{os.getpid()}"
+    with psycopg.connect(args.postgres_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = urlunsplit(urlsplit(args.postgres_url)._replace(path=f"/{name}"))
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "result.json"
+            env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+            env.update(DATABASE_URL=url, DJANGO_SETTINGS_MODULE="console.settings")
+            print(f"seeding {args.runs} runs and {args.events} events into {name} ...",
+                  file=sys.stderr, flush=True)
+            subprocess.run([sys.executable, __file__, "--worker", "--runs", str(args.runs),
+                            "--events", str(args.events), "--samples", str(args.samples),
+                            "--out", str(out), *(["--verify"] if args.verify else [])],
+                           env=env, cwd=ROOT, check=True)
+            result = json.loads(out.read_text())
+    finally:
+        if not args.keep:
+            with psycopg.connect(args.postgres_url, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    seeded = result.pop("seed")
+    print(f"\nPostgreSQL with {seeded['runs']} runs and {seeded['events']} events "
+          f"(seeded in {seeded['seconds']} s); server-side render, ms:")
+    print(f"{'page':<10} {'p50':>7} {'p95':>7} {'max':>7} {'queries':>8}")
+    missed = False
+    for page, row in result.items():
+        print(f"{page:<10} {row['p50_ms']:>7.1f} {row['p95_ms']:>7.1f} {row['max_ms']:>7.1f} "
+              f"{row['queries']:>8}")
+        missed |= row["p95_ms"] >= TARGET_MS
+    print(f"target p95 < {TARGET_MS:.0f} ms: {'MISSED' if missed else 'met'}")
+    return 1 if args.check and missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
