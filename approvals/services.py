@@ -19,6 +19,7 @@ from approvals.models import ApprovalRequest, Decision, Policy, PolicyVersion, R
 from approvals.signals import approval_resolved
 from audit import ledger
 from audit.chain import canonical_json
+from audit.ledger import actor_of
 
 DEFAULT_ESCALATION_GROUP = "reviewer"
 DEFAULT_DEADLINE = timedelta(hours=24)
@@ -45,10 +46,6 @@ class NotFound(ApprovalError):
 
 def digest(arguments: Any) -> str:
     return hashlib.sha256(canonical_json(arguments).encode()).hexdigest()
-
-
-def actor_of(user: AbstractBaseUser) -> str:
-    return f"user:{user.get_username()}"
 
 
 _OPS = {

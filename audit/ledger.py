@@ -36,6 +36,17 @@ _INSERT_SQL = ("INSERT INTO audit_event (chain, seq, kind, at, actor, data, body
 _CHUNK = 2000
 
 
+def actor_of(user: Any) -> str:
+    """How events name who acted: ``agent:<slug>`` for an agent's service account,
+    ``user:<username>`` for a person, ``system`` for nobody."""
+    if user is None:
+        return "system"
+    agent = getattr(user, "agent_identity", None)
+    if agent is not None:
+        return f"agent:{agent.slug}"
+    return f"user:{user.get_username()}"
+
+
 def _lock_clause() -> str:
     return " FOR UPDATE" if connection.features.has_select_for_update else ""
 

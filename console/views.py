@@ -11,10 +11,16 @@ from django.views.decorators.http import require_POST
 
 from approvals.models import ApprovalRequest
 from audit.models import Event
-from console.access import can_cancel, can_start, get_run_for_user, startable_processes, visible_runs
+from console.access import (
+    can_cancel,
+    can_start,
+    get_run_for_user,
+    startable_processes,
+    visible_runs,
+)
 from console.screens import dashboard_figures
 from orchestration import services
-from orchestration.engine.states import RUN_TERMINAL
+from orchestration.engine.states import RUN_TERMINAL, TASK_TERMINAL, RunStatus, TaskStatus
 from orchestration.models import Process
 
 
@@ -58,15 +64,57 @@ def run_start(request: HttpRequest) -> HttpResponse:
     return response
 
 
+# Ledger kinds shown as a step of a task's trace, with what each step carries.
+_TRACE_KINDS = ("model.", "tool.", "approval.", "budget.", "task.")
+
+
+def _gauge(label: str, used: Any, cap: Any) -> dict[str, Any]:
+    """One budget gauge: used against cap (no cap: no meter, just the figure)."""
+    share = float(used) / float(cap) if cap else None
+    return {"label": label, "used": used, "cap": cap,
+            "share": None if share is None else min(share, 1.0),
+            "percent": None if share is None else round(share * 100, 1),
+            "level": "" if share is None else ("high" if share >= 0.9 else
+                                              "mid" if share >= 0.6 else "low")}
+
+
+def _trace(events: list[Event], tasks: list[Any]) -> dict[str, Any]:
+    """The ledger as a tree: run-level events, then each task with its calls and decisions."""
+    by_task: dict[str, list[Event]] = {t.key: [] for t in tasks}
+    run_level: list[Event] = []
+    for event in events:
+        key = event.data.get("task") if isinstance(event.data, dict) else None
+        if key in by_task and event.kind.startswith(_TRACE_KINDS):
+            by_task[key].append(event)
+        else:
+            run_level.append(event)
+    return {"run": run_level, "tasks": [(t, by_task[t.key]) for t in tasks]}
+
+
 def _run_context(request: HttpRequest, run_id: Any) -> dict[str, Any]:
     run = get_run_for_user(request.user, run_id)
+    tasks = list(run.tasks.all())
+    events = list(Event.objects.filter(chain=run.pk).order_by("seq"))
+    done = sum(1 for t in tasks if t.status in TASK_TERMINAL)
+    first_unfinished = next((i for i, t in enumerate(tasks, 1)
+                             if t.status != TaskStatus.SUCCEEDED), None)
+    may_fork = can_start(request.user, run.process_version.process)
     return {
         "run": run,
-        "tasks": list(run.tasks.all()),
-        "events": list(Event.objects.filter(chain=run.pk).order_by("seq")),
+        "tasks": tasks,
+        "events": events,
+        "trace": _trace(events, tasks),
+        "progress": {"done": done, "total": len(tasks)},
+        "gauges": [
+            _gauge("Tokens", run.tokens_in + run.tokens_out, run.budget_tokens),
+            _gauge("Cost", run.cost, run.budget_cost),
+            _gauge("Steps", run.steps, run.budget_steps),
+        ],
         "active": run.status not in RUN_TERMINAL,
         "may_cancel": can_cancel(request.user, run),
-        "may_fork": can_start(request.user, run.process_version.process),
+        "may_fork": may_fork,
+        "retry_step": first_unfinished if (
+            may_fork and run.status in (RunStatus.FAILED, RunStatus.CANCELLED)) else None,
         "waiting_on": list(ApprovalRequest.objects.filter(
             run_id=run.pk, status=ApprovalRequest.Status.PENDING).select_related(
             "decider_group")),
@@ -128,3 +176,26 @@ def run_fork(request: HttpRequest, run_id: Any) -> HttpResponse:
         return redirect("run_detail", run_id=run.pk)
     messages.success(request, f"Forked from step {step} of run {run.pk}.")
     return redirect("run_detail", run_id=fork.pk)
+
+
+@login_required
+@require_POST
+def run_retry(request: HttpRequest, run_id: Any) -> HttpResponse:
+    """Run a failed or cancelled run again from its first task that did not succeed: a fork
+    that keeps the recorded results of everything before it."""
+    run = get_run_for_user(request.user, run_id)
+    if not can_start(request.user, run.process_version.process):
+        return HttpResponse("You may not start runs of this process.", status=403)
+    if run.status not in (RunStatus.FAILED, RunStatus.CANCELLED):
+        messages.error(request, f"Only a failed or cancelled run can be retried; this one is "
+                                f"{run.status}.")
+        return redirect("run_detail", run_id=run.pk)
+    tasks = list(run.tasks.all())
+    step = next((i for i, t in enumerate(tasks, 1) if t.status != TaskStatus.SUCCEEDED), 1)
+    try:
+        retry = services.run_fork(run=run, step=step, user=request.user)
+    except services.ServiceError as exc:
+        messages.error(request, str(exc))
+        return redirect("run_detail", run_id=run.pk)
+    messages.success(request, f"Retrying from task {step} ({tasks[step - 1].key}).")
+    return redirect("run_detail", run_id=retry.pk)

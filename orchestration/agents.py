@@ -14,15 +14,15 @@ from django.db import connection
 
 from orchestration.builtin_tools import registry
 from orchestration.engine.agent import AgentSpec, Journal, run_agent
-from orchestration.engine.governance import Usage
-from orchestration.governance import DjangoGovernor
 from orchestration.engine.contracts import ToolContract
 from orchestration.engine.errors import ContractError
+from orchestration.engine.governance import Usage
 from orchestration.engine.http_tool import http_contract
 from orchestration.engine.llm import Model, ProviderError, ScriptedModel
 from orchestration.engine.providers import AnthropicModel, OpenAICompatibleModel
 from orchestration.engine.runner import Outcome, TaskContext
 from orchestration.engine.states import TaskStatus
+from orchestration.governance import DjangoGovernor
 from orchestration.models import Agent, ModelPrice, Task, Tool
 from orchestration.store import DjangoRunStore
 

@@ -16,21 +16,11 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db import models, transaction
 
 from audit import ledger
+from audit.ledger import CONFIG_CHAIN, actor_of
 from audit.models import Event
-
-CONFIG_CHAIN: uuid.UUID = getattr(ledger, "CONFIG_CHAIN", uuid.UUID(int=1))
 
 # Never copied into the ledger: secrets and values that change on their own.
 SKIPPED_FIELDS = frozenset({"password", "last_login", "digest"})
-
-
-def actor_for(user: AbstractBaseUser | None) -> str:
-    if user is None:
-        return "system"
-    agent = getattr(user, "agent_identity", None)
-    if agent is not None:
-        return f"agent:{agent.slug}"
-    return f"user:{user.get_username()}"
 
 
 def _plain(value: Any) -> Any:
@@ -86,7 +76,7 @@ def record(what: str, *, model: str, object: str, old: dict[str, Any], new: dict
     if not transaction.get_connection().in_atomic_block:
         raise RuntimeError("configuration events must be written inside the change's transaction")
     data = {"model": model, "object": object, "old": old, "new": new, **extra}
-    return ledger.append(CONFIG_CHAIN, f"config.{what}", data, actor=actor_for(by))
+    return ledger.append(CONFIG_CHAIN, f"config.{what}", data, actor=actor_of(by))
 
 
 def model_label(obj: models.Model | type[models.Model]) -> str:
@@ -146,7 +136,7 @@ class AuditedAdmin:
         return self._audited_perms(request, object_pk, grantee, get_user_perms,
                                    lambda: super(AuditedAdmin, self).obj_perms_manage_user_view(
                                        request, object_pk, user_id),
-                                   actor_for(grantee) if grantee else "")
+                                   actor_of(grantee) if grantee else "")
 
     def obj_perms_manage_group_view(self, request: Any, object_pk: Any, group_id: Any) -> Any:
         from django.contrib.auth.models import Group

@@ -28,8 +28,12 @@ from orchestration.engine.governance import ALLOW, Gate, Usage
 from orchestration.engine.llm import Model, ModelRequest, ModelResponse, ProviderError
 from orchestration.engine.plan import Plan, parse_plan
 from orchestration.engine.runner import ContractExecutor, Outcome, TaskContext, advance, execute
-from orchestration.engine.states import RUN_TERMINAL, TaskStatus, check_run_transition
-from orchestration.engine.states import check_task_transition
+from orchestration.engine.states import (
+    RUN_TERMINAL,
+    TaskStatus,
+    check_run_transition,
+    check_task_transition,
+)
 from orchestration.engine.store import MemoryStore
 from orchestration.models import Agent, Run, Tool
 

@@ -4,9 +4,8 @@ transaction; work is enqueued only after commit."""
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
-
 from decimal import Decimal, InvalidOperation
+from typing import Any
 
 import jsonschema
 from django.contrib.auth.models import AbstractBaseUser
@@ -16,6 +15,7 @@ from django.utils import timezone
 from approvals import services as approvals
 from approvals.models import ApprovalRequest, Reason
 from audit import ledger
+from audit.ledger import actor_of
 from orchestration import config_audit, dispatch
 from orchestration.engine import runner
 from orchestration.engine.errors import PlanError
@@ -35,15 +35,6 @@ class RunInputInvalid(ServiceError):
 
 class RunNotCancellable(ServiceError):
     pass
-
-
-def actor_of(user: AbstractBaseUser | None) -> str:
-    if user is None:
-        return "system"
-    agent = getattr(user, "agent_identity", None)
-    if agent is not None:
-        return f"agent:{agent.slug}"
-    return f"user:{user.get_username()}"
 
 
 def process_publish(

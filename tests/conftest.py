@@ -191,3 +191,20 @@ def celery_worker(transactional_db: Any) -> Iterator[subprocess.Popen[bytes]]:
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+@pytest.fixture
+def runner(request: pytest.FixtureRequest, transactional_db: Any) -> None:
+    """Somewhere for run work to go: a real Celery worker process in the distributed pass, the
+    in-process pool in the standalone pass. Tests using it commit, so on_commit dispatch fires."""
+    if DISTRIBUTED:
+        request.getfixturevalue("celery_worker")
+
+
+@pytest.fixture
+def people(demo: None) -> dict[str, Any]:
+    """The demo's people by username."""
+    from django.contrib.auth.models import User
+
+    return {u.username: u for u in User.objects.filter(
+        username__in=["operator", "reviewer", "reviewer2", "admin"])}

@@ -22,7 +22,7 @@ from orchestration import services
 from orchestration.agents import grant_checker
 from orchestration.config_audit import CONFIG_CHAIN
 from orchestration.models import Agent, ModelPrice, Process, Tool
-from tests.conftest import DISTRIBUTED, wait_for_run
+from tests.conftest import wait_for_run
 
 REFUND = {"order_id": "ORD-1042", "amount": 40, "reason": "damaged",
           "customer_email": "kim@example.com"}
@@ -116,12 +116,6 @@ def test_it_escalates_a_retired_agents_waiting_task(demo: None, operator: User) 
     assert outcome["escalated"] == 1
     request = ApprovalRequest.objects.get(run_id=run.pk, task_key=task.key)
     assert request.reason == "agent_retired" and request.status == "pending"
-
-
-@pytest.fixture
-def runner(request: pytest.FixtureRequest, transactional_db: Any) -> None:
-    if DISTRIBUTED:
-        request.getfixturevalue("celery_worker")
 
 
 @pytest.mark.django_db(transaction=True)

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from orchestration.engine.agent import AgentSpec, Journal, run_agent
-from orchestration.engine.governance import Usage
 from orchestration.engine.contracts import ToolContract
+from orchestration.engine.governance import Usage
 from orchestration.engine.handoff import Envelope, HandoffError, parse_envelope
 from orchestration.engine.llm import ModelRequest, ModelResponse, ScriptedModel
 from orchestration.engine.plan import TaskSpec

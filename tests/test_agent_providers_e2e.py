@@ -16,7 +16,7 @@ from guardian.shortcuts import assign_perm
 from audit.models import Event
 from orchestration import services
 from orchestration.models import Agent, ModelPrice, Process, Run, Task, Tool
-from tests.conftest import DISTRIBUTED, TEST_LLM_SECRET, wait_for_run
+from tests.conftest import TEST_LLM_SECRET, wait_for_run
 from tests.loopback import ANTHROPIC_PATH, OPENAI_PATH, Loopback, Reply
 
 PROVIDERS = ["openai", "anthropic"]
@@ -24,12 +24,6 @@ MODEL = {"openai": "gpt-loopback", "anthropic": "claude-loopback"}
 PATH = {"openai": OPENAI_PATH, "anthropic": ANTHROPIC_PATH}
 NAME = {"openai": "OpenAI-compatible endpoint", "anthropic": "Anthropic endpoint"}
 CREDENTIALS = {"llm": TEST_LLM_SECRET}
-
-
-@pytest.fixture
-def runner(request: pytest.FixtureRequest, transactional_db: Any) -> None:
-    if DISTRIBUTED:
-        request.getfixturevalue("celery_worker")
 
 
 @pytest.fixture

@@ -21,18 +21,12 @@ from orchestration.engine.llm import ModelRequest, ModelResponse, ScriptedModel
 from orchestration.engine.runner import TaskContext
 from orchestration.models import Agent, Process, Run, Tool
 from orchestration.store import DjangoRunStore, plan_for
-from tests.conftest import DISTRIBUTED, TEST_CRM_SECRET, wait_for_run
+from tests.conftest import TEST_CRM_SECRET, wait_for_run
 
 REFUND = {"order_id": "ORD-1042", "amount": 40, "reason": "damaged",
           "customer_email": "kim@example.com"}
 INQUIRY = {"customer_email": "kim@example.com", "order_id": "ORD-1042",
            "message": "Where is my order?"}
-
-
-@pytest.fixture
-def runner(request: pytest.FixtureRequest, transactional_db: Any) -> None:
-    if DISTRIBUTED:
-        request.getfixturevalue("celery_worker")
 
 
 def make_agent(slug: str, script: list[dict[str, Any]], tools: list[str],

@@ -21,21 +21,9 @@ from orchestration import services
 from orchestration.engine.governance import Usage
 from orchestration.governance import reserve
 from orchestration.models import Agent, Process, Run, Tool
-from tests.conftest import DISTRIBUTED, wait_for, wait_for_run
+from tests.conftest import wait_for, wait_for_run
 
 REFUND = {"order_id": "ORD-1042", "reason": "damaged", "customer_email": "kim@example.com"}
-
-
-@pytest.fixture
-def runner(request: pytest.FixtureRequest, transactional_db: Any) -> None:
-    if DISTRIBUTED:
-        request.getfixturevalue("celery_worker")
-
-
-@pytest.fixture
-def people(demo: None) -> dict[str, User]:
-    return {u.username: u for u in User.objects.filter(
-        username__in=["operator", "reviewer", "reviewer2", "admin"])}
 
 
 class Client:
@@ -364,8 +352,8 @@ def _open_request(starter: User, amount: float = 500) -> ApprovalRequest:
     assign_perm("orchestration.start_run", starter, Process.objects.get(slug="refund-exception"))
     run = services.run_create(process=Process.objects.get(slug="refund-exception"),
                               input={**REFUND, "amount": amount}, user=starter)
-    from audit import ledger  # noqa: F401
     from approvals.services import policy_match
+    from audit import ledger  # noqa: F401
 
     version = policy_match(tool="issue_refund", risk_class="financial",
                            arguments={"order_id": "ORD-1042", "amount": amount})

@@ -28,7 +28,7 @@ from audit.chain import GENESIS, canonical_json, chain_hash, global_hash
 from audit.models import ChainHead, Event
 from orchestration import services
 from orchestration.models import Process
-from tests.conftest import DISTRIBUTED, POSTGRES, ROOT, wait_for_run
+from tests.conftest import POSTGRES, ROOT, wait_for_run
 
 VERIFY_EXPORT = ROOT / "audit" / "verify_export.py"
 XSS = "<script>alert('owned')</script>"
@@ -344,12 +344,6 @@ def test_it_still_refuses_updates_once_the_tampering_session_ends(runs: Any) -> 
 
 
 # --- a real run, exported and verified outside the application --------------------------------
-
-
-@pytest.fixture
-def runner(request: pytest.FixtureRequest, transactional_db: Any) -> None:
-    if DISTRIBUTED:
-        request.getfixturevalue("celery_worker")
 
 
 @pytest.mark.django_db(transaction=True)

@@ -37,6 +37,7 @@ PAGES: dict[tuple[str, str], set[str]] = {
     ("POST", "runs/<uuid:run_id>/cancel"): STARTS,
     ("POST", "runs/<uuid:run_id>/replay"): SEES_RUN,
     ("POST", "runs/<uuid:run_id>/fork"): STARTS,
+    ("POST", "runs/<uuid:run_id>/retry"): STARTS,
     ("GET", "agents/"): CONSOLE,
     ("GET", "agents/<slug:slug>/"): CONSOLE,
     ("POST", "agents/<slug:slug>/retire"): {"admin"},

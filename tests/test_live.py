@@ -5,7 +5,6 @@ resync by the last seen ledger seq, and sockets closed at sign-out."""
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -21,7 +20,7 @@ from console.consumers import CLOSE_SIGNED_OUT
 from console.routing import websocket_application
 from orchestration import services
 from orchestration.models import Process, Run
-from tests.conftest import DISTRIBUTED, wait_for_run
+from tests.conftest import wait_for_run
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
 
@@ -30,9 +29,8 @@ REFUND = {"order_id": "ORD-1042", "reason": "damaged", "customer_email": "kim@ex
 
 
 @pytest.fixture
-def runner(request: pytest.FixtureRequest, transactional_db: Any, demo: None) -> None:
-    if DISTRIBUTED:
-        request.getfixturevalue("celery_worker")
+def runner(runner: None, demo: None) -> None:
+    """The worker, with the demo data seeded."""
 
 
 def _session_cookie(user: User) -> str:
@@ -75,7 +73,7 @@ async def until(communicator: WebsocketCommunicator, needle: str, *, timeout: fl
     while loop.time() < deadline:
         try:
             message = await communicator.receive_from(timeout=deadline - loop.time())
-        except asyncio.TimeoutError:
+        except TimeoutError:
             break
         seen.append(message)
         if needle in message:

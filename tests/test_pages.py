@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from django.contrib.auth.models import User
 from django.test import Client
+from django.utils.text import slugify
 
 from audit.models import Event
 from orchestration import services
@@ -95,7 +96,7 @@ def test_it_shows_a_runs_tasks_and_ledger(signed_in: Client, operator: User,
     kinds = set(Event.objects.filter(chain=run.pk).values_list("kind", flat=True))
     assert {"run.created", "run.cancel_requested"} <= kinds
     for kind in kinds:
-        assert f"<td>{kind}</td>" in text
+        assert f'<span class="trace-kind kind-{slugify(kind)}">{kind}</span>' in text
 
 
 def test_it_lists_the_run_on_the_dashboard(signed_in: Client, operator: User,
@@ -210,10 +211,13 @@ def test_it_carries_no_inline_script_or_handler_on_any_screen(signed_in: Client,
     run = _pending_run(operator, "vendor-onboarding", {
         "name": "Northwind", "country": "DE", "iban": "DE89370400440532013000",
         "email": "ap@northwind.example"})
-    for path in ("/", f"/runs/{run.pk}/", "/review/"):
+    signed_in.force_login(User.objects.get(username="admin"))
+    for path in ("/", f"/runs/{run.pk}/", "/review/", "/agents/", "/agents/frontdesk/",
+                 "/tools/", "/analytics/", "/ledger/"):
         page = signed_in.get(path).content.decode()
         assert not re.search(r"<script(?![^>]*\bsrc=)[^>]*>", page), path
         assert not re.search(r"\son[a-z]+\s*=", page), path
+        assert not re.search(r"<style|\sstyle\s*=", page), path
 
 
 def _queries(client: Client, path: str) -> int:
@@ -254,3 +258,57 @@ def test_it_renders_a_run_in_queries_that_do_not_grow_with_its_events(
             ledger.append(run.pk, "tool.called", {"task": "check_sanctions", "n": i},
                           actor="system")
     assert _queries(signed_in, f"/runs/{run.pk}/") == few
+
+
+@pytest.mark.django_db
+def test_it_shows_progress_budget_gauges_and_the_trace_tree(signed_in: Client,
+                                                            operator: User) -> None:
+    from django.db import transaction
+
+    from audit import ledger
+
+    run = _pending_run(operator, "vendor-onboarding", {
+        "name": "Northwind", "country": "DE", "iban": "DE89370400440532013000",
+        "email": "ap@northwind.example"})
+    Run.objects.filter(pk=run.pk).update(budget_tokens=1000, tokens_in=600, tokens_out=300)
+    Task.objects.filter(run=run, key="validate").update(status="succeeded")
+    with transaction.atomic():
+        ledger.append(run.pk, "tool.called", {"task": "validate", "tool": "validate_vendor",
+                                              "latency_ms": 4.5, "result": {"ok": PAYLOAD}},
+                      actor="system")
+    page = signed_in.get(f"/runs/{run.pk}/").content.decode()
+    total = Task.objects.filter(run=run).count()
+    assert f"1 of {total} tasks finished" in page
+    assert 'id="gauge-tokens"' in page and "900 of 1000 (90.0%)" in page
+    assert "gauge-high" in page and "(no cap)" in page
+    branch = page.split('id="trace-validate"')[1].split("</details>")[0]
+    assert "tool.called" in branch and "4.5 ms" in branch
+    assert ESCAPED in page and PAYLOAD not in page
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_retries_a_failed_run_from_its_first_unfinished_task(runner: None, client: Client,
+                                                                operator: User) -> None:
+    from tests.conftest import wait_for_run
+
+    run = _pending_run(operator, "vendor-onboarding", {
+        "name": "Northwind", "country": "DE", "iban": "DE89370400440532013000",
+        "email": "ap@northwind.example"})
+    assert wait_for_run(run.pk).status == "succeeded"
+    tasks = list(Task.objects.filter(run=run).order_by("position"))
+    Run.objects.filter(pk=run.pk).update(status="failed")  # as if task 2 had failed
+    Task.objects.filter(pk=tasks[1].pk).update(status="failed")
+    Task.objects.filter(pk__in=[t.pk for t in tasks[2:]]).update(status="cancelled")
+    client.force_login(operator)
+    page = client.get(f"/runs/{run.pk}/").content.decode()
+    assert "Retry from task 2" in page
+    answer = client.post(f"/runs/{run.pk}/retry")
+    assert answer.status_code == 302
+    retry = Run.objects.exclude(pk=run.pk).get()
+    assert answer["Location"] == f"/runs/{retry.pk}/"
+    assert retry.forked_from_id == run.pk and retry.fork_point == 2
+    assert wait_for_run(retry.pk).status == "succeeded"
+    reused = Event.objects.get(chain=retry.pk, kind="task.succeeded", data__task=tasks[0].key)
+    assert reused.data.get("reused_from") == str(run.pk)
+    assert client.post(f"/runs/{retry.pk}/retry").status_code == 302  # succeeded: refused
+    assert Run.objects.count() == 2

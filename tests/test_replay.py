@@ -14,9 +14,9 @@ from approvals import services as approvals
 from approvals.models import ApprovalRequest, Policy
 from audit.models import Event
 from console.models import ApiToken
-from orchestration.models import Agent, Process, Run
+from orchestration.models import Agent, Run
 from orchestration.replay import ledger_of, replay
-from tests.conftest import DISTRIBUTED, VENDOR_INPUT, wait_for_run
+from tests.conftest import VENDOR_INPUT, wait_for_run
 
 REFUND = {"order_id": "ORD-1042", "reason": "damaged", "customer_email": "kim@example.com"}
 INQUIRY = {"customer_email": "kim@example.com", "order_id": "ORD-1042",
@@ -24,9 +24,8 @@ INQUIRY = {"customer_email": "kim@example.com", "order_id": "ORD-1042",
 
 
 @pytest.fixture
-def runner(request: pytest.FixtureRequest, transactional_db: Any, demo: None) -> None:
-    if DISTRIBUTED:
-        request.getfixturevalue("celery_worker")
+def runner(runner: None, demo: None) -> None:
+    """The worker, with the demo data seeded."""
 
 
 class Api:

@@ -13,25 +13,13 @@ from django.test import Client
 from approvals.models import ApprovalRequest
 from orchestration import services
 from orchestration.models import Process, Run
-from tests.conftest import DISTRIBUTED, wait_for, wait_for_run
+from tests.conftest import wait_for, wait_for_run
 from tests.test_approvals import REFUND, _open_request
 
 
 @pytest.fixture(autouse=True)
 def _fast_password_hashing(settings: Any) -> None:
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
-@pytest.fixture
-def runner(request: pytest.FixtureRequest, transactional_db: Any) -> None:
-    if DISTRIBUTED:
-        request.getfixturevalue("celery_worker")
-
-
-@pytest.fixture
-def people(demo: None) -> dict[str, User]:
-    return {u.username: u for u in User.objects.filter(
-        username__in=["operator", "reviewer", "reviewer2", "admin"])}
 
 
 def browser(user: User) -> Client:

@@ -8,14 +8,7 @@ import pytest
 
 from audit.ledger import verify_chain
 from audit.models import Event
-from tests.conftest import DISTRIBUTED, wait_for_run
-
-
-@pytest.fixture
-def runner(request: pytest.FixtureRequest, transactional_db: Any) -> None:
-    # Distributed: a real Celery worker process; standalone: the in-process pool.
-    if DISTRIBUTED:
-        request.getfixturevalue("celery_worker")
+from tests.conftest import wait_for_run
 
 
 @pytest.mark.django_db(transaction=True)

@@ -20,7 +20,7 @@ from audit import ledger
 from console import charts, screens
 from orchestration import services
 from orchestration.models import Agent, Process, Run, Task, Tool
-from tests.conftest import DISTRIBUTED, wait_for_run
+from tests.conftest import wait_for_run
 
 PAYLOAD = "<script>alert(1)</script>"
 ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;"
@@ -34,18 +34,6 @@ REFUND = {"order_id": "ORD-1042", "amount": 500, "reason": "damaged",
 @pytest.fixture(autouse=True)
 def _fast_password_hashing(settings: Any) -> None:
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
-@pytest.fixture
-def runner(request: pytest.FixtureRequest, transactional_db: Any) -> None:
-    if DISTRIBUTED:
-        request.getfixturevalue("celery_worker")
-
-
-@pytest.fixture
-def people(demo: None) -> dict[str, User]:
-    return {u.username: u for u in User.objects.filter(
-        username__in=["operator", "reviewer", "admin"])}
 
 
 def signed_in(user: User, *, csrf: bool = False) -> Client:

@@ -17,8 +17,8 @@ from orchestration.engine.contracts import ToolContract
 from orchestration.engine.errors import ContractError, ToolInputInvalid
 from orchestration.engine.governance import Governor, Ungoverned, Usage
 from orchestration.engine.handoff import (
-    HandoffError,
     Envelope,
+    HandoffError,
     envelope_for_output,
     extract_block,
     parse_envelope,
