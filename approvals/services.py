@@ -121,8 +121,7 @@ def _config_event(policy: Policy, previous: PolicyVersion | None, version: Polic
 
     old, new = values(previous), values(version)
     keys = [k for k in _POLICY_FIELDS if old.get(k) != new.get(k) or k not in old]
-    chain = getattr(ledger, "CONFIG_CHAIN", uuid.UUID(int=1))
-    ledger.append(chain, "config.policy.publish", {
+    ledger.append(ledger.CONFIG_CHAIN, "config.policy.publish", {
         "model": "approvals.policy", "object": policy.slug,
         "old": {k: old[k] for k in keys if k in old}, "new": {k: new[k] for k in keys}},
         actor=actor_of(acting_user) if acting_user is not None else "system")

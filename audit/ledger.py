@@ -55,9 +55,8 @@ def open_chain(chain: uuid.UUID) -> None:
     ChainHead.objects.get_or_create(chain=chain, defaults={"seq": 0, "head_hash": GENESIS})
 
 
-def _locked_head(cursor: Any, chain_param: Any) -> tuple[int, str]:
+def _locked_head(cursor: Any, sql: str, chain_param: Any) -> tuple[int, str]:
     """The chain's (seq, head_hash), its row locked until commit; created on first use."""
-    sql = _HEAD_SQL.format(lock=_lock_clause())
     cursor.execute(sql, [chain_param])
     row = cursor.fetchone()
     if row is None:
@@ -84,8 +83,9 @@ def append(chain: uuid.UUID, kind: str, data: dict[str, Any], *, actor: str) -> 
     chain_param = pk.get_db_prep_value(chain, connection)
     global_param = pk.get_db_prep_value(GLOBAL_CHAIN, connection)
     with connection.cursor() as cursor:  # plain SQL: this runs for every step of every run
-        head_seq, head_hash = _locked_head(cursor, chain_param)
-        gseq, gprev_hash = _locked_head(cursor, global_param)
+        head_sql = _HEAD_SQL.format(lock=_lock_clause())
+        head_seq, head_hash = _locked_head(cursor, head_sql, chain_param)
+        gseq, gprev_hash = _locked_head(cursor, head_sql, global_param)
     at = timezone.now()
     seq = head_seq + 1
     gseq += 1

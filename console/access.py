@@ -8,6 +8,27 @@ from django.http import Http404
 
 from orchestration.models import Process, Run
 
+ADMIN_GROUP = "admin"
+ROLES = ("operator", "reviewer", ADMIN_GROUP)
+
+
+def is_console_user(user) -> bool:  # type: ignore[no-untyped-def]
+    """Signed in and holding a console role (or a superuser)."""
+    return bool(user.is_authenticated and (
+        user.is_superuser or user.groups.filter(name__in=ROLES).exists()))
+
+
+def is_admin(user) -> bool:  # type: ignore[no-untyped-def]
+    """A superuser or a member of the admin group (looked up once per request's user)."""
+    if not user.is_authenticated:
+        return False
+    if user.is_superuser:
+        return True
+    cached = getattr(user, "_is_admin", None)
+    if cached is None:
+        cached = user._is_admin = user.groups.filter(name=ADMIN_GROUP).exists()
+    return bool(cached)
+
 
 def can_start(user, process: Process) -> bool:  # type: ignore[no-untyped-def]
     return bool(

@@ -15,22 +15,14 @@ from django.shortcuts import render
 
 from audit.ledger import CONFIG_CHAIN
 from audit.models import Event
+from console.access import is_admin
 
-ADMIN_GROUP = "admin"
 PAGE_SIZE = 50
 
 
 def can_read_ledger(user: Any) -> bool:
     """Staff, superusers and members of the admin group may read the whole ledger."""
-    if not user.is_authenticated or not user.is_active:
-        return False
-    if user.is_staff or user.is_superuser:
-        return True
-    cached = getattr(user, "_can_read_ledger", None)
-    if cached is None:
-        cached = user.groups.filter(name=ADMIN_GROUP).exists()
-        user._can_read_ledger = cached
-    return bool(cached)
+    return bool(user.is_authenticated and user.is_active and (user.is_staff or is_admin(user)))
 
 
 class LedgerFilter(forms.Form):

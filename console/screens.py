@@ -39,28 +39,16 @@ from approvals import services as approvals
 from approvals.models import ApprovalRequest, Reason
 from audit.models import Event
 from console import charts
-from console.access import visible_runs
+from console.access import is_admin, is_console_user, visible_runs
 from orchestration import services
 from orchestration.engine.states import RUN_TERMINAL, TASK_TERMINAL, RunStatus, TaskStatus
 from orchestration.models import Agent, Run, Task, Tool
 
-ROLES = ("operator", "reviewer", "admin")
 WINDOW_DAYS = 14
 View = Callable[..., HttpResponse]
 
 
 # --- access -----------------------------------------------------------------------------------
-
-
-def is_console_user(user: Any) -> bool:
-    """Signed in and holding a console role (or a superuser)."""
-    return bool(user.is_authenticated and (
-        user.is_superuser or user.groups.filter(name__in=ROLES).exists()))
-
-
-def is_admin(user: Any) -> bool:
-    return bool(user.is_authenticated and (
-        user.is_superuser or user.groups.filter(name="admin").exists()))
 
 
 def console_role_required(view: View) -> View:

@@ -96,8 +96,6 @@ def _run_context(request: HttpRequest, run_id: Any) -> dict[str, Any]:
     tasks = list(run.tasks.all())
     events = list(Event.objects.filter(chain=run.pk).order_by("seq"))
     done = sum(1 for t in tasks if t.status in TASK_TERMINAL)
-    first_unfinished = next((i for i, t in enumerate(tasks, 1)
-                             if t.status != TaskStatus.SUCCEEDED), None)
     may_fork = can_start(request.user, run.process_version.process)
     return {
         "run": run,
@@ -113,7 +111,7 @@ def _run_context(request: HttpRequest, run_id: Any) -> dict[str, Any]:
         "active": run.status not in RUN_TERMINAL,
         "may_cancel": can_cancel(request.user, run),
         "may_fork": may_fork,
-        "retry_step": first_unfinished if (
+        "retry_step": _first_unfinished(tasks) if (
             may_fork and run.status in (RunStatus.FAILED, RunStatus.CANCELLED)) else None,
         "waiting_on": list(ApprovalRequest.objects.filter(
             run_id=run.pk, status=ApprovalRequest.Status.PENDING).select_related(
@@ -158,24 +156,42 @@ def run_replay(request: HttpRequest, run_id: Any) -> HttpResponse:
     return render(request, "console/run_detail.html", context)
 
 
-@login_required
-@require_POST
-def run_fork(request: HttpRequest, run_id: Any) -> HttpResponse:
-    run = get_run_for_user(request.user, run_id)
-    if not can_start(request.user, run.process_version.process):
-        return HttpResponse("You may not start runs of this process.", status=403)
-    try:
-        step = int(request.POST.get("step", ""))
-    except ValueError:
-        messages.error(request, "Choose the step to fork from (a task number).")
-        return redirect("run_detail", run_id=run.pk)
+def _first_unfinished(tasks: list[Any]) -> int | None:
+    """The plan position (1-based) of the first task that did not succeed."""
+    return next((i for i, t in enumerate(tasks, 1) if t.status != TaskStatus.SUCCEEDED), None)
+
+
+def _fork(request: HttpRequest, run: Any, step: int, done: str) -> HttpResponse:
+    """Fork ``run`` from task ``step`` and open the new run; on refusal, say why on the old."""
     try:
         fork = services.run_fork(run=run, step=step, user=request.user)
     except services.ServiceError as exc:
         messages.error(request, str(exc))
         return redirect("run_detail", run_id=run.pk)
-    messages.success(request, f"Forked from step {step} of run {run.pk}.")
+    messages.success(request, done)
     return redirect("run_detail", run_id=fork.pk)
+
+
+def _run_to_fork(request: HttpRequest, run_id: Any) -> Any:
+    """The run, if this user may see it and start its process; else the response to send."""
+    run = get_run_for_user(request.user, run_id)
+    if not can_start(request.user, run.process_version.process):
+        return None, HttpResponse("You may not start runs of this process.", status=403)
+    return run, None
+
+
+@login_required
+@require_POST
+def run_fork(request: HttpRequest, run_id: Any) -> HttpResponse:
+    run, refused = _run_to_fork(request, run_id)
+    if refused:
+        return refused
+    try:
+        step = int(request.POST.get("step", ""))
+    except ValueError:
+        messages.error(request, "Choose the step to fork from (a task number).")
+        return redirect("run_detail", run_id=run.pk)
+    return _fork(request, run, step, f"Forked from step {step} of run {run.pk}.")
 
 
 @login_required
@@ -183,19 +199,13 @@ def run_fork(request: HttpRequest, run_id: Any) -> HttpResponse:
 def run_retry(request: HttpRequest, run_id: Any) -> HttpResponse:
     """Run a failed or cancelled run again from its first task that did not succeed: a fork
     that keeps the recorded results of everything before it."""
-    run = get_run_for_user(request.user, run_id)
-    if not can_start(request.user, run.process_version.process):
-        return HttpResponse("You may not start runs of this process.", status=403)
+    run, refused = _run_to_fork(request, run_id)
+    if refused:
+        return refused
     if run.status not in (RunStatus.FAILED, RunStatus.CANCELLED):
         messages.error(request, f"Only a failed or cancelled run can be retried; this one is "
                                 f"{run.status}.")
         return redirect("run_detail", run_id=run.pk)
     tasks = list(run.tasks.all())
-    step = next((i for i, t in enumerate(tasks, 1) if t.status != TaskStatus.SUCCEEDED), 1)
-    try:
-        retry = services.run_fork(run=run, step=step, user=request.user)
-    except services.ServiceError as exc:
-        messages.error(request, str(exc))
-        return redirect("run_detail", run_id=run.pk)
-    messages.success(request, f"Retrying from task {step} ({tasks[step - 1].key}).")
-    return redirect("run_detail", run_id=retry.pk)
+    step = _first_unfinished(tasks) or 1
+    return _fork(request, run, step, f"Retrying from task {step} ({tasks[step - 1].key}).")

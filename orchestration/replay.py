@@ -20,6 +20,7 @@ from typing import Any
 from approvals.models import Policy, PolicyVersion, Reason
 from approvals.services import _condition_holds, digest
 from audit.models import Event
+from orchestration.agents import _Log
 from orchestration.builtin_tools import registry as builtin_registry
 from orchestration.engine.agent import AgentSpec, run_agent
 from orchestration.engine.contracts import ToolContract, ToolRegistry
@@ -575,18 +576,6 @@ class _Replay:
                 return str(result.status)
             self._apply(self.pending[0])
         raise EngineError(f"the replay did not settle within {MAX_ITERATIONS} steps")
-
-
-class _Log:
-    def __init__(self, store: ReplayStore, run_id: str, key: str) -> None:
-        self.store, self.run_id, self.key = store, run_id, key
-
-    def journal(self) -> Any:
-        return self.store.journal(self.run_id, self.key)
-
-    def record(self, kind: str, data: dict[str, Any], *, usage: Usage,
-               reserved: Usage | None = None) -> None:
-        self.store.record_step(self.run_id, kind, data, usage=usage, reserved=reserved)
 
 
 def _contract_shape(tool: Tool) -> ToolContract:

@@ -132,7 +132,6 @@ def run_create(*, process: Process, input: Any, user: AbstractBaseUser | None,
                  output=reused.get(t.key))
             for i, t in enumerate(plan.tasks)
         )
-        ledger.open_chain(run.pk)
         ledger.append(
             run.pk, "run.created",
             {"process": process.slug, "version": version.number, "input": input},
@@ -304,28 +303,23 @@ def _grants_of(agent: Agent, tool: Tool) -> list[str]:
 
 def tool_grant(*, agent: Agent, tool: Tool, by: AbstractBaseUser | None) -> bool:
     """Let ``agent`` invoke ``tool``; False if it already could (nothing is written)."""
-    from guardian.shortcuts import assign_perm
-
-    with transaction.atomic():
-        old = _grants_of(agent, tool)
-        if "invoke_tool" in old:
-            return False
-        assign_perm("orchestration.invoke_tool", agent.user, tool)
-        config_audit.record("grant", model="orchestration.tool", object=tool.slug,
-                            grantee=f"agent:{agent.slug}", old={"perms": old},
-                            new={"perms": _grants_of(agent, tool)}, by=by)
-    return True
+    return _set_grant(agent, tool, by, granted=True)
 
 
 def tool_revoke(*, agent: Agent, tool: Tool, by: AbstractBaseUser | None) -> bool:
     """Stop ``agent`` invoking ``tool`` from its next call on; False if it could not anyway."""
-    from guardian.shortcuts import remove_perm
+    return _set_grant(agent, tool, by, granted=False)
+
+
+def _set_grant(agent: Agent, tool: Tool, by: AbstractBaseUser | None, *, granted: bool) -> bool:
+    from guardian.shortcuts import assign_perm, remove_perm
 
     with transaction.atomic():
         old = _grants_of(agent, tool)
-        if "invoke_tool" not in old:
+        if ("invoke_tool" in old) == granted:
             return False
-        remove_perm("orchestration.invoke_tool", agent.user, tool)
+        change = assign_perm if granted else remove_perm
+        change("orchestration.invoke_tool", agent.user, tool)
         config_audit.record("grant", model="orchestration.tool", object=tool.slug,
                             grantee=f"agent:{agent.slug}", old={"perms": old},
                             new={"perms": _grants_of(agent, tool)}, by=by)

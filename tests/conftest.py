@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -158,39 +159,53 @@ def celery_worker(transactional_db: Any) -> Iterator[subprocess.Popen[bytes]]:
     if not DISTRIBUTED:
         pytest.skip("needs REDIS_URL (the distributed pass)")
     import redis
-    from django.db import connection
 
     redis.Redis.from_url(settings.REDIS_URL).flushdb()
-    db = connection.settings_dict
     env = dict(os.environ)
-    auth = db["USER"] + (f":{db['PASSWORD']}" if db["PASSWORD"] else "")
-    env["DATABASE_URL"] = (f"postgresql://{auth}@{db['HOST'] or '127.0.0.1'}:"
-                           f"{db['PORT'] or 5432}/{db['NAME']}")
+    env["DATABASE_URL"] = subprocess_database_url()
     env["REDIS_URL"] = settings.REDIS_URL
     env["SWITCHBOARD_CREDENTIAL_CRM"] = TEST_CRM_SECRET
     env["SWITCHBOARD_CREDENTIAL_LLM"] = TEST_LLM_SECRET
-    log_path = ROOT / "artifacts" / "celery-worker.log"
-    log_path.parent.mkdir(exist_ok=True)
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(
+    with service_process(
         [sys.executable, "-m", "celery", "-A", "console", "worker", "--loglevel=INFO",
          "--concurrency=3", "--pool=threads", "--without-gossip", "--without-mingle",
          "--without-heartbeat", "-n", f"test-{os.getpid()}@%h"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    try:
+        env=env, log_name="celery-worker.log",
+    ) as (proc, log_path):
         wait_for(lambda: b"ready." in log_path.read_bytes() or proc.poll() is not None,
                  timeout=60, what="the celery worker to start")
         if proc.poll() is not None:
             raise AssertionError(f"celery worker exited early; see {log_path}")
         yield proc
-    finally:
-        proc.terminate()
+
+
+def subprocess_database_url() -> str:
+    """The test database as a ``DATABASE_URL``, for server and worker subprocesses."""
+    from django.db import connection
+
+    db = connection.settings_dict
+    if db["ENGINE"].endswith("sqlite3"):
+        return f"sqlite:///{db['NAME']}"
+    auth = db["USER"] + (f":{db['PASSWORD']}" if db["PASSWORD"] else "")
+    return f"postgresql://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+@contextmanager
+def service_process(args: list[str], *, env: dict[str, str],
+                    log_name: str) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """A server or worker subprocess logging to artifacts/<log_name>, stopped afterwards."""
+    log_path = ROOT / "artifacts" / log_name
+    log_path.parent.mkdir(exist_ok=True)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+            yield proc, log_path
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 @pytest.fixture

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import socket
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +17,15 @@ from typing import Any
 import pytest
 from django.conf import settings
 
-from tests.conftest import DISTRIBUTED, REQUIRE_SERVICES, ROOT, VENDOR_INPUT, wait_for
+from tests.conftest import (
+    DISTRIBUTED,
+    REQUIRE_SERVICES,
+    ROOT,
+    VENDOR_INPUT,
+    service_process,
+    subprocess_database_url,
+    wait_for,
+)
 
 CHROMIUM = os.environ.get("SWITCHBOARD_CHROMIUM", "/usr/bin/chromium")
 MODE = "distributed" if DISTRIBUTED else "standalone"
@@ -57,17 +63,10 @@ def _free_port() -> int:
 
 
 def _server_env() -> dict[str, str]:
-    from django.db import connection
-
-    db = connection.settings_dict
     env = {k: v for k, v in os.environ.items() if k not in {"REDIS_URL", "DATABASE_URL"}}
+    env["DATABASE_URL"] = subprocess_database_url()
     if DISTRIBUTED:
-        auth = db["USER"] + (f":{db['PASSWORD']}" if db["PASSWORD"] else "")
-        env["DATABASE_URL"] = (f"postgresql://{auth}@{db['HOST'] or '127.0.0.1'}:"
-                               f"{db['PORT'] or 5432}/{db['NAME']}")
         env["REDIS_URL"] = settings.REDIS_URL
-    else:
-        env["DATABASE_URL"] = f"sqlite:///{db['NAME']}"
     env["SWITCHBOARD_DEMO_PASSWORD"] = settings.SWITCHBOARD_DEMO_PASSWORD
     return env
 
@@ -76,33 +75,23 @@ def _server_env() -> dict[str, str]:
 def server(transactional_db: Any, demo: None) -> Iterator[str]:
     """`daphne console.asgi:application` on a free port, against the test database."""
     port = _free_port()
-    log_path = ROOT / "artifacts" / f"daphne-{MODE}.log"
-    log_path.parent.mkdir(exist_ok=True)
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(
+    with service_process(
         [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
          "console.asgi:application"],
-        cwd=ROOT, env=_server_env(), stdout=log, stderr=subprocess.STDOUT)
+        env=_server_env(), log_name=f"daphne-{MODE}.log",
+    ) as (proc, log_path):
 
-    def up() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"daphne exited early; see {log_path}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return True
-        except OSError:
-            return False
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"daphne exited early; see {log_path}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    return True
+            except OSError:
+                return False
 
-    try:
         wait_for(up, timeout=30, what="daphne to listen")
         yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 @pytest.fixture
