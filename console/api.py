@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+import kombu.exceptions
+import redis.exceptions
 from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db import InterfaceError, OperationalError
 from django.http import Http404, HttpRequest, HttpResponse
-from ninja import NinjaAPI, Schema, Status
+from ninja import Header, NinjaAPI, Schema, Status
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 from ninja.security import HttpBearer
 from pydantic import Field
@@ -17,10 +22,19 @@ from approvals import services as approval_services
 from approvals.models import ApprovalRequest
 from audit.models import Event
 from console.access import can_cancel, can_start, get_run_for_user, startable_processes
+from console.idempotency import KEY_HEADER, KEY_PATTERN, KEY_TTL, perform_once
+from console.middleware import request_id_of
 from console.models import ApiToken
 from orchestration import services
 from orchestration.engine.states import TaskStatus
 from orchestration.models import Process, Run
+
+logger = logging.getLogger("switchboard.api")
+
+# Failures of something the API depends on, not of the request: worth a retry.
+UNAVAILABLE = (OperationalError, InterfaceError, kombu.exceptions.OperationalError,
+               redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+RETRY_AFTER_SECONDS = 5
 
 
 class BearerToken(HttpBearer):
@@ -46,11 +60,17 @@ class ErrorOut(Schema):
     error: str
 
 
+class ServerErrorOut(Schema):
+    error: str
+    request_id: str = Field(description="also in the X-Request-ID header and the server log")
+
+
 @api.exception_handler(ValidationError)
 def _validation_error(request: HttpRequest, exc: ValidationError) -> HttpResponse:
     parts = []
     for err in exc.errors:
-        loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "payload"))
+        loc = ".".join(str(p) for p in err.get("loc", ())
+                       if p not in ("body", "payload", "header"))
         parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
     return api.create_response(request, {"error": "invalid request: " + "; ".join(parts)},
                                status=400)
@@ -75,6 +95,56 @@ def _http_error(request: HttpRequest, exc: HttpError) -> HttpResponse:
 @api.exception_handler(Http404)
 def _not_found(request: HttpRequest, exc: Http404) -> HttpResponse:
     return api.create_response(request, {"error": str(exc) or "not found"}, status=404)
+
+
+def _unavailable(request: HttpRequest, exc: Exception) -> HttpResponse:
+    request_id = request_id_of(request)
+    logger.error("service unavailable in %s %s (request_id=%s)", request.method, request.path,
+                 request_id, exc_info=exc)
+    response = api.create_response(request, {
+        "error": f"service temporarily unavailable; retry later, with the same {KEY_HEADER} "
+                 "if you sent one, so the request is not done twice",
+        "request_id": request_id}, status=503)
+    response["Retry-After"] = str(RETRY_AFTER_SECONDS)
+    return response
+
+
+for _exc_class in UNAVAILABLE:
+    api.add_exception_handler(_exc_class, _unavailable)
+
+
+@api.exception_handler(Exception)
+def _server_error(request: HttpRequest, exc: Exception) -> HttpResponse:
+    request_id = request_id_of(request)
+    logger.exception("unhandled error in %s %s (request_id=%s)", request.method, request.path,
+                     request_id)
+    # The exception's text may hold internals; the request id leads to it in the log.
+    return api.create_response(
+        request, {"error": "internal server error; quote the request id when reporting it",
+                  "request_id": request_id}, status=500)
+
+
+IDEMPOTENCY_DOC = (
+    f"Optional. Send a unique key (1-200 printable ASCII characters) to make retries safe: for "
+    f"{KEY_TTL.total_seconds() / 3600:g} hours, a retry by you with the same key and the same "
+    "request returns the first successful response (header Idempotent-Replayed: true) without "
+    "acting again; the same key on a different request answers 422. Error responses are not "
+    "kept, so a fixed request may reuse the key. A concurrent retry waits for the first one.")
+# Shared by the operations that take it, so both document it the same way.
+IdempotencyHeader = Header(None, alias=KEY_HEADER, description=IDEMPOTENCY_DOC,
+                           pattern=KEY_PATTERN)
+
+
+def _once(request: HttpRequest, key: str | None, schema: type[Schema],
+          action: Callable[[], Status[Any]]) -> Status[Any] | HttpResponse:
+    """``action`` under ``key``; its success is rendered here as ninja would render it for
+    ``schema``, so that the exact bytes can be stored and replayed."""
+    def render(result: Status[Any]) -> HttpResponse:
+        return api.create_response(request, schema.model_validate(result.value).model_dump(),
+                                   status=result.status_code)
+
+    return perform_once(request, key, action, render=render,
+                        content_type=api.get_content_type())
 
 
 class ProcessOut(Schema):
@@ -181,20 +251,25 @@ def list_processes(request: HttpRequest) -> list[dict[str, Any]]:
     ]
 
 
-@api.post("/runs", response={201: RunOut, 400: ErrorOut, 403: ErrorOut},
+@api.post("/runs", response={201: RunOut, 400: ErrorOut, 403: ErrorOut, 409: ErrorOut,
+                              422: ErrorOut, 503: ServerErrorOut},
           summary="Start a run of a process")
-def create_run(request: HttpRequest, payload: RunIn) -> Any:
-    process = Process.objects.select_related("current_version").filter(
-        slug=payload.process).first()
-    if process is None or process.current_version is None:
-        return Status(400, {"error": f"unknown process {payload.process!r}"})
-    if not can_start(request.user, process):
-        return Status(403, {"error": f"you may not start runs of {process.slug!r}"})
-    try:
-        run = services.run_create(process=process, input=payload.input, user=request.user)
-    except services.ServiceError as exc:
-        return Status(400, {"error": str(exc)})
-    return Status(201, run_out(run))
+def create_run(request: HttpRequest, payload: RunIn,
+               idempotency_key: str | None = IdempotencyHeader) -> Any:
+    def action() -> Status[Any]:
+        process = Process.objects.select_related("current_version").filter(
+            slug=payload.process).first()
+        if process is None or process.current_version is None:
+            return Status(400, {"error": f"unknown process {payload.process!r}"})
+        if not can_start(request.user, process):
+            return Status(403, {"error": f"you may not start runs of {process.slug!r}"})
+        try:
+            run = services.run_create(process=process, input=payload.input, user=request.user)
+        except services.ServiceError as exc:
+            return Status(400, {"error": str(exc)})
+        return Status(201, run_out(run))
+
+    return _once(request, idempotency_key, RunOut, action)
 
 
 @api.get("/runs/{run_id}", response=RunOut, summary="A run's state, usage and result")
@@ -272,8 +347,8 @@ class DecisionIn(Schema):
 
 def approval_out(request: ApprovalRequest) -> dict[str, Any]:
     decisions = list(request.decisions.select_related("decider"))
-    approvals = {d.decider_id for d in decisions
-                 if d.kind in ("approve", "edit") and d.arguments_digest == request.arguments_digest}
+    approvals = {d.decider_id for d in decisions if d.kind in ("approve", "edit")
+                 and d.arguments_digest == request.arguments_digest}
     return {
         "id": request.pk, "run": request.run_id, "task": request.task_key, "tool": request.tool,
         "arguments": request.arguments, "arguments_digest": request.arguments_digest,
@@ -320,15 +395,19 @@ def get_approval(request: HttpRequest, request_id: str) -> dict[str, Any]:
 
 @api.post("/approvals/{request_id}/decision",
           response={200: ApprovalOut, 400: ErrorOut, 403: ErrorOut, 404: ErrorOut,
-                    409: ErrorOut},
+                    409: ErrorOut, 422: ErrorOut, 503: ServerErrorOut},
           summary="Decide an approval request")
-def decide_approval(request: HttpRequest, request_id: str, payload: DecisionIn) -> Any:
-    _visible_request(request.user, request_id)
-    try:
-        approval = approval_services.request_decide(
-            request_id=request_id, user=request.user, decision=payload.decision,
-            arguments=payload.arguments, note=payload.note, budget=payload.budget,
-            expected_digest=payload.arguments_digest)
-    except approval_services.ApprovalError as exc:
-        return Status(exc.status, {"error": str(exc)})
-    return Status(200, approval_out(approval))
+def decide_approval(request: HttpRequest, request_id: str, payload: DecisionIn,
+                    idempotency_key: str | None = IdempotencyHeader) -> Any:
+    def action() -> Status[Any]:
+        _visible_request(request.user, request_id)
+        try:
+            approval = approval_services.request_decide(
+                request_id=request_id, user=request.user, decision=payload.decision,
+                arguments=payload.arguments, note=payload.note, budget=payload.budget,
+                expected_digest=payload.arguments_digest)
+        except approval_services.ApprovalError as exc:
+            return Status(exc.status, {"error": str(exc)})
+        return Status(200, approval_out(approval))
+
+    return _once(request, idempotency_key, ApprovalOut, action)

@@ -52,3 +52,29 @@ class ApiToken(models.Model):
         if token.last_used_at is None or (now - token.last_used_at).total_seconds() > 60:
             cls.objects.filter(pk=token.pk).update(last_used_at=now)
         return token.user
+
+
+class IdempotencyKey(models.Model):
+    """A client's Idempotency-Key and the response it got, so a retry gets the same answer.
+
+    The row is written in the same transaction as the action it guards: it exists exactly when
+    the action happened. Only successful (2xx) responses are kept; see console/idempotency.py.
+    """
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE,
+                             related_name="idempotency_keys")
+    key = models.CharField(max_length=200)
+    request_digest = models.CharField(max_length=64,
+                                      help_text="SHA-256 of method, path and canonical body")
+    response_status = models.PositiveSmallIntegerField(null=True, blank=True)
+    # Text, not JSONField: PostgreSQL's jsonb reorders keys, and a replay must be the same bytes.
+    response_body = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["user", "key"], name="console_idempotency_user_key"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user} {self.key}"
