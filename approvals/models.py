@@ -18,6 +18,7 @@ class Reason(models.TextChoices):
     QC_MISMATCH = "qc_mismatch", "QC mismatch"
     UNKNOWN_OUTCOME = "unknown_outcome", "unknown outcome of a non-idempotent call"
     AGENT_RETIRED = "agent_retired", "agent retired"
+    POISON_TASK = "poison_task", "task kept losing its worker"
 
 
 class Policy(models.Model):

@@ -307,8 +307,9 @@ def _resolve(request: ApprovalRequest, resolution: dict[str, Any], *, actor: str
     ledger.append(request.run_id, "approval.resolved", {
         "request": str(request.pk), "status": request.status, "resolution": resolution,
     }, actor=actor)
-    transaction.on_commit(lambda: approval_resolved.send(sender=ApprovalRequest,
-                                                         request=request))
+    # Sent inside the deciding transaction: a receiver's outbox message (orchestration resumes
+    # the task) commits with the decision or not at all.
+    approval_resolved.send(sender=ApprovalRequest, request=request)
 
 
 def requests_expire(*, now: Any = None) -> int:

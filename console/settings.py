@@ -101,6 +101,10 @@ if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
         "NAME": str(BASE_DIR / f".test-switchboard-{os.getpid()}.sqlite3")}
 else:
     DATABASES["default"]["TEST"] = {"NAME": f"test_{DATABASES['default']['NAME']}_{os.getpid()}"}
+    # Workers keep their connection between tasks (a new one costs more than a whole step);
+    # the health check drops one that a database restart broke.
+    DATABASES["default"]["CONN_MAX_AGE"] = envint("SWITCHBOARD_DB_CONN_MAX_AGE", 300, minimum=0)
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTHENTICATION_BACKENDS = [
@@ -157,18 +161,32 @@ else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
 CELERY_BROKER_URL = REDIS_URL or "memory://"
+# Publishing gives up fast when the broker is away (the outbox keeps the message); a message a
+# killed worker had taken comes back from the outbox relay long before Redis's visibility
+# timeout would return it.
+CELERY_BROKER_TRANSPORT_OPTIONS = {"socket_timeout": 5, "socket_connect_timeout": 2,
+                                   "visibility_timeout": 600}
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = False
 CELERY_RESULT_BACKEND = None
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
-# Approval deadlines and lost-work recovery: Celery beat in distributed mode, a thread in
-# standalone mode, both calling orchestration.sweep.
-SWITCHBOARD_SWEEP_SECONDS = envint("SWITCHBOARD_SWEEP_SECONDS", 30, minimum=1)
-CELERY_BEAT_SCHEDULE = {
-    "sweep": {"task": "orchestration.sweep", "schedule": float(SWITCHBOARD_SWEEP_SECONDS)},
-}
+# Recovery (orchestration/sweep.py, orchestration/leases.py): a running task's lease lasts
+# SWITCHBOARD_LEASE_SECONDS and is renewed every third of that; every worker process runs the
+# sweep every SWITCHBOARD_SWEEP_SECONDS (one at a time), which takes over expired leases and
+# relays outbox messages not handled within SWITCHBOARD_REDELIVER_SECONDS. A lost worker's task
+# restarts within lease + sweep seconds (15 s by default). A task that was running on
+# SWITCHBOARD_POISON_CRASHES lost workers escalates to a person (poison_task).
+SWITCHBOARD_LEASE_SECONDS = envint("SWITCHBOARD_LEASE_SECONDS", 10, minimum=1)
+SWITCHBOARD_SWEEP_SECONDS = envint("SWITCHBOARD_SWEEP_SECONDS", 5, minimum=1)
+SWITCHBOARD_REDELIVER_SECONDS = envint("SWITCHBOARD_REDELIVER_SECONDS", 15, minimum=1)
+SWITCHBOARD_POISON_CRASHES = envint("SWITCHBOARD_POISON_CRASHES", 3, minimum=1)
+# How long a worker keeps the work in hand through a database outage before giving it up to
+# the sweep.
+SWITCHBOARD_DB_RETRY_SECONDS = envint("SWITCHBOARD_DB_RETRY_SECONDS", 60, minimum=0)
 
 LOGGING = {
     "version": 1,

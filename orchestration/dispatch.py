@@ -1,6 +1,7 @@
 """Where run work goes: Celery in distributed mode, the in-process thread pool in standalone.
 
-Both paths call the same Celery task functions. Call these from ``transaction.on_commit``.
+Both paths call the same Celery task functions. Nothing calls this directly to start work:
+state changes write outbox rows (orchestration/outbox.py), which are published through here.
 """
 
 from __future__ import annotations
@@ -35,43 +36,44 @@ def pool() -> concurrent.futures.ThreadPoolExecutor:
         return _pool
 
 
-def _in_thread(fn: Callable[..., Any], *args: Any) -> None:
+def _in_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
     close_old_connections()
     try:
-        fn(*args)
+        fn(*args, **kwargs)
     except Exception:
         log.exception("run work %s%r failed", getattr(fn, "__name__", fn), args)
     finally:
         connections.close_all()
 
 
-def submit(task: Any, *args: Any) -> None:
+def submit(task: Any, *args: Any, **kwargs: Any) -> None:
     """Send a Celery task (by its task object) to wherever this mode runs work."""
     if standalone():
         try:
-            pool().submit(_in_thread, task.run, *args)
+            pool().submit(_in_thread, task.run, *args, **kwargs)
         except RuntimeError:  # that pool was shut down between lookup and submit
-            pool().submit(_in_thread, task.run, *args)
+            pool().submit(_in_thread, task.run, *args, **kwargs)
     else:
-        task.delay(*args)
+        # Fail fast when the broker is away: the message is an outbox row, and the relay sends
+        # it again; an API request must not hang on a dead broker.
+        task.apply_async(args=args, kwargs=kwargs, retry=True,
+                         retry_policy={"max_retries": 1, "interval_start": 0.1,
+                                       "interval_step": 0.2, "interval_max": 0.3})
 
 
-def enqueue_advance(run_id: Any) -> None:
-    from orchestration.tasks import advance_run
+def send(topic: str, *, message_id: int | None, run_id: str, key: str = "",
+         request_id: str | None = None) -> None:
+    """Publish one outbox message (see orchestration/outbox.py); raises if the broker refuses."""
+    from orchestration import tasks
 
-    submit(advance_run, str(run_id))
-
-
-def enqueue_execute(run_id: Any, key: str) -> None:
-    from orchestration.tasks import execute_task
-
-    submit(execute_task, str(run_id), key)
-
-
-def enqueue_resume(request_id: Any) -> None:
-    from orchestration.tasks import resume_after_decision
-
-    submit(resume_after_decision, str(request_id))
+    if topic == "advance":
+        submit(tasks.advance_run, run_id, outbox_id=message_id)
+    elif topic == "execute":
+        submit(tasks.execute_task, run_id, key, outbox_id=message_id)
+    elif topic == "resume":
+        submit(tasks.resume_after_decision, request_id, outbox_id=message_id)
+    else:
+        raise ValueError(f"unknown outbox topic {topic!r}")
 
 
 def shutdown(wait: bool = True) -> None:

@@ -47,7 +47,8 @@ UPDATE orchestration_run
 _RESERVE_TASK = """
 UPDATE orchestration_task
    SET reserved_tokens = reserved_tokens + %(tokens)s,
-       reserved_cost = reserved_cost + %(cost)s
+       reserved_cost = reserved_cost + %(cost)s,
+       reserved_steps = reserved_steps + %(steps)s
  WHERE run_id = %(run)s AND "key" = %(key)s
    AND (budget_tokens IS NULL OR budget_tokens >= used_tokens + reserved_tokens + %(tokens)s)
    AND (budget_cost IS NULL OR budget_cost >= used_cost + reserved_cost + %(cost)s)
@@ -69,6 +70,7 @@ _SETTLE_TASK = """
 UPDATE orchestration_task
    SET reserved_tokens = reserved_tokens - %(r_tokens)s,
        reserved_cost = reserved_cost - %(r_cost)s,
+       reserved_steps = reserved_steps - %(r_steps)s,
        used_tokens = used_tokens + %(tokens)s,
        used_cost = used_cost + %(cost)s
  WHERE run_id = %(run)s AND "key" = %(key)s
@@ -144,6 +146,21 @@ def settle(run_id: str, task_key: str, reserved: Usage | None, actual: Usage) ->
     }
     _execute(_SETTLE_RUN, params)
     _execute(_SETTLE_TASK, params)
+
+
+def release_held(run_id: str, task_key: str) -> Usage:
+    """Give back whatever a lost worker still had reserved for the task (inside the takeover's
+    transaction): its calls in flight died with it."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            'SELECT reserved_tokens, reserved_cost, reserved_steps FROM orchestration_task'
+            ' WHERE run_id = %s AND "key" = %s', [_run_param(run_id), task_key])
+        row = cursor.fetchone()
+    if row is None or not any(row):
+        return Usage()
+    held = Usage(tokens_in=int(row[0]), cost=Decimal(str(row[1])), steps=int(row[2]))
+    settle(run_id, task_key, held, Usage())
+    return held
 
 
 def _why_run(run_id: str, worst: Usage) -> str:

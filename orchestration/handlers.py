@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from orchestration import dispatch
+from orchestration import outbox
 
 
 def on_approval_resolved(sender: Any, request: Any, **kwargs: Any) -> None:
-    # Resuming never holds the decider's request: it goes to the worker like any run work.
-    dispatch.enqueue_resume(request.pk)
+    # Called inside the deciding transaction. Resuming never holds the decider's request: it
+    # goes to a worker like any run work, as an outbox message of that same transaction.
+    outbox.emit("resume", request.run_id, request_id=request.pk)

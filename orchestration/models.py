@@ -213,6 +213,13 @@ class Task(models.Model):
     used_cost = models.DecimalField(max_digits=14, decimal_places=6, default=Decimal("0"))
     reserved_tokens = models.BigIntegerField(default=0)
     reserved_cost = models.DecimalField(max_digits=14, decimal_places=6, default=Decimal("0"))
+    reserved_steps = models.IntegerField(default=0)
+    # The lease of the worker running the task: a fencing token it renews while it works
+    # (orchestration/leases.py). Once it has expired any worker may take the task over.
+    lease_owner = models.CharField(max_length=64, blank=True)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    crashes = models.PositiveIntegerField(
+        default=0, help_text="times a worker was lost while running this task")
     output = models.JSONField(null=True, blank=True)
     error = models.TextField(blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
@@ -221,6 +228,8 @@ class Task(models.Model):
     class Meta:
         ordering = ["run", "position"]
         constraints = [models.UniqueConstraint(fields=["run", "key"], name="task_run_key_unique")]
+        indexes = [models.Index(fields=["lease_expires_at"], name="task_running_lease",
+                                condition=models.Q(status="running"))]
 
     def __str__(self) -> str:
         return f"{self.run_id}/{self.key}"
@@ -259,3 +268,28 @@ class ToolUsage(models.Model):
 
     def __str__(self) -> str:
         return f"{self.tool} in {self.run_id}: {self.calls}"
+
+
+class Outbox(models.Model):
+    """A message a state change needs, written in the same transaction as the change.
+
+    It is published after commit and deleted by the transaction that handles it; the relay
+    (orchestration/sweep.py) publishes again whatever is still here when ``due_at`` passes, so a
+    broker outage or a lost message delays work and never loses it."""
+
+    class Topic(models.TextChoices):
+        ADVANCE = "advance"
+        EXECUTE = "execute"
+        RESUME = "resume"
+
+    id = models.BigAutoField(primary_key=True)
+    topic = models.CharField(max_length=10, choices=Topic.choices)
+    run_id = models.UUIDField()
+    key = models.CharField(max_length=63, blank=True)
+    request_id = models.UUIDField(null=True, blank=True)
+    created_at = models.DateTimeField()
+    due_at = models.DateTimeField(db_index=True)
+    sent = models.PositiveIntegerField(default=0, help_text="times it was published")
+
+    def __str__(self) -> str:
+        return f"{self.topic} {self.run_id} {self.key}".strip()

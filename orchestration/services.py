@@ -1,22 +1,21 @@
 """Actions on processes and runs. Each is atomic and writes its ledger event in the same
-transaction; work is enqueued only after commit."""
+transaction; the work it implies is an outbox message of that same transaction
+(orchestration/outbox.py), published after commit."""
 
 from __future__ import annotations
 
-from datetime import timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import jsonschema
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
-from django.utils import timezone
 
 from approvals import services as approvals
 from approvals.models import ApprovalRequest, Reason
 from audit import ledger
 from audit.ledger import actor_of
-from orchestration import config_audit, dispatch
+from orchestration import config_audit, outbox
 from orchestration.engine import runner
 from orchestration.engine.errors import PlanError
 from orchestration.engine.plan import parse_plan
@@ -146,7 +145,7 @@ def run_create(*, process: Process, input: Any, user: AbstractBaseUser | None,
                 ledger.append(run.pk, "task.succeeded",
                               {"task": key, "output": output, "reused_from": str(origin.pk)},
                               actor=actor_of(user))
-        transaction.on_commit(lambda: dispatch.enqueue_advance(run.pk))
+        outbox.emit("advance", run.pk)
     return run
 
 
@@ -184,82 +183,59 @@ def run_fork(*, run: Run, step: int, user: AbstractBaseUser | None) -> Run:
 
 def run_cancel(*, run: Run, user: AbstractBaseUser | None) -> Run:
     with transaction.atomic():
-        locked = Run.objects.select_for_update().get(pk=run.pk)
+        locked = Run.objects.select_for_update(of=("self",)).get(pk=run.pk)
         if RunStatus(locked.status) in RUN_TERMINAL:
             raise RunNotCancellable(f"the run has already ended ({locked.status})")
         if not locked.cancel_requested:
             Run.objects.filter(pk=run.pk).update(cancel_requested=True)
             ledger.append(run.pk, "run.cancel_requested", {}, actor=actor_of(user))
         approvals.requests_cancel_for_run(run.pk, actor=actor_of(user))
-    # The engine's own step applies the cancellation under the run lock.
-    runner.advance(DjangoRunStore(actor=actor_of(user)), str(run.pk))
+        # The engine's own step applies the cancellation, in the same transaction.
+        runner.advance(DjangoRunStore(actor=actor_of(user)), str(run.pk))
     run.refresh_from_db()
     return run
 
 
-STALE_AFTER = timedelta(minutes=10)
-
-
-def tasks_recover_stale(*, older_than: timedelta = STALE_AFTER) -> int:
-    """Requeue tasks a lost worker left running, and nudge runs that have no work in flight."""
-    cutoff = timezone.now() - older_than
-    stale = Task.objects.filter(status=TaskStatus.RUNNING, started_at__lt=cutoff).values_list(
-        "run_id", "key")
-    count = 0
-    store = DjangoRunStore()
-    for run_id, key in stale:
-        runner.recover(store, str(run_id), [key])
-        transaction.on_commit(lambda r=run_id, k=key: dispatch.enqueue_execute(r, k))
-        count += 1
-    for run_id, key in Task.objects.filter(status=TaskStatus.QUEUED,
-                                           run__updated_at__lt=cutoff).values_list("run_id", "key"):
-        dispatch.enqueue_execute(run_id, key)
-    for run_id in Run.objects.filter(status__in=[RunStatus.PENDING, RunStatus.QUEUED,
-                                                 RunStatus.RUNNING],
-                                     updated_at__lt=cutoff).values_list("pk", flat=True):
-        dispatch.enqueue_advance(run_id)
-    return count
-
-
-
-
-def resume_after_decision(request: ApprovalRequest) -> None:
-    """A request was resolved: apply what the people decided, then put the work back."""
-    run = Run.objects.filter(pk=request.run_id).select_related("created_by").first()
-    if run is None or RunStatus(run.status) in RUN_TERMINAL:
-        return
-    resolution = request.resolution or {}
-    action = resolution.get("action")
-    decider = request.decisions.select_related("decider").order_by("-created_at").first()
-    user = decider.decider if decider else None
-    if action == "stop":
-        run_cancel(run=run, user=user)
-        return
-    store = DjangoRunStore(actor=actor_of(user))
+def resume_after_decision(request: ApprovalRequest, *, message_id: int | None = None) -> None:
+    """A request was resolved: apply what the people decided and put the work back, in one
+    transaction with consuming the resume message (so a lost worker leaves the message)."""
     with transaction.atomic():
-        task = Task.objects.select_for_update().filter(run_id=run.pk,
-                                                       key=request.task_key).first()
+        if not outbox.consume(message_id):
+            return
+        # Lock order: the run row first, then its task rows (orchestration/store.py).
+        run = (Run.objects.select_for_update(of=("self",)).select_related("created_by")
+               .filter(pk=request.run_id).first())
+        if run is None or RunStatus(run.status) in RUN_TERMINAL:
+            return
+        resolution = request.resolution or {}
+        action = resolution.get("action")
+        decider = request.decisions.select_related("decider").order_by("-created_at").first()
+        user = decider.decider if decider else None
+        if action == "stop":
+            run_cancel(run=run, user=user)
+            return
+        store = DjangoRunStore(actor=actor_of(user))
+        task = Task.objects.filter(run_id=run.pk, key=request.task_key).first()
         if task is None or task.status != TaskStatus.WAITING:
             return
         if action == "raise_budget":
             _raise_budget(run, task, resolution.get("budget", {}), actor=actor_of(user))
         elif action == "proceed" and request.reason == Reason.STEP_BUDGET_EXHAUSTED:
-            agent_steps = 5
-            from orchestration.models import Agent
-
             agent = Agent.objects.filter(slug=task.executor_ref).first()
-            if agent is not None:
-                agent_steps = agent.step_budget
+            agent_steps = agent.step_budget if agent is not None else 5
             _raise_budget(run, task, {"steps": agent_steps}, actor=actor_of(user))
         elif action == "reject" and request.reason != Reason.SENSITIVE_ACTION:
             store.finish_task(str(run.pk), task.key, TaskStatus.FAILED,
                               error=f"stopped by a reviewer: {resolution.get('note', '')}")
-            transaction.on_commit(lambda: dispatch.enqueue_advance(run.pk))
+            outbox.emit("advance", run.pk)
             return
-        store.requeue_task(str(run.pk), task.key, reason=f"approval {request.pk} {request.status}")
-    released = runner.advance(store, str(run.pk)).released
-    for key in [request.task_key, *released]:
-        dispatch.enqueue_execute(run.pk, key)
+        if request.reason == Reason.POISON_TASK:
+            Task.objects.filter(pk=task.pk).update(crashes=0)  # a person chose to try again
+        store.requeue_task(str(run.pk), task.key,
+                           reason=f"approval {request.pk} {request.status}")
+        released = runner.advance(store, str(run.pk)).released
+        for key in dict.fromkeys([request.task_key, *released]):
+            outbox.emit("execute", run.pk, key=key)
 
 
 def _raise_budget(run: Run, task: Task, budget: dict[str, Any], *, actor: str) -> None:
@@ -361,5 +337,5 @@ def agent_retire(*, agent: Agent, by: AbstractBaseUser | None) -> dict[str, int]
             escalated += 1
         queued = list(mine.filter(status=TaskStatus.QUEUED).values_list("run_id", "key"))
         for run_id, key in queued:
-            transaction.on_commit(lambda r=run_id, k=key: dispatch.enqueue_execute(r, k))
+            outbox.emit("execute", run_id, key=key)
     return {"escalated": escalated, "requeued": len(queued)}

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
-from datetime import timedelta
 
 from django.db import DatabaseError
 
@@ -12,33 +10,25 @@ from orchestration import dispatch
 
 log = logging.getLogger("switchboard.standalone")
 _started = False
-_stop = threading.Event()
 
 
 def _resume_unfinished() -> None:
-    from orchestration.services import tasks_recover_stale
+    from orchestration import sweep
 
     try:
-        # In standalone mode this process is the only worker: anything left running is stale.
-        tasks_recover_stale(older_than=timedelta(0))
+        sweep.recover_on_start()
     except DatabaseError as exc:  # e.g. not migrated yet
         log.warning("could not resume unfinished runs: %s", exc)
 
 
-def _sweep_forever() -> None:
-    from django.conf import settings
-
-    from orchestration.tasks import sweep
-
-    while not _stop.wait(settings.SWITCHBOARD_SWEEP_SECONDS):
-        dispatch.pool().submit(dispatch._in_thread, sweep.run)
-
-
 def start() -> None:
-    """Start the pool's first job and the in-process scheduler (the standalone Celery beat)."""
+    """Take over what a previous process left unfinished, and start the sweep thread (the
+    same one every Celery worker runs in distributed mode)."""
     global _started
     if _started or not dispatch.standalone():
         return
     _started = True
+    from orchestration import sweep
+
     dispatch.pool().submit(dispatch._in_thread, _resume_unfinished)
-    threading.Thread(target=_sweep_forever, name="switchboard-sweep", daemon=True).start()
+    sweep.start()

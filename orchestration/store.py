@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from decimal import Decimal
-from typing import Any, TypeVar
+from typing import Any
 
 from django.db import OperationalError, connection, transaction
 from django.db.models import F
@@ -17,8 +17,9 @@ from django.utils import timezone
 
 from audit import ledger
 from audit.models import Event
-from orchestration import governance
+from orchestration import governance, leases
 from orchestration.engine.agent import Journal
+from orchestration.engine.errors import LeaseLost
 from orchestration.engine.plan import Plan, TaskSpec, parse_plan
 from orchestration.engine.states import (
     RUN_TERMINAL,
@@ -30,7 +31,6 @@ from orchestration.engine.states import (
 from orchestration.engine.store import RunSnapshot, TaskSnapshot
 from orchestration.models import ProcessVersion, Run, Task
 
-T = TypeVar("T")
 JOURNAL_KINDS = ("model.called", "tool.intent", "tool.called", "tool.failed")
 _plans: dict[uuid.UUID, Plan] = {}
 _plans_lock = threading.Lock()
@@ -46,17 +46,26 @@ def plan_for(version: ProcessVersion) -> Plan:
     return plan
 
 
+# The run whose row this thread's open transaction already holds (see DjangoRunStore.locked).
+_held = threading.local()
+
+
 def _lock_run(run_id: str) -> None:
     """Every write to a run's state takes the run's row lock first: one lock order, no deadlocks,
-    and one writer per run at a time (so its ledger sequence is written in order)."""
+    and one writer per run at a time (so its ledger sequence is written in order).
+
+    The lock order, everywhere: run row → task rows → chain heads. Nothing on the hot path
+    locks a row that many runs share (process versions, tools, agents, the global chain)."""
     if not connection.features.has_select_for_update:
         return  # SQLite: BEGIN IMMEDIATE (settings) already makes every writer go one at a time
+    if getattr(_held, "run", None) == str(run_id) and connection.in_atomic_block:
+        return
     with connection.cursor() as cursor:
         cursor.execute("SELECT id FROM orchestration_run WHERE id = %s FOR UPDATE",
                        [Run._meta.pk.get_db_prep_value(uuid.UUID(str(run_id)), connection)])
 
 
-def _retrying(fn: Callable[..., T]) -> Callable[..., T]:
+def _retrying[T](fn: Callable[..., T]) -> Callable[..., T]:
     """Retry a whole unit of work when the database reports a lock conflict."""
 
     @functools.wraps(fn)
@@ -81,27 +90,35 @@ class DjangoRunStore:
 
     @contextmanager
     def locked(self, run_id: str) -> Iterator[RunSnapshot]:
-        with transaction.atomic():
-            run = Run.objects.select_for_update().select_related("process_version").get(pk=run_id)
+        # savepoint=False: inside a caller's unit of work this joins it (one commit per step).
+        with transaction.atomic(savepoint=False):
+            # of=("self",): lock the run row only, never the process version all its runs share.
+            run = (Run.objects.select_for_update(of=("self",)).select_related("process_version")
+                   .get(pk=run_id))
+            outer = getattr(_held, "run", None)
+            _held.run = str(run.pk)
             tasks = {
                 t.key: TaskSnapshot(key=t.key, status=t.status, attempts=t.attempts,
                                     output=t.output, error=t.error)
                 for t in Task.objects.filter(run_id=run.pk).only(
                     "key", "status", "attempts", "output", "error")
             }
-            yield RunSnapshot(
-                run_id=str(run.pk),
-                status=run.status,
-                plan=plan_for(run.process_version),
-                input=run.input,
-                hydration_limit=run.process_version.hydration_limit,
-                tasks=tasks,
-                cancel_requested=run.cancel_requested,
-            )
+            try:
+                yield RunSnapshot(
+                    run_id=str(run.pk),
+                    status=run.status,
+                    plan=plan_for(run.process_version),
+                    input=run.input,
+                    hydration_limit=run.process_version.hydration_limit,
+                    tasks=tasks,
+                    cancel_requested=run.cancel_requested,
+                )
+            finally:
+                _held.run = outer
 
     @_retrying
     def record(self, run_id: str, kind: str, data: dict[str, Any], *, actor: str = "") -> None:
-        with transaction.atomic():
+        with transaction.atomic(savepoint=False):
             _lock_run(run_id)
             ledger.append(uuid.UUID(str(run_id)), kind, data, actor=actor or self.actor)
 
@@ -109,8 +126,8 @@ class DjangoRunStore:
     def set_run_status(
         self, run_id: str, status: str, *, result: Any = None, error: str = "", reason: str = ""
     ) -> None:
-        with transaction.atomic():
-            run = Run.objects.select_for_update().only("status").get(pk=run_id)
+        with transaction.atomic(savepoint=False):
+            run = Run.objects.select_for_update(of=("self",)).only("status").get(pk=run_id)
             old = run.status
             new = check_run_transition(old, status)
             fields: dict[str, Any] = {"status": new.value, "updated_at": timezone.now()}
@@ -132,7 +149,7 @@ class DjangoRunStore:
 
     @_retrying
     def release_task(self, run_id: str, key: str) -> None:
-        with transaction.atomic():
+        with transaction.atomic(savepoint=False):
             _lock_run(run_id)
             updated = Task.objects.filter(run_id=run_id, key=key, status=TaskStatus.PENDING).update(
                 status=TaskStatus.QUEUED
@@ -143,18 +160,38 @@ class DjangoRunStore:
 
     @_retrying
     def claim_task(self, run_id: str, key: str) -> TaskSnapshot | None:
-        with transaction.atomic():
-            _lock_run(run_id)
-            # The conditional UPDATE is the claim: a second delivery finds nothing to update.
-            claimed = Task.objects.filter(run_id=run_id, key=key, status=TaskStatus.QUEUED).update(
-                status=TaskStatus.RUNNING, attempts=F("attempts") + 1, started_at=timezone.now()
-            )
-            if not claimed:
+        """queued → running under a new lease; or take over a running task whose lease has
+        expired (its worker was lost: what it had reserved is released, and it counts as a
+        crash). None when the task is not ours to run (done, or another worker holds it)."""
+        with transaction.atomic(savepoint=False):
+            _lock_run(run_id)  # the run lock makes this read-then-write a claim
+            row = (Task.objects.filter(run_id=run_id, key=key)
+                   .values_list("status", "lease_owner", "lease_expires_at", "attempts",
+                                "crashes").first())
+            if row is None:
                 return None
-            task = Task.objects.only("key", "status", "attempts").get(run_id=run_id, key=key)
+            status, owner, expires, attempts, crashes = row
+            now = timezone.now()
+            takeover = status == TaskStatus.RUNNING and (expires is None or expires < now)
+            if status != TaskStatus.QUEUED and not takeover:
+                return None
+            token = leases.new_token()
+            if takeover:
+                crashes += 1
+                held = governance.release_held(run_id, key)
+                ledger.append(uuid.UUID(str(run_id)), "task.recovered", {
+                    "task": key, "reason": "the worker running it was lost (lease expired)",
+                    "lost_lease": owner, "crashes": crashes,
+                    "released": {"tokens": held.tokens, "cost": str(held.cost),
+                                 "steps": held.steps}}, actor=self.actor)
+            attempts += 1
+            Task.objects.filter(run_id=run_id, key=key).update(
+                status=TaskStatus.RUNNING, attempts=attempts, crashes=crashes, started_at=now,
+                lease_owner=token, lease_expires_at=now + leases.duration())
             ledger.append(uuid.UUID(str(run_id)), "task.started",
-                          {"task": key, "attempt": task.attempts}, actor=self.actor)
-            return TaskSnapshot(key=key, status=task.status, attempts=task.attempts)
+                          {"task": key, "attempt": attempts}, actor=self.actor)
+            return TaskSnapshot(key=key, status=TaskStatus.RUNNING, attempts=attempts,
+                                lease=token, crashes=crashes)
 
     def task_inputs(
         self, run_id: str, key: str
@@ -181,11 +218,15 @@ class DjangoRunStore:
         error: str = "",
         events: list[tuple[str, dict[str, Any]]] | None = None,
         escalation: Mapping[str, Any] | None = None,
+        lease: str = "",
     ) -> None:
         chain = uuid.UUID(str(run_id))
-        with transaction.atomic():
+        with transaction.atomic(savepoint=False):
             _lock_run(run_id)
-            old = self._status(run_id, key, lock=True)
+            old, owner = Task.objects.filter(run_id=run_id, key=key).values_list(
+                "status", "lease_owner").get()
+            if lease and (old != TaskStatus.RUNNING or owner != lease):
+                raise LeaseLost(f"task {key} of run {run_id} was taken over by another worker")
             new = check_task_transition(old, status)
             usage = {"tokens_in": 0, "tokens_out": 0, "cost": Decimal("0"), "tool_calls": 0}
             for kind, data in events or ():
@@ -196,7 +237,8 @@ class DjangoRunStore:
                 usage["tokens_out"] += int(data.get("tokens_out", 0))
                 usage["cost"] += Decimal(str(data.get("cost", "0")))
             Task.objects.filter(run_id=run_id, key=key).update(
-                status=new.value, output=output, error=error, finished_at=timezone.now()
+                status=new.value, output=output, error=error, finished_at=timezone.now(),
+                lease_owner="", lease_expires_at=None,
             )
             if old == TaskStatus.RUNNING and events:
                 Run.objects.filter(pk=run_id).update(
@@ -219,11 +261,12 @@ class DjangoRunStore:
 
     @_retrying
     def requeue_task(self, run_id: str, key: str, *, reason: str) -> None:
-        with transaction.atomic():
+        with transaction.atomic(savepoint=False):
             _lock_run(run_id)
-            old = self._status(run_id, key, lock=True)
+            old = self._status(run_id, key)
             check_task_transition(old, TaskStatus.QUEUED)
-            Task.objects.filter(run_id=run_id, key=key).update(status=TaskStatus.QUEUED)
+            Task.objects.filter(run_id=run_id, key=key).update(
+                status=TaskStatus.QUEUED, lease_owner="", lease_expires_at=None)
             ledger.append(uuid.UUID(str(run_id)), "task.requeued", {"task": key, "reason": reason},
                           actor=self.actor)
 
@@ -231,7 +274,7 @@ class DjangoRunStore:
     def record_step(self, run_id: str, kind: str, data: dict[str, Any], *, usage: Any,
                     reserved: Any = None) -> None:
         """Checkpoint one model or tool call and settle its reservation, atomically."""
-        with transaction.atomic():
+        with transaction.atomic(savepoint=False):
             _lock_run(run_id)
             ledger.append(uuid.UUID(str(run_id)), kind, data,
                           actor=data.get("actor", self.actor))
@@ -255,11 +298,9 @@ class DjangoRunStore:
                 journal.results[data["idempotency_key"]] = {"error": data["error"]}
         return journal
 
-    def _status(self, run_id: str, key: str, *, lock: bool = False) -> str:
-        qs = Task.objects.filter(run_id=run_id, key=key)
-        if lock:
-            qs = qs.select_for_update()
-        return qs.values_list("status", flat=True).get()
+    def _status(self, run_id: str, key: str) -> str:
+        # Task rows are written only under their run's lock, so a plain read is current.
+        return Task.objects.filter(run_id=run_id, key=key).values_list("status", flat=True).get()
 
 
 def is_terminal(status: str) -> bool:

@@ -1,61 +1,50 @@
-"""Celery tasks: thin, take ids, re-fetch, and are safe to deliver twice."""
+"""Celery tasks: thin, take ids, re-fetch, and are safe to deliver twice.
+
+Each carries the id of the outbox message it was sent for (orchestration/outbox.py); the
+handler deletes that row in the transaction that does the work. Database and broker errors are
+retried with backoff; if even that fails, the outbox row is still there and the relay sends the
+message again.
+"""
 
 from __future__ import annotations
 
 import logging
 
 from celery import shared_task
-from django.db import OperationalError
+from django.db import InterfaceError, OperationalError
+from kombu.exceptions import OperationalError as BrokerError
 
-from orchestration import dispatch
-from orchestration.engine import runner
-from orchestration.executors import executors
-from orchestration.models import Run
-from orchestration.store import DjangoRunStore
+from orchestration import work
 
 log = logging.getLogger("switchboard.tasks")
+RETRY = {"autoretry_for": (OperationalError, InterfaceError, BrokerError),
+         "retry_backoff": 1, "retry_backoff_max": 30, "retry_jitter": True, "max_retries": 12}
 
 
-@shared_task(name="orchestration.advance_run", acks_late=True, autoretry_for=(OperationalError,),
-             retry_backoff=True, max_retries=5)
-def advance_run(run_id: str) -> None:
-    if not Run.objects.filter(pk=run_id).exists():
-        return
-    result = runner.advance(DjangoRunStore(), run_id)
-    for key in result.released:
-        dispatch.enqueue_execute(run_id, key)
+@shared_task(name="orchestration.advance_run", acks_late=True, **RETRY)
+def advance_run(run_id: str, outbox_id: int | None = None) -> None:
+    work.advance(run_id, outbox_id)
 
 
-@shared_task(name="orchestration.execute_task", acks_late=True)
-def execute_task(run_id: str, key: str) -> None:
-    if not Run.objects.filter(pk=run_id).exists():
-        return
-    if runner.execute(DjangoRunStore(), run_id, key, executors()):
-        dispatch.enqueue_advance(run_id)
+@shared_task(name="orchestration.execute_task", acks_late=True, **RETRY)
+def execute_task(run_id: str, key: str, outbox_id: int | None = None) -> None:
+    work.execute(run_id, key, outbox_id)
 
 
-@shared_task(name="orchestration.recover_stale_tasks")
-def recover_stale_tasks() -> int:
-    from orchestration.services import tasks_recover_stale
-
-    return tasks_recover_stale()
-
-
-@shared_task(name="orchestration.resume_after_decision", acks_late=True)
-def resume_after_decision(request_id: str) -> None:
+@shared_task(name="orchestration.resume_after_decision", acks_late=True, **RETRY)
+def resume_after_decision(request_id: str, outbox_id: int | None = None) -> None:
     from approvals.models import ApprovalRequest
     from orchestration import services
 
     request = ApprovalRequest.objects.filter(pk=request_id).first()
     if request is not None:
-        services.resume_after_decision(request)
+        services.resume_after_decision(request, message_id=outbox_id)
 
 
-@shared_task(name="orchestration.sweep")
+@shared_task(name="orchestration.sweep", **RETRY)
 def sweep() -> None:
-    """Periodic: enforce approval deadlines and pick up work a lost worker left behind."""
-    from approvals.services import requests_expire
-    from orchestration.services import tasks_recover_stale
+    """The periodic sweep (orchestration/sweep.py). Workers run it themselves; this task lets
+    a deployment that prefers Celery beat schedule it too."""
+    from orchestration import sweep as sweeper
 
-    requests_expire()
-    tasks_recover_stale()
+    sweeper.sweep_once()

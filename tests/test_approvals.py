@@ -20,7 +20,7 @@ from console.models import ApiToken
 from orchestration import services
 from orchestration.engine.governance import Usage
 from orchestration.governance import reserve
-from orchestration.models import Agent, Process, Run, Tool
+from orchestration.models import Agent, Outbox, Process, Run, Tool
 from tests.conftest import wait_for, wait_for_run
 
 REFUND = {"order_id": "ORD-1042", "reason": "damaged", "customer_email": "kim@example.com"}
@@ -226,7 +226,8 @@ def test_the_sweep_rejects_an_expired_request_and_resumes_the_task(people: dict,
     resumed: list[Any] = []
     from orchestration import dispatch
 
-    monkeypatch.setattr(dispatch, "enqueue_resume", resumed.append)
+    monkeypatch.setattr(dispatch, "send", lambda topic, **kw: resumed.append(
+        (topic, kw["request_id"])))
     request = _open_request(people["operator"])
     ApprovalRequest.objects.filter(pk=request.pk).update(
         deadline=timezone.now() - timedelta(seconds=1))
@@ -239,7 +240,8 @@ def test_the_sweep_rejects_an_expired_request_and_resumes_the_task(people: dict,
     request.refresh_from_db()
     assert request.status == "expired"
     assert request.resolution == {"action": "reject", "note": "no decision before the deadline"}
-    assert resumed == [request.pk]
+    assert resumed == [("resume", str(request.pk))]
+    assert Outbox.objects.filter(topic="resume", request_id=request.pk).count() == 1
     assert Event.objects.get(chain=request.run_id, kind="approval.resolved").actor == "system"
 
 

@@ -296,7 +296,7 @@ def _tool_step(
                    usage=Usage())
     started = time.perf_counter()
     try:
-        result = contract.call(arguments)
+        result = contract.call(arguments, idempotency_key=key)
     except ContractError as exc:
         latency = round((time.perf_counter() - started) * 1000, 3)
         error = redact(str(exc), secrets)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -42,8 +43,10 @@ class ToolContract:
     cost_per_call: Decimal = Decimal("0")
     _in: jsonschema.Draft202012Validator | None = None
     _out: jsonschema.Draft202012Validator | None = None
+    _takes_key: bool = False
 
     def __post_init__(self) -> None:
+        self._takes_key = _accepts_keyword(self.fn, "idempotency_key")
         jsonschema.Draft202012Validator.check_schema(self.input_schema)
         jsonschema.Draft202012Validator.check_schema(self.output_schema)
         self._in = jsonschema.Draft202012Validator(self.input_schema)
@@ -63,15 +66,23 @@ class ToolContract:
             detail = "; ".join(_describe(e) for e in errors[:5])
             raise ToolOutputInvalid(f"{self.name} returned output that breaks its schema: {detail}")
 
-    def call(self, args: Mapping[str, Any], *, timeout_s: float | None = None) -> Any:
-        """Validate, run with a timeout, verify. Never repairs arguments."""
+    def call(self, args: Mapping[str, Any], *, timeout_s: float | None = None,
+             idempotency_key: str | None = None) -> Any:
+        """Validate, run with a timeout, verify. Never repairs arguments.
+
+        ``idempotency_key`` reaches implementations that take an ``idempotency_key`` keyword
+        (HTTP tools send it as the ``Idempotency-Key`` header), so the system behind the tool
+        can recognise a repeated call."""
         self.validate_input(args)
         limit = self.timeout_s if timeout_s is None else timeout_s
+        kwargs = dict(args)
+        if idempotency_key is not None and self._takes_key:
+            kwargs["idempotency_key"] = idempotency_key
         try:
             if limit is None:
-                result = self.fn(**args)
+                result = self.fn(**kwargs)
             else:
-                future = _timeout_pool.submit(self.fn, **args)
+                future = _timeout_pool.submit(self.fn, **kwargs)
                 try:
                     result = future.result(timeout=limit)
                 except concurrent.futures.TimeoutError:
@@ -83,6 +94,16 @@ class ToolContract:
             raise ToolFailed(f"{self.name} failed: {type(exc).__name__}: {exc}") from exc
         self.validate_output(result)
         return result
+
+
+def _accepts_keyword(fn: Any, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    param = params.get(name)
+    return param is not None and param.kind in (inspect.Parameter.KEYWORD_ONLY,
+                                                inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
 class ToolRegistry:

@@ -39,3 +39,7 @@ class ToolFailed(ContractError):
 
 class ReferenceError_(EngineError):
     """A ``$input...`` or ``$tasks...`` reference in a task's arguments names nothing."""
+
+
+class LeaseLost(EngineError):
+    """The task was taken over after this worker's lease expired; its outcome is dropped."""

@@ -23,7 +23,7 @@ def http_contract(
 ) -> ToolContract:
     method = method.upper()
 
-    def call(**args: Any) -> Any:
+    def call(*, idempotency_key: str | None = None, **args: Any) -> Any:
         used = set()
         url = url_template
         for key, value in args.items():
@@ -33,6 +33,8 @@ def http_contract(
                 used.add(key)
         rest = {k: v for k, v in args.items() if k not in used}
         headers = {"Accept": "application/json"}
+        if idempotency_key is not None:
+            headers["Idempotency-Key"] = idempotency_key
         if credential is not None:
             headers["Authorization"] = f"Bearer {credential()}"
         with httpx.Client(timeout=timeout_s) as client:

@@ -22,7 +22,7 @@ from orchestration.engine.states import (
     RunStatus,
     TaskStatus,
 )
-from orchestration.engine.store import RunStore
+from orchestration.engine.store import RunSnapshot, RunStore, TaskSnapshot
 
 
 @dataclass(slots=True)
@@ -32,6 +32,9 @@ class TaskContext:
     attempt: int
     run_input: Mapping[str, Any]
     dep_outputs: Mapping[str, Any]
+    # The store, for executors that checkpoint before a side effect (tool.intent) and read
+    # back what an earlier attempt recorded; None where nothing is durable.
+    store: RunStore | None = None
 
     def idempotency_key(self, call_index: int = 0) -> str:
         return f"{self.run_id}:{self.spec.key}:{call_index}"
@@ -54,7 +57,11 @@ class Executor(Protocol):
 
 
 class ContractExecutor:
-    """Runs ``tool`` and ``function`` tasks: resolve arguments, call the contract, record it."""
+    """Runs ``tool`` and ``function`` tasks: resolve arguments, call the contract, record it.
+
+    A non-idempotent contract gets a ``tool.intent`` checkpoint before the call, as an agent's
+    tool calls do: an attempt that finds an intent without a result (its worker died mid-call)
+    escalates ``unknown_outcome`` to a person instead of calling twice."""
 
     def __init__(self, registry: ToolRegistry) -> None:
         self.registry = registry
@@ -63,19 +70,27 @@ class ContractExecutor:
         spec = ctx.spec
         started = time.perf_counter()
         key = ctx.idempotency_key(0)
+        base = {"task": spec.key, "tool": spec.executor_ref, "idempotency_key": key}
         try:
             contract = self.registry.get(spec.executor_ref)
             args = resolve(dict(spec.args), run_input=ctx.run_input, outputs=ctx.dep_outputs)
-            output = contract.call(args)
+            if not contract.idempotent and ctx.store is not None:
+                if key in ctx.store.journal(ctx.run_id, spec.key).intents:
+                    reason = (f"unknown_outcome: {spec.executor_ref} may or may not have run "
+                              f"(call {key}); its worker was lost mid-call")
+                    return Outcome(status=TaskStatus.WAITING, error=reason, escalation={
+                        "reason": "unknown_outcome", "detail": reason, "call_key": key,
+                        "tool": spec.executor_ref, "arguments": args})
+                contract.validate_input(args)
+                ctx.store.record(ctx.run_id, "tool.intent", {**base, "arguments": args})
+            output = contract.call(args, idempotency_key=key)
         except (ContractError, EngineError) as exc:
             latency_ms = round((time.perf_counter() - started) * 1000, 3)
-            event = {"task": spec.key, "tool": spec.executor_ref, "idempotency_key": key,
-                     "error": str(exc), "latency_ms": latency_ms}
+            event = {**base, "error": str(exc), "latency_ms": latency_ms}
             return Outcome(error=str(exc), status=TaskStatus.FAILED,
                            events=[("tool.failed", event)])
         latency_ms = round((time.perf_counter() - started) * 1000, 3)
-        event = {"task": spec.key, "tool": spec.executor_ref, "idempotency_key": key,
-                 "arguments": args, "result": output, "latency_ms": latency_ms}
+        event = {**base, "arguments": args, "result": output, "latency_ms": latency_ms}
         return Outcome(output=output, events=[("tool.called", event)])
 
 
@@ -86,70 +101,102 @@ def default_executors(registry: ToolRegistry) -> dict[str, Executor]:
 
 @dataclass(slots=True)
 class AdvanceResult:
-    released: list[str]
+    released: list[str]  # queued for any worker
     status: str
+    # Released tasks the caller claimed in the same unit of work, to run itself.
+    claimed: list[TaskSnapshot] = field(default_factory=list)
 
 
-def advance(store: RunStore, run_id: str) -> AdvanceResult:
-    """One scheduling step under the run's lock. Returns the task keys to dispatch."""
+def advance(store: RunStore, run_id: str, *, take: int = 0) -> AdvanceResult:
+    """One scheduling step under the run's lock. Returns the task keys to dispatch; with
+    ``take``, up to that many of them are claimed for the caller in the same step."""
     with store.locked(run_id) as run:
-        status = RunStatus(run.status)
-        if status in RUN_TERMINAL:
-            return AdvanceResult([], status)
-        if run.cancel_requested:
-            _cancel(store, run)
-            return AdvanceResult([], RunStatus.CANCELLED)
-        if status in (RunStatus.PENDING, RunStatus.QUEUED):
-            if status == RunStatus.PENDING:
-                store.set_run_status(run_id, RunStatus.QUEUED)
-            store.set_run_status(run_id, RunStatus.RUNNING)
+        return _schedule(store, run, take)
+
+
+def finish(store: RunStore, run_id: str, key: str, outcome: Outcome, *, lease: str = "",
+           take: int = 0) -> AdvanceResult:
+    """Record a task's outcome and schedule what follows it, as one step under the run's lock:
+    a finished task releases its ready successors in the same unit of work, and with ``take``
+    the caller claims one to run next without a round trip through the broker.
+
+    Raises LeaseLost when the task was taken over meanwhile: the outcome is not recorded."""
+    with store.locked(run_id) as run:
+        store.finish_task(run_id, key, outcome.status, output=outcome.output,
+                          error=outcome.error, events=outcome.events,
+                          escalation=outcome.escalation, lease=lease)
+        task = run.tasks[key]
+        task.status, task.output, task.error = outcome.status, outcome.output, outcome.error
+        return _schedule(store, run, take)
+
+
+def _schedule(store: RunStore, run: RunSnapshot, take: int) -> AdvanceResult:
+    run_id = run.run_id
+    status = RunStatus(run.status)
+    if status in RUN_TERMINAL:
+        return AdvanceResult([], status)
+    if run.cancel_requested:
+        _cancel(store, run)
+        return AdvanceResult([], RunStatus.CANCELLED)
+    if status in (RunStatus.PENDING, RunStatus.QUEUED):
+        if status == RunStatus.PENDING:
+            store.set_run_status(run_id, RunStatus.QUEUED)
+        store.set_run_status(run_id, RunStatus.RUNNING)
+        status = RunStatus.RUNNING
+    statuses = run.statuses()
+    if status == RunStatus.WAITING:
+        # A person's decision put work back in the queue (or took it over): carry on.
+        if any(s in TASK_ACTIVE for s in statuses.values()) or not any(
+                s == TaskStatus.WAITING for s in statuses.values()):
+            store.set_run_status(run_id, RunStatus.RUNNING, reason="resumed")
             status = RunStatus.RUNNING
-        statuses = run.statuses()
-        if status == RunStatus.WAITING:
-            # A person's decision put work back in the queue (or took it over): carry on.
-            if any(s in TASK_ACTIVE for s in statuses.values()) or not any(
-                    s == TaskStatus.WAITING for s in statuses.values()):
-                store.set_run_status(run_id, RunStatus.RUNNING, reason="resumed")
-                status = RunStatus.RUNNING
-            else:
-                return AdvanceResult([], status)
-        if status != RunStatus.RUNNING:
+        else:
             return AdvanceResult([], status)
+    if status != RunStatus.RUNNING:
+        return AdvanceResult([], status)
 
-        failed = [k for k, s in statuses.items() if s == TaskStatus.FAILED]
-        if failed and not any(s in TASK_ACTIVE for s in statuses.values()):
-            errors = "; ".join(f"{k}: {run.tasks[k].error}" for k in failed)
-            for key, s in statuses.items():
-                if s == TaskStatus.PENDING:
-                    store.finish_task(run_id, key, TaskStatus.CANCELLED,
-                                      error="an upstream task failed")
-            store.set_run_status(run_id, RunStatus.FAILED, error=errors)
-            return AdvanceResult([], RunStatus.FAILED)
-        if failed:
-            return AdvanceResult([], status)  # let active tasks land before failing the run
+    failed = [k for k, s in statuses.items() if s == TaskStatus.FAILED]
+    if failed and not any(s in TASK_ACTIVE for s in statuses.values()):
+        errors = "; ".join(f"{k}: {run.tasks[k].error}" for k in failed)
+        for key, s in statuses.items():
+            if s == TaskStatus.PENDING:
+                store.finish_task(run_id, key, TaskStatus.CANCELLED,
+                                  error="an upstream task failed")
+        store.set_run_status(run_id, RunStatus.FAILED, error=errors)
+        return AdvanceResult([], RunStatus.FAILED)
+    if failed:
+        return AdvanceResult([], status)  # let active tasks land before failing the run
 
-        if all(s == TaskStatus.SUCCEEDED for s in statuses.values()):
-            outputs = {k: t.output for k, t in run.tasks.items()}
-            if run.plan.result:
-                result = resolve(dict(run.plan.result), run_input=run.input, outputs=outputs,
-                                 strict=False)
-            else:
-                result = outputs
-            store.set_run_status(run_id, RunStatus.SUCCEEDED, result=result)
-            return AdvanceResult([], RunStatus.SUCCEEDED)
+    if all(s == TaskStatus.SUCCEEDED for s in statuses.values()):
+        outputs = {k: t.output for k, t in run.tasks.items()}
+        if run.plan.result:
+            result = resolve(dict(run.plan.result), run_input=run.input, outputs=outputs,
+                             strict=False)
+        else:
+            result = outputs
+        store.set_run_status(run_id, RunStatus.SUCCEEDED, result=result)
+        return AdvanceResult([], RunStatus.SUCCEEDED)
 
-        active = sum(1 for s in statuses.values() if s in TASK_ACTIVE)
-        slots = max(0, run.hydration_limit - active)
-        released = run.plan.ready(statuses)[:slots]
-        for key in released:
-            store.release_task(run_id, key)
-        if not released and not active:
-            waiting = [k for k, s in statuses.items() if s == TaskStatus.WAITING]
-            if waiting:
-                reasons = "; ".join(f"{k}: {run.tasks[k].error}" for k in waiting)
-                store.set_run_status(run_id, RunStatus.WAITING, reason=reasons)
-                return AdvanceResult([], RunStatus.WAITING)
-        return AdvanceResult(released, status)
+    active = sum(1 for s in statuses.values() if s in TASK_ACTIVE)
+    slots = max(0, run.hydration_limit - active)
+    released = run.plan.ready(statuses)[:slots]
+    for key in released:
+        store.release_task(run_id, key)
+        run.tasks[key].status = TaskStatus.QUEUED
+    if not released and not active:
+        waiting = [k for k, s in statuses.items() if s == TaskStatus.WAITING]
+        if waiting:
+            reasons = "; ".join(f"{k}: {run.tasks[k].error}" for k in waiting)
+            store.set_run_status(run_id, RunStatus.WAITING, reason=reasons)
+            return AdvanceResult([], RunStatus.WAITING)
+    claimed = []
+    for key in released[:take]:
+        claim = store.claim_task(run_id, key)
+        if claim is not None:
+            run.tasks[key].status = TaskStatus.RUNNING
+            claimed.append(claim)
+    mine = {c.key for c in claimed}
+    return AdvanceResult([k for k in released if k not in mine], status, claimed)
 
 
 def _cancel(store: RunStore, run: Any) -> None:
@@ -159,22 +206,38 @@ def _cancel(store: RunStore, run: Any) -> None:
     store.set_run_status(run.run_id, RunStatus.CANCELLED, reason="cancel requested")
 
 
+POISON_CRASHES = 3
+
+
+def run_claimed(store: RunStore, run_id: str, claim: TaskSnapshot,
+                executors: Mapping[str, Executor], *,
+                poison_after: int = POISON_CRASHES) -> Outcome:
+    """Run a task this worker holds. A task whose workers keep dying is not run again: after
+    ``poison_after`` lost workers it is parked for a person (``poison_task``)."""
+    if poison_after and claim.crashes >= poison_after:
+        reason = (f"poison_task: {claim.key} was running on {claim.crashes} workers that were "
+                  f"lost before it finished; it is not retried again until a person decides")
+        return Outcome(status=TaskStatus.WAITING, error=reason, escalation={
+            "reason": "poison_task", "detail": reason,
+            "call_key": f"{run_id}:{claim.key}:poison:{claim.attempts}"})
+    spec, run_input, dep_outputs = store.task_inputs(run_id, claim.key)
+    ctx = TaskContext(run_id=run_id, spec=spec, attempt=claim.attempts,
+                      run_input=run_input, dep_outputs=dep_outputs, store=store)
+    executor = executors.get(spec.executor_type)
+    if executor is None:
+        return Outcome(status=TaskStatus.FAILED,
+                       error=f"no executor for tasks of type {spec.executor_type!r}")
+    return executor(ctx)
+
+
 def execute(store: RunStore, run_id: str, key: str, executors: Mapping[str, Executor]) -> bool:
     """Run one released task. Returns False when it was not ours to run (double delivery)."""
     claimed = store.claim_task(run_id, key)
     if claimed is None:
         return False
-    spec, run_input, dep_outputs = store.task_inputs(run_id, key)
-    ctx = TaskContext(run_id=run_id, spec=spec, attempt=claimed.attempts,
-                      run_input=run_input, dep_outputs=dep_outputs)
-    executor = executors.get(spec.executor_type)
-    if executor is None:
-        outcome = Outcome(status=TaskStatus.FAILED,
-                          error=f"no executor for tasks of type {spec.executor_type!r}")
-    else:
-        outcome = executor(ctx)
+    outcome = run_claimed(store, run_id, claimed, executors)
     store.finish_task(run_id, key, outcome.status, output=outcome.output, error=outcome.error,
-                      events=outcome.events, escalation=outcome.escalation)
+                      events=outcome.events, escalation=outcome.escalation, lease=claimed.lease)
     return True
 
 

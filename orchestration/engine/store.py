@@ -25,6 +25,10 @@ class TaskSnapshot:
     attempts: int = 0
     output: Any = None
     error: str = ""
+    # For a claim: the fencing token of this worker's lease, and how many workers the task
+    # was lost on before (a takeover after a lease expired counts one).
+    lease: str = ""
+    crashes: int = 0
 
 
 @dataclass(slots=True)
@@ -71,7 +75,10 @@ class RunStore(Protocol):
         error: str = "",
         events: list[tuple[str, dict[str, Any]]] = ...,
         escalation: Mapping[str, Any] | None = None,
-    ) -> None: ...
+        lease: str = "",
+    ) -> None:
+        """Raises LeaseLost when ``lease`` is given and the task no longer holds it."""
+        ...
 
     def requeue_task(self, run_id: str, key: str, *, reason: str) -> None: ...
 
@@ -197,6 +204,7 @@ class MemoryStore:
         error: str = "",
         events: list[tuple[str, dict[str, Any]]] | None = None,
         escalation: Mapping[str, Any] | None = None,
+        lease: str = "",
     ) -> None:
         with self._lock:
             task = self._task(run_id, key)

@@ -1,0 +1,128 @@
+"""What a worker does with a message: each step of a run is one transaction.
+
+A step takes the run's lock, applies what happened (a task's outcome, a scheduling pass), puts
+the tasks that became ready in the queue, claims one of them for this worker and writes an
+outbox message for each of the others, and commits. The worker then runs the task it claimed
+straight away: a chain of tasks moves without a round trip through the broker, and every
+message a step implies is durable the moment the step is.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from django.conf import settings
+from django.db import InterfaceError, OperationalError, close_old_connections, transaction
+
+from orchestration import leases, outbox
+from orchestration.engine import runner
+from orchestration.engine.errors import LeaseLost
+from orchestration.engine.runner import AdvanceResult, Outcome
+from orchestration.engine.states import TaskStatus
+from orchestration.engine.store import TaskSnapshot
+from orchestration.executors import executors
+from orchestration.models import Run
+from orchestration.store import DjangoRunStore
+
+log = logging.getLogger("switchboard.work")
+DB_ERRORS = (OperationalError, InterfaceError)
+
+
+def _persist[T](fn: Callable[[], T], *, what: str) -> T:
+    """Retry a unit of work through lock conflicts and a database that is briefly away (a
+    restart, a failover): the work in hand is kept, not thrown away, for up to
+    ``SWITCHBOARD_DB_RETRY_SECONDS``."""
+    deadline = time.monotonic() + settings.SWITCHBOARD_DB_RETRY_SECONDS
+    delay = 0.05
+    while True:
+        try:
+            return fn()
+        except DB_ERRORS as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("%s: database error, retrying in %.2f s: %s", what, delay, exc)
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+            close_old_connections()
+            from django.db import connection
+
+            if not connection.in_atomic_block:
+                connection.close()
+
+
+def _dispatch(run_id: str, result: AdvanceResult) -> None:
+    for key in result.released:
+        outbox.emit("execute", run_id, key=key)
+
+
+def advance(run_id: str, message_id: int | None = None) -> None:
+    """Schedule a run: release what is ready, run one of those tasks here."""
+    store = DjangoRunStore()
+
+    def step() -> AdvanceResult | None:
+        with transaction.atomic():
+            if not outbox.consume(message_id):
+                return None
+            if not Run.objects.filter(pk=run_id).exists():
+                return None
+            result = runner.advance(store, run_id, take=1)
+            _dispatch(run_id, result)
+            return result
+
+    result = _persist(step, what=f"advance {run_id}")
+    if result is not None and result.claimed:
+        run_chain(store, run_id, result.claimed[0])
+
+
+def execute(run_id: str, key: str, message_id: int | None = None) -> None:
+    """Claim a released task (or take over one whose worker was lost) and run it."""
+    store = DjangoRunStore()
+
+    def step() -> TaskSnapshot | None:
+        with transaction.atomic():
+            if not outbox.consume(message_id):
+                return None
+            if not Run.objects.filter(pk=run_id).exists():
+                return None
+            return store.claim_task(run_id, key)
+
+    claim = _persist(step, what=f"claim {run_id}/{key}")
+    if claim is not None:
+        run_chain(store, run_id, claim)
+
+
+def run_chain(store: DjangoRunStore, run_id: str, claim: TaskSnapshot | None) -> None:
+    """Run a claimed task, record it with the next scheduling step, and go on with the task
+    that step claimed, until a step leaves nothing for this worker."""
+    while claim is not None:
+        leases.hold(run_id, claim.key, claim.lease)
+        try:
+            outcome = _persist(lambda c=claim: _run(store, run_id, c),
+                               what=f"run {run_id}/{claim.key}")
+
+            def step(c: TaskSnapshot = claim, o: Outcome = outcome) -> AdvanceResult:
+                with transaction.atomic():
+                    result = runner.finish(store, run_id, c.key, o, lease=c.lease, take=1)
+                    _dispatch(run_id, result)
+                    return result
+
+            result = _persist(step, what=f"finish {run_id}/{claim.key}")
+        except LeaseLost as exc:
+            log.warning("%s: the outcome is dropped", exc)
+            return
+        finally:
+            leases.drop(run_id, claim.key)
+        claim = result.claimed[0] if result.claimed else None
+
+
+def _run(store: DjangoRunStore, run_id: str, claim: TaskSnapshot) -> Outcome:
+    try:
+        return runner.run_claimed(store, run_id, claim, executors(),
+                                  poison_after=settings.SWITCHBOARD_POISON_CRASHES)
+    except DB_ERRORS:
+        raise
+    except Exception as exc:  # an executor's own bug: the task fails, the worker goes on
+        log.exception("task %s of run %s raised", claim.key, run_id)
+        return Outcome(status=TaskStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
