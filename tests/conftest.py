@@ -223,3 +223,10 @@ def people(demo: None) -> dict[str, Any]:
 
     return {u.username: u for u in User.objects.filter(
         username__in=["operator", "reviewer", "reviewer2", "admin"])}
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    """The fault-injection figures (tests/test_faults.py), when that module ran."""
+    from tests.faults.report import write_summary
+
+    write_summary(terminalreporter)

@@ -1,0 +1,48 @@
+"""What each fault scenario measured, printed as a table at the end of the session."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ScenarioResult:
+    name: str
+    runs: int = 0
+    faults: int = 0
+    recovery_s: list[float] = field(default_factory=list)
+    lost: int = 0
+    duplicates: int = 0
+    stalled: int = 0
+    statuses: dict[str, int] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+    def p50(self) -> str:
+        return f"{statistics.median(self.recovery_s):.1f}" if self.recovery_s else "-"
+
+    def worst(self) -> str:
+        return f"{max(self.recovery_s):.1f}" if self.recovery_s else "-"
+
+
+RESULTS: list[ScenarioResult] = []
+
+
+def write_summary(terminalreporter: Any) -> None:
+    if not RESULTS:
+        return
+    tr = terminalreporter
+    tr.write_sep("=", "fault injection summary")
+    header = (f"{'scenario':<28} {'runs':>5} {'faults':>6} {'rec p50 s':>9} {'rec max s':>9} "
+              f"{'lost':>5} {'dups':>5} {'stalled':>7}  statuses")
+    tr.write_line(header)
+    for r in RESULTS:
+        statuses = ", ".join(f"{k} {v}" for k, v in sorted(r.statuses.items()))
+        tr.write_line(f"{r.name:<28} {r.runs:>5} {r.faults:>6} {r.p50():>9} {r.worst():>9} "
+                      f"{r.lost:>5} {r.duplicates:>5} {r.stalled:>7}  {statuses}")
+    for r in RESULTS:
+        for failure in r.failures[:8]:
+            tr.write_line(f"  {r.name}: {failure}")
+        if len(r.failures) > 8:
+            tr.write_line(f"  {r.name}: ... and {len(r.failures) - 8} more")
