@@ -6,11 +6,12 @@ Two chains cover every event:
   of that chain stores ``prev_hash`` (the ``hash`` of event ``seq - 1``, ``GENESIS`` for the
   first) and ``hash = chain_hash(prev_hash, body)``, where ``body`` is the exact canonical JSON
   of the event's chain, seq, kind, at, actor and data;
-- the global chain over all events in append order: event ``gseq`` stores ``gprev_hash`` (the
-  ``ghash`` of event ``gseq - 1``, ``GENESIS`` for the first) and
-  ``ghash = global_hash(gprev_hash, hash)``. Hashing the event's own ``hash`` commits the global
-  link to the body and to the run chain's link at once, so editing, deleting, inserting or
-  reordering an event anywhere breaks at least one of the two chains.
+- the global chain over all events in the order audit.ledger.seal() sealed them (seconds after
+  they were appended): event ``gseq`` stores ``gprev_hash`` (the ``ghash`` of event
+  ``gseq - 1``, ``GENESIS`` for the first) and ``ghash = global_hash(gprev_hash, hash)``.
+  Hashing the event's own ``hash`` commits the global link to the body and to the run chain's
+  link at once, so editing, deleting, inserting or reordering an event anywhere breaks at least
+  one of the two chains.
 
 ``audit/verify_export.py`` re-implements these two functions with the standard library only, for
 auditors who verify an export outside the application; keep both in step.

@@ -25,14 +25,23 @@ CONFIG_CHAIN = uuid.UUID(int=1)
 _HEAD_SQL = "SELECT seq, head_hash FROM audit_chainhead WHERE chain = %s{lock}"
 _OPEN_SQL = ("INSERT INTO audit_chainhead (chain, seq, head_hash) VALUES (%s, 0, %s) "
              "ON CONFLICT (chain) DO NOTHING")
-# Both heads move in one statement: their rows are already locked, so order does not matter.
-_MOVE_SQL = ("UPDATE audit_chainhead SET"
-             " seq = CASE WHEN chain = %s THEN %s ELSE %s END,"
-             " head_hash = CASE WHEN chain = %s THEN %s ELSE %s END"
-             " WHERE chain IN (%s, %s)")
-_INSERT_SQL = ("INSERT INTO audit_event (chain, seq, kind, at, actor, data, body, prev_hash, hash,"
-               " gseq, gprev_hash, ghash) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-               " RETURNING id")
+_MOVE_SQL = "UPDATE audit_chainhead SET seq = %s, head_hash = %s WHERE chain = %s"
+# gseq, gprev_hash and ghash stay NULL: seal() fills them.
+_INSERT_SQL = ("INSERT INTO audit_event (chain, seq, kind, at, actor, data, body, prev_hash, hash)"
+               " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id")
+# Served by the partial index audit_event_unsealed (or a scan of the primary key without one).
+_UNSEALED_SQL = "SELECT id, hash FROM audit_event WHERE gseq IS NULL ORDER BY id LIMIT %s"
+_ANY_UNSEALED_SQL = "SELECT 1 FROM audit_event WHERE gseq IS NULL LIMIT 1"
+# "AND gseq IS NULL": a row sealed meanwhile (which the head lock rules out) is left alone, and
+# the row count then shows it.
+_SEAL_ONE_SQL = ("UPDATE audit_event SET gseq = %s, gprev_hash = %s, ghash = %s"
+                 " WHERE id = %s AND gseq IS NULL")
+_SEAL_MANY_SQL = ("UPDATE audit_event AS e SET gseq = v.gseq, gprev_hash = v.gprev_hash,"
+                  " ghash = v.ghash FROM (VALUES {rows}) AS v (id, gseq, gprev_hash, ghash)"
+                  " WHERE e.id = v.id AND e.gseq IS NULL")
+_SEAL_ROW = "(%s::bigint, %s::bigint, %s::varchar, %s::varchar)"
+# Rows per UPDATE ... FROM (VALUES ...): 4 parameters each, far below PostgreSQL's 65535.
+_SEAL_STATEMENT_ROWS = 1000
 _CHUNK = 2000
 
 
@@ -67,53 +76,117 @@ def _locked_head(cursor: Any, sql: str, chain_param: Any) -> tuple[int, str]:
 
 
 def append(chain: uuid.UUID, kind: str, data: dict[str, Any], *, actor: str) -> Event:
-    """Append one event. Must run inside the caller's transaction (the state change's own);
-    ``audit.signals.event_appended`` is sent once that transaction commits.
+    """Append one event to its chain. Must run inside the caller's transaction (the state
+    change's own); ``audit.signals.event_appended`` is sent once that transaction commits.
 
-    Lock order, everywhere: the event's own chain head, then the global chain head. The global
-    head stays locked until the caller commits, so appends commit one at a time in gseq order;
-    a transaction that appends to two chains (say a run's and CONFIG_CHAIN) can deadlock with
-    one doing the opposite, which PostgreSQL detects and aborts, so keep to one chain per
-    transaction where possible."""
+    Only the event's own chain head is locked (until the caller commits), so appends to
+    different chains never wait for each other. The event joins the global chain later, when
+    seal() runs: until then its gseq, gprev_hash and ghash are None. A transaction that appends
+    to two chains (say a run's and CONFIG_CHAIN) can deadlock with one doing the opposite, which
+    PostgreSQL detects and aborts, so keep to one chain per transaction where possible."""
     if not transaction.get_connection().in_atomic_block:
         raise RuntimeError("ledger.append must be called inside transaction.atomic()")
     if chain == GLOBAL_CHAIN:
-        raise ValueError("the global chain is written by append() itself, not appended to")
-    pk = ChainHead._meta.pk
-    chain_param = pk.get_db_prep_value(chain, connection)
-    global_param = pk.get_db_prep_value(GLOBAL_CHAIN, connection)
+        raise ValueError("the global chain is written by seal(), not appended to")
+    chain_param = ChainHead._meta.pk.get_db_prep_value(chain, connection)
     with connection.cursor() as cursor:  # plain SQL: this runs for every step of every run
-        head_sql = _HEAD_SQL.format(lock=_lock_clause())
-        head_seq, head_hash = _locked_head(cursor, head_sql, chain_param)
-        gseq, gprev_hash = _locked_head(cursor, head_sql, global_param)
+        head_seq, head_hash = _locked_head(cursor, _HEAD_SQL.format(lock=_lock_clause()),
+                                           chain_param)
     at = timezone.now()
     seq = head_seq + 1
-    gseq += 1
     body = canonical_json(
         {"chain": str(chain), "seq": seq, "kind": kind, "at": at.isoformat(), "actor": actor,
          "data": data}
     )
     digest = chain_hash(head_hash, body)
-    ghash = global_hash(gprev_hash, digest)
     event = Event(
         chain=chain, seq=seq, kind=kind, at=at, actor=actor, data=json.loads(body)["data"],
-        body=body, prev_hash=head_hash, hash=digest, gseq=gseq, gprev_hash=gprev_hash,
-        ghash=ghash,
+        body=body, prev_hash=head_hash, hash=digest,
     )
     data_param = Event._meta.get_field("data").get_db_prep_save(event.data, connection)
     with connection.cursor() as cursor:
         cursor.execute(_INSERT_SQL, [
             chain_param, seq, kind, connection.ops.adapt_datetimefield_value(at), actor,
-            data_param, body, head_hash, digest, gseq, gprev_hash, ghash])
+            data_param, body, head_hash, digest])
         event.pk = cursor.fetchone()[0]
-        cursor.execute(_MOVE_SQL, [chain_param, seq, gseq, chain_param, digest, ghash,
-                                   chain_param, global_param])
+        cursor.execute(_MOVE_SQL, [seq, digest, chain_param])
     event._state.adding = False
     event._state.db = connection.alias
     transaction.on_commit(
         functools.partial(event_appended.send, sender=Event, chain=chain, seq=seq, kind=kind),
         robust=True)
     return event
+
+
+# --- sealing: the global chain ------------------------------------------------------------------
+
+
+def seal(limit: int = 5000) -> int:
+    """Give up to ``limit`` committed, unsealed events their place in the global chain, in id
+    order, and return how many it sealed (0: nothing was waiting).
+
+    One short transaction: lock the global head, read the unsealed events, set each one's gseq
+    (the head's + 1, + 2, ...), gprev_hash and ghash = global_hash(gprev_hash, hash), move the
+    head. Concurrent callers queue on the head lock and the later one finds only what is left.
+    An event that commits late with a lower id is sealed by a later call: gseq is sealing order,
+    not id order. Within one chain it is seq order all the same, since an append waits for the
+    chain's previous event to commit before it is inserted. Call it outside a transaction (the
+    worker sweep, audit_verify, audit_export): inside one, the head stays locked until that
+    transaction ends and events it cannot see yet are left for the next call."""
+    if limit < 1:
+        raise ValueError("seal() needs a limit of at least 1")
+    with connection.cursor() as cursor:
+        # Without a lock, and on SQLite without taking the write lock (BEGIN IMMEDIATE): the
+        # worker sweep calls this every few seconds and usually finds nothing.
+        cursor.execute(_ANY_UNSEALED_SQL)
+        if cursor.fetchone() is None:
+            return 0
+    global_param = ChainHead._meta.pk.get_db_prep_value(GLOBAL_CHAIN, connection)
+    with transaction.atomic(), connection.cursor() as cursor:
+        gseq, ghash = _locked_head(cursor, _HEAD_SQL.format(lock=_lock_clause()), global_param)
+        cursor.execute(_UNSEALED_SQL, [limit])
+        rows = cursor.fetchall()
+        if not rows:
+            return 0  # another caller sealed them while this one waited for the head
+        sealed: list[tuple[int, int, str, str]] = []  # (id, gseq, gprev_hash, ghash)
+        for pk, event_hash in rows:
+            gseq += 1
+            link = global_hash(ghash, event_hash)
+            sealed.append((pk, gseq, ghash, link))
+            ghash = link
+        if connection.vendor == "postgresql":
+            written = 0
+            for start in range(0, len(sealed), _SEAL_STATEMENT_ROWS):
+                part = sealed[start:start + _SEAL_STATEMENT_ROWS]
+                cursor.execute(_SEAL_MANY_SQL.format(rows=", ".join([_SEAL_ROW] * len(part))),
+                               [value for row in part for value in row])
+                written += cursor.rowcount
+        else:
+            cursor.executemany(_SEAL_ONE_SQL, [(g, prev, link, pk)
+                                               for pk, g, prev, link in sealed])
+            written = cursor.rowcount
+        if written != len(sealed):
+            # The head lock should make this impossible; roll back rather than leave a gap.
+            raise RuntimeError(f"seal: {len(sealed)} events read but {written} sealed; another "
+                               "writer changed the global chain without its head lock")
+        cursor.execute(_MOVE_SQL, [gseq, ghash, global_param])
+    return len(sealed)
+
+
+def seal_all(batch: int = 5000) -> int:
+    """seal() until nothing committed is left unsealed; how many it sealed in all. For
+    audit_verify and audit_export, which must cover every committed event."""
+    total = 0
+    while (sealed := seal(batch)) > 0:
+        total += sealed
+        if sealed < batch:
+            break
+    return total
+
+
+def unsealed_count() -> int:
+    """Events appended but not yet in the global chain (served by the partial index)."""
+    return Event.objects.filter(gseq__isnull=True).count()
 
 
 # --- verification -----------------------------------------------------------------------------
@@ -128,12 +201,15 @@ class Verification:
     ok: bool
     broken_seq: int | None = None
     problem: str = ""
-    # The global position of the event named by broken_seq, when known.
+    # The global position of the event named by broken_seq, when known (and sealed).
     broken_gseq: int | None = None
+    # Global chain only: events appended but not sealed yet, so not checked by it (yet).
+    unsealed: int = 0
 
     def describe(self) -> str:
         if self.ok:
-            return f"{chain_label(self.chain)}: {self.events} events, intact"
+            pending = f"; {self.unsealed} not sealed yet" if self.unsealed else ""
+            return f"{chain_label(self.chain)}: {self.events} events, intact{pending}"
         where = chain_label(self.chain)
         if self.broken_seq is not None:
             where += f" seq {self.broken_seq}"
@@ -186,7 +262,8 @@ def _check_chain(chain: uuid.UUID, events: Iterable[Event], head: Head | None) -
                                  "event's hash (an event was removed, inserted or reordered)")
         if chain_hash(prev, event.body) != event.hash:
             return broken(event, "hash mismatch: the hash does not match the recorded body")
-        if bad_ghash is None and global_hash(event.gprev_hash, event.hash) != event.ghash:
+        if (bad_ghash is None and event.gseq is not None
+                and global_hash(event.gprev_hash or "", event.hash) != event.ghash):
             bad_ghash = broken(event, "global hash mismatch: ghash does not match gprev_hash "
                                       "and hash")
         try:
@@ -256,13 +333,14 @@ def verify_chains() -> Iterator[Verification]:
 
 
 def verify_global() -> Verification:
-    """The global chain: gseq gapless from 1, each gprev_hash the ghash before it, each ghash
-    recomputed, and the global head (read first, as in _check_chain) at its event. Event bodies
-    are the run chains' job."""
+    """The global chain over the sealed events: gseq gapless from 1, each gprev_hash the ghash
+    before it, each ghash recomputed, and the global head (read first, as in _check_chain) at
+    its event. Event bodies are the run chains' job. Unsealed events are not part of it yet:
+    they are counted in ``unsealed`` (call seal_all() first to cover every committed event)."""
     head = _head(GLOBAL_CHAIN)
     head_seq = head[0] if head else 0
     hash_at_head = GENESIS
-    rows = (Event.objects.order_by("gseq")
+    rows = (Event.objects.filter(gseq__isnull=False).order_by("gseq")
             .values_list("gseq", "chain", "seq", "hash", "gprev_hash", "ghash")
             .iterator(chunk_size=_CHUNK))
     prev = GENESIS
@@ -292,7 +370,7 @@ def verify_global() -> Verification:
         if count:
             return Verification(GLOBAL_CHAIN, count, False, None,
                                 "the global chain head is missing (its row was deleted)")
-        return Verification(GLOBAL_CHAIN, 0, True)
+        return Verification(GLOBAL_CHAIN, 0, True, unsealed=unsealed_count())
     if now[0] < count:
         return Verification(GLOBAL_CHAIN, count, False, None,
                             f"event forged: the global head records {now[0]} events but "
@@ -305,7 +383,7 @@ def verify_global() -> Verification:
         return Verification(GLOBAL_CHAIN, count, False, None,
                             "the global head's hash does not match the event at its gseq",
                             head_seq)
-    return Verification(GLOBAL_CHAIN, count, True)
+    return Verification(GLOBAL_CHAIN, count, True, unsealed=unsealed_count())
 
 
 def global_head() -> tuple[int, str]:

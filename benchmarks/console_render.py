@@ -4,7 +4,7 @@
 
 Seeds a throwaway PostgreSQL database (created and dropped here) with the demo data plus
 ``--runs`` runs of the demo processes, five tasks each, spread over the last 14 days in every
-status, and ``--events`` ledger events with both hash chains computed as ``audit.ledger.append`` does
+status, and ``--events`` ledger events with both hash chains computed as ``audit.ledger.append`` and ``seal`` do
 (``--verify`` runs ``audit_verify`` over the result). Then it renders, in process through Django's full middleware stack as a signed-in
 operator who may see every run, the dashboard ``--samples`` times and the run page of ``--samples``
 random runs, and prints milliseconds per render (p50, p95, max) and the queries each render made.
@@ -45,8 +45,9 @@ def percentile(values: list[float], q: float) -> float:
 
 def seed(runs: int, events: int) -> list[str]:
     """Runs and tasks by bulk insert; events with both hash chains computed here exactly as
-    ``audit.ledger.append`` computes them (``audit_verify`` passes on the result), written in
-    bulk because half a million one-by-one appends would take many minutes."""
+    ``audit.ledger.append`` and ``audit.ledger.seal`` compute them (``audit_verify`` passes on
+    the result), already sealed and written in bulk because half a million one-by-one appends
+    would take many minutes."""
     from datetime import timedelta
 
     from django.contrib.auth.models import User

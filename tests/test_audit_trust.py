@@ -1,6 +1,9 @@
 """The ledger as evidence: the run chains and the global chain catch tampering (audit_verify),
 exports verify outside the application (audit/verify_export.py), the ledger viewer is for
-admins only, and the migration that introduced the global chain fills it for existing events."""
+admins only, and the migration that introduced the global chain fills it for existing events.
+
+Events join the global chain when ledger.seal() runs, not when they are appended: fixtures that
+need global positions seal, as the worker sweep, audit_verify and audit_export do."""
 
 from __future__ import annotations
 
@@ -90,7 +93,8 @@ def verify_file(path: Path) -> subprocess.CompletedProcess[str]:
 @pytest.fixture
 def runs(operator: User, vendor_input: dict[str, str]) -> tuple[uuid.UUID, uuid.UUID]:
     """Two runs (never dispatched: the test's transaction never commits) with interleaved
-    events, so the global chain alternates between them, and one configuration change."""
+    events, so the global chain alternates between them, and one configuration change; all
+    sealed into the global chain."""
     process = Process.objects.get(slug="vendor-onboarding")
     first = services.run_create(process=process, input=vendor_input, user=operator).pk
     second = services.run_create(process=process, input=vendor_input, user=operator).pk
@@ -101,6 +105,7 @@ def runs(operator: User, vendor_input: dict[str, str]) -> tuple[uuid.UUID, uuid.
                               actor="user:tester")
         ledger.append(ledger.CONFIG_CHAIN, "config.changed", {"model": "tool", "new": {"x": 1}},
                       actor="user:ledger-test")
+    assert ledger.seal() == Event.objects.count()
     return first, second
 
 
@@ -118,6 +123,26 @@ def test_it_links_every_event_into_one_global_chain(runs: tuple[uuid.UUID, uuid.
     assert ledger.global_head() == (len(events), events[-1].ghash)
     steps = [e.chain for e in events if e.kind == "test.step"]
     assert steps[:2] == list(runs)  # the two runs' appends interleave in gseq order
+
+
+def test_it_seals_appended_events_into_the_global_chain_later(
+        runs: tuple[uuid.UUID, uuid.UUID]) -> None:
+    head = ledger.global_head()
+    with transaction.atomic():
+        appended = [ledger.append(runs[1], "test.step", {"n": n}, actor="user:tester")
+                    for n in (4, 5)]
+    assert [(e.gseq, e.gprev_hash, e.ghash) for e in appended] == [(None, None, None)] * 2
+    assert ledger.global_head() == head  # appending leaves the global chain alone
+    assert ledger.verify_chain(runs[1]).ok
+    assert ledger.verify_global().unsealed == 2
+    status, output = audit_verify()  # seals first, so it covers both
+    assert status == 0, output
+    sealed = list(Event.objects.filter(pk__in=[e.pk for e in appended]).order_by("gseq"))
+    assert [e.gseq for e in sealed] == [head[0] + 1, head[0] + 2]
+    assert sealed[0].gprev_hash == head[1]
+    assert ledger.global_head() == (head[0] + 2, sealed[1].ghash)
+    assert ledger.verify_global().unsealed == 0
+    assert ledger.seal() == 0
 
 
 def test_it_appends_to_the_configuration_chain_without_a_run(runs: Any) -> None:
@@ -463,14 +488,14 @@ def test_it_pages_through_the_ledger(admin_client: Client,
     from console import ledger_views
 
     monkeypatch.setattr(ledger_views, "PAGE_SIZE", 4)
-    gseqs = list(Event.objects.filter(kind="test.step").order_by("-gseq")
-                 .values_list("gseq", flat=True))
+    ids = list(Event.objects.filter(kind="test.step").order_by("-id")
+               .values_list("id", flat=True))
     first = admin_client.get("/ledger/", {"kind": "test."})
-    assert [e.gseq for e in first.context["events"]] == gseqs[:4]
+    assert [e.pk for e in first.context["events"]] == ids[:4]
     older = first.context["older"]
-    assert older and f"before={gseqs[3]}" in older
+    assert older and f"before={ids[3]}" in older
     second = admin_client.get(f"/ledger/?{older}")
-    assert [e.gseq for e in second.context["events"]] == gseqs[4:]
+    assert [e.pk for e in second.context["events"]] == ids[4:]
     assert second.context["older"] is None
     assert "← Newest" in second.content.decode()
 
@@ -485,7 +510,9 @@ def test_it_rejects_a_bad_filter(admin_client: Client) -> None:
 def test_it_escapes_event_data(admin_client: Client, runs: tuple[uuid.UUID, uuid.UUID]) -> None:
     with transaction.atomic():
         ledger.append(runs[0], "model.called", {"output": XSS}, actor="agent:writer")
-    text = admin_client.get("/ledger/").content.decode()
+    page = admin_client.get("/ledger/")
+    assert page.context["events"][0].gseq is None  # not sealed yet, listed all the same
+    text = page.content.decode()
     assert XSS not in text
     assert "&lt;script&gt;alert(&#x27;owned&#x27;)&lt;/script&gt;" in text
 
@@ -518,7 +545,8 @@ def test_it_fills_the_global_chain_for_events_that_existed_before_it() -> None:
     from django.db.migrations.executor import MigrationExecutor
 
     before = [("audit", "0002_append_only_trigger")]
-    latest = [("audit", "0004_global_chain_required")]
+    latest = [key for key in MigrationExecutor(connection).loader.graph.leaf_nodes()
+              if key[0] == "audit"]
     MigrationExecutor(connection).migrate(before)
     try:
         chains = [uuid.UUID(int=10), uuid.UUID(int=11)]
@@ -552,9 +580,33 @@ def test_it_fills_the_global_chain_for_events_that_existed_before_it() -> None:
     assert audit_verify()[0] == 0
     with transaction.atomic():
         appended = ledger.append(chains[0], "new", {}, actor="system")
-    assert (appended.seq, appended.gseq) == (4, 7)
+    assert (appended.seq, appended.gseq) == (4, None)
+    assert ledger.seal() == 1
+    assert Event.objects.get(pk=appended.pk).gseq == 7
     status, output = audit_verify()
     assert status == 0, output
     if POSTGRES:  # the trigger is back on
         with pytest.raises(DatabaseError, match="append-only"), transaction.atomic():
             Event.objects.filter(pk=appended.pk).update(kind="x")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_seals_what_is_left_when_the_sealed_global_chain_is_migrated_back() -> None:
+    from django.db.migrations.executor import MigrationExecutor
+
+    chain = uuid.UUID(int=12)
+    with transaction.atomic():
+        for n in range(3):
+            ledger.append(chain, "old", {"n": n}, actor="system")
+    assert ledger.seal(limit=1) == 1
+    executor = MigrationExecutor(connection)
+    latest = [key for key in executor.loader.graph.leaf_nodes() if key[0] == "audit"]
+    executor.migrate([("audit", "0004_global_chain_required")])
+    try:
+        assert list(Event.objects.order_by("seq").values_list("gseq", flat=True)) == [1, 2, 3]
+        assert ledger.verify_global().ok
+    finally:
+        executor = MigrationExecutor(connection)
+        executor.loader.build_graph()
+        executor.migrate(latest)
+    assert audit_verify()[0] == 0

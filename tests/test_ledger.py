@@ -1,18 +1,22 @@
-"""The append-only ledger: hash chains verify, and tampering with them is caught or refused."""
+"""The append-only ledger: hash chains verify, tampering with them is caught or refused, and
+the sequencer (ledger.seal) links committed events into the global chain, also under
+concurrent appends and concurrent sealing."""
 
 from __future__ import annotations
 
 import json
+import threading
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-from django.db import DatabaseError, connection, transaction
+from django.db import DatabaseError, IntegrityError, OperationalError, connection, transaction
 from django.utils import timezone
 
 from audit import ledger
-from audit.chain import GENESIS, canonical_json, chain_hash
-from audit.ledger import verify_chain
+from audit.chain import GENESIS, canonical_json, chain_hash, global_hash
+from audit.ledger import verify_chain, verify_global
 from audit.models import ChainHead, Event
 from tests.conftest import POSTGRES
 
@@ -192,6 +196,32 @@ def test_it_detects_swapped_seqs(db: Any) -> None:
     assert "prev_hash" in result.problem
 
 
+@needs_mutable_ledger
+def test_it_detects_an_edited_event_once_it_is_sealed(db: Any) -> None:
+    # Sealing commits the global chain to the event's hash; it does not launder an edit made
+    # before it, since the run chain still recomputes the body.
+    chain = _chain(3)
+    _sql("UPDATE audit_event SET actor = %s WHERE id = %s", ["user:mallory", _event_id(chain, 2)])
+    ledger.seal_all()
+    result = verify_chain(chain)
+    assert (result.ok, result.broken_seq) == (False, 2)
+    assert "actor" in result.problem
+    sealed_gseq = Event.objects.get(chain=chain, seq=2).gseq
+    assert sealed_gseq is not None and result.broken_gseq == sealed_gseq
+
+
+@needs_mutable_ledger
+def test_it_detects_a_rewritten_global_link(db: Any) -> None:
+    chain = _chain(3)
+    ledger.seal_all()
+    target = Event.objects.get(chain=chain, seq=2)
+    _sql("UPDATE audit_event SET ghash = %s WHERE id = %s", ["e" * 64, target.pk])
+    result = verify_global()
+    assert not result.ok
+    assert result.broken_gseq == target.gseq  # its own ghash no longer recomputes
+    assert not verify_chain(chain).ok  # the run chain reports the bad ghash too
+
+
 def _forge(chain: uuid.UUID, seq: int, prev_hash: str) -> None:
     at = timezone.now()
     data = {"amount": 1_000_000}
@@ -225,7 +255,203 @@ def test_it_detects_a_forged_event_the_chain_head_does_not_know(db: Any) -> None
     assert "head" in result.problem
 
 
+def test_it_detects_an_unsealed_forgery_after_sealing_it(db: Any) -> None:
+    # Inserted like an append (no global position), then sealed by the sequencer like any other
+    # event: its run chain's head still gives it away.
+    chain = _chain(3)
+    at = timezone.now()
+    body = canonical_json({"chain": str(chain), "seq": 4, "kind": "refund.issued",
+                           "at": at.isoformat(), "actor": "user:mallory", "data": {}})
+    _sql("INSERT INTO audit_event (chain, seq, kind, at, actor, data, body, prev_hash, hash) "
+         "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+         [_db("chain", chain), 4, "refund.issued", _db("at", at), "user:mallory", _db("data", {}),
+          body, Event.objects.get(chain=chain, seq=3).hash,
+          chain_hash(Event.objects.get(chain=chain, seq=3).hash, body)])
+    ledger.seal_all()
+    assert verify_global().ok
+    result = verify_chain(chain)
+    assert not result.ok
+    assert "event forged" in result.problem
+
+
+# --- sealing into the global chain ----------------------------------------------------------
+
+
+def _global_order() -> list[tuple[uuid.UUID, int]]:
+    return list(Event.objects.filter(gseq__isnull=False).order_by("gseq")
+                .values_list("chain", "seq"))
+
+
+def test_it_appends_without_touching_the_global_chain(db: Any) -> None:
+    ledger.seal_all()
+    head = ledger.global_head()
+    chain = _chain(3)
+    assert list(Event.objects.filter(chain=chain).values_list("gseq", "gprev_hash", "ghash")) == [
+        (None, None, None)] * 3
+    assert ledger.global_head() == head
+    result = verify_global()
+    assert (result.ok, result.events, result.unsealed) == (True, head[0], 3)
+    assert "3 not sealed yet" in result.describe()
+    assert verify_chain(chain).ok
+
+
+def test_it_seals_in_batches_in_id_order(db: Any) -> None:
+    ledger.seal_all()
+    start, start_hash = ledger.global_head()
+    first, second = _chain(3), _chain(2)
+    assert [ledger.seal(limit=2), ledger.seal(limit=2), ledger.seal(limit=2)] == [2, 2, 1]
+    assert ledger.seal() == 0
+    events = list(Event.objects.filter(chain__in=[first, second]).order_by("id"))
+    assert [e.gseq for e in events] == list(range(start + 1, start + 6))
+    prev = start_hash
+    for event in events:
+        assert (event.gprev_hash, event.ghash) == (prev, global_hash(prev, event.hash))
+        prev = event.ghash
+    assert ledger.global_head() == (start + 5, prev)
+    result = verify_global()
+    assert (result.ok, result.events, result.unsealed) == (True, start + 5, 0)
+
+
+def test_it_costs_one_query_when_there_is_nothing_to_seal(
+        db: Any, django_assert_num_queries: Any) -> None:
+    ledger.seal_all()
+    with django_assert_num_queries(1):
+        assert ledger.seal() == 0
+    # That query reads a partial index holding only the unsealed events.
+    with connection.cursor() as cursor:
+        constraints = connection.introspection.get_constraints(cursor, "audit_event")
+    assert constraints["audit_event_unsealed"]["index"]
+    assert constraints["audit_event_unsealed"]["columns"] == ["id"]
+
+
+def test_it_refuses_a_limit_below_one(db: Any) -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        ledger.seal(limit=0)
+
+
+def test_it_keeps_the_three_global_columns_together(db: Any) -> None:
+    chain = _chain(1)
+    event = Event.objects.get(chain=chain, seq=1)
+    with pytest.raises(IntegrityError), transaction.atomic():
+        _sql("INSERT INTO audit_event (chain, seq, kind, at, actor, data, body, prev_hash, hash, "
+             "gseq) VALUES (%s, 2, 'x', %s, 'system', %s, '{}', %s, %s, %s)",
+             [_db("chain", chain), _db("at", event.at), _db("data", {}), event.hash, "c" * 64,
+              10**9])
+
+
+def _threads(count: int, target: Callable[[int], None]) -> list[BaseException]:
+    """Run target(0) ... target(count - 1) on threads, each with its own database connection,
+    and return what they raised."""
+    errors: list[BaseException] = []
+
+    def run(index: int) -> None:
+        try:
+            target(index)
+        except BaseException as exc:  # reported by the test, not lost in the thread
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+        assert not thread.is_alive(), "a thread did not finish"
+    return errors
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_appends_and_seals_give_a_gapless_global_chain() -> None:
+    ledger.seal_all()
+    start = ledger.global_head()[0]
+    chains = [uuid.uuid4() for _ in range(4)]
+    per_chain = 20
+    appending = threading.Barrier(len(chains))
+    done = threading.Event()
+
+    def append(index: int) -> None:
+        appending.wait(30)
+        for n in range(1, per_chain + 1):
+            with transaction.atomic():
+                ledger.append(chains[index], "test.step", {"n": n}, actor="user:tester")
+
+    def seal(index: int) -> None:
+        while not done.is_set():  # two sequencers at once, racing each other and the appends
+            ledger.seal(limit=7)
+
+    errors: list[BaseException] = []
+    sealers = threading.Thread(target=lambda: errors.extend(_threads(2, seal)))
+    sealers.start()
+    try:
+        errors.extend(_threads(len(chains), append))
+    finally:
+        done.set()
+        sealers.join(120)
+    assert not errors, errors
+    ledger.seal_all()
+
+    total = len(chains) * per_chain
+    gseqs = list(Event.objects.filter(chain__in=chains).order_by("gseq")
+                 .values_list("gseq", flat=True))
+    assert gseqs == list(range(start + 1, start + total + 1))
+    result = verify_global()
+    assert (result.ok, result.events, result.unsealed) == (True, start + total, 0), result
+    for chain in chains:
+        assert verify_chain(chain).ok
+        # Within a chain, sealing order is append order.
+        assert [seq for c, seq in _global_order() if c == chain] == list(range(1, per_chain + 1))
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_appends_to_different_chains_do_not_wait_for_each_other_on_postgresql() -> None:
+    ledger.seal_all()
+    start = ledger.global_head()[0]
+    held, other = uuid.uuid4(), uuid.uuid4()
+    appended, release = threading.Event(), threading.Event()
+
+    def hold(index: int) -> None:
+        # Appends, then keeps its transaction (and its chain head's row lock) open.
+        with transaction.atomic():
+            ledger.append(held, "test.step", {"n": 1}, actor="user:tester")
+            appended.set()
+            assert release.wait(60)
+
+    errors: list[BaseException] = []
+    holder = threading.Thread(target=lambda: errors.extend(_threads(1, hold)))
+    holder.start()
+    try:
+        assert appended.wait(30)
+        # A lock wait of more than 2 s fails this append instead of hanging the test: with one
+        # global head locked per append it waited here until the other transaction ended.
+        with transaction.atomic():
+            with connection.cursor() as cursor:
+                cursor.execute("SET LOCAL lock_timeout = '2s'")
+            ledger.append(other, "test.step", {"n": 1}, actor="user:tester")
+        # Both chain head locks were held at once; the same chain still serialises.
+        with pytest.raises(OperationalError, match="lock timeout"), transaction.atomic():
+            with connection.cursor() as cursor:
+                cursor.execute("SET LOCAL lock_timeout = '200ms'")
+            ledger.append(held, "test.step", {"n": 2}, actor="user:tester")
+        # The sequencer seals what has committed and leaves the open transaction's event.
+        assert ledger.seal() == 1
+    finally:
+        release.set()
+        holder.join(60)
+    assert not errors, errors
+    # The held event has the lower id but committed later: it is sealed later.
+    assert ledger.seal() == 1
+    late, early = Event.objects.get(chain=held), Event.objects.get(chain=other)
+    assert late.pk < early.pk
+    assert (early.gseq, late.gseq) == (start + 1, start + 2)
+    assert late.gprev_hash == early.ghash
+    assert verify_global().ok
+
+
 # --- PostgreSQL refuses changes itself ------------------------------------------------------
+
+_FILL = "gseq = 999999999, gprev_hash = repeat('0', 64), ghash = repeat('a', 64)"
 
 
 @pytest.mark.postgres
@@ -256,3 +482,40 @@ def test_it_refuses_queryset_updates_and_deletes_on_postgresql(db: Any) -> None:
         with transaction.atomic():
             Event.objects.filter(chain=chain).delete()
     assert verify_chain(chain).ok
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("sealed, statement", [
+    # A sealed event's place in the global chain is as final as the rest of it.
+    (True, "UPDATE audit_event SET gseq = gseq + 1000 WHERE id = %s"),
+    (True, "UPDATE audit_event SET ghash = repeat('a', 64) WHERE id = %s"),
+    (True, f"UPDATE audit_event SET {_FILL} WHERE id = %s"),
+    # An unsealed event may only have its three global columns filled, nothing else changed.
+    (False, "UPDATE audit_event SET actor = 'user:mallory' WHERE id = %s"),
+    (False, f"UPDATE audit_event SET {_FILL}, actor = 'user:mallory' WHERE id = %s"),
+    (False, f"UPDATE audit_event SET {_FILL}, data = '{{\"n\": 99}}'::jsonb WHERE id = %s"),
+    (False, f"UPDATE audit_event SET {_FILL}, seq = 7 WHERE id = %s"),
+    (False, "UPDATE audit_event SET gseq = 999999999 WHERE id = %s"),
+    (False, "DELETE FROM audit_event WHERE id = %s"),
+])
+def test_it_refuses_all_but_sealing_on_postgresql(db: Any, sealed: bool, statement: str) -> None:
+    chain = _chain(3)
+    if sealed:
+        ledger.seal_all()
+    before = Event.objects.get(chain=chain, seq=2)
+    with pytest.raises(DatabaseError, match="append-only"):
+        with transaction.atomic():
+            _sql(statement, [before.pk])
+    after = Event.objects.get(chain=chain, seq=2)
+    assert [getattr(after, f.attname) for f in Event._meta.fields] == [
+        getattr(before, f.attname) for f in Event._meta.fields]
+    assert verify_chain(chain).ok
+
+
+@pytest.mark.postgres
+def test_it_lets_an_unsealed_event_be_sealed_on_postgresql(db: Any) -> None:
+    # The one UPDATE the trigger allows, made by hand rather than by seal().
+    chain = _chain(1)
+    pk = _event_id(chain, 1)
+    _sql(f"UPDATE audit_event SET {_FILL} WHERE id = %s", [pk])
+    assert Event.objects.get(pk=pk).gseq == 999999999

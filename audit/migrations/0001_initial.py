@@ -22,7 +22,8 @@ class Migration(migrations.Migration):
         migrations.CreateModel(
             name='Event',
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
+                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False,
+                                           verbose_name='ID')),
                 ('chain', models.UUIDField(db_index=True)),
                 ('seq', models.PositiveBigIntegerField()),
                 ('kind', models.CharField(db_index=True, max_length=64)),
@@ -35,7 +36,8 @@ class Migration(migrations.Migration):
             ],
             options={
                 'ordering': ['chain', 'seq'],
-                'constraints': [models.UniqueConstraint(fields=('chain', 'seq'), name='audit_event_chain_seq_unique')],
+                'constraints': [models.UniqueConstraint(fields=('chain', 'seq'),
+                                                        name='audit_event_chain_seq_unique')],
             },
         ),
     ]

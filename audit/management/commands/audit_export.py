@@ -1,5 +1,8 @@
 """Export ledger events as JSON Lines, one event per line in global (gseq) order, for auditors.
 
+Only sealed events have a global position, so it seals every committed event first
+(``audit.ledger.seal_all``); events committed after that wait for the next export.
+
 ``python audit/verify_export.py FILE`` re-checks such a file without the application."""
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
 
+from audit import ledger
 from audit.models import Event
 
 FIELDS = ("chain", "seq", "gseq", "kind", "at", "actor", "data", "body", "prev_hash", "hash",
@@ -54,7 +58,8 @@ class Command(BaseCommand):
         parser.add_argument("--output", metavar="PATH", help="write here instead of stdout")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        events = Event.objects.order_by("gseq")
+        ledger.seal_all()
+        events = Event.objects.filter(gseq__isnull=False).order_by("gseq")
         if options["run"]:
             try:
                 events = events.filter(chain=uuid.UUID(options["run"]))
