@@ -110,7 +110,8 @@ def cluster() -> Iterator[Cluster]:
     if not DISTRIBUTED:
         pytest.skip("runs in the distributed pass")
     _require_binaries(redis=True)
-    shutil.rmtree(LOGS, ignore_errors=True)
+    for name in ("postgres.log", "redis.log"):
+        (LOGS / name).unlink(missing_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="switchboard-faults-"))
     workdir.chmod(0o755)
     pg, redis = Postgres(workdir), Redis()
@@ -232,6 +233,7 @@ class Verdict:
 def _check_answers(verdict: Verdict, calls: list[Call]) -> None:
     """Every answer 2xx, or a JSON 5xx (retried with the same key); every create accepted."""
     for call in calls:
+        verdict.result.retried += len(call.answers) - 1
         for a in call.answers:
             if a.status is None:
                 verdict.fail(f"{call.key}: no answer from the API ({a.body})")
@@ -362,6 +364,11 @@ def _check_side_effects(verdict: Verdict, cluster_db: Db, counters: Path,
                              f"no result) but the run is {statuses.get(run_id)} with "
                              f"{len(unknown)} unknown_outcome requests "
                              f"({_describe_tasks(cluster_db, run_id)})")
+    for (run_id, task), row in cluster_db.tasks().items():
+        seen = _started(events.get(run_id, []), task)
+        if run_id in verdict.run_ids and row["attempts"] > seen:
+            verdict.fail(f"run {run_id[:8]}: {task} has {row['attempts']} attempts, the ledger "
+                         f"shows {seen} task.started (a re-execution is invisible)")
     steps = Counter((run_of(line), line["task"])
                     for line in _counter_lines(counters, STEPS) if run_of(line))
     for (run_id, task), n in steps.items():

@@ -16,6 +16,7 @@ class ScenarioResult:
     lost: int = 0
     duplicates: int = 0
     stalled: int = 0
+    retried: int = 0  # API attempts repeated with the same Idempotency-Key (after a 5xx)
     statuses: dict[str, int] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
 
@@ -35,12 +36,12 @@ def write_summary(terminalreporter: Any) -> None:
     tr = terminalreporter
     tr.write_sep("=", "fault injection summary")
     header = (f"{'scenario':<28} {'runs':>5} {'faults':>6} {'rec p50 s':>9} {'rec max s':>9} "
-              f"{'lost':>5} {'dups':>5} {'stalled':>7}  statuses")
+              f"{'lost':>5} {'dups':>5} {'stalled':>7} {'retried':>7}  statuses")
     tr.write_line(header)
     for r in RESULTS:
         statuses = ", ".join(f"{k} {v}" for k, v in sorted(r.statuses.items()))
         tr.write_line(f"{r.name:<28} {r.runs:>5} {r.faults:>6} {r.p50():>9} {r.worst():>9} "
-                      f"{r.lost:>5} {r.duplicates:>5} {r.stalled:>7}  {statuses}")
+                      f"{r.lost:>5} {r.duplicates:>5} {r.stalled:>7} {r.retried:>7}  {statuses}")
     for r in RESULTS:
         for failure in r.failures[:8]:
             tr.write_line(f"  {r.name}: {failure}")
