@@ -5,8 +5,10 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import threading
 import uuid
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +31,9 @@ _MOVE_SQL = "UPDATE audit_chainhead SET seq = %s, head_hash = %s WHERE chain = %
 # gseq, gprev_hash and ghash stay NULL: seal() fills them.
 _INSERT_SQL = ("INSERT INTO audit_event (chain, seq, kind, at, actor, data, body, prev_hash, hash)"
                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id")
+# PostgreSQL: the insert and the head's move in one round trip.
+_INSERT_MOVE_SQL = ("WITH e AS (" + _INSERT_SQL + ") UPDATE audit_chainhead SET seq = %s,"
+                    " head_hash = %s WHERE chain = %s RETURNING (SELECT id FROM e)")
 # Served by the partial index audit_event_unsealed (or a scan of the primary key without one).
 _UNSEALED_SQL = "SELECT id, hash FROM audit_event WHERE gseq IS NULL ORDER BY id LIMIT %s"
 _ANY_UNSEALED_SQL = "SELECT 1 FROM audit_event WHERE gseq IS NULL LIMIT 1"
@@ -75,6 +80,24 @@ def _locked_head(cursor: Any, sql: str, chain_param: Any) -> tuple[int, str]:
     return row[0], row[1]
 
 
+# Chain heads this process moved, per chain: (transaction scope, savepoints, seq, hash). A head
+# read under its row lock stays right until that transaction ends, so further appends in the
+# same transaction skip the read. The scope is the connection's list of commit hooks: Django
+# replaces that list object at every commit, rollback and rollback to a savepoint, so an entry
+# can never outlive the writes it reflects; the savepoint stack must match too (an append inside
+# a savepoint that was later released moved the head under another entry).
+_heads = threading.local()
+
+
+def _cached_heads() -> tuple[dict[uuid.UUID, tuple[tuple[Any, ...], int, str]], tuple[Any, ...]]:
+    conn = transaction.get_connection()
+    if getattr(_heads, "scope", None) is not conn.run_on_commit:
+        _heads.scope, _heads.chains = conn.run_on_commit, {}
+    # Only blocks that made a savepoint count: an error in one without (savepoint=False) dooms
+    # the whole transaction, so it cannot leave a head moved that the database does not have.
+    return _heads.chains, tuple(sid for sid in conn.savepoint_ids if sid)
+
+
 def append(chain: uuid.UUID, kind: str, data: dict[str, Any], *, actor: str) -> Event:
     """Append one event to its chain. Must run inside the caller's transaction (the state
     change's own); ``audit.signals.event_appended`` is sent once that transaction commits.
@@ -89,9 +112,17 @@ def append(chain: uuid.UUID, kind: str, data: dict[str, Any], *, actor: str) -> 
     if chain == GLOBAL_CHAIN:
         raise ValueError("the global chain is written by seal(), not appended to")
     chain_param = ChainHead._meta.pk.get_db_prep_value(chain, connection)
-    with connection.cursor() as cursor:  # plain SQL: this runs for every step of every run
-        head_seq, head_hash = _locked_head(cursor, _HEAD_SQL.format(lock=_lock_clause()),
-                                           chain_param)
+    heads, savepoints = _cached_heads()
+    cached = heads.get(chain)
+    batch = getattr(_batch, "rows", None)
+    if batch is not None and chain in _batch.heads:
+        head_seq, head_hash = _batch.heads[chain][1], _batch.heads[chain][2]
+    elif cached is not None and cached[0] == savepoints:
+        head_seq, head_hash = cached[1], cached[2]  # this transaction holds the head's lock
+    else:
+        with connection.cursor() as cursor:  # plain SQL: this runs for every step of every run
+            head_seq, head_hash = _locked_head(cursor, _HEAD_SQL.format(lock=_lock_clause()),
+                                               chain_param)
     at = timezone.now()
     seq = head_seq + 1
     body = canonical_json(
@@ -104,18 +135,104 @@ def append(chain: uuid.UUID, kind: str, data: dict[str, Any], *, actor: str) -> 
         body=body, prev_hash=head_hash, hash=digest,
     )
     data_param = Event._meta.get_field("data").get_db_prep_save(event.data, connection)
+    params = [chain_param, seq, kind, connection.ops.adapt_datetimefield_value(at), actor,
+              data_param, body, head_hash, digest]
+    if batch is not None:
+        batch.append(params)
+        _batch.heads[chain] = (chain_param, seq, digest)
+        _announce(chain, seq, kind)
+        return event
     with connection.cursor() as cursor:
-        cursor.execute(_INSERT_SQL, [
-            chain_param, seq, kind, connection.ops.adapt_datetimefield_value(at), actor,
-            data_param, body, head_hash, digest])
-        event.pk = cursor.fetchone()[0]
-        cursor.execute(_MOVE_SQL, [seq, digest, chain_param])
+        if connection.vendor == "postgresql":
+            cursor.execute(_INSERT_MOVE_SQL, [*params, seq, digest, chain_param])
+            event.pk = cursor.fetchone()[0]
+        else:
+            cursor.execute(_INSERT_SQL, params)
+            event.pk = cursor.fetchone()[0]
+            cursor.execute(_MOVE_SQL, [seq, digest, chain_param])
+    heads[chain] = (savepoints, seq, digest)
     event._state.adding = False
     event._state.db = connection.alias
-    transaction.on_commit(
-        functools.partial(event_appended.send, sender=Event, chain=chain, seq=seq, kind=kind),
-        robust=True)
+    _announce(chain, seq, kind)
     return event
+
+
+_batch = threading.local()
+_announcements = threading.local()
+
+
+def _announce(chain: uuid.UUID, seq: int, kind: str) -> None:
+    """Send ``event_appended`` after commit once per chain and transaction, for its newest
+    event (``kinds`` names every kind the transaction appended): a page re-renders once per
+    step, not once per event. Each event still registers a hook, so a savepoint rolled back
+    takes only its own hooks with it; the first hook of a chain to run sends, the rest find
+    nothing left."""
+    scope = transaction.get_connection().run_on_commit
+    if getattr(_announcements, "scope", None) is not scope:
+        _announcements.scope, _announcements.pending = scope, {}
+    pending: dict[uuid.UUID, list[Any]] = _announcements.pending
+    entry = pending.setdefault(chain, [seq, kind, set()])
+    entry[0], entry[1] = max(entry[0], seq), kind if seq >= entry[0] else entry[1]
+    entry[2].add(kind)
+    transaction.on_commit(functools.partial(_send_announcement, pending, chain), robust=True)
+
+
+def _send_announcement(pending: dict[uuid.UUID, list[Any]], chain: uuid.UUID) -> None:
+    entry = pending.pop(chain, None)
+    if entry is not None:
+        event_appended.send(sender=Event, chain=chain, seq=entry[0], kind=entry[1],
+                            kinds=frozenset(entry[2]))
+
+
+@contextmanager
+def batched() -> Iterator[None]:
+    """Write the appends of this block together when it ends: one multi-row INSERT and one
+    head move per chain, instead of a round trip per event. Use it inside the transaction (a
+    worker's step appends four to six events). Events are hashed and their seqs assigned as they
+    come, exactly as unbatched; if the block raises, nothing is written (the transaction rolls
+    back anyway). A savepoint rolled back inside the block without its error propagating would
+    leave its events in the batch: the blocks that batch never do that."""
+    if getattr(_batch, "rows", None) is not None:
+        yield  # already batching: the outer block writes
+        return
+    _batch.rows, _batch.heads = [], {}
+    try:
+        yield
+        _flush(_batch.rows, _batch.heads)
+    finally:
+        _batch.rows = _batch.heads = None
+
+
+def _flush(rows: list[list[Any]], heads: dict[uuid.UUID, tuple[Any, int, str]]) -> None:
+    if not rows:
+        return
+    values = ", ".join(["(%s, %s, %s, %s, %s, %s, %s, %s, %s)"] * len(rows))
+    insert = _INSERT_SQL.split(" VALUES ")[0] + " VALUES " + values
+    params = [value for row in rows for value in row]
+    with connection.cursor() as cursor:
+        moves = list(heads.values())
+        if connection.vendor == "postgresql" and len(moves) == 1:
+            chain_param, seq, digest = moves[0]
+            cursor.execute(f"WITH e AS ({insert}) " + _MOVE_SQL, [*params, seq, digest,
+                                                                  chain_param])
+            return _remember(heads)
+        cursor.execute(insert, params)
+        for chain_param, seq, digest in moves:
+            cursor.execute(_MOVE_SQL, [seq, digest, chain_param])
+    _remember(heads)
+
+
+def _remember(heads: dict[uuid.UUID, tuple[Any, int, str]]) -> None:
+    cached, savepoints = _cached_heads()
+    for chain, (_, seq, digest) in heads.items():
+        cached[chain] = (savepoints, seq, digest)
+
+
+def prime_head(chain: uuid.UUID, seq: int, head_hash: str) -> None:
+    """Tell append() the chain's head, read by the caller under the head row's lock in this
+    transaction (a run step reads it with the run row), so the first append skips the read."""
+    cached, savepoints = _cached_heads()
+    cached[chain] = (savepoints, seq, head_hash)
 
 
 # --- sealing: the global chain ------------------------------------------------------------------

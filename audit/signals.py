@@ -2,6 +2,7 @@
 
 from django.dispatch import Signal
 
-# Sent once the transaction that appended an event has committed, with keyword arguments
-# chain (uuid.UUID), seq (int) and kind (str).
+# Sent once the transaction that appended events has committed, once per chain, with keyword
+# arguments chain (uuid.UUID), seq (int) and kind (str) of the newest event, and kinds
+# (frozenset of str): every kind that transaction appended to the chain.
 event_appended = Signal()

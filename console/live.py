@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import uuid
 from typing import Any
 
-from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.conf import settings
 
@@ -52,13 +52,67 @@ def _in_memory() -> bool:
     return settings.CHANNEL_LAYERS["default"]["BACKEND"].endswith("InMemoryChannelLayer")
 
 
+class _Broadcaster:
+    """Sends to the Redis channel layer from a loop of its own, off the caller's thread.
+
+    A worker commits a step and moves on: it never waits for Redis (one event loop and one
+    connection pool per process, instead of a loop per message). Announcements queued while a
+    send is in flight are coalesced: a page needs only the newest seq of its run."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.lock = threading.Lock()
+        self.pending: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.loop = asyncio.new_event_loop()
+        self.scheduled = False
+        threading.Thread(target=self.loop.run_forever, name="switchboard-live",
+                         daemon=True).start()
+
+    def put(self, group: str, message: dict[str, Any]) -> None:
+        key = (group, str(message.get("type")), str(message.get("run", "")))
+        with self.lock:
+            queued = self.pending.get(key)
+            if queued is None or int(message.get("seq", 0)) >= int(queued.get("seq", 0)):
+                self.pending[key] = message
+            if self.scheduled:
+                return
+            self.scheduled = True
+        asyncio.run_coroutine_threadsafe(self._flush(), self.loop)
+
+    async def _flush(self) -> None:
+        layer = get_channel_layer()
+        while True:
+            with self.lock:
+                batch, self.pending = self.pending, {}
+                if not batch:
+                    self.scheduled = False
+                    return
+            for (group, _, _), message in batch.items():
+                try:
+                    await layer.group_send(group, message)
+                except Exception:  # Redis away: pages resync by ledger seq when it is back
+                    log.warning("could not send %s to %s", message.get("type"), group)
+
+
+_broadcaster: _Broadcaster | None = None
+
+
+def _remote_send(group: str, message: dict[str, Any]) -> None:
+    global _broadcaster
+    with _loop_lock:
+        if _broadcaster is None or _broadcaster.pid != os.getpid():  # first use, or forked
+            _broadcaster = _Broadcaster()
+        broadcaster = _broadcaster
+    broadcaster.put(group, message)
+
+
 def send(group: str, message: dict[str, Any]) -> None:
     """Send to a group from synchronous code (a view, a worker thread, a Celery task)."""
     layer = get_channel_layer()
     if layer is None:
         return
     if not _in_memory():
-        async_to_sync(layer.group_send)(group, message)
+        _remote_send(group, message)
         return
     loop = _loop
     if loop is None or loop.is_closed() or not loop.is_running():
@@ -73,7 +127,7 @@ def send(group: str, message: dict[str, Any]) -> None:
         asyncio.run_coroutine_threadsafe(layer.group_send(group, message), loop)
 
 
-def announce(chain: Any, seq: int, kind: str) -> None:
+def announce(chain: Any, seq: int, kind: str, kinds: frozenset[str] = frozenset()) -> None:
     """Tell the pages showing this chain's run, the runs list and the review queues."""
     try:
         run_id = uuid.UUID(str(chain))
@@ -82,7 +136,7 @@ def announce(chain: Any, seq: int, kind: str) -> None:
     try:
         send(run_group(run_id), {"type": "run.changed", "seq": int(seq)})
         send(runs_group(), {"type": "runs.changed", "run": str(run_id)})
-        if kind.startswith("approval."):
+        if any(k.startswith("approval.") for k in kinds | {kind}):
             from approvals.models import ApprovalRequest
 
             groups = set(ApprovalRequest.objects.filter(run_id=run_id)
@@ -94,8 +148,9 @@ def announce(chain: Any, seq: int, kind: str) -> None:
         log.exception("could not announce %s event %s of chain %s", kind, seq, chain)
 
 
-def on_event_appended(sender: Any, *, chain: Any, seq: int, kind: str, **_: Any) -> None:
-    announce(chain, seq, kind)
+def on_event_appended(sender: Any, *, chain: Any, seq: int, kind: str,
+                      kinds: frozenset[str] = frozenset(), **_: Any) -> None:
+    announce(chain, seq, kind, kinds)
 
 
 def on_logged_out(sender: Any, *, user: Any = None, **_: Any) -> None:

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 import functools
+import json
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
 from django.db import OperationalError, connection, transaction
-from django.db.models import F
 from django.utils import timezone
 
 from audit import ledger
@@ -36,6 +38,14 @@ _plans: dict[uuid.UUID, Plan] = {}
 _plans_lock = threading.Lock()
 
 
+def plan_for_id(version_id: Any) -> Plan:
+    key = version_id if isinstance(version_id, uuid.UUID) else uuid.UUID(str(version_id))
+    plan = _plans.get(key)
+    if plan is None:
+        plan = plan_for(ProcessVersion.objects.only("plan").get(pk=key))
+    return plan
+
+
 def plan_for(version: ProcessVersion) -> Plan:
     """Process versions are immutable, so their parsed plans can be cached by id."""
     plan = _plans.get(version.pk)
@@ -46,8 +56,13 @@ def plan_for(version: ProcessVersion) -> Plan:
     return plan
 
 
-# The run whose row this thread's open transaction already holds (see DjangoRunStore.locked).
+# The run whose row this thread's open transaction holds (see DjangoRunStore.locked), with its
+# task rows as read under that lock: writes under the lock keep them current, so a step reads
+# each row once.
 _held = threading.local()
+# Inputs of tasks claimed under a run lock, read from that lock's snapshot: the claimer runs the
+# task right after commit and need not read them again.
+_prefetched: dict[tuple[str, str], tuple[Any, Any, dict[str, Any]]] = {}
 
 
 def _lock_run(run_id: str) -> None:
@@ -58,7 +73,7 @@ def _lock_run(run_id: str) -> None:
     locks a row that many runs share (process versions, tools, agents, the global chain)."""
     if not connection.features.has_select_for_update:
         return  # SQLite: BEGIN IMMEDIATE (settings) already makes every writer go one at a time
-    if getattr(_held, "run", None) == str(run_id) and connection.in_atomic_block:
+    if _state(run_id) is not None:
         return
     with connection.cursor() as cursor:
         cursor.execute("SELECT id FROM orchestration_run WHERE id = %s FOR UPDATE",
@@ -84,6 +99,74 @@ def _retrying[T](fn: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
+class _Locked:
+    __slots__ = ("run", "status", "version", "snapshot", "rows")
+
+    def __init__(self, run: str, status: str, version: Any, snapshot: RunSnapshot,
+                 rows: dict[str, list[Any]]) -> None:
+        self.run, self.status, self.version, self.snapshot, self.rows = (
+            run, status, version, snapshot, rows)
+
+
+def _state(run_id: Any) -> _Locked | None:
+    state = getattr(_held, "state", None)
+    if state is not None and state.run == str(run_id) and connection.in_atomic_block:
+        return state
+    return None
+
+
+def _uuid(value: Any) -> Any:
+    value = value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
+    return Run._meta.pk.get_db_prep_value(value, connection)
+
+
+def _dt(value: Any) -> Any:
+    return connection.ops.adapt_datetimefield_value(value)
+
+
+def _json(value: Any) -> Any:
+    return Task._meta.get_field("output").get_db_prep_save(value, connection)
+
+
+def _loads(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def _one(sql: str, params: list[Any]) -> Any:
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchone()
+
+
+def _exec(sql: str, params: list[Any]) -> int:
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.rowcount
+
+
+# The hot path of every task transition, in plain SQL (the ORM costs about a millisecond of
+# Python per statement; a whole step is a dozen statements).
+# The run (locked) and its tasks in one round trip: one row per task.
+_LOCK_RUN_SQL = (
+    "SELECT r.status, r.input, r.cancel_requested, r.process_version_id, v.hydration_limit,"
+    ' t."key", t.status, t.attempts, t.output, t.error, t.lease_owner, t.lease_expires_at,'
+    " t.crashes, h.seq, h.head_hash"
+    " FROM orchestration_run r JOIN orchestration_processversion v ON v.id = r.process_version_id"
+    " JOIN orchestration_task t ON t.run_id = r.id"
+    " JOIN audit_chainhead h ON h.chain = r.id"
+    " WHERE r.id = %s{lock}")
+# Every run has tasks and a chain head (run_create writes both); this is for one that does not.
+_LOCK_BARE_RUN_SQL = (
+    "SELECT r.status, r.input, r.cancel_requested, r.process_version_id, v.hydration_limit,"
+    " NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL"
+    " FROM orchestration_run r JOIN orchestration_processversion v ON v.id = r.process_version_id"
+    " WHERE r.id = %s{lock}")
+_TASKS_SQL = ('SELECT "key", status, attempts, output, error, lease_owner, lease_expires_at,'
+              " crashes FROM orchestration_task WHERE run_id = %s")
+_TASK_SQL = ('SELECT status, lease_owner, lease_expires_at, attempts, crashes'
+             ' FROM orchestration_task WHERE run_id = %s AND "key" = %s')
+
+
 class DjangoRunStore:
     def __init__(self, actor: str = "system") -> None:
         self.actor = actor
@@ -92,29 +175,44 @@ class DjangoRunStore:
     def locked(self, run_id: str) -> Iterator[RunSnapshot]:
         # savepoint=False: inside a caller's unit of work this joins it (one commit per step).
         with transaction.atomic(savepoint=False):
-            # of=("self",): lock the run row only, never the process version all its runs share.
-            run = (Run.objects.select_for_update(of=("self",)).select_related("process_version")
-                   .get(pk=run_id))
-            outer = getattr(_held, "run", None)
-            _held.run = str(run.pk)
-            tasks = {
-                t.key: TaskSnapshot(key=t.key, status=t.status, attempts=t.attempts,
-                                    output=t.output, error=t.error)
-                for t in Task.objects.filter(run_id=run.pk).only(
-                    "key", "status", "attempts", "output", "error")
-            }
+            # FOR UPDATE OF r: the run row only, never the process version all its runs share.
+            # Lock order: the run row, then its chain head (locked here so the step's appends
+            # need not read it again). Task rows are written only under the run's lock.
+            lock = (" FOR UPDATE OF r, h" if connection.features.has_select_for_update
+                    else "")
+            with connection.cursor() as cursor:
+                cursor.execute(_LOCK_RUN_SQL.format(lock=lock), [_uuid(run_id)])
+                joined = cursor.fetchall()
+                if not joined:
+                    cursor.execute(_LOCK_BARE_RUN_SQL.format(lock=" FOR UPDATE OF r" if lock
+                                                             else ""), [_uuid(run_id)])
+                    joined = cursor.fetchall()
+            if not joined:
+                raise Run.DoesNotExist(f"no run {run_id}")
+            status, run_input, cancel_requested, version_id, hydration_limit = joined[0][:5]
+            head_seq, head_hash = joined[0][13:15]
+            if head_seq is not None:
+                ledger.prime_head(uuid.UUID(str(run_id)), head_seq, head_hash)
+            fetched = [row[5:13] for row in joined if row[5] is not None]
+            tasks = {row[0]: TaskSnapshot(key=row[0], status=row[1], attempts=row[2],
+                                          output=_loads(row[3]), error=row[4])
+                     for row in fetched}
+            snapshot = RunSnapshot(
+                run_id=str(run_id),
+                status=status,
+                plan=plan_for_id(version_id),
+                input=_loads(run_input),
+                hydration_limit=hydration_limit,
+                tasks=tasks,
+                cancel_requested=bool(cancel_requested),
+            )
+            outer = getattr(_held, "state", None)
+            _held.state = _Locked(str(run_id), status, version_id, snapshot, {
+                row[0]: [row[1], row[5], row[6], row[2], row[7]] for row in fetched})
             try:
-                yield RunSnapshot(
-                    run_id=str(run.pk),
-                    status=run.status,
-                    plan=plan_for(run.process_version),
-                    input=run.input,
-                    hydration_limit=run.process_version.hydration_limit,
-                    tasks=tasks,
-                    cancel_requested=run.cancel_requested,
-                )
+                yield snapshot
             finally:
-                _held.run = outer
+                _held.state = outer
 
     @_retrying
     def record(self, run_id: str, kind: str, data: dict[str, Any], *, actor: str = "") -> None:
@@ -127,17 +225,26 @@ class DjangoRunStore:
         self, run_id: str, status: str, *, result: Any = None, error: str = "", reason: str = ""
     ) -> None:
         with transaction.atomic(savepoint=False):
-            run = Run.objects.select_for_update(of=("self",)).only("status").get(pk=run_id)
-            old = run.status
+            _lock_run(run_id)
+            state = _state(run_id)
+            old = state.status if state is not None else _one(
+                "SELECT status FROM orchestration_run WHERE id = %s", [_uuid(run_id)])[0]
             new = check_run_transition(old, status)
-            fields: dict[str, Any] = {"status": new.value, "updated_at": timezone.now()}
+            if state is not None:
+                state.status = new.value
+            now = timezone.now()
+            sets, params = ["status = %s", "updated_at = %s"], [new.value, _dt(now)]
             if result is not None:
-                fields["result"] = result
+                sets.append("result = %s")
+                params.append(_json(result))
             if error:
-                fields["error"] = error
+                sets.append("error = %s")
+                params.append(error)
             if new in RUN_TERMINAL:
-                fields["finished_at"] = timezone.now()
-            Run.objects.filter(pk=run_id).update(**fields)
+                sets.append("finished_at = %s")
+                params.append(_dt(now))
+            _exec(f"UPDATE orchestration_run SET {', '.join(sets)} WHERE id = %s",
+                  [*params, _uuid(run_id)])
             data: dict[str, Any] = {"from": old, "to": new.value}
             if reason:
                 data["reason"] = reason
@@ -145,18 +252,54 @@ class DjangoRunStore:
                 data["error"] = error
             if result is not None:
                 data["result"] = result
-            ledger.append(run.pk, "run.state", data, actor=self.actor)
+            ledger.append(uuid.UUID(str(run_id)), "run.state", data, actor=self.actor)
 
     @_retrying
     def release_task(self, run_id: str, key: str) -> None:
         with transaction.atomic(savepoint=False):
             _lock_run(run_id)
-            updated = Task.objects.filter(run_id=run_id, key=key, status=TaskStatus.PENDING).update(
-                status=TaskStatus.QUEUED
-            )
+            updated = _exec('UPDATE orchestration_task SET status = %s'
+                            ' WHERE run_id = %s AND "key" = %s AND status = %s',
+                            [TaskStatus.QUEUED.value, _uuid(run_id), key,
+                             TaskStatus.PENDING.value])
             if not updated:
                 check_task_transition(self._status(run_id, key), TaskStatus.QUEUED)
+            state = _state(run_id)
+            if state is not None and key in state.rows:
+                state.rows[key][0] = TaskStatus.QUEUED.value
             ledger.append(uuid.UUID(str(run_id)), "task.queued", {"task": key}, actor=self.actor)
+
+    def release_and_claim(self, run_id: str, key: str) -> TaskSnapshot:
+        """pending → queued → running in one write, for a task the scheduling worker runs
+        itself (under the run lock, inside its step)."""
+        if _state(run_id) is None:
+            raise RuntimeError("release_and_claim runs inside locked()")
+        state = _state(run_id)
+        row = state.rows[key]
+        check_task_transition(row[0], TaskStatus.QUEUED)
+        now = timezone.now()
+        token = leases.new_token()
+        attempts = row[3] + 1
+        _exec('UPDATE orchestration_task SET status = %s, attempts = %s, started_at = %s,'
+              ' lease_owner = %s, lease_expires_at = %s WHERE run_id = %s AND "key" = %s',
+              [TaskStatus.RUNNING.value, attempts, _dt(now), token,
+               _dt(now + leases.duration()), _uuid(run_id), key])
+        chain = uuid.UUID(str(run_id))
+        ledger.append(chain, "task.queued", {"task": key}, actor=self.actor)
+        ledger.append(chain, "task.started", {"task": key, "attempt": attempts},
+                      actor=self.actor)
+        state.rows[key] = [TaskStatus.RUNNING.value, token, now + leases.duration(), attempts,
+                           row[4]]
+        self._prefetch(state, run_id, key)
+        return TaskSnapshot(key=key, status=TaskStatus.RUNNING, attempts=attempts,
+                            lease=token, crashes=row[4])
+
+    @staticmethod
+    def _prefetch(state: _Locked, run_id: str, key: str) -> None:
+        snap = state.snapshot
+        deps = snap.plan.by_key()[key].depends_on
+        _prefetched[(str(run_id), key)] = (state.version, snap.input, {
+            dep: copy.deepcopy(snap.tasks[dep].output) for dep in deps})
 
     @_retrying
     def claim_task(self, run_id: str, key: str) -> TaskSnapshot | None:
@@ -165,12 +308,16 @@ class DjangoRunStore:
         crash). None when the task is not ours to run (done, or another worker holds it)."""
         with transaction.atomic(savepoint=False):
             _lock_run(run_id)  # the run lock makes this read-then-write a claim
-            row = (Task.objects.filter(run_id=run_id, key=key)
-                   .values_list("status", "lease_owner", "lease_expires_at", "attempts",
-                                "crashes").first())
+            state = _state(run_id)
+            row = state.rows.get(key) if state is not None else _one(
+                _TASK_SQL, [_uuid(run_id), key])
             if row is None:
                 return None
             status, owner, expires, attempts, crashes = row
+            if isinstance(expires, str):  # SQLite
+                expires = datetime.fromisoformat(expires)
+            if expires is not None and timezone.is_naive(expires):
+                expires = timezone.make_aware(expires, UTC)
             now = timezone.now()
             takeover = status == TaskStatus.RUNNING and (expires is None or expires < now)
             if status != TaskStatus.QUEUED and not takeover:
@@ -185,27 +332,40 @@ class DjangoRunStore:
                     "released": {"tokens": held.tokens, "cost": str(held.cost),
                                  "steps": held.steps}}, actor=self.actor)
             attempts += 1
-            Task.objects.filter(run_id=run_id, key=key).update(
-                status=TaskStatus.RUNNING, attempts=attempts, crashes=crashes, started_at=now,
-                lease_owner=token, lease_expires_at=now + leases.duration())
+            _exec('UPDATE orchestration_task SET status = %s, attempts = %s, crashes = %s,'
+                  ' started_at = %s, lease_owner = %s, lease_expires_at = %s'
+                  ' WHERE run_id = %s AND "key" = %s',
+                  [TaskStatus.RUNNING.value, attempts, crashes, _dt(now), token,
+                   _dt(now + leases.duration()), _uuid(run_id), key])
             ledger.append(uuid.UUID(str(run_id)), "task.started",
                           {"task": key, "attempt": attempts}, actor=self.actor)
+            if state is not None:
+                state.rows[key] = [TaskStatus.RUNNING.value, token, now + leases.duration(),
+                                   attempts, crashes]
+                self._prefetch(state, run_id, key)
             return TaskSnapshot(key=key, status=TaskStatus.RUNNING, attempts=attempts,
                                 lease=token, crashes=crashes)
 
     def task_inputs(
         self, run_id: str, key: str
     ) -> tuple[TaskSpec, Mapping[str, Any], dict[str, Any]]:
-        run = Run.objects.select_related("process_version").only(
-            "input", "process_version__plan").get(pk=run_id)
-        spec = plan_for(run.process_version).by_key()[key]
+        prefetched = _prefetched.pop((str(run_id), key), None)
+        if prefetched is not None:
+            version_id, run_input = prefetched[0], prefetched[1]
+        else:
+            run_input, version_id = _one(
+                "SELECT input, process_version_id FROM orchestration_run WHERE id = %s",
+                [_uuid(run_id)])
+        spec = plan_for_id(version_id).by_key()[key]
         outputs: dict[str, Any] = {}
-        if spec.depends_on:
-            outputs = dict(
-                Task.objects.filter(run_id=run_id, key__in=spec.depends_on).values_list(
-                    "key", "output")
-            )
-        return spec, run.input, outputs
+        if prefetched is not None and prefetched[2] is not None:
+            outputs = prefetched[2]
+        elif spec.depends_on:
+            with connection.cursor() as cursor:
+                cursor.execute(_TASKS_SQL, [_uuid(run_id)])
+                outputs = {row[0]: _loads(row[3]) for row in cursor.fetchall()
+                           if row[0] in spec.depends_on}
+        return spec, copy.deepcopy(_loads(run_input)), outputs
 
     @_retrying
     def finish_task(
@@ -223,8 +383,9 @@ class DjangoRunStore:
         chain = uuid.UUID(str(run_id))
         with transaction.atomic(savepoint=False):
             _lock_run(run_id)
-            old, owner = Task.objects.filter(run_id=run_id, key=key).values_list(
-                "status", "lease_owner").get()
+            state = _state(run_id)
+            row = state.rows.get(key) if state is not None else None
+            old, owner = row[:2] if row is not None else _one(_TASK_SQL, [_uuid(run_id), key])[:2]
             if lease and (old != TaskStatus.RUNNING or owner != lease):
                 raise LeaseLost(f"task {key} of run {run_id} was taken over by another worker")
             new = check_task_transition(old, status)
@@ -236,25 +397,27 @@ class DjangoRunStore:
                 usage["tokens_in"] += int(data.get("tokens_in", 0))
                 usage["tokens_out"] += int(data.get("tokens_out", 0))
                 usage["cost"] += Decimal(str(data.get("cost", "0")))
-            Task.objects.filter(run_id=run_id, key=key).update(
-                status=new.value, output=output, error=error, finished_at=timezone.now(),
-                lease_owner="", lease_expires_at=None,
-            )
+            now = _dt(timezone.now())
+            _exec('UPDATE orchestration_task SET status = %s, output = %s, error = %s,'
+                  " finished_at = %s, lease_owner = '', lease_expires_at = NULL"
+                  ' WHERE run_id = %s AND "key" = %s',
+                  [new.value, _json(output), error, now, _uuid(run_id), key])
             if old == TaskStatus.RUNNING and events:
-                Run.objects.filter(pk=run_id).update(
-                    steps=F("steps") + 1,
-                    tool_calls=F("tool_calls") + usage["tool_calls"],
-                    tokens_in=F("tokens_in") + usage["tokens_in"],
-                    tokens_out=F("tokens_out") + usage["tokens_out"],
-                    cost=F("cost") + usage["cost"],
-                    updated_at=timezone.now(),
-                )
+                _exec("UPDATE orchestration_run SET steps = steps + 1,"
+                      " tool_calls = tool_calls + %s, tokens_in = tokens_in + %s,"
+                      " tokens_out = tokens_out + %s, cost = cost + %s, updated_at = %s"
+                      " WHERE id = %s",
+                      [usage["tool_calls"], usage["tokens_in"], usage["tokens_out"],
+                       connection.ops.adapt_decimalfield_value(usage["cost"], 14, 6), now,
+                       _uuid(run_id)])
             data: dict[str, Any] = {"task": key}
             if new == TaskStatus.SUCCEEDED:
                 data["output"] = output
             if error:
                 data["error"] = error
             ledger.append(chain, f"task.{new.value}", data, actor=self.actor)
+            if row is not None:
+                row[0], row[1], row[2] = new.value, "", None
             if new == TaskStatus.WAITING and escalation:
                 governance.open_escalation(run_id=str(run_id), task_key=key,
                                            escalation=escalation, actor=self.actor)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from django.conf import settings
 from django.db import InterfaceError, OperationalError, close_old_connections, transaction
 
+from audit import ledger
 from orchestration import leases, outbox
 from orchestration.engine import runner
 from orchestration.engine.errors import LeaseLost
@@ -62,12 +63,13 @@ def advance(run_id: str, message_id: int | None = None) -> None:
     store = DjangoRunStore()
 
     def step() -> AdvanceResult | None:
-        with transaction.atomic():
+        with transaction.atomic(), ledger.batched():
             if not outbox.consume(message_id):
                 return None
-            if not Run.objects.filter(pk=run_id).exists():
+            try:
+                result = runner.advance(store, run_id, take=1)
+            except Run.DoesNotExist:
                 return None
-            result = runner.advance(store, run_id, take=1)
             _dispatch(run_id, result)
             return result
 
@@ -81,12 +83,10 @@ def execute(run_id: str, key: str, message_id: int | None = None) -> None:
     store = DjangoRunStore()
 
     def step() -> TaskSnapshot | None:
-        with transaction.atomic():
+        with transaction.atomic(), ledger.batched():
             if not outbox.consume(message_id):
                 return None
-            if not Run.objects.filter(pk=run_id).exists():
-                return None
-            return store.claim_task(run_id, key)
+            return store.claim_task(run_id, key)  # None for a run or task that is gone
 
     claim = _persist(step, what=f"claim {run_id}/{key}")
     if claim is not None:
@@ -103,7 +103,7 @@ def run_chain(store: DjangoRunStore, run_id: str, claim: TaskSnapshot | None) ->
                                what=f"run {run_id}/{claim.key}")
 
             def step(c: TaskSnapshot = claim, o: Outcome = outcome) -> AdvanceResult:
-                with transaction.atomic():
+                with transaction.atomic(), ledger.batched():
                     result = runner.finish(store, run_id, c.key, o, lease=c.lease, take=1)
                     _dispatch(run_id, result)
                     return result

@@ -180,7 +180,14 @@ def _schedule(store: RunStore, run: RunSnapshot, take: int) -> AdvanceResult:
     active = sum(1 for s in statuses.values() if s in TASK_ACTIVE)
     slots = max(0, run.hydration_limit - active)
     released = run.plan.ready(statuses)[:slots]
+    # A store may release and claim in one write (the tasks this caller runs itself).
+    release_and_claim = getattr(store, "release_and_claim", None)
+    claimed: list[TaskSnapshot] = []
     for key in released:
+        if len(claimed) < take and release_and_claim is not None:
+            claimed.append(release_and_claim(run_id, key))
+            run.tasks[key].status = TaskStatus.RUNNING
+            continue
         store.release_task(run_id, key)
         run.tasks[key].status = TaskStatus.QUEUED
     if not released and not active:
@@ -189,8 +196,7 @@ def _schedule(store: RunStore, run: RunSnapshot, take: int) -> AdvanceResult:
             reasons = "; ".join(f"{k}: {run.tasks[k].error}" for k in waiting)
             store.set_run_status(run_id, RunStatus.WAITING, reason=reasons)
             return AdvanceResult([], RunStatus.WAITING)
-    claimed = []
-    for key in released[:take]:
+    for key in released[len(claimed):take]:
         claim = store.claim_task(run_id, key)
         if claim is not None:
             run.tasks[key].status = TaskStatus.RUNNING
