@@ -10,7 +10,7 @@ re-execution shows in the ledger, the ledger verifies, and the API answered 2xx 
 that a retry with the same Idempotency-Key resolved without doubling anything.
 
 Distributed: pytest tests/test_faults.py with DATABASE_URL/REDIS_URL set (the distributed pass);
-standalone: without them. Logs of every service go to artifacts/faults/.
+standalone: without them. Logs of every service go to artifacts/faults/<pid>/.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from tests.faults.infra import (
     base_env,
     missing_binaries,
     prepare_database,
+    prune_logs,
     wait_until,
 )
 from tests.faults.report import RESULTS, ScenarioResult
@@ -110,8 +111,7 @@ def cluster() -> Iterator[Cluster]:
     if not DISTRIBUTED:
         pytest.skip("runs in the distributed pass")
     _require_binaries(redis=True)
-    for name in ("postgres.log", "redis.log"):
-        (LOGS / name).unlink(missing_ok=True)
+    prune_logs()
     workdir = Path(tempfile.mkdtemp(prefix="switchboard-faults-"))
     workdir.chmod(0o755)
     pg, redis = Postgres(workdir), Redis()
@@ -151,6 +151,7 @@ class Watcher:
         self.db = db
         self.status: dict[str, str] = {}
         self.since: dict[str, float] = {}
+        self.first_seen: dict[str, float] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
@@ -173,6 +174,7 @@ class Watcher:
             now = time.monotonic()
             with self._lock:
                 for run_id, status in statuses.items():
+                    self.first_seen.setdefault(run_id, now)
                     if self.status.get(run_id) != status:
                         self.status[run_id] = status
                         self.since[run_id] = now
@@ -286,7 +288,10 @@ def _wait_for_end(verdict: Verdict, watcher: Watcher, fault_end: float,
         if run_id in pending:
             verdict.result.stalled += 1
             continue
-        verdict.result.recovery_s.append(max(0.0, since.get(run_id, fault_end) - fault_end))
+        ended = since.get(run_id, fault_end)
+        verdict.result.recovery_s.append(max(0.0, ended - fault_end))
+        if run_id in watcher.first_seen:
+            verdict.result.duration_s.append(max(0.0, ended - watcher.first_seen[run_id]))
     if pending:
         verdict.fail(f"{len(pending)} of {len(verdict.run_ids)} runs had not ended "
                      f"{RECOVERY_S:g} s after the fault ended: "
@@ -392,11 +397,22 @@ def _conclude(verdict: Verdict) -> None:
                           + "\n  ".join(failures[:25]))
 
 
+def _check_workers_alive(verdict: Verdict, cluster: Cluster) -> None:
+    """A worker the test did not kill must survive the fault (nothing here restarts it)."""
+    if cluster.workers is None:
+        return
+    for w in cluster.workers.live.values():
+        if w.proc.poll() is not None:
+            verdict.fail(f"celery worker {w.index} (pid {w.proc.pid}) exited with "
+                         f"{w.proc.returncode} during the fault; see {w.log}")
+
+
 def _verify_charge_scenario(cluster: Cluster, verdict: Verdict, calls: list[Call],
                             watcher: Watcher, fault_end: float) -> None:
     _check_answers(verdict, calls)
     _check_one_run_per_key(verdict, cluster.db, calls, "nonce")
     statuses = _wait_for_end(verdict, watcher, fault_end)
+    _check_workers_alive(verdict, cluster)
     _check_waiting_on_people(verdict, cluster.db, statuses, PERSON_REASONS)
     _check_side_effects(verdict, cluster.db, cluster.counters, statuses)
     _check_ledger(verdict, cluster.env)
@@ -541,6 +557,7 @@ def test_approvals_decided_while_redis_is_down_resume_once(cluster: Cluster) -> 
                 return status == "waiting" and bool(still - decided)  # waits on a new one
 
             statuses = _wait_for_end(verdict, watcher, fault_end, done=resumed)
+            _check_workers_alive(verdict, cluster)
     finally:
         cluster.heal()
     per_decider = Counter((d["request"], d["decider"]) for d in db.decisions()
@@ -573,6 +590,7 @@ def test_standalone_server_killed_mid_run_resumes_every_run_once() -> None:
     _require_binaries(redis=False)
     verdict = _scenario("standalone server kill -9")
     workdir = Path(tempfile.mkdtemp(prefix="switchboard-faults-"))
+    prune_logs()
     LOGS.mkdir(parents=True, exist_ok=True)
     env = base_env(f"sqlite:///{workdir / 'switchboard.sqlite3'}", None, _counter_dir(workdir))
     server = Server(env, "daphne-standalone")

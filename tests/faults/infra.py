@@ -24,7 +24,8 @@ from typing import Any
 import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
-LOGS = ROOT / "artifacts" / "faults"
+# One directory per test process: runs of this module in parallel must not share log files.
+LOGS = ROOT / "artifacts" / "faults" / str(os.getpid())
 PG_BIN = Path(os.environ.get("SWITCHBOARD_PG_BIN", "/usr/lib/postgresql/15/bin"))
 LEASE_SECONDS = 3
 SWEEP_SECONDS = 1
@@ -53,6 +54,19 @@ def wait_until(predicate: Callable[[], Any], *, timeout: float, what: str,
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def prune_logs() -> None:
+    """Drop the log directories of test processes that have ended (keeps the newest one)."""
+    dirs = sorted((d for d in LOGS.parent.glob("[0-9]*") if d.is_dir() and d != LOGS),
+                  key=lambda d: d.stat().st_mtime)
+    for d in dirs[:-1]:
+        try:
+            os.kill(int(d.name), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except (PermissionError, ValueError):
+            pass
 
 
 def missing_binaries() -> list[str]:

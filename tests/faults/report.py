@@ -12,7 +12,8 @@ class ScenarioResult:
     name: str
     runs: int = 0
     faults: int = 0
-    recovery_s: list[float] = field(default_factory=list)
+    recovery_s: list[float] = field(default_factory=list)  # fault end -> run ended
+    duration_s: list[float] = field(default_factory=list)  # run first seen -> run ended
     lost: int = 0
     duplicates: int = 0
     stalled: int = 0
@@ -26,6 +27,11 @@ class ScenarioResult:
     def worst(self) -> str:
         return f"{max(self.recovery_s):.1f}" if self.recovery_s else "-"
 
+    def durations(self) -> str:
+        if not self.duration_s:
+            return "-"
+        return f"{statistics.median(self.duration_s):.1f}/{max(self.duration_s):.1f}"
+
 
 RESULTS: list[ScenarioResult] = []
 
@@ -36,12 +42,14 @@ def write_summary(terminalreporter: Any) -> None:
     tr = terminalreporter
     tr.write_sep("=", "fault injection summary")
     header = (f"{'scenario':<28} {'runs':>5} {'faults':>6} {'rec p50 s':>9} {'rec max s':>9} "
-              f"{'lost':>5} {'dups':>5} {'stalled':>7} {'retried':>7}  statuses")
+              f"{'lost':>5} {'dups':>5} {'stalled':>7} {'retried':>7} {'run p50/max s':>13}"
+              "  statuses")
     tr.write_line(header)
     for r in RESULTS:
         statuses = ", ".join(f"{k} {v}" for k, v in sorted(r.statuses.items()))
         tr.write_line(f"{r.name:<28} {r.runs:>5} {r.faults:>6} {r.p50():>9} {r.worst():>9} "
-                      f"{r.lost:>5} {r.duplicates:>5} {r.stalled:>7} {r.retried:>7}  {statuses}")
+                      f"{r.lost:>5} {r.duplicates:>5} {r.stalled:>7} {r.retried:>7} "
+                      f"{r.durations():>13}  {statuses}")
     for r in RESULTS:
         for failure in r.failures[:8]:
             tr.write_line(f"  {r.name}: {failure}")
