@@ -7,7 +7,7 @@ import itertools
 import json
 import threading
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -185,30 +185,39 @@ def _send_announcement(pending: dict[uuid.UUID, list[Any]], chain: uuid.UUID) ->
 
 
 @contextmanager
-def batched() -> Iterator[None]:
+def batched(write: Callable[[str, list[Any]], None] | None = None) -> Iterator[None]:
     """Write the appends of this block together when it ends: one multi-row INSERT and one
     head move per chain, instead of a round trip per event. Use it inside the transaction (a
     worker's step appends four to six events). Events are hashed and their seqs assigned as they
     come, exactly as unbatched; if the block raises, nothing is written (the transaction rolls
     back anyway). A savepoint rolled back inside the block without its error propagating would
-    leave its events in the batch: the blocks that batch never do that."""
+    leave its events in the batch: the blocks that batch never do that. ``write``, when given,
+    takes the final statement instead of executing it (a caller sending a step's writes
+    together)."""
     if getattr(_batch, "rows", None) is not None:
         yield  # already batching: the outer block writes
         return
     _batch.rows, _batch.heads = [], {}
     try:
         yield
-        _flush(_batch.rows, _batch.heads)
+        _flush(_batch.rows, _batch.heads, write)
     finally:
         _batch.rows = _batch.heads = None
 
 
-def _flush(rows: list[list[Any]], heads: dict[uuid.UUID, tuple[Any, int, str]]) -> None:
+def _flush(rows: list[list[Any]], heads: dict[uuid.UUID, tuple[Any, int, str]],
+           write: Callable[[str, list[Any]], None] | None = None) -> None:
     if not rows:
         return
     values = ", ".join(["(%s, %s, %s, %s, %s, %s, %s, %s, %s)"] * len(rows))
     insert = _INSERT_SQL.split(" VALUES ")[0] + " VALUES " + values
     params = [value for row in rows for value in row]
+    if write is not None:
+        write(insert, params)
+        for chain_param, seq, digest in heads.values():
+            write(_MOVE_SQL, [seq, digest, chain_param])
+        _remember(heads)
+        return
     with connection.cursor() as cursor:
         moves = list(heads.values())
         if connection.vendor == "postgresql" and len(moves) == 1:

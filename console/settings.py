@@ -164,6 +164,8 @@ CELERY_BROKER_URL = REDIS_URL or "memory://"
 # Publishing gives up fast when the broker is away (the outbox keeps the message); a message a
 # killed worker had taken comes back from the outbox relay long before Redis's visibility
 # timeout would return it.
+if REDIS_URL:
+    CELERY_BROKER_TRANSPORT = "console.broker:Transport"
 CELERY_BROKER_TRANSPORT_OPTIONS = {"socket_timeout": 5, "socket_connect_timeout": 2,
                                    "visibility_timeout": 600}
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True

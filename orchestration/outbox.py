@@ -80,6 +80,10 @@ def publish(message_id: int, topic: str, run_id: str, key: str, request_id: str 
     except Exception as exc:  # the broker is down or unreachable: the relay retries
         log.warning("could not publish %s message %s (run %s %s): %s; the relay will send it "
                     "again", topic, message_id, run_id, key, exc)
+        try:  # due at once: the next sweep sends it, not one a whole redelivery period later
+            Outbox.objects.filter(pk=message_id).update(due_at=timezone.now())
+        except Exception:  # the database is away too: it is due at its original time
+            pass
         return False
 
 

@@ -144,6 +144,49 @@ def _exec(sql: str, params: list[Any]) -> int:
         return cursor.rowcount
 
 
+_writes = threading.local()
+
+
+@contextmanager
+def deferred_writes() -> Iterator[Callable[[str, list[Any]], None]]:
+    """Collect a step's writes (whose results nothing reads) and send them together when the
+    block ends: on PostgreSQL one round trip for the whole step, statements in order. Use it
+    inside the step's transaction; if the block raises, nothing is sent. Reads of rows the
+    buffer would change must flush first (``flush_writes``)."""
+    if getattr(_writes, "buffer", None) is not None:
+        yield _write  # the outer block sends
+        return
+    _writes.buffer = []
+    try:
+        yield _write
+        flush_writes()
+    finally:
+        _writes.buffer = None
+
+
+def _write(sql: str, params: list[Any]) -> None:
+    buffer = getattr(_writes, "buffer", None)
+    if buffer is None:
+        _exec(sql, params)
+    else:
+        buffer.append((sql, params))
+
+
+def flush_writes() -> None:
+    buffer = getattr(_writes, "buffer", None)
+    if not buffer:
+        return
+    statements = list(buffer)
+    buffer.clear()
+    if connection.vendor == "postgresql":
+        # Client-side binding (Django's default with psycopg 3) sends this as one simple query.
+        _exec("; ".join(sql for sql, _ in statements),
+              [value for _, params in statements for value in params])
+        return
+    for sql, params in statements:
+        _exec(sql, params)
+
+
 # The hot path of every task transition, in plain SQL (the ORM costs about a millisecond of
 # Python per statement; a whole step is a dozen statements).
 # The run (locked) and its tasks in one round trip: one row per task.
@@ -243,8 +286,8 @@ class DjangoRunStore:
             if new in RUN_TERMINAL:
                 sets.append("finished_at = %s")
                 params.append(_dt(now))
-            _exec(f"UPDATE orchestration_run SET {', '.join(sets)} WHERE id = %s",
-                  [*params, _uuid(run_id)])
+            _write(f"UPDATE orchestration_run SET {', '.join(sets)} WHERE id = %s",
+                   [*params, _uuid(run_id)])
             data: dict[str, Any] = {"from": old, "to": new.value}
             if reason:
                 data["reason"] = reason
@@ -258,15 +301,20 @@ class DjangoRunStore:
     def release_task(self, run_id: str, key: str) -> None:
         with transaction.atomic(savepoint=False):
             _lock_run(run_id)
-            updated = _exec('UPDATE orchestration_task SET status = %s'
-                            ' WHERE run_id = %s AND "key" = %s AND status = %s',
-                            [TaskStatus.QUEUED.value, _uuid(run_id), key,
-                             TaskStatus.PENDING.value])
-            if not updated:
-                check_task_transition(self._status(run_id, key), TaskStatus.QUEUED)
             state = _state(run_id)
             if state is not None and key in state.rows:
+                check_task_transition(state.rows[key][0], TaskStatus.QUEUED)
+                _write('UPDATE orchestration_task SET status = %s'
+                       ' WHERE run_id = %s AND "key" = %s',
+                       [TaskStatus.QUEUED.value, _uuid(run_id), key])
                 state.rows[key][0] = TaskStatus.QUEUED.value
+            else:
+                updated = _exec('UPDATE orchestration_task SET status = %s'
+                                ' WHERE run_id = %s AND "key" = %s AND status = %s',
+                                [TaskStatus.QUEUED.value, _uuid(run_id), key,
+                                 TaskStatus.PENDING.value])
+                if not updated:
+                    check_task_transition(self._status(run_id, key), TaskStatus.QUEUED)
             ledger.append(uuid.UUID(str(run_id)), "task.queued", {"task": key}, actor=self.actor)
 
     def release_and_claim(self, run_id: str, key: str) -> TaskSnapshot:
@@ -280,8 +328,8 @@ class DjangoRunStore:
         now = timezone.now()
         token = leases.new_token()
         attempts = row[3] + 1
-        _exec('UPDATE orchestration_task SET status = %s, attempts = %s, started_at = %s,'
-              ' lease_owner = %s, lease_expires_at = %s WHERE run_id = %s AND "key" = %s',
+        _write('UPDATE orchestration_task SET status = %s, attempts = %s, started_at = %s,'
+               ' lease_owner = %s, lease_expires_at = %s WHERE run_id = %s AND "key" = %s',
               [TaskStatus.RUNNING.value, attempts, _dt(now), token,
                _dt(now + leases.duration()), _uuid(run_id), key])
         chain = uuid.UUID(str(run_id))
@@ -325,6 +373,7 @@ class DjangoRunStore:
             token = leases.new_token()
             if takeover:
                 crashes += 1
+                flush_writes()
                 held = governance.release_held(run_id, key)
                 ledger.append(uuid.UUID(str(run_id)), "task.recovered", {
                     "task": key, "reason": "the worker running it was lost (lease expired)",
@@ -332,9 +381,9 @@ class DjangoRunStore:
                     "released": {"tokens": held.tokens, "cost": str(held.cost),
                                  "steps": held.steps}}, actor=self.actor)
             attempts += 1
-            _exec('UPDATE orchestration_task SET status = %s, attempts = %s, crashes = %s,'
-                  ' started_at = %s, lease_owner = %s, lease_expires_at = %s'
-                  ' WHERE run_id = %s AND "key" = %s',
+            _write('UPDATE orchestration_task SET status = %s, attempts = %s, crashes = %s,'
+                   ' started_at = %s, lease_owner = %s, lease_expires_at = %s'
+                   ' WHERE run_id = %s AND "key" = %s',
                   [TaskStatus.RUNNING.value, attempts, crashes, _dt(now), token,
                    _dt(now + leases.duration()), _uuid(run_id), key])
             ledger.append(uuid.UUID(str(run_id)), "task.started",
@@ -398,18 +447,18 @@ class DjangoRunStore:
                 usage["tokens_out"] += int(data.get("tokens_out", 0))
                 usage["cost"] += Decimal(str(data.get("cost", "0")))
             now = _dt(timezone.now())
-            _exec('UPDATE orchestration_task SET status = %s, output = %s, error = %s,'
-                  " finished_at = %s, lease_owner = '', lease_expires_at = NULL"
-                  ' WHERE run_id = %s AND "key" = %s',
-                  [new.value, _json(output), error, now, _uuid(run_id), key])
+            _write('UPDATE orchestration_task SET status = %s, output = %s, error = %s,'
+                   " finished_at = %s, lease_owner = '', lease_expires_at = NULL"
+                   ' WHERE run_id = %s AND "key" = %s',
+                   [new.value, _json(output), error, now, _uuid(run_id), key])
             if old == TaskStatus.RUNNING and events:
-                _exec("UPDATE orchestration_run SET steps = steps + 1,"
-                      " tool_calls = tool_calls + %s, tokens_in = tokens_in + %s,"
-                      " tokens_out = tokens_out + %s, cost = cost + %s, updated_at = %s"
-                      " WHERE id = %s",
-                      [usage["tool_calls"], usage["tokens_in"], usage["tokens_out"],
-                       connection.ops.adapt_decimalfield_value(usage["cost"], 14, 6), now,
-                       _uuid(run_id)])
+                _write("UPDATE orchestration_run SET steps = steps + 1,"
+                       " tool_calls = tool_calls + %s, tokens_in = tokens_in + %s,"
+                       " tokens_out = tokens_out + %s, cost = cost + %s, updated_at = %s"
+                       " WHERE id = %s",
+                       [usage["tool_calls"], usage["tokens_in"], usage["tokens_out"],
+                        connection.ops.adapt_decimalfield_value(usage["cost"], 14, 6), now,
+                        _uuid(run_id)])
             data: dict[str, Any] = {"task": key}
             if new == TaskStatus.SUCCEEDED:
                 data["output"] = output
@@ -419,6 +468,7 @@ class DjangoRunStore:
             if row is not None:
                 row[0], row[1], row[2] = new.value, "", None
             if new == TaskStatus.WAITING and escalation:
+                flush_writes()  # the escalation reads the rows this step changed
                 governance.open_escalation(run_id=str(run_id), task_key=key,
                                            escalation=escalation, actor=self.actor)
 

@@ -25,7 +25,7 @@ from orchestration.engine.states import TaskStatus
 from orchestration.engine.store import TaskSnapshot
 from orchestration.executors import executors
 from orchestration.models import Run
-from orchestration.store import DjangoRunStore
+from orchestration.store import DjangoRunStore, deferred_writes
 
 log = logging.getLogger("switchboard.work")
 DB_ERRORS = (OperationalError, InterfaceError)
@@ -63,7 +63,7 @@ def advance(run_id: str, message_id: int | None = None) -> None:
     store = DjangoRunStore()
 
     def step() -> AdvanceResult | None:
-        with transaction.atomic(), ledger.batched():
+        with transaction.atomic(), deferred_writes() as write, ledger.batched(write):
             if not outbox.consume(message_id):
                 return None
             try:
@@ -83,7 +83,7 @@ def execute(run_id: str, key: str, message_id: int | None = None) -> None:
     store = DjangoRunStore()
 
     def step() -> TaskSnapshot | None:
-        with transaction.atomic(), ledger.batched():
+        with transaction.atomic(), deferred_writes() as write, ledger.batched(write):
             if not outbox.consume(message_id):
                 return None
             return store.claim_task(run_id, key)  # None for a run or task that is gone
@@ -103,7 +103,7 @@ def run_chain(store: DjangoRunStore, run_id: str, claim: TaskSnapshot | None) ->
                                what=f"run {run_id}/{claim.key}")
 
             def step(c: TaskSnapshot = claim, o: Outcome = outcome) -> AdvanceResult:
-                with transaction.atomic(), ledger.batched():
+                with transaction.atomic(), deferred_writes() as write, ledger.batched(write):
                     result = runner.finish(store, run_id, c.key, o, lease=c.lease, take=1)
                     _dispatch(run_id, result)
                     return result
