@@ -176,7 +176,7 @@ def can_decide(user: AbstractBaseUser, request: ApprovalRequest) -> str:
     if not user.is_authenticated or not user.is_active:
         return "you must be signed in to decide"
     try:
-        user.agent_identity  # type: ignore[attr-defined]
+        _ = user.agent_identity  # type: ignore[attr-defined]
     except (ObjectDoesNotExist, AttributeError):
         pass
     else:

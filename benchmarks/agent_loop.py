@@ -1,7 +1,8 @@
 """Per-step cost of a governed agent loop: Switchboard's engine (ledger on) against LangGraph
 (checkpointer on, durability "sync"), on SQLite and on PostgreSQL.
 
-    .venv/bin/pip install -r benchmarks/requirements.txt && .venv/bin/python benchmarks/agent_loop.py
+    .venv/bin/pip install -r benchmarks/requirements.txt
+    .venv/bin/python benchmarks/agent_loop.py
 
 The loop is the same on both sides: a scripted model makes 20 tool-calling turns (each calls
 ``lookup_order``) and then answers. A *step* is one model turn plus its tool call.
@@ -127,7 +128,7 @@ class StepClock:
     def steps_us(self) -> list[float]:
         if len(self.marks) != STEPS + 1:
             raise RuntimeError(f"expected {STEPS} steps, saw {len(self.marks) - 1}")
-        return [(b - a) * 1e6 for a, b in zip(self.marks, self.marks[1:])]
+        return [(b - a) * 1e6 for a, b in zip(self.marks, self.marks[1:], strict=False)]
 
 
 def worker(backend: str, checkpoint_url: str, runs: int, warmup: int, out: Path) -> None:

@@ -4,14 +4,15 @@
 
 Seeds a throwaway PostgreSQL database (created and dropped here) with the demo data plus
 ``--runs`` runs of the demo processes, five tasks each, spread over the last 14 days in every
-status, and ``--events`` ledger events with both hash chains computed as ``audit.ledger.append`` and ``seal`` do
-(``--verify`` runs ``audit_verify`` over the result). Then it renders, in process through Django's full middleware stack as a signed-in
-operator who may see every run, the dashboard ``--samples`` times and the run page of ``--samples``
+status, and ``--events`` ledger events with both hash chains computed as
+``audit.ledger.append`` and ``seal`` do (``--verify`` runs ``audit_verify`` over the result).
+Then it renders, in process through Django's full middleware stack as a signed-in operator who
+may see every run, the dashboard ``--samples`` times and the run page of ``--samples``
 random runs, and prints milliseconds per render (p50, p95, max) and the queries each render made.
 The target is p95 under 150 ms for both.
 
-Options: ``--runs N``, ``--events N``, ``--samples N``, ``--verify``, ``--postgres-url`` (server to create the
-throwaway database on; default ``$BENCH_POSTGRES_URL`` or postgresql://postgres@127.0.0.1:5432/postgres),
+Options: ``--runs N``, ``--events N``, ``--samples N``, ``--verify``, ``--postgres-url`` (server
+to create the throwaway database on; default ``$BENCH_POSTGRES_URL`` or postgresql://postgres@127.0.0.1:5432/postgres),
 ``--keep`` (leave the database for inspection), ``--check`` (exit 1 if a p95 is 150 ms or more).
 """
 

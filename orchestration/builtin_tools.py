@@ -158,7 +158,8 @@ def notify_procurement(vendor_id: str, status: str) -> dict[str, Any]:
         "properties": {"order_id": {"type": "string", "pattern": "^[A-Z0-9-]{3,40}$"}},
     },
     output_schema={
-        "type": _OBJ, "required": ["order_id", "total", "currency", "status", "days_since_delivery"],
+        "type": _OBJ,
+        "required": ["order_id", "total", "currency", "status", "days_since_delivery"],
         "properties": {
             "order_id": {"type": "string"}, "total": {"type": "number"},
             "currency": {"type": "string"}, "status": {"type": "string"},
@@ -292,7 +293,8 @@ def draft_reply(intent: str, order: dict[str, Any]) -> dict[str, Any]:
                        "reason": {"type": "string"}},
     },
 )
-def decide_refund(requested: float, order: dict[str, Any], policy: dict[str, Any]) -> dict[str, Any]:
+def decide_refund(requested: float, order: dict[str, Any],
+                  policy: dict[str, Any]) -> dict[str, Any]:
     """Apply the refund policy: the order must be delivered and inside the refund window."""
     in_window = int(order.get("days_since_delivery", 0)) <= int(policy.get("window_days", 30))
     approve = in_window and order.get("status") == "delivered" and requested > 0

@@ -40,7 +40,8 @@ UPDATE orchestration_run
        reserved_cost = reserved_cost + %(cost)s,
        reserved_steps = reserved_steps + %(steps)s
  WHERE id = %(run)s
-   AND (budget_tokens IS NULL OR budget_tokens >= tokens_in + tokens_out + reserved_tokens + %(tokens)s)
+   AND (budget_tokens IS NULL
+        OR budget_tokens >= tokens_in + tokens_out + reserved_tokens + %(tokens)s)
    AND (budget_cost IS NULL OR budget_cost >= cost + reserved_cost + %(cost)s)
    AND (budget_steps IS NULL OR budget_steps >= steps + reserved_steps + %(steps)s)
 """

@@ -139,7 +139,8 @@ class Watched:
         assert self.page.evaluate("window.__noReload") is True, "the page was reloaded"
         assert any(needle in f for f in self.frames), \
             f"no websocket fragment contained {needle!r} ({len(self.frames)} frames)"
-        assert self.polls == [], f"the polling fallback fired while the socket was open: {self.polls}"
+        assert self.polls == [], (
+            f"the polling fallback fired while the socket was open: {self.polls}")
 
     def shot(self, name: str) -> None:
         SHOTS.mkdir(parents=True, exist_ok=True)

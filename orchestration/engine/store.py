@@ -82,7 +82,8 @@ class RunStore(Protocol):
 
     def requeue_task(self, run_id: str, key: str, *, reason: str) -> None: ...
 
-    def record(self, run_id: str, kind: str, data: dict[str, Any], *, actor: str = "system") -> None:
+    def record(self, run_id: str, kind: str, data: dict[str, Any], *,
+               actor: str = "system") -> None:
         ...
 
 
@@ -135,7 +136,8 @@ class MemoryStore:
         with self._lock:
             yield copy.deepcopy(self.runs[run_id].snapshot)
 
-    def record(self, run_id: str, kind: str, data: dict[str, Any], *, actor: str = "system") -> None:
+    def record(self, run_id: str, kind: str, data: dict[str, Any], *,
+               actor: str = "system") -> None:
         with self._lock:
             events = self.runs[run_id].events
             prev = events[-1].hash if events else GENESIS

@@ -19,7 +19,8 @@ class Command(BaseCommand):
         parser.add_argument("--expires-in-days", "--days", dest="days", type=int, default=None,
                             help="expire after this many days (default: never)")
 
-    def handle(self, *args: Any, username: str, name: str, days: int | None, **options: Any) -> None:
+    def handle(self, *args: Any, username: str, name: str, days: int | None,
+               **options: Any) -> None:
         User = get_user_model()
         try:
             user = User.objects.get(username=username)
