@@ -13,4 +13,9 @@ class ConsoleConfig(AppConfig):
 
         # audit.ledger.append sends event_appended once the appending transaction commits.
         event_appended.connect(live.on_event_appended, dispatch_uid="console.live")
+        from console.idempotency import on_swept
+        from orchestration.signals import swept
+
+        # Expired Idempotency-Keys go with the workers' periodic sweep.
+        swept.connect(on_swept, dispatch_uid="console.idempotency.purge")
         user_logged_out.connect(live.on_logged_out, dispatch_uid="console.live.logout")

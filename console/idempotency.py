@@ -65,6 +65,10 @@ def idempotency_keys_purge(*, user: Any = None, now: datetime | None = None) -> 
     return deleted
 
 
+def on_swept(sender: Any, **kwargs: Any) -> None:
+    idempotency_keys_purge()
+
+
 def perform_once(request: HttpRequest, key: str | None, action: Callable[[], Status[Any]], *,
                  render: Callable[[Status[Any]], HttpResponse],
                  content_type: str) -> Status[Any] | HttpResponse:

@@ -29,7 +29,7 @@ from django.utils import timezone
 from approvals import services as approvals
 from approvals.models import ApprovalRequest
 from audit import ledger
-from orchestration import outbox
+from orchestration import outbox, signals
 from orchestration.engine.states import RUN_TERMINAL, RunStatus, TaskStatus
 from orchestration.models import Outbox, Run, Task
 
@@ -50,6 +50,9 @@ def sweep_once() -> dict[str, int]:
         "expired": approvals.requests_expire(),
         "sealed": _seal(),
     }
+    for receiver, result in signals.swept.send_robust(sender=sweep_once):
+        if isinstance(result, Exception):
+            log.error("sweep receiver %s failed: %s", receiver, result)
     if any(v for k, v in figures.items() if k != "sealed"):
         log.info("sweep: %s", figures)
     return figures
