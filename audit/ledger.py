@@ -237,6 +237,18 @@ def _remember(heads: dict[uuid.UUID, tuple[Any, int, str]]) -> None:
         cached[chain] = (savepoints, seq, digest)
 
 
+def start_chain(chain: uuid.UUID) -> None:
+    """Open a chain that is new in this transaction (a run being created): its head row is
+    written here, so the first append knows it without reading it back."""
+    if not transaction.get_connection().in_atomic_block:
+        raise RuntimeError("ledger.start_chain must be called inside transaction.atomic()")
+    chain_param = ChainHead._meta.pk.get_db_prep_value(chain, connection)
+    with connection.cursor() as cursor:
+        cursor.execute("INSERT INTO audit_chainhead (chain, seq, head_hash) VALUES (%s, 0, %s)",
+                       [chain_param, GENESIS])
+    prime_head(chain, 0, GENESIS)
+
+
 def prime_head(chain: uuid.UUID, seq: int, head_hash: str) -> None:
     """Tell append() the chain's head, read by the caller under the head row's lock in this
     transaction (a run step reads it with the run row), so the first append skips the read."""

@@ -62,14 +62,16 @@ class _Broadcaster:
     def __init__(self) -> None:
         self.pid = os.getpid()
         self.lock = threading.Lock()
-        self.pending: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.pending: dict[tuple[str, str], dict[str, Any]] = {}
         self.loop = asyncio.new_event_loop()
         self.scheduled = False
         threading.Thread(target=self.loop.run_forever, name="switchboard-live",
                          daemon=True).start()
 
     def put(self, group: str, message: dict[str, Any]) -> None:
-        key = (group, str(message.get("type")), str(message.get("run", "")))
+        # A page re-renders its own fragment whatever the message names: one per group and
+        # type is enough while a send is in flight.
+        key = (group, str(message.get("type")))
         with self.lock:
             queued = self.pending.get(key)
             if queued is None or int(message.get("seq", 0)) >= int(queued.get("seq", 0)):
@@ -87,7 +89,7 @@ class _Broadcaster:
                 if not batch:
                     self.scheduled = False
                     return
-            for (group, _, _), message in batch.items():
+            for (group, _), message in batch.items():
                 try:
                     await layer.group_send(group, message)
                 except Exception:  # Redis away: pages resync by ledger seq when it is back

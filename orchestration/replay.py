@@ -304,7 +304,7 @@ class ReplayStore(MemoryStore):
 
     def finish_task(self, run_id: str, key: str, status: str, *, output: Any = None,
                     error: str = "", events: list[tuple[str, dict[str, Any]]] | None = None,
-                    escalation: Mapping[str, Any] | None = None) -> None:
+                    escalation: Mapping[str, Any] | None = None, lease: str = "") -> None:
         with self._lock:
             task = self._task(run_id, key)
             new = check_task_transition(task.status, status)

@@ -4,6 +4,8 @@ transaction; the work it implies is an outbox message of that same transaction
 
 from __future__ import annotations
 
+import functools
+import json
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -91,8 +93,15 @@ def process_validate(*, plan: dict[str, Any], input_schema: dict[str, Any],
             raise ServiceError(f"budget {key} must be a positive number, not {value!r}")
 
 
+@functools.lru_cache(maxsize=256)
+def _input_validator(version_id: Any, schema_json: str) -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator(json.loads(schema_json))
+
+
 def validate_run_input(version: ProcessVersion, data: Any) -> None:
-    validator = jsonschema.Draft202012Validator(version.input_schema or {"type": "object"})
+    # Versions are immutable; the schema's text is part of the key all the same.
+    validator = _input_validator(version.pk, json.dumps(version.input_schema or {"type": "object"},
+                                                        sort_keys=True))
     errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
     if errors:
         parts = []
@@ -122,6 +131,7 @@ def run_create(*, process: Process, input: Any, user: AbstractBaseUser | None,
             else None,
             budget_wall_s=budgets.get("wall_s"), forked_from=origin, fork_point=point,
         )
+        ledger.start_chain(run.pk)
         Task.objects.bulk_create(
             Task(run=run, key=t.key, position=i, title=t.title or t.key.replace("_", " "),
                  executor_type=t.executor_type, executor_ref=t.executor_ref,
