@@ -61,17 +61,19 @@ def held() -> list[str]:
 
 
 def renew(tokens: list[str]) -> int:
-    """Push the expiry of these leases forward; returns how many are still ours."""
-    if not tokens:
-        return 0
-    until = timezone.now() + duration()
-    placeholders = ", ".join(["%s"] * len(tokens))
+    """Push the expiry of these leases forward; returns how many are still ours.
+
+    One autocommitted statement per lease: the heartbeat never holds one task row while
+    waiting for another (a step holds its run's task rows until it commits), so it cannot
+    take part in a deadlock."""
+    until = connection.ops.adapt_datetimefield_value(timezone.now() + duration())
+    renewed = 0
     with connection.cursor() as cursor:
-        cursor.execute(
-            "UPDATE orchestration_task SET lease_expires_at = %s"
-            f" WHERE status = 'running' AND lease_owner IN ({placeholders})",
-            [connection.ops.adapt_datetimefield_value(until), *tokens])
-        return cursor.rowcount
+        for token in tokens:
+            cursor.execute("UPDATE orchestration_task SET lease_expires_at = %s"
+                           " WHERE status = 'running' AND lease_owner = %s", [until, token])
+            renewed += cursor.rowcount
+    return renewed
 
 
 def _beat() -> None:
