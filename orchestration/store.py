@@ -190,18 +190,20 @@ def flush_writes() -> None:
 # The hot path of every task transition, in plain SQL (the ORM costs about a millisecond of
 # Python per statement; a whole step is a dozen statements).
 # The run (locked) and its tasks in one round trip: one row per task.
+# The run and its chain head, locked together. The task rows are read by a statement of their
+# own, after the lock is held: under READ COMMITTED a row joined into a locking query but not
+# locked itself comes from the snapshot taken before the query waited for the lock, so a step
+# that waited behind another would see the tasks as they were before that step committed.
 _LOCK_RUN_SQL = (
     "SELECT r.status, r.input, r.cancel_requested, r.process_version_id, v.hydration_limit,"
-    ' t."key", t.status, t.attempts, t.output, t.error, t.lease_owner, t.lease_expires_at,'
-    " t.crashes, h.seq, h.head_hash"
+    " h.seq, h.head_hash"
     " FROM orchestration_run r JOIN orchestration_processversion v ON v.id = r.process_version_id"
-    " JOIN orchestration_task t ON t.run_id = r.id"
     " JOIN audit_chainhead h ON h.chain = r.id"
     " WHERE r.id = %s{lock}")
-# Every run has tasks and a chain head (run_create writes both); this is for one that does not.
+# Every run has a chain head (run_create writes it); this is for one that does not.
 _LOCK_BARE_RUN_SQL = (
     "SELECT r.status, r.input, r.cancel_requested, r.process_version_id, v.hydration_limit,"
-    " NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL"
+    " NULL, NULL"
     " FROM orchestration_run r JOIN orchestration_processversion v ON v.id = r.process_version_id"
     " WHERE r.id = %s{lock}")
 _TASKS_SQL = ('SELECT "key", status, attempts, output, error, lease_owner, lease_expires_at,'
@@ -225,18 +227,19 @@ class DjangoRunStore:
                     else "")
             with connection.cursor() as cursor:
                 cursor.execute(_LOCK_RUN_SQL.format(lock=lock), [_uuid(run_id)])
-                joined = cursor.fetchall()
-                if not joined:
+                row = cursor.fetchone()
+                if row is None:
                     cursor.execute(_LOCK_BARE_RUN_SQL.format(lock=" FOR UPDATE OF r" if lock
                                                              else ""), [_uuid(run_id)])
-                    joined = cursor.fetchall()
-            if not joined:
-                raise Run.DoesNotExist(f"no run {run_id}")
-            status, run_input, cancel_requested, version_id, hydration_limit = joined[0][:5]
-            head_seq, head_hash = joined[0][13:15]
+                    row = cursor.fetchone()
+                if row is None:
+                    raise Run.DoesNotExist(f"no run {run_id}")
+                cursor.execute(_TASKS_SQL, [_uuid(run_id)])
+                fetched = cursor.fetchall()
+            status, run_input, cancel_requested, version_id, hydration_limit = row[:5]
+            head_seq, head_hash = row[5:7]
             if head_seq is not None:
                 ledger.prime_head(uuid.UUID(str(run_id)), head_seq, head_hash)
-            fetched = [row[5:13] for row in joined if row[5] is not None]
             tasks = {row[0]: TaskSnapshot(key=row[0], status=row[1], attempts=row[2],
                                           output=_loads(row[3]), error=row[4])
                      for row in fetched}
