@@ -52,12 +52,16 @@ def _in_memory() -> bool:
     return settings.CHANNEL_LAYERS["default"]["BACKEND"].endswith("InMemoryChannelLayer")
 
 
+COALESCE_SECONDS = 0.05
+
+
 class _Broadcaster:
     """Sends to the Redis channel layer from a loop of its own, off the caller's thread.
 
     A worker commits a step and moves on: it never waits for Redis (one event loop and one
-    connection pool per process, instead of a loop per message). Announcements queued while a
-    send is in flight are coalesced: a page needs only the newest seq of its run."""
+    connection pool per process, instead of a loop per message). Announcements are coalesced
+    over COALESCE_SECONDS and while a send is in flight: a page needs only the newest seq of its
+    run, and a list page one nudge however many runs moved."""
 
     def __init__(self) -> None:
         self.pid = os.getpid()
@@ -84,6 +88,9 @@ class _Broadcaster:
     async def _flush(self) -> None:
         layer = get_channel_layer()
         while True:
+            # Gather what arrives in the next few milliseconds: a run's steps come in quick
+            # succession, and its page needs to hear only the last of them.
+            await asyncio.sleep(COALESCE_SECONDS)
             with self.lock:
                 batch, self.pending = self.pending, {}
                 if not batch:
