@@ -343,10 +343,16 @@ def requests_expire(*, now: Any = None) -> int:
     return done
 
 
-def requests_cancel_for_run(run_id: uuid.UUID | str, *, actor: str) -> int:
+def requests_cancel_for_run(run_id: uuid.UUID | str, *, actor: str,
+                            lock_only: bool = False) -> int:
+    """Cancel a run's pending requests (inside the caller's transaction). ``lock_only`` just
+    takes their row locks, for a caller that must hold them before it appends elsewhere."""
+    pending = ApprovalRequest.objects.select_for_update().filter(run_id=run_id,
+                                                                 status=Status.PENDING)
+    if lock_only:
+        return len(list(pending.values_list("pk", flat=True)))
     count = 0
-    for request in ApprovalRequest.objects.select_for_update().filter(run_id=run_id,
-                                                                      status=Status.PENDING):
+    for request in pending:
         request.status = Status.CANCELLED
         request.decided_at = timezone.now()
         request.save(update_fields=["status", "decided_at"])

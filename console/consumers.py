@@ -31,6 +31,7 @@ class LiveConsumer(AsyncWebsocketConsumer):
         self.joined: list[str] = []
         self.last_html: str | None = None
         self.pending: asyncio.Task[None] | None = None
+        self.dirty = False
 
     # Subclasses provide these two (both run in a database thread).
     def authorize(self) -> list[str] | None:
@@ -91,12 +92,16 @@ class LiveConsumer(AsyncWebsocketConsumer):
             await self.send(text_data=html)
 
     def changed(self) -> None:
+        # A change announced while a render is under way may not be in it: render once more.
+        self.dirty = True
         if self.pending is None or self.pending.done():
             self.pending = asyncio.get_running_loop().create_task(self._push_soon())
 
     async def _push_soon(self) -> None:
-        await asyncio.sleep(DEBOUNCE_SECONDS)
-        await self.push()
+        while self.dirty:
+            await asyncio.sleep(DEBOUNCE_SECONDS)
+            self.dirty = False
+            await self.push()
 
     # Channel-layer messages (see console.live).
     async def run_changed(self, message: dict[str, Any]) -> None:

@@ -86,6 +86,20 @@ class _Broadcaster:
         asyncio.run_coroutine_threadsafe(self._flush(), self.loop)
 
     async def _flush(self) -> None:
+        try:
+            await self._send_pending()
+        finally:
+            # However this ends, the next announcement schedules a flush again.
+            with self.lock:
+                self.scheduled = False
+        with self.lock:
+            again = bool(self.pending)
+            if again:
+                self.scheduled = True
+        if again:
+            await self._flush()
+
+    async def _send_pending(self) -> None:
         layer = get_channel_layer()
         while True:
             # Gather what arrives in the next few milliseconds: a run's steps come in quick
@@ -94,7 +108,6 @@ class _Broadcaster:
             with self.lock:
                 batch, self.pending = self.pending, {}
                 if not batch:
-                    self.scheduled = False
                     return
             for (group, _), message in batch.items():
                 try:

@@ -84,15 +84,16 @@ def contract_for(tool: Tool) -> ToolContract:
 
 
 class _Log:
-    def __init__(self, store: DjangoRunStore, run_id: str, key: str) -> None:
-        self.store, self.run_id, self.key = store, run_id, key
+    def __init__(self, store: DjangoRunStore, run_id: str, key: str, lease: str = "") -> None:
+        self.store, self.run_id, self.key, self.lease = store, run_id, key, lease
 
     def journal(self) -> Journal:
         return self.store.journal(self.run_id, self.key)
 
     def record(self, kind: str, data: dict[str, Any], *, usage: Usage,
                reserved: Usage | None = None) -> None:
-        self.store.record_step(self.run_id, kind, data, usage=usage, reserved=reserved)
+        self.store.record_step(self.run_id, kind, data, usage=usage, reserved=reserved,
+                               lease=self.lease)
 
 
 _GRANT_SQL = """
@@ -165,6 +166,6 @@ def run_agent_task(ctx: TaskContext) -> Outcome:
                      token_budget=agent.token_budget or None,
                      max_output_tokens=int(agent.model_params.get("max_tokens", 1024)))
     governor = DjangoGovernor(run=task.run, task_key=task.key, actor=f"agent:{agent.slug}")
-    return run_agent(ctx, spec, model, tools, _Log(DjangoRunStore(), ctx.run_id, ctx.spec.key),
-                     granted=granted, pricing=_pricing(agent), secrets=secrets,
-                     governor=governor)
+    log = _Log(DjangoRunStore(), ctx.run_id, ctx.spec.key, ctx.lease)
+    return run_agent(ctx, spec, model, tools, log, granted=granted, pricing=_pricing(agent),
+                     secrets=secrets, governor=governor)

@@ -18,7 +18,7 @@ import uuid
 from datetime import timedelta
 
 from django.conf import settings
-from django.db import DatabaseError, close_old_connections, connection
+from django.db import close_old_connections, connection
 from django.utils import timezone
 
 log = logging.getLogger("switchboard.leases")
@@ -87,8 +87,11 @@ def _beat() -> None:
         try:
             close_old_connections()
             renew(tokens)
-        except DatabaseError as exc:
+        except Exception as exc:  # never let the heartbeat die: its leases would all lapse
             # The database is away: the leases may lapse and be taken over; the holders find
-            # out when they try to record their outcome.
+            # out when they next checkpoint or record their outcome.
             log.warning("could not renew %d task leases: %s", len(tokens), exc)
-            connection.close()
+            try:
+                connection.close()
+            except Exception:
+                pass

@@ -196,6 +196,10 @@ def run_cancel(*, run: Run, user: AbstractBaseUser | None) -> Run:
         locked = Run.objects.select_for_update(of=("self",)).get(pk=run.pk)
         if RunStatus(locked.status) in RUN_TERMINAL:
             raise RunNotCancellable(f"the run has already ended ({locked.status})")
+        # Pending requests are locked before the run's chain head (the first append): a
+        # reviewer deciding one of them holds the request and then wants the head, so taking
+        # them the other way round could deadlock with that decision.
+        approvals.requests_cancel_for_run(run.pk, actor=actor_of(user), lock_only=True)
         if not locked.cancel_requested:
             Run.objects.filter(pk=run.pk).update(cancel_requested=True)
             ledger.append(run.pk, "run.cancel_requested", {}, actor=actor_of(user))

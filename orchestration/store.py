@@ -19,7 +19,7 @@ from django.utils import timezone
 
 from audit import ledger
 from audit.models import Event
-from orchestration import governance, leases
+from orchestration import governance, leases, outbox
 from orchestration.engine.agent import Journal
 from orchestration.engine.errors import LeaseLost
 from orchestration.engine.plan import Plan, TaskSpec, parse_plan
@@ -261,10 +261,32 @@ class DjangoRunStore:
                 _held.state = outer
 
     @_retrying
-    def record(self, run_id: str, kind: str, data: dict[str, Any], *, actor: str = "") -> None:
+    def record(self, run_id: str, kind: str, data: dict[str, Any], *, actor: str = "",
+               lease: str = "") -> None:
         with transaction.atomic(savepoint=False):
             _lock_run(run_id)
+            if lease:
+                self._hold(run_id, data.get("task", ""), lease)
             ledger.append(uuid.UUID(str(run_id)), kind, data, actor=actor or self.actor)
+
+    @staticmethod
+    def _hold(run_id: str, key: str, lease: str) -> None:
+        """Under the run lock: refuse a checkpoint from a worker whose lease was taken over
+        (it was thought lost, and another worker now runs the task)."""
+        row = _one(_TASK_SQL, [_uuid(run_id), key])
+        if row is None or row[0] != TaskStatus.RUNNING or row[1] != lease:
+            raise LeaseLost(f"task {key} of run {run_id} was taken over by another worker")
+
+    def outcome_decision(self, run_id: str, call_key: str) -> str:
+        """What people decided about a call whose outcome was unknown: "rerun" once a
+        request about it was approved, "" otherwise (a rejection fails the task)."""
+        from approvals.models import ApprovalRequest, Reason
+
+        status = (ApprovalRequest.objects.filter(run_id=run_id, call_key=call_key,
+                                                 reason=Reason.UNKNOWN_OUTCOME)
+                  .order_by("-created_at").values_list("status", flat=True).first())
+        approved = (ApprovalRequest.Status.APPROVED, ApprovalRequest.Status.EDITED)
+        return "rerun" if status in approved else ""
 
     @_retrying
     def set_run_status(
@@ -320,6 +342,31 @@ class DjangoRunStore:
                     check_task_transition(self._status(run_id, key), TaskStatus.QUEUED)
             ledger.append(uuid.UUID(str(run_id)), "task.queued", {"task": key}, actor=self.actor)
 
+    def _cancel_orphan(self, run_id: str, key: str, state: _Locked | None) -> bool:
+        """A lost worker's task in a run that ended or is being cancelled meanwhile is not run
+        again: what it held is released and the task is cancelled."""
+        if state is not None:
+            status, cancel = state.status, state.snapshot.cancel_requested
+        else:
+            status, cancel = _one("SELECT status, cancel_requested FROM orchestration_run"
+                                  " WHERE id = %s", [_uuid(run_id)])
+        ended = RunStatus(status) in RUN_TERMINAL
+        if not ended and not cancel:
+            return False
+        flush_writes()
+        governance.release_held(run_id, key)
+        error = "the run ended while the worker running this task was lost"
+        _exec("UPDATE orchestration_task SET status = %s, error = %s, finished_at = %s,"
+              " lease_owner = '', lease_expires_at = NULL WHERE run_id = %s AND \"key\" = %s",
+              [TaskStatus.CANCELLED.value, error, _dt(timezone.now()), _uuid(run_id), key])
+        if state is not None and key in state.rows:
+            state.rows[key][0] = TaskStatus.CANCELLED.value
+        ledger.append(uuid.UUID(str(run_id)), "task.cancelled", {"task": key, "error": error},
+                      actor=self.actor)
+        if not ended:
+            outbox.emit("advance", run_id)  # the cancellation can finish now
+        return True
+
     def release_and_claim(self, run_id: str, key: str) -> TaskSnapshot:
         """pending → queued → running in one write, for a task the scheduling worker runs
         itself (under the run lock, inside its step)."""
@@ -372,6 +419,8 @@ class DjangoRunStore:
             now = timezone.now()
             takeover = status == TaskStatus.RUNNING and (expires is None or expires < now)
             if status != TaskStatus.QUEUED and not takeover:
+                return None
+            if takeover and self._cancel_orphan(run_id, key, state):
                 return None
             token = leases.new_token()
             if takeover:
@@ -488,10 +537,12 @@ class DjangoRunStore:
 
     @_retrying
     def record_step(self, run_id: str, kind: str, data: dict[str, Any], *, usage: Any,
-                    reserved: Any = None) -> None:
+                    reserved: Any = None, lease: str = "") -> None:
         """Checkpoint one model or tool call and settle its reservation, atomically."""
         with transaction.atomic(savepoint=False):
             _lock_run(run_id)
+            if lease:
+                self._hold(run_id, data.get("task", ""), lease)
             ledger.append(uuid.UUID(str(run_id)), kind, data,
                           actor=data.get("actor", self.actor))
             if reserved is not None or not usage.is_zero():

@@ -168,7 +168,10 @@ def _loop() -> None:
                     sweep_once()
         except Exception:  # the database or broker is away: try again next round
             log.exception("sweep failed")
-            connection.close()
+            try:
+                connection.close()
+            except Exception:
+                pass
 
 
 def start() -> None:

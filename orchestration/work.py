@@ -121,7 +121,7 @@ def _run(store: DjangoRunStore, run_id: str, claim: TaskSnapshot) -> Outcome:
     try:
         return runner.run_claimed(store, run_id, claim, executors(),
                                   poison_after=settings.SWITCHBOARD_POISON_CRASHES)
-    except DB_ERRORS:
+    except (LeaseLost, *DB_ERRORS):
         raise
     except Exception as exc:  # an executor's own bug: the task fails, the worker goes on
         log.exception("task %s of run %s raised", claim.key, run_id)

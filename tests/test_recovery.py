@@ -9,6 +9,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from django.db import transaction
 from django.utils import timezone
 
 from approvals.models import ApprovalRequest
@@ -246,8 +247,78 @@ def test_a_plan_level_tool_that_is_not_idempotent_is_never_called_twice(
         work.execute(str(second.pk), "pay")
     task = Task.objects.get(run=second, key="pay")
     assert task.status == "waiting"
-    assert ApprovalRequest.objects.get(run_id=second.pk).reason == "unknown_outcome"
+    request = ApprovalRequest.objects.get(run_id=second.pk)
+    assert request.reason == "unknown_outcome"
     assert [c["vendor"] for c in calls] == ["V-1"]  # V-2 was not paid a second time
+
+    # A reviewer checked: the payment did not go out. Approving runs it, once.
+    from django.contrib.auth.models import User
+
+    from approvals import services as approvals
+
+    with django_capture_on_commit_callbacks(execute=True):
+        approvals.request_decide(request_id=request.pk, user=User.objects.get(
+            username="reviewer"), decision="approve")
+    (resume,) = broker.take("resume")
+    from orchestration.tasks import resume_after_decision
+
+    with django_capture_on_commit_callbacks(execute=True):
+        resume_after_decision.run(resume["request_id"], resume["message_id"])
+    (message,) = broker.take("execute")
+    with django_capture_on_commit_callbacks(execute=True):
+        work.execute(message["run_id"], message["key"], message["message_id"])
+    assert Run.objects.get(pk=second.pk).status == "succeeded"
+    assert [c["vendor"] for c in calls] == ["V-1", "V-2"]
+
+
+@pytest.mark.django_db
+def test_a_lost_workers_task_in_a_cancelled_run_is_cancelled_not_run_again(
+        broker: Broker, operator: Any, vendor_input: dict[str, Any],
+        django_capture_on_commit_callbacks: Any) -> None:
+    from orchestration.engine import runner
+
+    run = _start(operator, vendor_input, django_capture_on_commit_callbacks)
+    store = DjangoRunStore()
+    with django_capture_on_commit_callbacks(execute=True):
+        claimed = runner.advance(store, str(run.pk), take=1).claimed[0]
+        services.run_cancel(run=run, user=operator)
+    assert Run.objects.get(pk=run.pk).status == "cancelled"
+    Task.objects.filter(run=run, key=claimed.key).update(
+        reserved_tokens=50, lease_expires_at=timezone.now() - timedelta(seconds=1))
+    Run.objects.filter(pk=run.pk).update(reserved_tokens=50)
+    with django_capture_on_commit_callbacks(execute=True):
+        work.execute(str(run.pk), claimed.key)
+    task = Task.objects.get(run=run, key=claimed.key)
+    assert (task.status, task.attempts, task.reserved_tokens) == ("cancelled", 1, 0)
+    assert Run.objects.get(pk=run.pk).reserved_tokens == 0
+    assert _kinds(run.pk, "tool.called") == []
+
+
+@pytest.mark.django_db
+def test_a_worker_whose_lease_was_taken_over_cannot_checkpoint(
+        broker: Broker, operator: Any, vendor_input: dict[str, Any],
+        django_capture_on_commit_callbacks: Any) -> None:
+    from orchestration.engine import runner
+    from orchestration.engine.governance import Usage
+
+    run = _start(operator, vendor_input, django_capture_on_commit_callbacks)
+    store = DjangoRunStore()
+    with django_capture_on_commit_callbacks(execute=True):
+        lost = runner.advance(store, str(run.pk), take=1).claimed[0]
+    Task.objects.filter(run=run, key=lost.key).update(
+        lease_expires_at=timezone.now() - timedelta(seconds=1))
+    with django_capture_on_commit_callbacks(execute=True):
+        taker = store.claim_task(str(run.pk), lost.key)
+    assert taker is not None and taker.lease != lost.lease
+    data = {"task": lost.key, "tool": "x", "idempotency_key": "k"}
+    # (Each refusal in a savepoint of its own: this test runs inside one transaction.)
+    with pytest.raises(LeaseLost), transaction.atomic():
+        store.record(str(run.pk), "tool.intent", data, lease=lost.lease)
+    with pytest.raises(LeaseLost), transaction.atomic():
+        store.record_step(str(run.pk), "tool.called", data, usage=Usage(tool_calls=1),
+                          lease=lost.lease)
+    store.record(str(run.pk), "tool.intent", data, lease=taker.lease)  # the new holder may
+    assert len(_kinds(run.pk, "tool.intent")) == 1
 
 
 @pytest.mark.django_db

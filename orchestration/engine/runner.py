@@ -35,6 +35,8 @@ class TaskContext:
     # The store, for executors that checkpoint before a side effect (tool.intent) and read
     # back what an earlier attempt recorded; None where nothing is durable.
     store: RunStore | None = None
+    # This worker's lease on the task: checkpoints are refused once another worker took over.
+    lease: str = ""
 
     def idempotency_key(self, call_index: int = 0) -> str:
         return f"{self.run_id}:{self.spec.key}:{call_index}"
@@ -75,14 +77,17 @@ class ContractExecutor:
             contract = self.registry.get(spec.executor_ref)
             args = resolve(dict(spec.args), run_input=ctx.run_input, outputs=ctx.dep_outputs)
             if not contract.idempotent and ctx.store is not None:
-                if key in ctx.store.journal(ctx.run_id, spec.key).intents:
+                decided = getattr(ctx.store, "outcome_decision", None)
+                if (key in ctx.store.journal(ctx.run_id, spec.key).intents
+                        and (decided is None or decided(ctx.run_id, key) != "rerun")):
                     reason = (f"unknown_outcome: {spec.executor_ref} may or may not have run "
                               f"(call {key}); its worker was lost mid-call")
                     return Outcome(status=TaskStatus.WAITING, error=reason, escalation={
                         "reason": "unknown_outcome", "detail": reason, "call_key": key,
                         "tool": spec.executor_ref, "arguments": args})
                 contract.validate_input(args)
-                ctx.store.record(ctx.run_id, "tool.intent", {**base, "arguments": args})
+                ctx.store.record(ctx.run_id, "tool.intent", {**base, "arguments": args},
+                                 lease=ctx.lease)
             output = contract.call(args, idempotency_key=key)
         except (ContractError, EngineError) as exc:
             latency_ms = round((time.perf_counter() - started) * 1000, 3)
@@ -228,7 +233,8 @@ def run_claimed(store: RunStore, run_id: str, claim: TaskSnapshot,
             "call_key": f"{run_id}:{claim.key}:poison:{claim.attempts}"})
     spec, run_input, dep_outputs = store.task_inputs(run_id, claim.key)
     ctx = TaskContext(run_id=run_id, spec=spec, attempt=claim.attempts,
-                      run_input=run_input, dep_outputs=dep_outputs, store=store)
+                      run_input=run_input, dep_outputs=dep_outputs, store=store,
+                      lease=claim.lease)
     executor = executors.get(spec.executor_type)
     if executor is None:
         return Outcome(status=TaskStatus.FAILED,

@@ -83,7 +83,8 @@ class RunStore(Protocol):
     def requeue_task(self, run_id: str, key: str, *, reason: str) -> None: ...
 
     def record(self, run_id: str, kind: str, data: dict[str, Any], *,
-               actor: str = "system") -> None:
+               actor: str = "system", lease: str = "") -> None:
+        """Raises LeaseLost when ``lease`` is given and the task no longer holds it."""
         ...
 
 
@@ -137,7 +138,7 @@ class MemoryStore:
             yield copy.deepcopy(self.runs[run_id].snapshot)
 
     def record(self, run_id: str, kind: str, data: dict[str, Any], *,
-               actor: str = "system") -> None:
+               actor: str = "system", lease: str = "") -> None:
         with self._lock:
             events = self.runs[run_id].events
             prev = events[-1].hash if events else GENESIS
@@ -233,7 +234,7 @@ class MemoryStore:
             self.record(run_id, "task.requeued", {"task": key, "reason": reason})
 
     def record_step(self, run_id: str, kind: str, data: dict[str, Any], *, usage: Any,
-                    reserved: Any = None) -> None:
+                    reserved: Any = None, lease: str = "") -> None:
         with self._lock:
             self.record(run_id, kind, data, actor=data.get("actor", "system"))
             run = self.runs[run_id]
