@@ -56,9 +56,7 @@ def submit(task: Any, *args: Any, **kwargs: Any) -> None:
     else:
         # Fail fast when the broker is away: the message is an outbox row, and the relay sends
         # it again; an API request must not hang on a dead broker.
-        task.apply_async(args=args, kwargs=kwargs, retry=True,
-                         retry_policy={"max_retries": 1, "interval_start": 0.1,
-                                       "interval_step": 0.2, "interval_max": 0.3})
+        task.apply_async(args=args, kwargs=kwargs, retry=False)
 
 
 def send(topic: str, *, message_id: int | None, run_id: str, key: str = "",

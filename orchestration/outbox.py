@@ -107,8 +107,15 @@ def relay(*, limit: int = 500, all_now: bool = False) -> int:
                 [connection.ops.adapt_datetimefield_value(now + _redeliver_after()), *ids])
     sent = 0
     for message_id, topic, run_id, key, request_id in rows:
-        sent += publish(message_id, topic, str(uuid.UUID(str(run_id))), key,
-                        str(uuid.UUID(str(request_id))) if request_id is not None else None)
+        if not publish(message_id, topic, str(uuid.UUID(str(run_id))), key,
+                       str(uuid.UUID(str(request_id))) if request_id is not None else None):
+            # The broker is away: the rest would fail the same way, each after a connect
+            # timeout, holding up the sweep. They are due again at the next round.
+            rest = ids[sent + 1:]
+            if rest:
+                Outbox.objects.filter(pk__in=rest).update(due_at=now)
+            break
+        sent += 1
     if sent:
         log.info("relayed %d outbox messages", sent)
     return sent

@@ -28,8 +28,10 @@ class Broker:
     def __init__(self) -> None:
         self.sent: list[tuple[str, dict[str, Any]]] = []
         self.down = False
+        self.attempts = 0
 
     def __call__(self, topic: str, **message: Any) -> None:
+        self.attempts += 1
         if self.down:
             raise ConnectionError("broker unreachable")
         self.sent.append((topic, message))
@@ -74,6 +76,23 @@ def test_it_keeps_a_message_the_broker_refused_and_the_sweep_sends_it(
     assert figures["relayed"] == 1
     assert broker.take("advance") == [
         {"message_id": message.pk, "run_id": str(run.pk), "key": "", "request_id": None}]
+
+
+@pytest.mark.django_db
+def test_the_relay_stops_at_the_first_refusal_and_keeps_the_rest_due(
+        broker: Broker, operator: Any, vendor_input: dict[str, Any],
+        django_capture_on_commit_callbacks: Any) -> None:
+    broker.down = True
+    for _ in range(3):
+        _start(operator, vendor_input, django_capture_on_commit_callbacks)
+    broker.attempts = 0
+    assert sweep.sweep_once()["relayed"] == 0
+    assert broker.attempts == 1  # not one connect timeout per message
+    assert Outbox.objects.filter(due_at__lte=timezone.now()).count() == 3
+
+    broker.down = False
+    with django_capture_on_commit_callbacks(execute=True):
+        assert sweep.sweep_once()["relayed"] == 3
 
 
 @pytest.mark.django_db
