@@ -215,6 +215,22 @@ _TASK_SQL = ('SELECT status, lease_owner, lease_expires_at, attempts, crashes'
 class DjangoRunStore:
     def __init__(self, actor: str = "system") -> None:
         self.actor = actor
+        # The lease token the next release_and_claim gives its task, when the caller chose it
+        # beforehand: a step retried after an unclear commit can then find what it claimed.
+        self.next_lease = ""
+
+    def _token(self) -> str:
+        token, self.next_lease = self.next_lease or leases.new_token(), ""
+        return token
+
+    def claimed_by(self, run_id: str, token: str) -> TaskSnapshot | None:
+        """The running task that holds ``token``, if a committed step claimed it."""
+        row = (Task.objects.filter(run_id=run_id, lease_owner=token, status=TaskStatus.RUNNING)
+               .values_list("key", "attempts", "crashes").first())
+        if row is None:
+            return None
+        return TaskSnapshot(key=row[0], status=TaskStatus.RUNNING, attempts=row[1],
+                            lease=token, crashes=row[2])
 
     @contextmanager
     def locked(self, run_id: str) -> Iterator[RunSnapshot]:
@@ -376,7 +392,7 @@ class DjangoRunStore:
         row = state.rows[key]
         check_task_transition(row[0], TaskStatus.QUEUED)
         now = timezone.now()
-        token = leases.new_token()
+        token = self._token()
         attempts = row[3] + 1
         _write('UPDATE orchestration_task SET status = %s, attempts = %s, started_at = %s,'
                ' lease_owner = %s, lease_expires_at = %s WHERE run_id = %s AND "key" = %s',

@@ -61,11 +61,15 @@ def _dispatch(run_id: str, result: AdvanceResult) -> None:
 def advance(run_id: str, message_id: int | None = None) -> None:
     """Schedule a run: release what is ready, run one of those tasks here."""
     store = DjangoRunStore()
+    token = leases.new_token()
 
-    def step() -> AdvanceResult | None:
+    def step() -> AdvanceResult | TaskSnapshot | None:
         with transaction.atomic(), deferred_writes() as write, ledger.batched(write):
             if not outbox.consume(message_id):
-                return None
+                # Done already: by a twin delivery, or by this very step, whose commit went
+                # through although the connection failed before it said so.
+                return store.claimed_by(run_id, token) if message_id is not None else None
+            store.next_lease = token
             try:
                 result = runner.advance(store, run_id, take=1)
             except Run.DoesNotExist:
@@ -74,7 +78,9 @@ def advance(run_id: str, message_id: int | None = None) -> None:
             return result
 
     result = _persist(step, what=f"advance {run_id}")
-    if result is not None and result.claimed:
+    if isinstance(result, TaskSnapshot):
+        run_chain(store, run_id, result)
+    elif result is not None and result.claimed:
         run_chain(store, run_id, result.claimed[0])
 
 
@@ -102,13 +108,26 @@ def run_chain(store: DjangoRunStore, run_id: str, claim: TaskSnapshot | None) ->
             outcome = _persist(lambda c=claim: _run(store, run_id, c),
                                what=f"run {run_id}/{claim.key}")
 
-            def step(c: TaskSnapshot = claim, o: Outcome = outcome) -> AdvanceResult:
+            token = leases.new_token()
+
+            def step(c: TaskSnapshot = claim, o: Outcome = outcome,
+                     t: str = token) -> AdvanceResult:
                 with transaction.atomic(), deferred_writes() as write, ledger.batched(write):
+                    store.next_lease = t
                     result = runner.finish(store, run_id, c.key, o, lease=c.lease, take=1)
                     _dispatch(run_id, result)
                     return result
 
-            result = _persist(step, what=f"finish {run_id}/{claim.key}")
+            try:
+                result = _persist(step, what=f"finish {run_id}/{claim.key}")
+            except LeaseLost:
+                # Either another worker took the task over (drop the outcome), or this step
+                # committed before the connection failed and its retry found the task done:
+                # then the task it claimed holds our token and is ours to run.
+                successor = store.claimed_by(run_id, token)
+                if successor is None:
+                    raise
+                result = AdvanceResult([], "", [successor])
         except LeaseLost as exc:
             log.warning("%s: the outcome is dropped", exc)
             return

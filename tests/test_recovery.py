@@ -352,3 +352,38 @@ def test_the_sweep_purges_expired_idempotency_keys(operator: Any) -> None:
                                   response_status=201, response_body="{}")
     sweep.sweep_once()
     assert list(IdempotencyKey.objects.values_list("key", flat=True)) == ["k-new"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_step_whose_commit_went_through_unseen_goes_on_with_what_it_claimed(
+        broker: Broker, operator: Any, vendor_input: dict[str, Any],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A database restart can drop the connection after COMMIT reached the server: the
+    worker sees an error, retries, and finds its step done. It must carry on with the task
+    that step claimed, not leave it for the sweep as if a worker had died."""
+    from django.db import OperationalError
+
+    run = services.run_create(process=Process.objects.get(slug="vendor-onboarding"),
+                              input=vendor_input, user=operator)
+    (advance,) = broker.take("advance")
+    real_dispatch = work._dispatch
+    failed: list[str] = []
+
+    def dispatch_then_fail(run_id: str, result: Any) -> None:
+        real_dispatch(run_id, result)
+        if not failed:
+            def lose_connection() -> None:
+                failed.append(run_id)
+                raise OperationalError("server closed the connection unexpectedly")
+
+            transaction.on_commit(lose_connection)  # runs after COMMIT, as the error would
+
+    monkeypatch.setattr(work, "_dispatch", dispatch_then_fail)
+    work.advance(advance["run_id"], advance["message_id"])
+    for message in broker.take("execute"):  # the fan-out a second worker would run
+        work.execute(message["run_id"], message["key"], message["message_id"])
+
+    assert failed, "the injected failure did not happen"
+    assert Run.objects.get(pk=run.pk).status == "succeeded"
+    assert _kinds(run.pk, "task.recovered") == []
+    assert set(Task.objects.filter(run=run).values_list("crashes", flat=True)) == {0}
