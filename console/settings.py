@@ -190,6 +190,20 @@ SWITCHBOARD_POISON_CRASHES = envint("SWITCHBOARD_POISON_CRASHES", 3, minimum=1)
 # the sweep.
 SWITCHBOARD_DB_RETRY_SECONDS = envint("SWITCHBOARD_DB_RETRY_SECONDS", 60, minimum=0)
 
+# The most one raise_budget decision may add (approvals/services.py): a reviewer's typo or a
+# hostile client cannot hand a run an unbounded budget, nor one the budget columns cannot hold
+# (cost has 14 digits, 6 of them decimals). Cost is in whole currency units; the steps ceiling
+# also bounds tool_calls.
+SWITCHBOARD_MAX_BUDGET_RAISE_COST = envint("SWITCHBOARD_MAX_BUDGET_RAISE_COST", 10_000, minimum=1)
+SWITCHBOARD_MAX_BUDGET_RAISE_TOKENS = envint("SWITCHBOARD_MAX_BUDGET_RAISE_TOKENS", 10_000_000,
+                                             minimum=1)
+SWITCHBOARD_MAX_BUDGET_RAISE_STEPS = envint("SWITCHBOARD_MAX_BUDGET_RAISE_STEPS", 1_000, minimum=1)
+SWITCHBOARD_MAX_BUDGET_RAISE_WALL_S = envint("SWITCHBOARD_MAX_BUDGET_RAISE_WALL_S", 86_400,
+                                             minimum=1)
+if SWITCHBOARD_MAX_BUDGET_RAISE_COST > 99_999_999:
+    raise ImproperlyConfigured("SWITCHBOARD_MAX_BUDGET_RAISE_COST must be at most 99999999, "
+                               "the largest budget the cost columns hold")
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

@@ -5,11 +5,12 @@ from typing import Any
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.http import HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
 from approvals.models import ApprovalRequest
+from audit import hygiene
 from audit.models import Event
 from console.access import (
     can_cancel,
@@ -37,16 +38,23 @@ def dashboard(request: HttpRequest) -> HttpResponse:
 @login_required
 @require_POST
 def run_start(request: HttpRequest) -> HttpResponse:
-    process = get_object_or_404(Process.objects.select_related("current_version"),
-                                slug=request.POST.get("process", ""))
+    slug = request.POST.get("process", "")
+    if "\x00" in slug:
+        # No slug holds one, and PostgreSQL would fail on it in the lookup below.
+        raise Http404("no such process")
+    process = get_object_or_404(Process.objects.select_related("current_version"), slug=slug)
     if not can_start(request.user, process):
         return HttpResponse("You may not start runs of this process.", status=403)
     raw = request.POST.get("input", "").strip() or "{}"
     error = ""
     try:
-        data: Any = json.loads(raw)
+        # Strict: NaN, Infinity, a NUL, a lone surrogate or deep nesting is refused here, with
+        # where it is, rather than failing in the database (or the parser's recursion).
+        data: Any = hygiene.loads(raw, "input")
     except json.JSONDecodeError as exc:
         error = f"Input is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})."
+    except hygiene.Refused as exc:
+        error = f"Input refused: {exc}."
     else:
         try:
             run = services.run_create(process=process, input=data, user=request.user)

@@ -15,7 +15,7 @@ from django.db import transaction
 
 from approvals import services as approvals
 from approvals.models import ApprovalRequest, Reason
-from audit import ledger
+from audit import hygiene, ledger
 from audit.ledger import actor_of
 from orchestration import config_audit, outbox
 from orchestration.engine import runner
@@ -99,6 +99,12 @@ def _input_validator(version_id: Any, schema_json: str) -> jsonschema.Draft20201
 
 
 def validate_run_input(version: ProcessVersion, data: Any) -> None:
+    # First what no schema says (NaN passes "type": "number"; a NUL or a lone surrogate passes
+    # "type": "string"), and what the run row and its ledger event could not hold.
+    try:
+        hygiene.check(data, "input")
+    except hygiene.Refused as exc:
+        raise RunInputInvalid(str(exc)) from None
     # Versions are immutable; the schema's text is part of the key all the same.
     validator = _input_validator(version.pk, json.dumps(version.input_schema or {"type": "object"},
                                                         sort_keys=True))
