@@ -20,6 +20,7 @@ from approvals.signals import approval_resolved
 from audit import ledger
 from audit.chain import canonical_json
 from audit.ledger import actor_of
+from audit.models import Event
 
 DEFAULT_ESCALATION_GROUP = "reviewer"
 DEFAULT_DEADLINE = timedelta(hours=24)
@@ -245,6 +246,7 @@ def request_decide(
 
         bound = request.arguments_digest
         new_arguments = None
+        upgrade: PolicyVersion | None = None
         clean_budget: dict[str, Any] = {}
         if decision == Decision.Kind.EDIT:
             if request.reason != Reason.SENSITIVE_ACTION:
@@ -260,6 +262,17 @@ def request_decide(
                                     (f"{where}: " if where else "") + errors[0].message)
             new_arguments = arguments
             bound = digest(arguments)
+            # Edited arguments are a new request: they may fall under a stricter policy than the
+            # one that matched the agent's call (a refund edited from 500 to 99999).
+            upgrade = _stricter_policy(request, arguments)
+            if upgrade is not None:
+                group = _upgraded_group(request, upgrade)
+                members = user.groups.filter(pk=group.pk)  # type: ignore[attr-defined]
+                if group.pk != request.decider_group_id and not members.exists():
+                    # The editor would count as one of the new policy's approvers.
+                    raise NotAllowed(f"these arguments fall under policy {upgrade}, which only "
+                                     f"members of {group.name!r} may decide; reject with a note "
+                                     "instead")
         elif decision == Decision.Kind.RAISE_BUDGET:
             clean_budget = _parse_budget(budget)
 
@@ -272,6 +285,9 @@ def request_decide(
         }, actor=actor_of(user))
 
         if new_arguments is not None:
+            if upgrade is not None:
+                _upgrade(request, upgrade, before=request.arguments, after=new_arguments,
+                         bound=bound, actor=actor_of(user))
             request.arguments = new_arguments
             request.arguments_digest = bound
         resolution: dict[str, Any] | None = None
@@ -297,6 +313,108 @@ def request_decide(
         else:
             request.save(update_fields=["arguments", "arguments_digest"])
     return request
+
+
+def _risk_class(request: ApprovalRequest) -> str:
+    """The risk class the call was matched with. The gate records it in the request's context;
+    a request opened before it did falls back to its policy's class (blank there means the class
+    did not matter to the match)."""
+    value = (request.context or {}).get("risk_class")
+    if value is None and request.policy_version_id is not None:
+        value = request.policy_version.risk_class  # type: ignore[union-attr]
+    return str(value or "")
+
+
+def _stricter_policy(request: ApprovalRequest, arguments: Any) -> PolicyVersion | None:
+    """The policy version edited arguments must be upgraded to, or None to keep the request's.
+
+    Strictness is the number of approvals: a different version that needs more wins; on a tie,
+    or when the edit needs fewer approvals or none, the request keeps its current (already
+    stricter or equal) requirements, so editing can never lower the bar."""
+    version = policy_match(tool=request.tool, risk_class=_risk_class(request),
+                           arguments=arguments)
+    if version is None or version.pk == request.policy_version_id:
+        return None
+    if version.required_approvals <= request.required_approvals:
+        return None
+    return version
+
+
+def _upgraded_group(request: ApprovalRequest, version: PolicyVersion) -> Group:
+    """Who decides after an upgrade: the new policy's group, unless the request already went to
+    the second tier, where it stays (the second tier may decide anything of the first)."""
+    if request.tier > 1:
+        return request.decider_group
+    return version.decider_group
+
+
+def _upgrade(request: ApprovalRequest, version: PolicyVersion, *, before: Any, after: Any,
+             bound: str, actor: str) -> None:
+    """Put the request under ``version`` (inside the deciding transaction, the request row
+    locked) and record why on the run's chain."""
+    old = {"policy": str(request.policy_version) if request.policy_version_id else None,
+           "required_approvals": request.required_approvals,
+           "group": request.decider_group.name, "deadline": request.deadline.isoformat()}
+    request.policy_version = version
+    request.required_approvals = version.required_approvals
+    group = _upgraded_group(request, version)
+    request.decider_group = group
+    if request.tier == 1:
+        # The new policy's clock starts when its requirement does: the further approvers it
+        # asks for need its full deadline to be found.
+        request.deadline = timezone.now() + timedelta(minutes=version.deadline_minutes)
+    request.save(update_fields=["policy_version", "required_approvals", "decider_group",
+                                "deadline"])
+    ledger.append(request.run_id, "approval.upgraded", {
+        "request": str(request.pk), "task": request.task_key, "arguments_digest": bound,
+        "old": old,
+        "new": {"policy": str(version), "required_approvals": version.required_approvals,
+                "group": group.name, "deadline": request.deadline.isoformat()},
+        "why": f"the edited arguments match policy {version}, which needs "
+               f"{version.required_approvals} approvals",
+        "changes": arguments_changes(before, after),
+    }, actor=actor)
+
+
+_MISSING = object()
+
+
+def arguments_changes(before: Any, after: Any, *, prefix: str = "") -> list[dict[str, Any]]:
+    """Field by field what an edit changed, nested objects as dotted paths (the way a policy
+    condition names them). A field that was added or removed shows None on its missing side."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        changes: list[dict[str, Any]] = []
+        for key in sorted(set(before) | set(after), key=str):
+            old, new = before.get(key, _MISSING), after.get(key, _MISSING)
+            path = f"{prefix}{key}"
+            if isinstance(old, dict) and isinstance(new, dict):
+                changes.extend(arguments_changes(old, new, prefix=path + "."))
+            elif old is _MISSING or new is _MISSING or canonical_json(old) != canonical_json(new):
+                changes.append({"field": path, "from": None if old is _MISSING else old,
+                                "to": None if new is _MISSING else new})
+        return changes
+    if canonical_json(before) == canonical_json(after):
+        return []
+    return [{"field": prefix.rstrip(".") or "", "from": before, "to": after}]
+
+
+def original_arguments(request: ApprovalRequest, decisions: list[Decision] | None = None) -> Any:
+    """The arguments the request was opened with, before any reviewer's edit.
+
+    Read from the request's ``approval.requested`` ledger event, and only when someone edited
+    (otherwise they are the current ones): the ledger is where the original survives."""
+    if decisions is None:
+        edited = request.decisions.filter(kind=Decision.Kind.EDIT).exists()
+    else:
+        edited = any(d.kind == Decision.Kind.EDIT for d in decisions)
+    if not edited:
+        return request.arguments
+    opened = Event.objects.filter(chain=request.run_id, kind="approval.requested",
+                                  data__request=str(request.pk)).values_list(
+                                      "data", flat=True).first()
+    if not opened or "arguments" not in opened:
+        return request.arguments
+    return opened["arguments"]
 
 
 def _resolve(request: ApprovalRequest, resolution: dict[str, Any], *, actor: str) -> None:

@@ -334,6 +334,11 @@ class ApprovalOut(Schema):
     approvals: int
     tier: int
     decisions: list[dict[str, Any]]
+    original_arguments: Any = Field(
+        default=None, description="the arguments the request was opened with, before any edit")
+    changes: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description='what edits changed: [{"field": "amount", "from": 500, "to": 80}]')
 
 
 class DecisionIn(Schema):
@@ -349,6 +354,8 @@ def approval_out(request: ApprovalRequest) -> dict[str, Any]:
     decisions = list(request.decisions.select_related("decider"))
     approvals = {d.decider_id for d in decisions if d.kind in ("approve", "edit")
                  and d.arguments_digest == request.arguments_digest}
+    # The next approver sees what a reviewer's edit changed, not just the result of it.
+    original = approval_services.original_arguments(request, decisions)
     return {
         "id": request.pk, "run": request.run_id, "task": request.task_key, "tool": request.tool,
         "arguments": request.arguments, "arguments_digest": request.arguments_digest,
@@ -360,6 +367,8 @@ def approval_out(request: ApprovalRequest) -> dict[str, Any]:
         "decisions": [{"by": d.decider.get_username(), "decision": d.kind, "note": d.note,
                        "arguments_digest": d.arguments_digest, "at": d.created_at.isoformat()}
                       for d in decisions],
+        "original_arguments": original,
+        "changes": approval_services.arguments_changes(original, request.arguments),
     }
 
 

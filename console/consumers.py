@@ -186,8 +186,8 @@ class ReviewConsumer(LiveConsumer):
         return [live.review_group(pk) for pk in group_ids]
 
     def render(self) -> str | None:
-        from approvals.services import pending_for
+        from console.review import pending_rows
 
         request = self.http_request()
         return render_to_string("console/review_queue.html#queue",
-                                {"pending": list(pending_for(self.user))}, request=request)
+                                {"pending": pending_rows(self.user)}, request=request)

@@ -29,9 +29,20 @@ def _request_for(user: Any, request_id: Any) -> ApprovalRequest:
     return approval
 
 
+def pending_rows(user: Any) -> list[ApprovalRequest]:
+    """The queue's rows, each with ``edit_changes``: approving from the queue must not hide what
+    an earlier reviewer's edit changed (the page and its live refresh both render these)."""
+    pending = list(approvals.pending_for(user).prefetch_related("decisions"))
+    for approval in pending:
+        original = approvals.original_arguments(approval, list(approval.decisions.all()))
+        approval.edit_changes = approvals.arguments_changes(  # type: ignore[attr-defined]
+            original, approval.arguments)
+    return pending
+
+
 @login_required
 def queue(request: HttpRequest) -> HttpResponse:
-    pending = list(approvals.pending_for(request.user))
+    pending = pending_rows(request.user)
     template = "console/review_queue.html"
     if getattr(request, "htmx", False):
         template += "#queue"
@@ -50,12 +61,18 @@ def _render_detail(request: HttpRequest, approval: ApprovalRequest, *, error: st
     trace = list(Event.objects.filter(chain=approval.run_id, data__task=approval.task_key)
                  .order_by("seq")[:200])
     arguments_json = json.dumps(approval.arguments, indent=2, sort_keys=True)
+    decisions = list(approval.decisions.select_related("decider"))
+    original = approvals.original_arguments(approval, decisions)
     form = {"note": "", "arguments": arguments_json, "tokens": "", "cost": "", "steps": ""}
     if error:
         form.update({k: request.POST.get(k, v) for k, v in form.items()})
     return render(request, "console/approval_detail.html", {
         "approval": approval,
-        "decisions": list(approval.decisions.select_related("decider")),
+        "decisions": decisions,
+        # What reviewers' edits changed from the agent's call, field by field; rendered as
+        # escaped text like every other value on the page.
+        "changes": approvals.arguments_changes(original, approval.arguments),
+        "original_json": json.dumps(original, indent=2, sort_keys=True),
         "trace": trace,
         "why_not": approvals.can_decide(request.user, approval),
         "arguments_json": arguments_json,
@@ -88,12 +105,19 @@ def decide(request: HttpRequest, request_id: Any) -> HttpResponse:
                     budget[key] = int(raw)
             if request.POST.get("cost", "").strip():
                 budget["cost"] = request.POST["cost"].strip()
-        approvals.request_decide(
+        decided = approvals.request_decide(
             request_id=approval.pk, user=request.user, decision=decision, arguments=arguments,
             note=request.POST.get("note", "")[:2000], budget=budget,
             expected_digest=request.POST.get("arguments_digest") or None)
     except approvals.ApprovalError as exc:
         approval.refresh_from_db()
         return _render_detail(request, approval, error=str(exc), status=exc.status)
-    messages.success(request, "Decision recorded.")
+    if decision == "edit" and decided.is_pending:
+        # An edit can move the request under a stricter policy: say the run still waits.
+        messages.success(request, f"Decision recorded. The edited arguments need "
+                                  f"{decided.required_approvals} approvals "
+                                  f"({decided.policy_version or 'no policy'}); the run waits "
+                                  "for the others.")
+    else:
+        messages.success(request, "Decision recorded.")
     return redirect("review_queue")

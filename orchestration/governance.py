@@ -265,9 +265,12 @@ class DjangoGovernor:
         return Gate("wait", message=str(request.pk))
 
     def _context(self, tool: Any) -> dict[str, Any]:
+        # risk_class: a reviewer's edit is matched against the policies again, with the same
+        # class the call was matched with here.
+        row = self._tools.get(tool.name)
         return {"input_schema": dict(tool.input_schema), "process":
                 self.run.process_version.process.slug, "run_input": self.run.input,
-                "task": self.task_key}
+                "task": self.task_key, "risk_class": row.risk_class if row else ""}
 
     def outcome_decision(self, key: str) -> str:
         request = self._latest(key, [Reason.UNKNOWN_OUTCOME])
