@@ -10,6 +10,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import jsonschema
+from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, Group
 from django.core.exceptions import ObjectDoesNotExist, ValidationError
 from django.db import transaction
@@ -17,7 +18,7 @@ from django.utils import timezone
 
 from approvals.models import ApprovalRequest, Decision, Policy, PolicyVersion, Reason
 from approvals.signals import approval_resolved
-from audit import ledger
+from audit import hygiene, ledger
 from audit.chain import canonical_json
 from audit.ledger import actor_of
 from audit.models import Event
@@ -189,25 +190,49 @@ def can_decide(user: AbstractBaseUser, request: ApprovalRequest) -> str:
     return ""
 
 
+# The setting that caps each budget a raise may add (console/settings.py).
+_RAISE_CEILINGS = {"tokens": "SWITCHBOARD_MAX_BUDGET_RAISE_TOKENS",
+                   "steps": "SWITCHBOARD_MAX_BUDGET_RAISE_STEPS",
+                   "tool_calls": "SWITCHBOARD_MAX_BUDGET_RAISE_STEPS",
+                   "wall_s": "SWITCHBOARD_MAX_BUDGET_RAISE_WALL_S",
+                   "cost": "SWITCHBOARD_MAX_BUDGET_RAISE_COST"}
+# The budget cost columns keep 6 decimal places: a finer amount would be rounded silently.
+_COST_QUANTUM = Decimal("0.000001")
+
+
 def _parse_budget(budget: Any) -> dict[str, Any]:
+    """A raise the run can apply: finite, positive, at most the configured ceiling. Refused
+    here, before anything is written; applied later it could only crash the resume."""
     if not isinstance(budget, dict) or not budget:
         raise ApprovalError('raise_budget needs "budget": {"tokens": n, "cost": "x", "steps": n}')
     clean: dict[str, Any] = {}
     for key, value in budget.items():
-        if key in ("tokens", "steps", "tool_calls", "wall_s"):
+        if key not in _RAISE_CEILINGS:
+            raise ApprovalError(f"unknown budget {key!r}")
+        ceiling = int(getattr(settings, _RAISE_CEILINGS[key]))
+        if key != "cost":
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ApprovalError(f"budget {key} must be a positive integer")
+            if value > ceiling:
+                raise ApprovalError(f"budget {key} may be raised by at most {ceiling} at once")
             clean[key] = value
-        elif key == "cost":
-            try:
-                amount = Decimal(str(value))
-            except InvalidOperation:
-                raise ApprovalError("budget cost must be a decimal amount") from None
-            if amount <= 0:
-                raise ApprovalError("budget cost must be positive")
-            clean[key] = str(amount)
-        else:
-            raise ApprovalError(f"unknown budget {key!r}")
+            continue
+        if isinstance(value, bool) or not isinstance(value, (str, int, float, Decimal)):
+            raise ApprovalError("budget cost must be a decimal amount")
+        try:
+            amount = Decimal(str(value))
+        except InvalidOperation:
+            raise ApprovalError("budget cost must be a decimal amount") from None
+        # NaN and Infinity parse as Decimals; NaN cannot even be compared with 0.
+        if not amount.is_finite():
+            raise ApprovalError("budget cost must be a finite amount, not NaN or Infinity")
+        if amount <= 0:
+            raise ApprovalError("budget cost must be positive")
+        if amount > ceiling:
+            raise ApprovalError(f"budget cost may be raised by at most {ceiling} at once")
+        if amount != amount.quantize(_COST_QUANTUM):
+            raise ApprovalError("budget cost may have at most 6 decimal places")
+        clean[key] = str(amount)
     return clean
 
 
@@ -223,6 +248,13 @@ def request_decide(
 ) -> ApprovalRequest:
     if decision not in Decision.Kind.values:
         raise ApprovalError(f"decision must be one of {', '.join(Decision.Kind.values)}")
+    try:
+        # What a person typed goes into rows and the ledger: refuse what neither can hold.
+        hygiene.check(arguments, "arguments")
+        hygiene.check(budget, "budget")
+        hygiene.check(note, "note")
+    except hygiene.Refused as exc:
+        raise ApprovalError(str(exc)) from None
     with transaction.atomic():
         try:
             request = ApprovalRequest.objects.select_for_update(of=("self",)).select_related(

@@ -20,6 +20,7 @@ from pydantic import Field
 
 from approvals import services as approval_services
 from approvals.models import ApprovalRequest
+from audit import hygiene
 from audit.models import Event
 from console.access import can_cancel, can_start, get_run_for_user, startable_processes
 from console.idempotency import KEY_HEADER, KEY_PATTERN, KEY_TTL, perform_once
@@ -133,6 +134,18 @@ IDEMPOTENCY_DOC = (
 # Shared by the operations that take it, so both document it the same way.
 IdempotencyHeader = Header(None, alias=KEY_HEADER, description=IDEMPOTENCY_DOC,
                            pattern=KEY_PATTERN)
+
+
+def _refused(payload: Schema) -> Status[Any] | None:
+    """400 for a body holding a value no row or ledger event can hold (NaN, Infinity, a NUL, a
+    lone surrogate, deep nesting): the JSON parser and the schema let those through, and the
+    database would fail on them mid-request. Checked field by field, before anything is done."""
+    try:
+        for name, value in payload.model_dump().items():
+            hygiene.check(value, name)
+    except hygiene.Refused as exc:
+        return Status(400, {"error": f"invalid request: {exc}"})
+    return None
 
 
 def _once(request: HttpRequest, key: str | None, schema: type[Schema],
@@ -256,6 +269,10 @@ def list_processes(request: HttpRequest) -> list[dict[str, Any]]:
           summary="Start a run of a process")
 def create_run(request: HttpRequest, payload: RunIn,
                idempotency_key: str | None = IdempotencyHeader) -> Any:
+    refused = _refused(payload)
+    if refused is not None:
+        return refused
+
     def action() -> Status[Any]:
         process = Process.objects.select_related("current_version").filter(
             slug=payload.process).first()
@@ -408,6 +425,10 @@ def get_approval(request: HttpRequest, request_id: str) -> dict[str, Any]:
           summary="Decide an approval request")
 def decide_approval(request: HttpRequest, request_id: str, payload: DecisionIn,
                     idempotency_key: str | None = IdempotencyHeader) -> Any:
+    refused = _refused(payload)
+    if refused is not None:
+        return refused
+
     def action() -> Status[Any]:
         _visible_request(request.user, request_id)
         try:

@@ -14,6 +14,7 @@ from django.views.decorators.http import require_POST
 
 from approvals import services as approvals
 from approvals.models import ApprovalRequest
+from audit import hygiene
 from audit.models import Event
 from console.access import get_run_for_user
 
@@ -91,17 +92,25 @@ def decide(request: HttpRequest, request_id: Any) -> HttpResponse:
     try:
         if decision == "edit":
             try:
-                arguments = json.loads(request.POST.get("arguments", ""))
+                # Strict: NaN, Infinity, a NUL, a lone surrogate or deep nesting is refused
+                # with where it is, not met later by the database or the parser's recursion.
+                arguments = hygiene.loads(request.POST.get("arguments", ""), "arguments")
             except json.JSONDecodeError as exc:
                 raise approvals.ApprovalError(f"edited arguments are not valid JSON: {exc.msg}") \
                     from None
+            except hygiene.Refused as exc:
+                raise approvals.ApprovalError(f"edited arguments refused: {exc}") from None
         if decision == "raise_budget":
             budget = {}
             for key in ("tokens", "steps"):
                 raw = request.POST.get(key, "").strip()
                 if raw:
-                    if not raw.isdigit():
+                    # isdigit alone admits "²" and other digits int() refuses.
+                    if not (raw.isascii() and raw.isdigit()):
                         raise approvals.ApprovalError(f"{key} must be a whole number")
+                    # Far above any ceiling, and int() refuses more than 4,300 digits anyway.
+                    if len(raw) > 18:
+                        raise approvals.ApprovalError(f"{key} is out of range")
                     budget[key] = int(raw)
             if request.POST.get("cost", "").strip():
                 budget["cost"] = request.POST["cost"].strip()
