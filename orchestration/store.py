@@ -386,9 +386,9 @@ class DjangoRunStore:
     def release_and_claim(self, run_id: str, key: str) -> TaskSnapshot:
         """pending → queued → running in one write, for a task the scheduling worker runs
         itself (under the run lock, inside its step)."""
-        if _state(run_id) is None:
-            raise RuntimeError("release_and_claim runs inside locked()")
         state = _state(run_id)
+        if state is None:
+            raise RuntimeError("release_and_claim runs inside locked()")
         row = state.rows[key]
         check_task_transition(row[0], TaskStatus.QUEUED)
         now = timezone.now()

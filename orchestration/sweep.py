@@ -48,7 +48,7 @@ def sweep_once() -> dict[str, int]:
         "stalled": _unheld_work(),
         "resumed": _decided_waits(),
         "expired": approvals.requests_expire(),
-        "sealed": _seal(),
+        "sealed": ledger.seal(),
     }
     for receiver, result in signals.swept.send_robust(sender=sweep_once):
         if isinstance(result, Exception):
@@ -56,11 +56,6 @@ def sweep_once() -> dict[str, int]:
     if any(v for k, v in figures.items() if k != "sealed"):
         log.info("sweep: %s", figures)
     return figures
-
-
-def _seal() -> int:
-    seal = getattr(ledger, "seal", None)
-    return int(seal() or 0) if seal is not None else 0
 
 
 def _no_message(topic: str, *, with_key: bool) -> Exists:
