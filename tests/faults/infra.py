@@ -130,7 +130,9 @@ class Postgres:
         self.dir = workdir / "pg"
         self.sock = workdir / "pgsock"
         self.port = free_port()
-        self.log = LOGS / "postgres.log"
+        # In the cluster's own temp dir: the `postgres` user may not be able to reach the
+        # checkout (a clone in a mode-700 directory); destroy() copies it to the artifacts.
+        self.log = workdir / "postgres.log"
         self._as: list[str] = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
 
     @property
@@ -172,6 +174,8 @@ class Postgres:
         return (self.dir / "postmaster.pid").exists() and listening(self.port)
 
     def destroy(self) -> None:
+        if self.log.exists():
+            shutil.copyfile(self.log, LOGS / "postgres.log")
         if (self.dir / "postmaster.pid").exists():
             try:
                 self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.dir), "-m", "immediate",
