@@ -19,6 +19,7 @@ class Reason(models.TextChoices):
     UNKNOWN_OUTCOME = "unknown_outcome", "unknown outcome of a non-idempotent call"
     AGENT_RETIRED = "agent_retired", "agent retired"
     POISON_TASK = "poison_task", "task kept losing its worker"
+    CONFIGURATION_ERROR = "configuration_error", "configuration error"
 
 
 class Policy(models.Model):

@@ -12,7 +12,7 @@ The loop is the same on both sides: a scripted model makes 20 tool-calling turns
   tool call is checked (grant, budgets, approval policy, quota) and checkpointed by
   ``DjangoRunStore.record_step`` (a hash-chained ledger event plus the run's counters, in one
   transaction). A second row, "engine, ledger only", drives ``run_agent`` with the same
-  ``_Log(DjangoRunStore)`` step log but without the governor, to show what governance costs.
+  ``StoreLog(DjangoRunStore)`` step log but without the governor, to show what governance costs.
   A step ends when ``record("tool.called", ...)`` has returned, i.e. after its commit.
 - LangGraph: a ``StateGraph`` with an ``agent`` node (the same ``ScriptedModel``) and a ``tools``
   node (the same ``lookup_order`` function), looping until the final turn, compiled with
@@ -227,10 +227,11 @@ class EngineBench:
 
     @contextmanager
     def _timed_log(self, clock: StepClock) -> Iterator[type]:
-        """Swap ``orchestration.agents._Log`` for a subclass that marks step ends."""
+        """Swap the step log ``orchestration.agents`` uses (``StoreLog``) for a subclass
+        that marks step ends."""
         from orchestration import agents
 
-        original = agents._Log
+        original = agents.StoreLog
 
         class TimedLog(original):  # type: ignore[misc, valid-type]
             def journal(self) -> Any:
@@ -243,11 +244,11 @@ class EngineBench:
                 if kind == "tool.called":
                     clock.mark()
 
-        agents._Log = TimedLog
+        agents.StoreLog = TimedLog
         try:
             yield TimedLog
         finally:
-            agents._Log = original
+            agents.StoreLog = original
 
     def _check(self, ctx: Any, outcome: Any) -> None:
         from audit import ledger
@@ -274,10 +275,11 @@ class EngineBench:
         return clock.steps_us(), total
 
     def run_ledger_only(self) -> tuple[list[float], float]:
-        from orchestration.agents import contract_for, model_for
+        from orchestration.agents import model_for
         from orchestration.engine.agent import AgentSpec, run_agent
         from orchestration.models import Tool
         from orchestration.store import DjangoRunStore
+        from orchestration.tooling import contract_for
 
         ctx = self._new_run()
         clock = StepClock()

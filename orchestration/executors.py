@@ -1,18 +1,16 @@
-"""The executors the engine uses here: registered contracts for tool and function tasks, and
-the governed agent loop for agent tasks."""
+"""The executors the engine uses here: plan-level tool and function tasks through the gate as
+their process's service identity, and the governed agent loop for agent tasks."""
 
 from __future__ import annotations
 
 from functools import cache
 
-from orchestration.builtin_tools import registry
-from orchestration.engine.runner import Executor, default_executors
+from orchestration.engine.runner import Executor
 
 
 @cache
 def executors() -> dict[str, Executor]:
     from orchestration.agents import run_agent_task
+    from orchestration.tooling import run_tool_task
 
-    table = default_executors(registry)
-    table["agent"] = run_agent_task
-    return table
+    return {"tool": run_tool_task, "function": run_tool_task, "agent": run_agent_task}

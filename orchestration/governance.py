@@ -16,6 +16,7 @@ from functools import cache
 from typing import Any
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.db import connection, transaction
 from django.db.models import F
 from django.utils import timezone
@@ -23,7 +24,7 @@ from django.utils import timezone
 from approvals import services as approvals
 from approvals.models import ApprovalRequest, Reason
 from orchestration.engine.governance import ALLOW, Gate, Usage
-from orchestration.models import Run, Task, Tool, ToolUsage
+from orchestration.models import Agent, KillSwitch, Run, Task, Tool, ToolUsage
 
 log = logging.getLogger("switchboard.governance")
 
@@ -208,15 +209,58 @@ def _rate_item(text: str) -> Any:
     return parse(text)
 
 
+@cache
+def _stop_sql() -> str:
+    user = get_user_model()._meta
+    return f"""
+SELECT r.cancel_requested,
+       (SELECT k.scope || ' ' || k.target || ': ' || k.reason
+          FROM {KillSwitch._meta.db_table} k
+         WHERE k.released_at IS NULL
+           AND (k.scope = 'all' OR (k.scope = 'process' AND k.target = %(process)s)
+                OR (k.scope = 'agent' AND k.target = %(agent)s)
+                OR (k.scope = 'tool' AND k.target = %(tool)s))
+         ORDER BY k.engaged_at LIMIT 1),
+       (SELECT CASE WHEN a.status = 'active' AND u.{user.get_field("is_active").column}
+                    THEN 1 ELSE 0 END
+          FROM {Agent._meta.db_table} a JOIN {user.db_table} u
+            ON u.{user.pk.column} = a.user_id
+         WHERE a.slug = %(agent)s)
+  FROM {Run._meta.db_table} r WHERE r.id = %(run)s
+"""
+
+
 class DjangoGovernor:
-    def __init__(self, *, run: Run, task_key: str, actor: str) -> None:
+    def __init__(self, *, run: Run, task_key: str, actor: str, agent: str = "") -> None:
         self.run = run
         self.run_id = str(run.pk)
         self.task_key = task_key
         self.actor = actor
+        self.agent = agent
+        self.process = run.process_version.process.slug
         self._tools = {t.slug: t for t in Tool.objects.all()}
         self._requests_key: str | None = None
         self._requests: list[ApprovalRequest] = []
+
+    # stop signals ---------------------------------------------------------------------
+    def stopped(self, tool: str | None = None, key: str = "") -> str:
+        """One query before every model and tool call: the run cancelled, a kill switch on
+        everything, this process, this agent or this tool, or the agent retired."""
+        with connection.cursor() as cursor:
+            cursor.execute(_stop_sql(), {"run": _run_param(self.run_id), "process": self.process,
+                                         "agent": self.agent or None, "tool": tool or None})
+            row = cursor.fetchone()
+        if row is None:
+            return "cancelled: the run no longer exists"
+        cancel, switch, agent_active = row
+        if cancel:
+            return "cancelled: the run was cancelled"
+        if switch:
+            return f"paused: kill switch on {switch.replace('all : ', 'everything: ')}"
+        if self.agent and not agent_active:
+            return (f"agent_retired: {self.agent} is retired; a person must decide what "
+                    "happens")
+        return ""
 
     # budgets --------------------------------------------------------------------------
     def reserve(self, worst: Usage) -> str:
@@ -329,7 +373,3 @@ def open_escalation(*, run_id: str, task_key: str, escalation: Mapping[str, Any]
         reason=reason, detail=escalation.get("detail", ""), requested_by=actor,
         run_started_by=run.created_by, context={"task": task_key},
     )
-
-
-def money(value: Any) -> Decimal:
-    return Decimal(str(value))

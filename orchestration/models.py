@@ -109,6 +109,12 @@ class Process(models.Model):
     current_version = models.ForeignKey(
         "ProcessVersion", null=True, blank=True, on_delete=models.PROTECT, related_name="+"
     )
+    # The identity the process's deterministic (tool and function) steps act as: granted
+    # tools like an agent is, so a plan-level step passes the same grant check as an agent.
+    service_user = models.OneToOneField(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT,
+        related_name="process_identity", editable=False,
+    )
 
     class Meta:
         verbose_name_plural = "processes"
@@ -293,3 +299,50 @@ class Outbox(models.Model):
 
     def __str__(self) -> str:
         return f"{self.topic} {self.run_id} {self.key}".strip()
+
+
+class KillSwitch(models.Model):
+    """An admin's stop: while engaged, no model or tool call in its scope passes the gate, and
+    calls in flight are interrupted; the tasks they belong to wait until it is released."""
+
+    class Scope(models.TextChoices):
+        ALL = "all", "everything"
+        PROCESS = "process", "one process"
+        AGENT = "agent", "one agent"
+        TOOL = "tool", "one tool"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    scope = models.CharField(max_length=10, choices=Scope.choices)
+    target = models.SlugField(max_length=100, blank=True,
+                              help_text="the process, agent or tool slug; blank for everything")
+    reason = models.TextField()
+    engaged_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True,
+                                   on_delete=models.SET_NULL, related_name="+")
+    engaged_at = models.DateTimeField(auto_now_add=True)
+    released_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True,
+                                    on_delete=models.SET_NULL, related_name="+")
+    released_at = models.DateTimeField(null=True, blank=True, db_index=True)
+
+    class Meta:
+        ordering = ["-engaged_at"]
+
+    def __str__(self) -> str:
+        where = "everything" if self.scope == self.Scope.ALL else f"{self.scope} {self.target}"
+        return f"kill switch on {where}"
+
+    @property
+    def engaged(self) -> bool:
+        return self.released_at is None
+
+    def clean(self) -> None:
+        from django.core.exceptions import ValidationError
+
+        if self.scope == self.Scope.ALL:
+            self.target = ""
+            return
+        owner = {self.Scope.PROCESS: Process, self.Scope.AGENT: Agent,
+                 self.Scope.TOOL: Tool}.get(self.scope)
+        if owner is None:
+            raise ValidationError({"scope": f"unknown scope {self.scope!r}"})
+        if not owner.objects.filter(slug=self.target).exists():
+            raise ValidationError({"target": f"no {self.scope} named {self.target!r}"})

@@ -20,15 +20,20 @@ from typing import Any
 from approvals.models import Policy, PolicyVersion, Reason
 from approvals.services import _condition_holds, digest
 from audit.models import Event
-from orchestration.agents import _Log
-from orchestration.builtin_tools import registry as builtin_registry
 from orchestration.engine.agent import AgentSpec, run_agent
-from orchestration.engine.contracts import ToolContract, ToolRegistry
-from orchestration.engine.errors import EngineError, ToolTimeout
+from orchestration.engine.contracts import ToolContract
+from orchestration.engine.errors import EngineError, ToolStopped, ToolTimeout
+from orchestration.engine.gate import StoreLog, ToolGate
 from orchestration.engine.governance import ALLOW, Gate, Usage
 from orchestration.engine.llm import Model, ModelRequest, ModelResponse, ProviderError
 from orchestration.engine.plan import Plan, parse_plan
-from orchestration.engine.runner import ContractExecutor, Outcome, TaskContext, advance, execute
+from orchestration.engine.runner import (
+    Outcome,
+    TaskContext,
+    advance,
+    execute,
+    run_contract_task,
+)
 from orchestration.engine.states import (
     RUN_TERMINAL,
     TaskStatus,
@@ -104,7 +109,8 @@ def _show(item: Mapping[str, Any]) -> str:
 
 # ---- what is compared ------------------------------------------------------------------------
 
-_TOOL_KINDS = ("tool.failed", "tool.refused", "tool.rejected", "tool.denied")
+_TOOL_KINDS = ("tool.failed", "tool.refused", "tool.rejected", "tool.denied",
+               "tool.interrupted")
 
 
 def _project(kind: str, data: Mapping[str, Any]) -> tuple[str, dict[str, Any]] | None:
@@ -220,6 +226,10 @@ class _Ledger:
             elif e.kind == "tool.failed":
                 self.results[data["idempotency_key"]].append(
                     (attempt[task], {"error": data.get("error", "")}))
+            elif e.kind == "tool.interrupted":
+                self.results[data["idempotency_key"]].append(
+                    (attempt[task], {"interrupted": data.get("error", ""),
+                                     "stopped": bool(data.get("stopped"))}))
             elif e.kind == "tool.refused":
                 self.refused[task].append(data.get("tool", ""))
             elif e.kind == "approval.requested":
@@ -356,6 +366,8 @@ def _recorded_fn(state: _State) -> Any:
         _, outcome = queue.popleft()
         if "error" in outcome:
             raise _RecordedFailure(outcome["error"])
+        if "interrupted" in outcome:
+            raise (ToolStopped if outcome["stopped"] else ToolTimeout)(outcome["interrupted"])
         return outcome["result"]
 
     return answer
@@ -420,6 +432,20 @@ class ReplayGovernor:
                                           arguments=dict(arguments), policy=policy)
         return Gate("wait", message=request.id)
 
+    def stopped(self, tool: str | None = None, key: str = "") -> str:
+        """A stop (cancel, kill switch, retired agent) where the original attempt stopped:
+        at the first call it has no record of."""
+        end = self.state.ledger.end(self.task, self.attempt)
+        if not end.startswith(("cancelled", "paused", "agent_retired")):
+            return ""
+        if tool is None:
+            turn = self.state.ledger.turns.get((self.task, self.state.model_steps(self.task) + 1))
+            recorded = turn is not None and turn[0] == self.attempt
+        else:
+            outcomes = self.state.ledger.results.get(key, ())
+            recorded = self._recorded_in_attempt(a for a, _ in outcomes)
+        return "" if recorded else end
+
     def outcome_decision(self, key: str) -> str:
         request = self.state.latest(key, Reason.UNKNOWN_OUTCOME)
         if request is None or request.status == "pending":
@@ -470,18 +496,32 @@ class _Replay:
         rows = list(Tool.objects.all())
         self.risk = {t.slug: t.risk_class for t in rows}
         self.tools = {t.slug: _recorded_contract(_contract_shape(t), self.state) for t in rows}
-        recorded = ToolRegistry()
-        for name in builtin_registry.names():
-            recorded.register(_recorded_contract(builtin_registry.get(name), self.state))
-        self.contracts = ContractExecutor(recorded)
         self.executors = {"tool": self._tool, "function": self._tool, "agent": self._agent}
         self.pending = list(self.ledger.stimuli)
         self.applied: list[Recorded] = []
 
     # executors -----------------------------------------------------------------------
     def _tool(self, ctx: TaskContext) -> Outcome:
+        task = ctx.spec.key
         self.state.current_key = ctx.idempotency_key(0)
-        return self.contracts(ctx)
+        log = StoreLog(self.store, self.run_id, task)
+        gate = ToolGate(contracts=self.tools.get, log=log, journal=log.journal(),
+                        governor=ReplayGovernor(self.state, ctx, self.policies, self.risk),
+                        granted=self._granted(task), task=task, actor="process",
+                        steps=1)
+        return run_contract_task(ctx, gate)
+
+    def _granted(self, task: str) -> Any:
+        """Grants as they were: a call the original run refused is refused again."""
+        refused = self.ledger.refused[task]
+
+        def granted(name: str) -> bool:
+            if refused and refused[0] == name:
+                refused.popleft()
+                return False
+            return True
+
+        return granted
 
     def _agent(self, ctx: TaskContext) -> Outcome:
         task = ctx.spec.key
@@ -498,17 +538,9 @@ class _Replay:
                          step_budget=agent.step_budget + self.state.extra_steps[task],
                          token_budget=agent.token_budget or None,
                          max_output_tokens=int(agent.model_params.get("max_tokens", 1024)))
-        refused = self.ledger.refused[task]
-
-        def granted(name: str) -> bool:
-            if refused and refused[0] == name:
-                refused.popleft()
-                return False
-            return True
-
         governor = ReplayGovernor(self.state, ctx, self.policies, self.risk)
         return run_agent(ctx, spec, RecordedModel(self.ledger, task), self.tools,
-                         _Log(self.store, self.run_id, task), granted=granted,
+                         StoreLog(self.store, self.run_id, task), granted=self._granted(task),
                          governor=governor)
 
     # people's decisions, when the original run received them ---------------------------

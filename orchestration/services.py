@@ -11,6 +11,7 @@ from typing import Any
 
 import jsonschema
 from django.contrib.auth.models import AbstractBaseUser
+from django.core.exceptions import ValidationError
 from django.db import transaction
 
 from approvals import services as approvals
@@ -22,7 +23,7 @@ from orchestration.engine import runner
 from orchestration.engine.errors import PlanError
 from orchestration.engine.plan import parse_plan
 from orchestration.engine.states import RUN_TERMINAL, RunStatus, TaskStatus
-from orchestration.models import Agent, Process, ProcessVersion, Run, Task, Tool
+from orchestration.models import Agent, KillSwitch, Process, ProcessVersion, Run, Task, Tool
 from orchestration.store import DjangoRunStore, plan_for
 
 
@@ -61,12 +62,35 @@ def process_publish(
         )
         Process.objects.filter(pk=process.pk).update(current_version=version)
         process.current_version = version
+        process_identity(process, by=by)
         fields = ["number", "plan", "input_schema", "hydration_limit", "budgets", "gates"]
         config_audit.record(
             "process.publish", model="orchestration.process", object=process.slug,
             old={f: getattr(previous, f) for f in fields} if previous else {},
             new={f: getattr(version, f) for f in fields}, by=by)
     return version
+
+
+def process_identity(process: Process, *, by: AbstractBaseUser | None = None) -> Any:
+    """The service identity the process's plan-level steps act as (created on first use):
+    a user that cannot sign in, granted tools like an agent."""
+    from django.contrib.auth import get_user_model
+
+    if process.service_user_id is not None:
+        return process.service_user
+    with transaction.atomic():
+        locked = Process.objects.select_for_update().get(pk=process.pk)
+        if locked.service_user_id is None:
+            user, _ = get_user_model().objects.get_or_create(
+                username=f"process-{process.slug}"[:150], defaults={"is_active": True})
+            user.set_unusable_password()
+            user.save(update_fields=["password"])
+            Process.objects.filter(pk=process.pk).update(service_user=user)
+            config_audit.record("identity", model="orchestration.process", object=process.slug,
+                                old={}, new={"service_user": user.get_username()}, by=by)
+            locked.service_user = user
+    process.service_user = locked.service_user
+    return locked.service_user
 
 
 def process_validate(*, plan: dict[str, Any], input_schema: dict[str, Any],
@@ -291,34 +315,60 @@ def _raise_budget(run: Run, task: Task, budget: dict[str, Any], *, actor: str) -
 # --- agents and their grants ------------------------------------------------------------------
 
 
-def _grants_of(agent: Agent, tool: Tool) -> list[str]:
+def grant_plan_tools(process: Process, *, by: AbstractBaseUser | None) -> list[str]:
+    """Grant the process's service identity every tool its current plan's ``tool`` and
+    ``function`` steps call (an admin publishing a plan vouches for them); returns the
+    slugs newly granted. Revoking one later stops those steps at the gate."""
+    version = process.current_version
+    if version is None:
+        return []
+    refs = {t.executor_ref for t in plan_for(version).tasks
+            if t.executor_type in ("tool", "function")}
+    return [tool.slug for tool in Tool.objects.filter(slug__in=refs).order_by("slug")
+            if tool_grant(tool=tool, process=process, by=by)]
+
+
+def _grantee(agent: Agent | None, process: Process | None) -> tuple[Any, str]:
+    if agent is not None:
+        return agent.user, f"agent:{agent.slug}"
+    if process is not None:
+        return process_identity(process), f"process:{process.slug}"
+    raise ServiceError("a grant needs an agent or a process")
+
+
+def _grants_of(user: Any, tool: Tool) -> list[str]:
     from guardian.shortcuts import get_user_perms
 
-    return sorted(get_user_perms(agent.user, tool))
+    return sorted(get_user_perms(user, tool))
 
 
-def tool_grant(*, agent: Agent, tool: Tool, by: AbstractBaseUser | None) -> bool:
-    """Let ``agent`` invoke ``tool``; False if it already could (nothing is written)."""
-    return _set_grant(agent, tool, by, granted=True)
+def tool_grant(*, tool: Tool, by: AbstractBaseUser | None, agent: Agent | None = None,
+               process: Process | None = None) -> bool:
+    """Let ``agent`` (or ``process``'s plan-level steps) invoke ``tool``; False if it already
+    could (nothing is written)."""
+    return _set_grant(*_grantee(agent, process), tool, by, granted=True)
 
 
-def tool_revoke(*, agent: Agent, tool: Tool, by: AbstractBaseUser | None) -> bool:
-    """Stop ``agent`` invoking ``tool`` from its next call on; False if it could not anyway."""
-    return _set_grant(agent, tool, by, granted=False)
+def tool_revoke(*, tool: Tool, by: AbstractBaseUser | None, agent: Agent | None = None,
+                process: Process | None = None) -> bool:
+    """Stop ``agent`` (or ``process``) invoking ``tool`` from its next call on, a call in
+    flight included; False if it could not anyway."""
+    return _set_grant(*_grantee(agent, process), tool, by, granted=False)
 
 
-def _set_grant(agent: Agent, tool: Tool, by: AbstractBaseUser | None, *, granted: bool) -> bool:
+def _set_grant(user: Any, grantee: str, tool: Tool, by: AbstractBaseUser | None, *,
+               granted: bool) -> bool:
     from guardian.shortcuts import assign_perm, remove_perm
 
     with transaction.atomic():
-        old = _grants_of(agent, tool)
+        old = _grants_of(user, tool)
         if ("invoke_tool" in old) == granted:
             return False
         change = assign_perm if granted else remove_perm
-        change("orchestration.invoke_tool", agent.user, tool)
+        change("orchestration.invoke_tool", user, tool)
         config_audit.record("grant", model="orchestration.tool", object=tool.slug,
-                            grantee=f"agent:{agent.slug}", old={"perms": old},
-                            new={"perms": _grants_of(agent, tool)}, by=by)
+                            grantee=grantee, old={"perms": old},
+                            new={"perms": _grants_of(user, tool)}, by=by)
     return True
 
 
@@ -359,3 +409,76 @@ def agent_retire(*, agent: Agent, by: AbstractBaseUser | None) -> dict[str, int]
         for run_id, key in queued:
             outbox.emit("execute", run_id, key=key)
     return {"escalated": escalated, "requeued": len(queued)}
+
+
+# ---- kill switches ---------------------------------------------------------------------------
+
+PAUSED = "paused"
+
+
+def kill_switch_engage(*, scope: str, target: str = "", reason: str,
+                       by: AbstractBaseUser | None) -> KillSwitch:
+    """Stop every model and tool call in ``scope`` at the gate from now on; calls in flight
+    are interrupted within a poll (``contracts.STOP_POLL_S``). Their tasks wait, with reason
+    ``paused``, until the switch is released."""
+    switch = KillSwitch(scope=scope, target=target if scope != KillSwitch.Scope.ALL else "",
+                        reason=reason, engaged_by=by)
+    try:
+        switch.full_clean()
+    except ValidationError as exc:
+        raise ServiceError("; ".join(exc.messages)) from None
+    with transaction.atomic():
+        switch.save()
+        config_audit.record("kill_switch.engaged", model="orchestration.killswitch",
+                            object=str(switch), old={},
+                            new={"scope": switch.scope, "target": switch.target,
+                                 "reason": switch.reason}, by=by)
+    return switch
+
+
+def kill_switch_release(*, switch: KillSwitch, by: AbstractBaseUser | None) -> int:
+    """Release the switch and put the work it paused back in the queue (a task a switch still
+    covers parks again at the gate). Returns how many tasks were resumed."""
+    from django.utils import timezone
+
+    with transaction.atomic():
+        locked = KillSwitch.objects.select_for_update().get(pk=switch.pk)
+        if locked.released_at is not None:
+            return 0
+        locked.released_at, locked.released_by = timezone.now(), by
+        locked.save(update_fields=["released_at", "released_by"])
+        config_audit.record("kill_switch.released", model="orchestration.killswitch",
+                            object=str(locked), old={"engaged": True}, new={"engaged": False},
+                            by=by)
+        run_ids = list(Task.objects.filter(status=TaskStatus.WAITING,
+                                           error__startswith=f"{PAUSED}:")
+                       .values_list("run_id", flat=True).distinct())
+    switch.released_at = locked.released_at
+    return sum(_resume_paused(run_id, actor=actor_of(by)) for run_id in run_ids)
+
+
+def resume_unpaused() -> int:
+    """For the sweep: with no switch engaged, tasks still parked by one (their release was
+    interrupted before it resumed them) go back to the queue."""
+    if KillSwitch.objects.filter(released_at__isnull=True).exists():
+        return 0
+    run_ids = list(Task.objects.filter(status=TaskStatus.WAITING, error__startswith=f"{PAUSED}:")
+                   .values_list("run_id", flat=True).distinct()[:500])
+    return sum(_resume_paused(run_id, actor="system") for run_id in run_ids)
+
+
+def _resume_paused(run_id: Any, *, actor: str) -> int:
+    with transaction.atomic():
+        run = Run.objects.select_for_update(of=("self",)).filter(pk=run_id).first()
+        if run is None or RunStatus(run.status) in RUN_TERMINAL:
+            return 0
+        store = DjangoRunStore(actor=actor)
+        keys = list(Task.objects.filter(run_id=run_id, status=TaskStatus.WAITING,
+                                        error__startswith=f"{PAUSED}:")
+                    .values_list("key", flat=True))
+        for key in keys:
+            store.requeue_task(str(run_id), key, reason="kill switch released")
+        released = runner.advance(store, str(run_id)).released
+        for key in dict.fromkeys([*keys, *released]):
+            outbox.emit("execute", run_id, key=key)
+    return len(keys)

@@ -20,8 +20,8 @@ from django.utils import timezone
 from audit import ledger
 from audit.models import Event
 from orchestration import governance, leases, outbox
-from orchestration.engine.agent import Journal
 from orchestration.engine.errors import LeaseLost
+from orchestration.engine.gate import JOURNAL_KINDS, Journal
 from orchestration.engine.plan import Plan, TaskSpec, parse_plan
 from orchestration.engine.states import (
     RUN_TERMINAL,
@@ -33,7 +33,6 @@ from orchestration.engine.states import (
 from orchestration.engine.store import RunSnapshot, TaskSnapshot
 from orchestration.models import ProcessVersion, Run, Task
 
-JOURNAL_KINDS = ("model.called", "tool.intent", "tool.called", "tool.failed")
 _plans: dict[uuid.UUID, Plan] = {}
 _plans_lock = threading.Lock()
 
@@ -566,20 +565,9 @@ class DjangoRunStore:
 
     def journal(self, run_id: str, key: str) -> Journal:
         """What the ledger holds for a task's agent loop, for a resume that calls nothing twice."""
-        journal = Journal()
-        events = Event.objects.filter(
+        return Journal.fold(Event.objects.filter(
             chain=run_id, kind__in=JOURNAL_KINDS, data__task=key
-        ).order_by("seq").values_list("kind", "data")
-        for kind, data in events:
-            if kind == "model.called":
-                journal.turns[int(data["step"])] = data["response"]
-            elif kind == "tool.intent":
-                journal.intents.add(data["idempotency_key"])
-            elif kind == "tool.called":
-                journal.results[data["idempotency_key"]] = {"result": data["result"]}
-            elif kind == "tool.failed":
-                journal.results[data["idempotency_key"]] = {"error": data["error"]}
-        return journal
+        ).order_by("seq").values_list("kind", "data"))
 
     def _status(self, run_id: str, key: str) -> str:
         # Task rows are written only under their run's lock, so a plain read is current.

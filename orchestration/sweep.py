@@ -8,7 +8,8 @@ PostgreSQL advisory lock; a dead sweeper's lock goes with its connection) and th
 - sends an ``execute`` message for every running task whose lease has expired, so a killed
   worker's tasks are taken over within a lease and a sweep (about 15 s by default);
 - re-sends work nothing is holding: queued tasks and active runs without a message in flight,
-  and waiting tasks whose approval request has been decided (the resume message was lost);
+  and waiting tasks whose approval request has been decided (the resume message was lost), or
+  whose kill switch has been released (the release was interrupted);
 - enforces approval deadlines and seals committed ledger events into the global chain.
 """
 
@@ -29,7 +30,7 @@ from django.utils import timezone
 from approvals import services as approvals
 from approvals.models import ApprovalRequest
 from audit import ledger
-from orchestration import outbox, signals
+from orchestration import outbox, services, signals
 from orchestration.engine.states import RUN_TERMINAL, RunStatus, TaskStatus
 from orchestration.models import Outbox, Run, Task
 
@@ -47,6 +48,7 @@ def sweep_once() -> dict[str, int]:
         "taken_over": _expired_leases(),
         "stalled": _unheld_work(),
         "resumed": _decided_waits(),
+        "unpaused": services.resume_unpaused(),
         "expired": approvals.requests_expire(),
         "sealed": ledger.seal(),
     }
@@ -111,6 +113,7 @@ def _decided_waits() -> int:
     stuck = list(
         Task.objects.filter(status=TaskStatus.WAITING)
         .exclude(run__status__in=[s.value for s in RUN_TERMINAL])
+        .exclude(error__startswith=f"{services.PAUSED}:")  # a kill switch's, not a decision's
         .filter(Exists(requests.exclude(status=ApprovalRequest.Status.PENDING)),
                 ~Exists(requests.filter(status=ApprovalRequest.Status.PENDING)),
                 ~Exists(Outbox.objects.filter(run_id=OuterRef("run_id"), topic="resume")))

@@ -19,9 +19,9 @@ from audit.models import Event
 from console import auth_views
 from console.models import ApiToken
 from orchestration import services
-from orchestration.agents import grant_checker
 from orchestration.config_audit import CONFIG_CHAIN
 from orchestration.models import Agent, ModelPrice, Process, Tool
+from orchestration.tooling import grant_checker
 from tests.conftest import wait_for_run
 
 REFUND = {"order_id": "ORD-1042", "amount": 40, "reason": "damaged",

@@ -15,12 +15,13 @@ from guardian.shortcuts import assign_perm, remove_perm
 
 from audit.models import Event
 from orchestration import services
-from orchestration.agents import _Log, contract_for
 from orchestration.engine.agent import AgentSpec, run_agent
+from orchestration.engine.gate import StoreLog
 from orchestration.engine.llm import ModelRequest, ModelResponse, ScriptedModel
 from orchestration.engine.runner import TaskContext
 from orchestration.models import Agent, Process, Run, Tool
 from orchestration.store import DjangoRunStore, plan_for
+from orchestration.tooling import contract_for
 from tests.conftest import TEST_CRM_SECRET, wait_for_run
 
 REFUND = {"order_id": "ORD-1042", "amount": 40, "reason": "damaged",
@@ -148,7 +149,7 @@ def test_it_resumes_from_the_ledger_without_calling_the_model_again(
             return super().complete(request)
 
     tools = {"lookup_order": contract_for(Tool.objects.get(slug="lookup_order"))}
-    log = _Log(DjangoRunStore(), str(run.pk), "work")
+    log = StoreLog(DjangoRunStore(), str(run.pk), "work")
     with pytest.raises(_Crash):
         run_agent(_task_ctx(run), AgentSpec("resumer"), Flaky(script), tools, log,
                   granted=lambda name: True)

@@ -18,7 +18,7 @@ from orchestration import dispatch, services, sweep, work
 from orchestration.engine.contracts import ToolContract
 from orchestration.engine.errors import LeaseLost
 from orchestration.engine.runner import Outcome, finish
-from orchestration.models import Outbox, Process, Run, Task
+from orchestration.models import Outbox, Process, Run, Task, Tool
 from orchestration.store import DjangoRunStore
 
 
@@ -234,10 +234,14 @@ def test_a_plan_level_tool_that_is_not_idempotent_is_never_called_twice(
                             input_schema={"type": "object", "required": ["vendor"],
                                           "properties": {"vendor": {"type": "string"}}})
     monkeypatch.setitem(registry._tools, "test_pay", contract)
+    Tool.objects.create(slug="test_pay", name="Pay", implementation="test_pay",
+                        input_schema=dict(contract.input_schema), idempotent=False,
+                        risk_class="financial")
     process = Process.objects.create(slug="test-pay", name="Pay", pattern="deterministic")
     services.process_publish(process=process, input_schema={"type": "object"}, plan={
         "tasks": [{"key": "pay", "executor": {"type": "tool", "ref": "test_pay"},
                    "args": {"vendor": "$input.vendor"}}]})
+    assert services.grant_plan_tools(process, by=None) == ["test_pay"]
     from guardian.shortcuts import assign_perm
 
     assign_perm("orchestration.start_run", operator, process)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import inspect
-from collections.abc import Callable, Mapping
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -15,15 +18,30 @@ from orchestration.engine.errors import (
     ToolFailed,
     ToolInputInvalid,
     ToolOutputInvalid,
+    ToolStopped,
     ToolTimeout,
+    UngatedCall,
     UnknownTool,
 )
 
 ToolFn = Callable[..., Any]
+StopCheck = Callable[[], str]
 
-_timeout_pool = concurrent.futures.ThreadPoolExecutor(
-    max_workers=8, thread_name_prefix="switchboard-tool"
-)
+# Set only by the gate (orchestration/engine/gate.py) around the one call it lets through: a
+# contract called from anywhere else refuses, so there is no second path to a side effect.
+_gate_open: ContextVar[bool] = ContextVar("switchboard_gate_open", default=False)
+
+# How often a running call looks at its stop check (cancel, kill switch, revoked grant).
+STOP_POLL_S = 0.5
+
+
+@contextmanager
+def opened_by_gate() -> Iterator[None]:
+    token = _gate_open.set(True)
+    try:
+        yield
+    finally:
+        _gate_open.reset(token)
 
 
 def _describe(error: jsonschema.ValidationError) -> str:
@@ -44,9 +62,11 @@ class ToolContract:
     _in: jsonschema.Draft202012Validator | None = None
     _out: jsonschema.Draft202012Validator | None = None
     _takes_key: bool = False
+    _takes_cancel: bool = False
 
     def __post_init__(self) -> None:
         self._takes_key = _accepts_keyword(self.fn, "idempotency_key")
+        self._takes_cancel = _accepts_keyword(self.fn, "cancel")
         jsonschema.Draft202012Validator.check_schema(self.input_schema)
         jsonschema.Draft202012Validator.check_schema(self.output_schema)
         self._in = jsonschema.Draft202012Validator(self.input_schema)
@@ -67,33 +87,72 @@ class ToolContract:
             raise ToolOutputInvalid(f"{self.name} returned output that breaks its schema: {detail}")
 
     def call(self, args: Mapping[str, Any], *, timeout_s: float | None = None,
-             idempotency_key: str | None = None) -> Any:
+             idempotency_key: str | None = None, stop: StopCheck | None = None) -> Any:
         """Validate, run with a timeout, verify. Never repairs arguments.
 
-        ``idempotency_key`` reaches implementations that take an ``idempotency_key`` keyword
-        (HTTP tools send it as the ``Idempotency-Key`` header), so the system behind the tool
-        can recognise a repeated call."""
+        Only the gate may call this. ``idempotency_key`` reaches implementations that take an
+        ``idempotency_key`` keyword (HTTP tools send it as the ``Idempotency-Key`` header), so
+        the system behind the tool can recognise a repeated call. ``stop`` is asked every
+        ``STOP_POLL_S`` while the call runs; a non-empty answer ends the call as a timeout
+        does. Either way an implementation that takes a ``cancel`` keyword gets a
+        ``threading.Event`` that is set then, so it can kill its subprocess or abort its
+        request; one that does not is abandoned in its thread, its result discarded."""
+        if not _gate_open.get():
+            raise UngatedCall(f"{self.name} was called outside the gate; every side effect "
+                              "goes through orchestration.engine.gate")
         self.validate_input(args)
         limit = self.timeout_s if timeout_s is None else timeout_s
         kwargs = dict(args)
         if idempotency_key is not None and self._takes_key:
             kwargs["idempotency_key"] = idempotency_key
         try:
-            if limit is None:
+            if limit is None and stop is None:
                 result = self.fn(**kwargs)
             else:
-                future = _timeout_pool.submit(self.fn, **kwargs)
-                try:
-                    result = future.result(timeout=limit)
-                except concurrent.futures.TimeoutError:
-                    future.cancel()
-                    raise ToolTimeout(f"{self.name} did not answer within {limit:g} s") from None
-        except (ToolTimeout, ToolInputInvalid):
+                result = self._watched(kwargs, limit, stop)
+        except (ToolTimeout, ToolStopped, ToolInputInvalid):
             raise
         except Exception as exc:  # the implementation's own failure, reported as data
             raise ToolFailed(f"{self.name} failed: {type(exc).__name__}: {exc}") from exc
         self.validate_output(result)
         return result
+
+    def _watched(self, kwargs: dict[str, Any], limit: float | None,
+                 stop: StopCheck | None) -> Any:
+        """Run the implementation on its own thread while this one watches the clock and the
+        stop check. A thread per call, not a pool: an implementation that ignores ``cancel``
+        keeps only its own thread, never a slot later calls would queue behind."""
+        cancel = threading.Event()
+        if self._takes_cancel:
+            kwargs["cancel"] = cancel
+        box: dict[str, Any] = {}
+        done = threading.Event()
+
+        def work() -> None:
+            try:
+                box["result"] = self.fn(**kwargs)
+            except BaseException as exc:  # noqa: BLE001 - handed to the watching thread
+                box["error"] = exc
+            finally:
+                done.set()
+
+        threading.Thread(target=work, name=f"switchboard-tool-{self.name}", daemon=True).start()
+        deadline = None if limit is None else time.monotonic() + limit
+        while True:
+            wait = STOP_POLL_S if deadline is None else min(STOP_POLL_S,
+                                                            deadline - time.monotonic())
+            if done.wait(max(0.0, wait)):
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                cancel.set()
+                raise ToolTimeout(f"{self.name} did not answer within {limit:g} s")
+            why = stop() if stop is not None else ""
+            if why:
+                cancel.set()
+                raise ToolStopped(why)
+        if "error" in box:
+            raise box["error"]
+        return box["result"]
 
 
 def _accepts_keyword(fn: Any, name: str) -> bool:

@@ -33,6 +33,19 @@ class ToolTimeout(ContractError):
     pass
 
 
+class ToolStopped(ContractError):
+    """A stop signal (cancel, kill switch, retired agent, revoked grant) ended the call."""
+
+
+class ConfigurationError(ContractError):
+    """A tool or model is configured so that no call can work (a bad schema, an unknown
+    implementation, bad model parameters): people must fix it, so the task escalates."""
+
+
+class UngatedCall(RuntimeError):
+    """A tool was called by something other than the gate: a bug, never a tool's failure."""
+
+
 class ToolFailed(ContractError):
     """The implementation raised; the message is what the caller may see."""
 

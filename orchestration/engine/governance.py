@@ -63,6 +63,12 @@ class Governor(Protocol):
         """For a non-idempotent call of unknown outcome: "rerun", "reject" or "" (undecided)."""
         ...
 
+    def stopped(self, tool: str | None = None, key: str = "") -> str:
+        """Asked before every model call (``tool`` None) and tool call, and while a call runs:
+        "" to go on, else why the work must stop, starting with its code: ``cancelled``,
+        ``paused`` (a kill switch), ``agent_retired``."""
+        ...
+
 
 class Ungoverned:
     def reserve(self, worst: Usage) -> str:
@@ -78,4 +84,7 @@ class Ungoverned:
         return ALLOW
 
     def outcome_decision(self, key: str) -> str:
+        return ""
+
+    def stopped(self, tool: str | None = None, key: str = "") -> str:
         return ""

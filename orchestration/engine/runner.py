@@ -7,14 +7,16 @@ and after every task finishes, and ``execute`` for every task that ``advance`` r
 
 from __future__ import annotations
 
-import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from orchestration.engine.contracts import ToolRegistry
-from orchestration.engine.errors import ContractError, EngineError
+from orchestration.engine.contracts import ToolContract, ToolRegistry
+from orchestration.engine.errors import EngineError
+from orchestration.engine.gate import StoreLog, ToolGate
+from orchestration.engine.governance import Governor, Ungoverned
 from orchestration.engine.plan import TaskSpec
+from orchestration.engine.redaction import redact
 from orchestration.engine.refs import resolve
 from orchestration.engine.states import (
     RUN_TERMINAL,
@@ -58,45 +60,62 @@ class Executor(Protocol):
     def __call__(self, ctx: TaskContext) -> Outcome: ...
 
 
+def stopped_outcome(reason: str, *, key: str, tool: str = "", arguments: Any = None) -> Outcome:
+    """The outcome of a task that cannot go on: ``reason`` starts with its code. A cancelled
+    run ends the task; anything else parks it for people (an escalation request opens where
+    the code is one people decide, e.g. ``unknown_outcome``; ``awaiting_approval`` has its
+    request already, ``paused`` waits for its kill switch to be released)."""
+    code = reason.split(":", 1)[0]
+    if code == "cancelled":
+        return Outcome(status=TaskStatus.CANCELLED, error=reason)
+    return Outcome(status=TaskStatus.WAITING, error=reason,
+                   escalation={"reason": code, "detail": reason, "call_key": key, "tool": tool,
+                               "arguments": arguments if arguments is not None else {}})
+
+
+# Builds the gate a plan-level task's call goes through: the acting identity (an agent loop
+# has its own; a process runs its deterministic steps as its service identity), its grants,
+# the governor and the step log. The engine's own default lets everything through.
+GateFactory = Callable[[TaskContext], ToolGate]
+
+
+def run_contract_task(ctx: TaskContext, gate: ToolGate) -> Outcome:
+    """A ``tool`` or ``function`` task: resolve its arguments, then one call through the gate
+    (the same gate an agent's tool calls pass)."""
+    spec = ctx.spec
+    key = ctx.idempotency_key(0)
+    try:
+        args = resolve(dict(spec.args), run_input=ctx.run_input, outputs=ctx.dep_outputs)
+    except EngineError as exc:
+        return Outcome(status=TaskStatus.FAILED, error=str(exc))
+    verdict = gate.call(key, spec.executor_ref, args)
+    if verdict.pause:
+        return stopped_outcome(verdict.pause, key=key, tool=spec.executor_ref,
+                               arguments=redact(args, gate.secrets))
+    if verdict.is_error:
+        return Outcome(status=TaskStatus.FAILED, error=verdict.error)
+    return Outcome(output=verdict.result)
+
+
 class ContractExecutor:
-    """Runs ``tool`` and ``function`` tasks: resolve arguments, call the contract, record it.
+    """Runs ``tool`` and ``function`` tasks from a registry through the gate, with
+    ``governor`` (ungoverned by default: the engine's own tests and benchmarks)."""
 
-    A non-idempotent contract gets a ``tool.intent`` checkpoint before the call, as an agent's
-    tool calls do: an attempt that finds an intent without a result (its worker died mid-call)
-    escalates ``unknown_outcome`` to a person instead of calling twice."""
-
-    def __init__(self, registry: ToolRegistry) -> None:
+    def __init__(self, registry: ToolRegistry, governor: Governor | None = None) -> None:
         self.registry = registry
+        self.governor = governor or Ungoverned()
+
+    def _contract(self, name: str) -> ToolContract | None:
+        return self.registry.get(name) if name in self.registry else None
 
     def __call__(self, ctx: TaskContext) -> Outcome:
-        spec = ctx.spec
-        started = time.perf_counter()
-        key = ctx.idempotency_key(0)
-        base = {"task": spec.key, "tool": spec.executor_ref, "idempotency_key": key}
-        try:
-            contract = self.registry.get(spec.executor_ref)
-            args = resolve(dict(spec.args), run_input=ctx.run_input, outputs=ctx.dep_outputs)
-            if not contract.idempotent and ctx.store is not None:
-                decided = getattr(ctx.store, "outcome_decision", None)
-                if (key in ctx.store.journal(ctx.run_id, spec.key).intents
-                        and (decided is None or decided(ctx.run_id, key) != "rerun")):
-                    reason = (f"unknown_outcome: {spec.executor_ref} may or may not have run "
-                              f"(call {key}); its worker was lost mid-call")
-                    return Outcome(status=TaskStatus.WAITING, error=reason, escalation={
-                        "reason": "unknown_outcome", "detail": reason, "call_key": key,
-                        "tool": spec.executor_ref, "arguments": args})
-                contract.validate_input(args)
-                ctx.store.record(ctx.run_id, "tool.intent", {**base, "arguments": args},
-                                 lease=ctx.lease)
-            output = contract.call(args, idempotency_key=key)
-        except (ContractError, EngineError) as exc:
-            latency_ms = round((time.perf_counter() - started) * 1000, 3)
-            event = {**base, "error": str(exc), "latency_ms": latency_ms}
-            return Outcome(error=str(exc), status=TaskStatus.FAILED,
-                           events=[("tool.failed", event)])
-        latency_ms = round((time.perf_counter() - started) * 1000, 3)
-        event = {**base, "arguments": args, "result": output, "latency_ms": latency_ms}
-        return Outcome(output=output, events=[("tool.called", event)])
+        if ctx.store is None:
+            raise EngineError("tool and function tasks need a store to record their calls")
+        log = StoreLog(ctx.store, ctx.run_id, ctx.spec.key, ctx.lease)
+        gate = ToolGate(contracts=self._contract, log=log, journal=log.journal(),
+                        governor=self.governor, granted=lambda name: True, task=ctx.spec.key,
+                        actor="system", steps=1)
+        return run_contract_task(ctx, gate)
 
 
 def default_executors(registry: ToolRegistry) -> dict[str, Executor]:

@@ -243,22 +243,11 @@ class MemoryStore:
             run.usage_tokens += usage.tokens_in + usage.tokens_out
 
     def journal(self, run_id: str, key: str) -> Any:
-        from orchestration.engine.agent import Journal
+        from orchestration.engine.gate import Journal
 
-        journal = Journal()
         with self._lock:
-            for e in self.runs[run_id].events:
-                if e.data.get("task") != key:
-                    continue
-                if e.kind == "model.called":
-                    journal.turns[int(e.data["step"])] = e.data["response"]
-                elif e.kind == "tool.intent":
-                    journal.intents.add(e.data["idempotency_key"])
-                elif e.kind == "tool.called":
-                    journal.results[e.data["idempotency_key"]] = {"result": e.data["result"]}
-                elif e.kind == "tool.failed":
-                    journal.results[e.data["idempotency_key"]] = {"error": e.data["error"]}
-        return journal
+            return Journal.fold((e.kind, e.data) for e in self.runs[run_id].events
+                                if e.data.get("task") == key)
 
     # helpers for tests
     def result(self, run_id: str) -> Any:

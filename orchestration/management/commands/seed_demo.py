@@ -101,9 +101,9 @@ class Command(BaseCommand):
             agent.save()
             for tool in Tool.objects.all():
                 if tool.slug in spec["tools"]:
-                    services.tool_grant(agent=agent, tool=tool, by=None)
+                    services.tool_grant(tool=tool, agent=agent, by=None)
                 else:
-                    services.tool_revoke(agent=agent, tool=tool, by=None)
+                    services.tool_revoke(tool=tool, agent=agent, by=None)
 
         for spec in demo.PROCESSES:
             process, _ = Process.objects.update_or_create(
@@ -117,6 +117,7 @@ class Command(BaseCommand):
                     "input_schema"]:
                 services.process_publish(process=process, plan=plan,
                                          input_schema=spec["input_schema"])
+            services.grant_plan_tools(process, by=None)
 
         reviewers = Group.objects.get(name="reviewer")
         for spec in demo.POLICIES:

@@ -1,0 +1,161 @@
+"""The Django side of the gate: contracts from Tool rows, grants from django-guardian, and the
+gate for an acting identity (an agent, or a process's service identity for its plan-level
+``tool`` and ``function`` steps)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import cache
+from typing import Any
+
+import jsonschema
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Permission
+from django.contrib.contenttypes.models import ContentType
+from django.db import connection
+from guardian.models import GroupObjectPermission, UserObjectPermission
+
+from orchestration.builtin_tools import registry
+from orchestration.engine.contracts import ToolContract
+from orchestration.engine.errors import ConfigurationError, ContractError
+from orchestration.engine.gate import StoreLog, ToolGate
+from orchestration.engine.http_tool import http_contract
+from orchestration.engine.llm import ProviderError
+from orchestration.engine.runner import Outcome, TaskContext, run_contract_task
+from orchestration.governance import DjangoGovernor
+from orchestration.models import Process, Task, Tool
+from orchestration.store import DjangoRunStore
+
+
+class CredentialMissing(ProviderError):
+    pass
+
+
+def credential(name: str) -> str:
+    if not name:
+        return ""
+    try:
+        return settings.SWITCHBOARD_CREDENTIALS[name.lower()]
+    except KeyError:
+        raise CredentialMissing(
+            f"credential {name!r} is not configured (set SWITCHBOARD_CREDENTIAL_{name.upper()})"
+        ) from None
+
+
+def secrets() -> list[str]:
+    return [v for v in settings.SWITCHBOARD_CREDENTIALS.values() if v]
+
+
+def contract_for(tool: Tool) -> ToolContract:
+    """The contract a Tool row describes. ConfigurationError when no call to it could work
+    (a schema that is not JSON Schema, an implementation nobody registered)."""
+    try:
+        if tool.kind == Tool.Kind.HTTP:
+            ref = tool.credential_ref
+            return http_contract(
+                name=tool.slug, method=tool.http_method or "POST",
+                url_template=tool.url_template, input_schema=tool.input_schema,
+                output_schema=tool.output_schema, timeout_s=tool.timeout_s,
+                idempotent=tool.idempotent,
+                credential=(lambda: credential(ref)) if ref else None,
+                description=tool.description, cost_per_call=tool.cost_per_call,
+            )
+        base = registry.get(tool.implementation)
+        return ToolContract(
+            name=tool.slug, fn=base.fn, input_schema=tool.input_schema,
+            output_schema=tool.output_schema, timeout_s=tool.timeout_s,
+            idempotent=tool.idempotent, description=tool.description or base.description,
+            cost_per_call=tool.cost_per_call,
+        )
+    except jsonschema.SchemaError as exc:
+        raise ConfigurationError(
+            f"tool {tool.slug!r} has a schema that is not valid JSON Schema: {exc.message}"
+        ) from None
+    except (ContractError, TypeError, ValueError) as exc:
+        raise ConfigurationError(f"tool {tool.slug!r} is misconfigured: {exc}") from None
+
+
+def contracts() -> tuple[dict[str, ToolContract], dict[str, str]]:
+    """Every tool's contract, and the tools that cannot be called with why: one broken tool
+    fails only the calls to it."""
+    usable: dict[str, ToolContract] = {}
+    unusable: dict[str, str] = {}
+    for tool in Tool.objects.all():
+        try:
+            usable[tool.slug] = contract_for(tool)
+        except ConfigurationError as exc:
+            unusable[tool.slug] = str(exc)
+    return usable, unusable
+
+
+@cache
+def _grant_sql() -> str:
+    user = get_user_model()._meta
+    groups = user.get_field("groups").remote_field.through._meta
+    return f"""
+SELECT 1 FROM {user.db_table} u
+ WHERE u.{user.pk.column} = %(user)s AND u.{user.get_field("is_active").column}
+   AND (u.{user.get_field("is_superuser").column}
+        OR EXISTS (SELECT 1 FROM {UserObjectPermission._meta.db_table} p
+                    WHERE p.user_id = u.{user.pk.column} AND p.permission_id = %(perm)s
+                      AND p.content_type_id = %(ct)s AND p.object_pk = %(obj)s)
+        OR EXISTS (SELECT 1 FROM {GroupObjectPermission._meta.db_table} g
+                     JOIN {groups.db_table} ug
+                       ON ug.{groups.get_field("group").column} = g.group_id
+                    WHERE ug.{groups.get_field("user").column} = u.{user.pk.column}
+                      AND g.permission_id = %(perm)s
+                      AND g.content_type_id = %(ct)s AND g.object_pk = %(obj)s))
+"""
+
+
+def grant_checker(user_id: Any) -> Callable[[Tool], bool]:
+    """Whether the active user holds ``invoke_tool`` on a tool, directly or through a group,
+    as django-guardian grants it. One small query per check (this runs before every call)."""
+    ct = ContentType.objects.get_for_model(Tool)
+    perm = Permission.objects.get(content_type=ct, codename="invoke_tool").pk
+
+    def holds(tool: Tool) -> bool:
+        if user_id is None:
+            return False
+        with connection.cursor() as cursor:
+            cursor.execute(_grant_sql(), {"user": user_id, "perm": perm, "ct": ct.pk,
+                                          "obj": str(tool.pk)})
+            return cursor.fetchone() is not None
+
+    return holds
+
+
+def granted_to(user_id: Any, tools: dict[str, Tool]) -> Callable[[str], bool]:
+    """The grant check by tool name. Asked before every call and while one runs, so a
+    revoked grant or a deactivated identity stops work at once."""
+    holds = grant_checker(user_id)
+
+    def granted(name: str) -> bool:
+        tool = tools.get(name)
+        return tool is not None and holds(tool)
+
+    return granted
+
+
+def run_tool_task(ctx: TaskContext) -> Outcome:
+    """A plan-level ``tool`` or ``function`` step: one call through the gate, acting as the
+    process's service identity."""
+    task = Task.objects.select_related("run__process_version__process", "run__created_by").get(
+        run_id=ctx.run_id, key=ctx.spec.key)
+    process: Process = task.run.process_version.process
+    actor = f"process:{process.slug}"
+    usable, unusable = contracts()
+    rows = {t.slug: t for t in Tool.objects.all()}
+
+    def lookup(name: str) -> ToolContract | None:
+        if name in unusable:
+            raise ConfigurationError(unusable[name])
+        return usable.get(name)
+
+    log = StoreLog(DjangoRunStore(), ctx.run_id, ctx.spec.key, ctx.lease)
+    gate = ToolGate(contracts=lookup, log=log, journal=log.journal(),
+                    governor=DjangoGovernor(run=task.run, task_key=task.key, actor=actor),
+                    granted=granted_to(process.service_user_id, rows), task=task.key,
+                    actor=actor, secrets=secrets(), steps=1)
+    return run_contract_task(ctx, gate)
