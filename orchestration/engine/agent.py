@@ -32,10 +32,9 @@ from orchestration.engine.llm import (
     ProviderError,
     ToolSpec,
 )
+from orchestration.engine.redaction import redact
 from orchestration.engine.runner import Outcome, TaskContext
 from orchestration.engine.states import TaskStatus
-
-REDACTED = "[redacted]"
 
 
 @dataclass(slots=True)
@@ -71,21 +70,6 @@ Pricing = Callable[[int, int], Decimal]
 
 def no_cost(tokens_in: int, tokens_out: int) -> Decimal:
     return Decimal("0")
-
-
-def redact(value: Any, secrets: Sequence[str]) -> Any:
-    if not secrets:
-        return value
-    if isinstance(value, str):
-        for secret in secrets:
-            if secret:
-                value = value.replace(secret, REDACTED)
-        return value
-    if isinstance(value, Mapping):
-        return {k: redact(v, secrets) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact(v, secrets) for v in value]
-    return value
 
 
 def build_prompt(ctx: TaskContext) -> str:
