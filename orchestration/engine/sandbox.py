@@ -114,6 +114,8 @@ print(json.dumps({
 }))
 """
 
+_PROBE_KEYS = ("uid", "euid", "gid", "egid", "groups", "interfaces", "processes",
+               "root_writable", "environ")
 _checked: set[SandboxConfig] = set()
 _check_lock = threading.Lock()
 
@@ -162,6 +164,8 @@ def _probe(config: SandboxConfig) -> str:
         return "the probe did not finish"
     try:
         seen = json.loads(stdout)
+        if not isinstance(seen, dict) or not set(_PROBE_KEYS) <= set(seen):
+            raise ValueError(stdout[:200])
     except ValueError:
         return f"the probe failed: exit {returncode}: {stderr.strip()[-500:]}"
     ids = {seen["uid"], seen["euid"]}, {seen["gid"], seen["egid"]}
