@@ -8,8 +8,8 @@ from pathlib import Path
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.csp import CSP
 
+from console.credentials import credentials_take
 from console.env import (
-    credentials_from_env,
     database_from_url,
     envbool,
     envint,
@@ -35,8 +35,14 @@ SWITCHBOARD_MODE = "distributed" if REDIS_URL else "standalone"
 SWITCHBOARD_WORKER_THREADS = envint("SWITCHBOARD_WORKER_THREADS", 4, minimum=1)
 SWITCHBOARD_DEMO_PASSWORD = envstr("SWITCHBOARD_DEMO_PASSWORD", "switchboard")
 # Credentials for providers and HTTP tools, referenced by name (credential_ref) and never shown:
-# SWITCHBOARD_CREDENTIAL_OPENAI=sk-... makes the credential "openai".
-SWITCHBOARD_CREDENTIALS = credentials_from_env("SWITCHBOARD_CREDENTIAL_")
+# SWITCHBOARD_CREDENTIAL_OPENAI=sk-... makes the credential "openai". Once read they are taken
+# out of the environment, so no process the server starts inherits them.
+SWITCHBOARD_CREDENTIALS = credentials_take("SWITCHBOARD_CREDENTIAL_")
+# The run_python sandbox (orchestration/engine/sandbox.py): bubblewrap, and the unprivileged
+# uid/gid sandboxed code runs as. Without a working bubblewrap run_python refuses to run.
+SWITCHBOARD_SANDBOX_BWRAP = envstr("SWITCHBOARD_SANDBOX_BWRAP", "bwrap")
+SWITCHBOARD_SANDBOX_UID = envint("SWITCHBOARD_SANDBOX_UID", 65534, minimum=1)
+SWITCHBOARD_SANDBOX_GID = envint("SWITCHBOARD_SANDBOX_GID", 65534, minimum=1)
 
 INSTALLED_APPS = [
     "daphne",

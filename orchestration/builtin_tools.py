@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import threading
 from typing import Any
 
 from orchestration.engine import sandbox
@@ -302,7 +303,7 @@ def decide_refund(requested: float, order: dict[str, Any],
     return {"approve": approve, "amount": float(requested), "reason": reason}
 
 
-# ---- risky: code execution, always in a sandboxed child process ---------------------------
+# ---- risky: code execution, only ever inside the sandbox ---------------------------------
 
 @registry.tool(
     "run_python",
@@ -317,6 +318,18 @@ def decide_refund(requested: float, order: dict[str, Any],
     },
     timeout_s=10.0,
 )
-def run_python(code: str) -> dict[str, Any]:
-    """Run a Python snippet in an isolated child process (5 s, 256 MB) and return its output."""
-    return sandbox.run_python(code, timeout_s=5.0, memory_mb=256)
+def run_python(code: str, *, cancel: threading.Event | None = None) -> dict[str, Any]:
+    """Run a Python snippet (standard library only) in an isolated sandbox: no network, no
+    access to the server's files or processes, 5 s and 256 MB. Refuses when no sandbox is
+    available."""
+    return sandbox.run_python(code, config=_sandbox_config(),
+                              limits=sandbox.Limits(timeout_s=5.0, memory_mb=256), cancel=cancel)
+
+
+def _sandbox_config() -> sandbox.SandboxConfig:
+    # Read at call time, so the tools stay importable without Django configured.
+    from django.conf import settings
+
+    return sandbox.SandboxConfig(bwrap=settings.SWITCHBOARD_SANDBOX_BWRAP,
+                                 uid=settings.SWITCHBOARD_SANDBOX_UID,
+                                 gid=settings.SWITCHBOARD_SANDBOX_GID)

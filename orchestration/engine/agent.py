@@ -164,7 +164,8 @@ def run_agent(
                 messages.append(Message("user", f"{exc}. Write the answer again with a valid "
                                                 "envelope."))
                 continue
-            return Outcome(output={"answer": response.text, "handoff": envelope.to_toml(),
+            return Outcome(output={"answer": redact(response.text, secrets),
+                                   "handoff": redact(envelope.to_toml(), secrets),
                                    "tool_results": tool_results})
 
         for index, call in enumerate(response.tool_calls):
