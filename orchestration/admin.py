@@ -9,7 +9,16 @@ from guardian.admin import GuardedModelAdmin
 
 from orchestration import services
 from orchestration.config_audit import AuditedAdmin
-from orchestration.models import Agent, ModelPrice, Process, ProcessVersion, Run, Task, Tool
+from orchestration.models import (
+    Agent,
+    KillSwitch,
+    ModelPrice,
+    Process,
+    ProcessVersion,
+    Run,
+    Task,
+    Tool,
+)
 
 
 @admin.register(Agent)
@@ -101,3 +110,35 @@ class RunAdmin(admin.ModelAdmin):
     list_filter = ["status"]
     readonly_fields = [f.name for f in Run._meta.fields]
     inlines = [TaskInline]
+
+
+@admin.register(KillSwitch)
+class KillSwitchAdmin(admin.ModelAdmin):
+    """Engage a switch by adding one; release it with the action. Both go through the
+    services, so each is a configuration event and a release resumes the paused work. A
+    switch is never edited or deleted: its record stays."""
+
+    list_display = ["__str__", "reason", "engaged_by", "engaged_at", "released_by",
+                    "released_at"]
+    list_filter = ["scope", ("released_at", admin.EmptyFieldListFilter)]
+    fields = ["scope", "target", "reason"]
+    actions = ["release"]
+
+    def has_change_permission(self, request, obj=None):  # type: ignore[no-untyped-def]
+        return obj is None and super().has_change_permission(request, obj)
+
+    def has_delete_permission(self, request, obj=None):  # type: ignore[no-untyped-def]
+        return False
+
+    def save_model(self, request: Any, obj: KillSwitch, form: Any, change: bool) -> None:
+        engaged = services.kill_switch_engage(scope=obj.scope, target=obj.target,
+                                              reason=obj.reason, by=request.user)
+        obj.pk, obj.engaged_at, obj.engaged_by = engaged.pk, engaged.engaged_at, request.user
+        obj._state.adding = False
+
+    @admin.action(description="Release the selected kill switches (paused work resumes)")
+    def release(self, request: Any, queryset: Any) -> None:
+        resumed = sum(services.kill_switch_release(switch=switch, by=request.user)
+                      for switch in queryset.filter(released_at__isnull=True))
+        self.message_user(request, f"Released; {resumed} paused task(s) went back to the "
+                                   "queue.", messages.SUCCESS)

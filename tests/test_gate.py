@@ -410,3 +410,32 @@ def test_revoking_a_grant_is_seen_by_the_next_check(db: Any) -> None:
     assert holds(tool)
     remove_perm("orchestration.invoke_tool", user, tool)
     assert not holds(tool)
+
+
+@pytest.mark.django_db
+def test_admins_engage_and_release_kill_switches_and_everyone_sees_them(
+        client: Any, demo: None) -> None:
+    admin = User.objects.get(username="admin")
+    client.force_login(admin)
+    answer = client.post("/admin/orchestration/killswitch/add/",
+                         {"scope": "agent", "target": "refund-executor",
+                          "reason": "refunds <b>paused</b>"})
+    assert answer.status_code == 302, answer.content
+    switch = KillSwitch.objects.get()
+    assert switch.engaged_by == admin and switch.engaged
+    assert Event.objects.filter(kind="config.kill_switch.engaged").count() == 1
+    assert client.post("/admin/orchestration/killswitch/add/", {
+        "scope": "tool", "target": "no-such-tool", "reason": "x"}).status_code == 200
+    assert KillSwitch.objects.count() == 1
+    assert client.post(f"/admin/orchestration/killswitch/{switch.pk}/delete/").status_code == 403
+
+    client.force_login(User.objects.get(username="operator"))
+    page = client.get("/").content.decode()
+    assert "kill switch on agent refund-executor" in page
+    assert "refunds &lt;b&gt;paused&lt;/b&gt;" in page  # the reason is escaped
+
+    client.force_login(admin)
+    client.post("/admin/orchestration/killswitch/", {
+        "action": "release", "_selected_action": [str(switch.pk)]})
+    assert not KillSwitch.objects.get().engaged
+    assert "kill switch on" not in client.get("/").content.decode()

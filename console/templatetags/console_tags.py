@@ -12,3 +12,12 @@ register = template.Library()
 def as_json(value: Any) -> str:
     """Compact JSON for display. Returns plain text: autoescaping still applies."""
     return json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
+
+
+@register.inclusion_tag("console/kill_switches.html")
+def kill_switch_banner() -> dict[str, Any]:
+    """Every engaged kill switch, on every page: people must see that work is stopped."""
+    from orchestration.models import KillSwitch
+
+    return {"switches": list(KillSwitch.objects.filter(released_at__isnull=True)
+                             .select_related("engaged_by").order_by("engaged_at"))}
