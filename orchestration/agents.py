@@ -77,7 +77,7 @@ def run_agent_task(ctx: TaskContext) -> Outcome:
                      step_budget=agent.step_budget + task.step_budget_extra,
                      token_budget=agent.token_budget or None, max_output_tokens=max_tokens)
     governor = DjangoGovernor(run=task.run, task_key=task.key, actor=f"agent:{agent.slug}",
-                              agent=agent.slug)
+                              agent=agent.slug, tools=rows)
     log = StoreLog(DjangoRunStore(), ctx.run_id, ctx.spec.key, ctx.lease)
     return run_agent(ctx, spec, model, tools, log, granted=granted_to(agent.user_id, rows),
                      pricing=_pricing(agent), secrets=secrets(), governor=governor,

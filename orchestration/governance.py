@@ -231,14 +231,15 @@ SELECT r.cancel_requested,
 
 
 class DjangoGovernor:
-    def __init__(self, *, run: Run, task_key: str, actor: str, agent: str = "") -> None:
+    def __init__(self, *, run: Run, task_key: str, actor: str, agent: str = "",
+                 tools: Mapping[str, Tool] | None = None) -> None:
         self.run = run
         self.run_id = str(run.pk)
         self.task_key = task_key
         self.actor = actor
         self.agent = agent
         self.process = run.process_version.process.slug
-        self._tools = {t.slug: t for t in Tool.objects.all()}
+        self._tools = tools if tools is not None else {t.slug: t for t in Tool.objects.all()}
         self._requests_key: str | None = None
         self._requests: list[ApprovalRequest] = []
 

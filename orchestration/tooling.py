@@ -145,17 +145,16 @@ def run_tool_task(ctx: TaskContext) -> Outcome:
         run_id=ctx.run_id, key=ctx.spec.key)
     process: Process = task.run.process_version.process
     actor = f"process:{process.slug}"
-    usable, unusable = contracts()
     rows = {t.slug: t for t in Tool.objects.all()}
 
     def lookup(name: str) -> ToolContract | None:
-        if name in unusable:
-            raise ConfigurationError(unusable[name])
-        return usable.get(name)
+        row = rows.get(name)
+        return contract_for(row) if row is not None else None  # only the one it calls
 
     log = StoreLog(DjangoRunStore(), ctx.run_id, ctx.spec.key, ctx.lease)
     gate = ToolGate(contracts=lookup, log=log, journal=log.journal(),
-                    governor=DjangoGovernor(run=task.run, task_key=task.key, actor=actor),
+                    governor=DjangoGovernor(run=task.run, task_key=task.key, actor=actor,
+                                            tools=rows),
                     granted=granted_to(process.service_user_id, rows), task=task.key,
                     actor=actor, secrets=secrets(), steps=1)
     return run_contract_task(ctx, gate)
