@@ -373,6 +373,8 @@ def test_it_seeds_the_demo_data_idempotently(demo: None) -> None:
     assert Process.objects.count() == 3
     users = sorted(User.objects.values_list("username", flat=True))
     assert users == users_before
-    # The four people; the rest are the demo agents' service accounts.
-    assert [u for u in users if not u.startswith("agent-")] == [
+    # The four people; the rest are the service accounts of the demo agents and processes.
+    assert [u for u in users if not u.startswith(("agent-", "process-"))] == [
         "admin", "operator", "reviewer", "reviewer2"]
+    assert [u for u in users if u.startswith("process-")] == [
+        f"process-{slug}" for slug in sorted(p["slug"] for p in demo_data.PROCESSES)]
