@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from urllib.parse import unquote, urlsplit
 
 from django.core.exceptions import ImproperlyConfigured
@@ -100,3 +101,15 @@ def database_from_url(url: str, *, sqlite_default_path: str) -> dict:
     raise ImproperlyConfigured(
         f"DATABASE_URL scheme {scheme!r} is not supported; use postgresql://... or sqlite:///..."
     )
+
+
+def envnetworks(name: str) -> tuple[IPv4Network | IPv6Network, ...]:
+    """Comma-separated IP addresses and CIDR blocks (``10.0.0.5,10.1.0.0/16,fd00::/8``)."""
+    networks = []
+    for item in envlist(name, []):
+        try:
+            networks.append(ip_network(item))
+        except ValueError as error:
+            raise ImproperlyConfigured(
+                f"{name}: {item!r} is not an IP address or network ({error})") from None
+    return tuple(networks)

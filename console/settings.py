@@ -14,6 +14,7 @@ from console.env import (
     envbool,
     envint,
     envlist,
+    envnetworks,
     envstr,
 )
 
@@ -27,6 +28,12 @@ if not SECRET_KEY:
     # A fixed development key: fine for the standalone demo, never for a deployment.
     SECRET_KEY = "switchboard-insecure-development-key-set-SECRET_KEY-in-production"
 ALLOWED_HOSTS = envlist("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]", "testserver"])
+
+# Sign-in throttling (console/auth_views.py) counts failures per client address. Behind a
+# reverse proxy every request comes from the proxy: list its addresses or networks here
+# (SWITCHBOARD_TRUSTED_PROXIES=10.0.0.5,10.1.0.0/16) and X-Forwarded-For is read, but only on
+# requests from those peers, taking the right-most address that is not a trusted proxy.
+SWITCHBOARD_TRUSTED_PROXIES = envnetworks("SWITCHBOARD_TRUSTED_PROXIES")
 
 REDIS_URL = envstr("REDIS_URL", "")
 # Standalone: SQLite, in-memory channel layer, run work on a thread pool inside the web process.
