@@ -6,7 +6,7 @@ class ConsoleConfig(AppConfig):
     verbose_name = "Console"
 
     def ready(self) -> None:
-        from django.contrib.auth.signals import user_logged_out
+        from django.contrib.auth.signals import user_logged_out, user_login_failed
 
         from audit.signals import event_appended
         from console import live
@@ -19,3 +19,7 @@ class ConsoleConfig(AppConfig):
         # Expired Idempotency-Keys go with the workers' periodic sweep.
         swept.connect(on_swept, dispatch_uid="console.idempotency.purge")
         user_logged_out.connect(live.on_logged_out, dispatch_uid="console.live.logout")
+        from console.auth_views import count_failure
+
+        # Every failed password check counts towards the sign-in throttle, whichever page asked.
+        user_login_failed.connect(count_failure, dispatch_uid="console.auth_views.failures")

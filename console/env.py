@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import re
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from urllib.parse import unquote, urlsplit
 
 from django.core.exceptions import ImproperlyConfigured
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_HEADER_NAME = re.compile(r"[A-Za-z0-9-]+")
 
 
 def envstr(name: str, default: str) -> str:
@@ -100,3 +104,61 @@ def database_from_url(url: str, *, sqlite_default_path: str) -> dict:
     raise ImproperlyConfigured(
         f"DATABASE_URL scheme {scheme!r} is not supported; use postgresql://... or sqlite:///..."
     )
+
+
+def envnetworks(name: str) -> tuple[IPv4Network | IPv6Network, ...]:
+    """Comma-separated IP addresses and CIDR blocks (``10.0.0.5,10.1.0.0/16,fd00::/8``)."""
+    networks = []
+    for item in envlist(name, []):
+        try:
+            networks.append(ip_network(item))
+        except ValueError as error:
+            raise ImproperlyConfigured(
+                f"{name}: {item!r} is not an IP address or network ({error})") from None
+    return tuple(networks)
+
+
+def normalise_origin(origin: str) -> str:
+    """``scheme://host[:port]`` in the form browsers send in ``Origin``: lower case, no default
+    port, no trailing slash. ValueError for anything else (a path, user info, another scheme)."""
+    parts = urlsplit(origin.strip())
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS:
+        raise ValueError("the scheme must be http or https")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("an origin has no user info")
+    if not parts.hostname:
+        raise ValueError("it names no host")
+    if parts.path not in {"", "/"} or parts.query or parts.fragment:
+        raise ValueError("an origin has no path, query or fragment")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    port = parts.port  # ValueError when it is not a number in range
+    if port is not None and port != _DEFAULT_PORTS[scheme]:
+        host = f"{host}:{port}"
+    return f"{scheme}://{host}"
+
+
+def envorigins(name: str, default: list[str]) -> list[str]:
+    """Comma-separated origins, each ``scheme://host[:port]``; normalised (see above)."""
+    origins = []
+    for item in envlist(name, default):
+        try:
+            origins.append(normalise_origin(item))
+        except ValueError as error:
+            raise ImproperlyConfigured(
+                f"{name}: {item!r} is not an origin scheme://host[:port] ({error})") from None
+    return origins
+
+
+def envheader(name: str) -> tuple[str, str] | None:
+    """``Header-Name: value`` as Django's ``SECURE_PROXY_SSL_HEADER`` pair
+    (``("HTTP_HEADER_NAME", "value")``); None when unset or empty."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    header, sep, value = raw.partition(":")
+    header, value = header.strip(), value.strip()
+    if not sep or not _HEADER_NAME.fullmatch(header) or not value:
+        raise ImproperlyConfigured(
+            f"{name}={raw!r} is not a header and its value, e.g. 'X-Forwarded-Proto: https'")
+    return "HTTP_" + header.upper().replace("-", "_"), value

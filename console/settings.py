@@ -12,21 +12,61 @@ from console.credentials import credentials_take
 from console.env import (
     database_from_url,
     envbool,
+    envheader,
     envint,
     envlist,
+    envnetworks,
+    envorigins,
     envstr,
 )
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 DEBUG = envbool("DEBUG", False)
-SECRET_KEY = envstr("SECRET_KEY", "")
-if not SECRET_KEY:
-    if not DEBUG and envbool("SWITCHBOARD_REQUIRE_SECRET_KEY", False):
-        raise ImproperlyConfigured("SECRET_KEY must be set")
-    # A fixed development key: fine for the standalone demo, never for a deployment.
-    SECRET_KEY = "switchboard-insecure-development-key-set-SECRET_KEY-in-production"
-ALLOWED_HOSTS = envlist("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]", "testserver"])
+# The key signing sessions and CSRF tokens. The development key below is public (it is in this
+# file), so with DEBUG=false start-up refuses to run without a key of its own: scripts/demo and
+# scripts/test make one once into .secret-key (gitignored), the test suite sets its own.
+DEVELOPMENT_SECRET_KEY = "switchboard-insecure-development-key-set-SECRET_KEY-in-production"
+SECRET_KEY = envstr("SECRET_KEY", "").strip()
+if not SECRET_KEY or SECRET_KEY == DEVELOPMENT_SECRET_KEY:
+    if not DEBUG:
+        raise ImproperlyConfigured(
+            "SECRET_KEY is not set (or is the public development key) and DEBUG is false: set "
+            "SECRET_KEY to a long random secret, e.g. the output of python -c 'import secrets; "
+            "print(secrets.token_urlsafe(50))', or DEBUG=true on a development machine")
+    SECRET_KEY = DEVELOPMENT_SECRET_KEY
+# The test client's "testserver" is not here: Django's test set-up adds it for tests only.
+ALLOWED_HOSTS = envlist("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"])
+
+# Behind HTTPS (set these in a deployment that serves over TLS; all off by default so the
+# plain-HTTP demo on 127.0.0.1 works):
+# SESSION_COOKIE_SECURE / CSRF_COOKIE_SECURE=true send the cookies over HTTPS only;
+# SECURE_HSTS_SECONDS=31536000 (+ SECURE_HSTS_INCLUDE_SUBDOMAINS, SECURE_HSTS_PRELOAD) tells
+# browsers to use HTTPS only; SECURE_SSL_REDIRECT=true redirects plain HTTP to HTTPS.
+SESSION_COOKIE_SECURE = envbool("SESSION_COOKIE_SECURE", False)
+CSRF_COOKIE_SECURE = envbool("CSRF_COOKIE_SECURE", False)
+SECURE_HSTS_SECONDS = envint("SECURE_HSTS_SECONDS", 0, minimum=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = envbool("SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_HSTS_PRELOAD = envbool("SECURE_HSTS_PRELOAD", False)
+SECURE_SSL_REDIRECT = envbool("SECURE_SSL_REDIRECT", False)
+# SECURE_PROXY_SSL_HEADER="X-Forwarded-Proto: https": a request (and a websocket) carrying this
+# header counts as HTTPS. Set it only behind a proxy that sets the header on every request and
+# drops it from clients, or anyone can claim HTTPS.
+SECURE_PROXY_SSL_HEADER = envheader("SECURE_PROXY_SSL_HEADER")
+# CSRF_TRUSTED_ORIGINS=https://console.example.com,...: origins (scheme://host[:port]) allowed
+# to POST besides the request's own, e.g. when a proxy rewrites the Host header.
+CSRF_TRUSTED_ORIGINS = envorigins("CSRF_TRUSTED_ORIGINS", [])
+# Websockets (console/routing.py) are accepted from the page's own origin (the same scheme, a
+# host in ALLOWED_HOSTS and the same port as the socket's Host header) and from the origins
+# listed here, compared exactly: scheme, host and port (a wildcard entry matches nothing).
+# Defaults to CSRF_TRUSTED_ORIGINS.
+SWITCHBOARD_WS_ALLOWED_ORIGINS = envorigins("SWITCHBOARD_WS_ALLOWED_ORIGINS",
+                                            CSRF_TRUSTED_ORIGINS)
+# Sign-in throttling (console/auth_views.py) counts failures per client address. Behind a
+# reverse proxy every request comes from the proxy: list its addresses or networks here
+# (SWITCHBOARD_TRUSTED_PROXIES=10.0.0.5,10.1.0.0/16) and X-Forwarded-For is read, but only on
+# requests from those peers, taking the right-most address that is not a trusted proxy.
+SWITCHBOARD_TRUSTED_PROXIES = envnetworks("SWITCHBOARD_TRUSTED_PROXIES")
 
 REDIS_URL = envstr("REDIS_URL", "")
 # Standalone: SQLite, in-memory channel layer, run work on a thread pool inside the web process.

@@ -4,7 +4,7 @@ from django.urls import path
 
 from console import ledger_views, review, screens, views
 from console.api import api
-from console.auth_views import ThrottledLoginView
+from console.auth_views import throttled
 
 urlpatterns = [
     path("", views.dashboard, name="dashboard"),
@@ -23,8 +23,10 @@ urlpatterns = [
     path("review/", review.queue, name="review_queue"),
     path("review/<uuid:request_id>/", review.detail, name="approval_detail"),
     path("review/<uuid:request_id>/decide", review.decide, name="approval_decide"),
-    path("login/", ThrottledLoginView.as_view(), name="login"),
+    path("login/", throttled(auth_views.LoginView.as_view()), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
+    # Before admin.site.urls, so the admin's own sign-in shares the console's throttle.
+    path("admin/login/", throttled(admin.site.login)),
     path("admin/", admin.site.urls),
     path("api/v1/", api.urls),
 ]

@@ -34,3 +34,14 @@ if [ ! -f "$STAMP" ] || ! cmp -s requirements.lock "$STAMP"; then
 fi
 export PATH="$VENV/bin:$PATH"
 PY="$VENV/bin/python"
+
+# With DEBUG off, start-up refuses a missing or public secret key: unless SECRET_KEY is set, make
+# one for this checkout once, kept in .secret-key (gitignored, readable by its owner only).
+if [ -z "${SECRET_KEY:-}" ]; then
+    KEY_FILE="$ROOT/.secret-key"
+    if [ ! -s "$KEY_FILE" ]; then
+        (umask 077 && "$PY" -c 'import secrets; print(secrets.token_urlsafe(50))' >"$KEY_FILE")
+    fi
+    SECRET_KEY="$(cat "$KEY_FILE")"
+    export SECRET_KEY
+fi

@@ -49,6 +49,7 @@ PAGES: dict[tuple[str, str], set[str]] = {
     ("POST", "review/<uuid:request_id>/decide"): {"reviewer"},
     ("GET", "login/"): ALL,
     ("POST", "logout/"): ALL,
+    ("GET", "admin/login/"): ALL,  # the admin's sign-in, routed through the sign-in throttle
 }
 STAFF_ONLY = "admin/"
 API: dict[tuple[str, str], set[str]] = {

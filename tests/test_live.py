@@ -41,7 +41,7 @@ def _session_cookie(user: User) -> str:
 
 async def connect(path: str, user: User | None = None, *,
                   origin: str = "http://127.0.0.1") -> tuple[WebsocketCommunicator, bool]:
-    headers = [(b"origin", origin.encode())]
+    headers = [(b"origin", origin.encode()), (b"host", b"127.0.0.1")]
     if user is not None:
         cookie = await sync_to_async(_session_cookie)(user)
         headers.append((b"cookie", cookie.encode()))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import secrets
 import shutil
 import signal
 import socket
@@ -120,6 +121,8 @@ def base_env(database_url: str, redis_url: str | None, counter_dir: Path) -> dic
     })
     if redis_url:
         env["REDIS_URL"] = redis_url
+    # The throwaway services need a key of their own when none is set (DEBUG is off).
+    env.setdefault("SECRET_KEY", secrets.token_urlsafe(50))
     return env
 
 
