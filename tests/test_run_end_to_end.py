@@ -39,7 +39,7 @@ def test_it_runs_vendor_onboarding_to_the_end(runner: None, api: Any, vendor_inp
 @pytest.mark.django_db(transaction=True)
 def test_it_never_has_more_than_three_tasks_active(runner: None, api: Any, demo: None) -> None:
     from orchestration.models import Process
-    from orchestration.services import process_publish
+    from orchestration.services import grant_plan_tools, process_publish
 
     process = Process.objects.create(slug="wide", name="Wide", pattern="deterministic")
     tasks = [{"key": f"check_{i}", "executor": {"type": "tool", "ref": "lookup_order"},
@@ -47,6 +47,7 @@ def test_it_never_has_more_than_three_tasks_active(runner: None, api: Any, demo:
     tasks.append({"key": "join", "executor": {"type": "tool", "ref": "lookup_order"},
                   "depends_on": [t["key"] for t in tasks], "args": {"order_id": "ORD-J"}})
     process_publish(process=process, plan={"tasks": tasks}, input_schema={"type": "object"})
+    grant_plan_tools(process, by=None)
     run_id = api.post("/api/v1/runs", {"process": "wide", "input": {}}).json()["id"]
     run = wait_for_run(run_id)
     assert run.status == "succeeded", run.error
