@@ -20,6 +20,7 @@ import jsonschema
 from django.core.exceptions import ValidationError
 
 from audit import hygiene
+from orchestration.builtin_tools import registry
 from orchestration.model_params import PROVIDERS, check_model_params
 
 TIMEOUT_MAX_S = 3600
@@ -132,8 +133,6 @@ def _url_problems(tool: Any) -> list[str]:
 
 
 def tool_problems(tool: Any) -> dict[str, list[str]]:
-    from orchestration.builtin_tools import registry
-
     problems = {
         "input_schema": json_schema_problems(tool.input_schema, arguments=True),
         "output_schema": json_schema_problems(tool.output_schema),
