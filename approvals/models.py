@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import Group
+from django.core.exceptions import ValidationError
 from django.db import models
+
+from approvals import conditions
 
 
 class Reason(models.TextChoices):
@@ -68,6 +72,24 @@ class PolicyVersion(models.Model):
         if not self._state.adding:
             raise ValueError("policy versions are immutable; publish a new version instead")
         super().save(*args, **kwargs)
+
+    def clean_fields(self, exclude: Any = None) -> None:
+        """Django's field checks, then what the matcher needs: readable conditions and at least
+        one approval (0 would let a request through with nobody deciding). Per field, so a form
+        leaving a field out is not handed its error."""
+        errors: dict[str, Any] = {}
+        try:
+            super().clean_fields(exclude)
+        except ValidationError as exc:
+            errors = exc.update_error_dict(errors)
+        skip = set(exclude or ()) | set(errors)
+        found = {"conditions": conditions.problems(self.conditions),
+                 "required_approvals": ([] if isinstance(self.required_approvals, int)
+                                        and self.required_approvals >= 1 else
+                                        ["at least 1 person must approve"])}
+        errors.update({f: m for f, m in found.items() if m and f not in skip})
+        if errors:
+            raise ValidationError(errors)
 
 
 class ApprovalRequest(models.Model):

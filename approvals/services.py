@@ -16,6 +16,7 @@ from django.core.exceptions import ObjectDoesNotExist, ValidationError
 from django.db import transaction
 from django.utils import timezone
 
+from approvals import conditions
 from approvals.models import ApprovalRequest, Decision, Policy, PolicyVersion, Reason
 from approvals.signals import approval_resolved
 from audit import hygiene, ledger
@@ -50,24 +51,8 @@ def digest(arguments: Any) -> str:
     return hashlib.sha256(canonical_json(arguments).encode()).hexdigest()
 
 
-_OPS = {
-    ">": lambda a, b: a > b, ">=": lambda a, b: a >= b, "<": lambda a, b: a < b,
-    "<=": lambda a, b: a <= b, "==": lambda a, b: a == b, "!=": lambda a, b: a != b,
-    "in": lambda a, b: a in b,
-}
-
-
-def _condition_holds(condition: dict[str, Any], arguments: Any) -> bool:
-    node = arguments
-    for part in str(condition.get("arg", "")).split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    op = _OPS.get(condition.get("op", "=="))
-    try:
-        return bool(op and op(node, condition.get("value")))
-    except TypeError:
-        return False
+# The matcher's own reading of a condition (replay imports it under this name too).
+_condition_holds = conditions.holds
 
 
 def policy_match(*, tool: str, risk_class: str, arguments: Any) -> PolicyVersion | None:
@@ -89,17 +74,19 @@ def policy_match(*, tool: str, risk_class: str, arguments: Any) -> PolicyVersion
 
 def policy_publish(*, policy: Policy, acting_user: AbstractBaseUser | None = None,
                    **fields: Any) -> PolicyVersion:
-    for condition in fields.get("conditions", []):
-        if condition.get("op") not in _OPS or not condition.get("arg"):
-            raise ApprovalError(f"condition {condition!r} needs an 'arg' and an op in "
-                                f"{sorted(_OPS)}")
-    if int(fields.get("required_approvals", 1)) < 1:
-        raise ApprovalError("required_approvals must be at least 1")
     with transaction.atomic():
         previous = (PolicyVersion.objects.filter(pk=policy.current_version_id).first()
                     if policy.current_version_id else None)
         last = policy.versions.order_by("-number").values_list("number", flat=True).first()
-        version = PolicyVersion.objects.create(policy=policy, number=(last or 0) + 1, **fields)
+        version = PolicyVersion(policy=policy, number=(last or 0) + 1, **fields)
+        try:
+            # The model's own checks (conditions, required approvals): the admin form runs the
+            # same ones, so what it accepts is published and what it refuses never is.
+            version.full_clean()
+        except ValidationError as exc:
+            raise ApprovalError("; ".join(f"{field}: {' '.join(messages)}" for field, messages
+                                          in exc.message_dict.items())) from None
+        version.save()
         Policy.objects.filter(pk=policy.pk).update(current_version=version)
         policy.current_version = version
         _config_event(policy, previous, version, acting_user)

@@ -7,6 +7,7 @@ from django.contrib import admin, messages
 from django.core.exceptions import ValidationError
 from guardian.admin import GuardedModelAdmin
 
+from audit.admin import ReadOnly
 from orchestration import services
 from orchestration.config_audit import AuditedAdmin
 from orchestration.models import (
@@ -25,6 +26,9 @@ from orchestration.models import (
 class AgentAdmin(AuditedAdmin, GuardedModelAdmin):
     list_display = ["slug", "name", "provider", "model_name", "autonomy", "status"]
     actions = ["retire"]
+
+    def has_delete_permission(self, request: Any, obj: Any = None) -> bool:
+        return False  # retire instead: runs and the ledger keep naming the agent
 
     @admin.action(description="Retire the selected agents (their grants stop at once)")
     def retire(self, request: Any, queryset: Any) -> None:
@@ -47,7 +51,9 @@ class ToolAdmin(AuditedAdmin, GuardedModelAdmin):
 @admin.register(Process)
 class ProcessAdmin(AuditedAdmin, GuardedModelAdmin):
     list_display = ["slug", "name", "pattern", "current_version"]
-    audit_exclude = ("current_version",)  # changed by publishing, which writes its own event
+    # Changed only by publishing a version, which writes its own event.
+    readonly_fields = ["current_version"]
+    audit_exclude = ("current_version",)
 
 
 @admin.register(ModelPrice)
@@ -96,7 +102,7 @@ class ProcessVersionAdmin(admin.ModelAdmin):
         obj._state.adding = False
 
 
-class TaskInline(admin.TabularInline):
+class TaskInline(ReadOnly, admin.TabularInline):
     model = Task
     extra = 0
     can_delete = False
@@ -105,7 +111,7 @@ class TaskInline(admin.TabularInline):
 
 
 @admin.register(Run)
-class RunAdmin(admin.ModelAdmin):
+class RunAdmin(ReadOnly, admin.ModelAdmin):
     list_display = ["id", "process_version", "status", "created_by", "created_at"]
     list_filter = ["status"]
     readonly_fields = [f.name for f in Run._meta.fields]

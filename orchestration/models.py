@@ -6,10 +6,16 @@ from decimal import Decimal
 from django.conf import settings
 from django.db import models
 
+from orchestration.config_checks import (
+    CheckedFields,
+    agent_problems,
+    price_problems,
+    tool_problems,
+)
 from orchestration.engine.states import RunStatus, TaskStatus
 
 
-class Agent(models.Model):
+class Agent(CheckedFields, models.Model):
     class Autonomy(models.TextChoices):
         DETERMINISTIC = "deterministic"
         SUPERVISED = "supervised"
@@ -49,8 +55,11 @@ class Agent(models.Model):
     def __str__(self) -> str:
         return self.name
 
+    def config_problems(self) -> dict[str, list[str]]:
+        return agent_problems(self)
 
-class Tool(models.Model):
+
+class Tool(CheckedFields, models.Model):
     class Risk(models.TextChoices):
         READ = "read"
         WRITE = "write"
@@ -92,6 +101,9 @@ class Tool(models.Model):
 
     def __str__(self) -> str:
         return self.slug
+
+    def config_problems(self) -> dict[str, list[str]]:
+        return tool_problems(self)
 
 
 class Process(models.Model):
@@ -241,7 +253,7 @@ class Task(models.Model):
         return f"{self.run_id}/{self.key}"
 
 
-class ModelPrice(models.Model):
+class ModelPrice(CheckedFields, models.Model):
     """What a provider charges per million tokens; admins edit it, runs read it."""
 
     provider = models.CharField(max_length=40)
@@ -255,6 +267,9 @@ class ModelPrice(models.Model):
 
     def __str__(self) -> str:
         return f"{self.provider}/{self.model_name}"
+
+    def config_problems(self) -> dict[str, list[str]]:
+        return price_problems(self)
 
     def cost(self, tokens_in: int, tokens_out: int) -> Decimal:
         million = Decimal(1_000_000)
