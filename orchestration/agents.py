@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+from orchestration.config_checks import agent_problems
 from orchestration.engine.agent import AgentSpec, run_agent
 from orchestration.engine.gate import StoreLog
 from orchestration.engine.llm import Model, ProviderError, ScriptedModel
@@ -18,6 +19,10 @@ from orchestration.tooling import CredentialMissing, contracts, credential, gran
 
 
 def model_for(agent: Agent) -> Model:
+    problems = [f"{field}: {problem}" for field, found in agent_problems(agent).items()
+                for problem in found]
+    if problems:  # what the admin refuses, for a row that reached the database another way
+        raise ProviderError(f"agent {agent.slug!r} is misconfigured: " + "; ".join(problems))
     params = dict(agent.model_params or {})
     if agent.provider == "scripted":
         script = params.get("script")

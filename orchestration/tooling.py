@@ -16,7 +16,10 @@ from django.contrib.contenttypes.models import ContentType
 from django.db import connection
 from guardian.models import GroupObjectPermission, UserObjectPermission
 
+from audit.chain import canonical_json
+from orchestration import config_audit
 from orchestration.builtin_tools import registry
+from orchestration.config_checks import tool_problems
 from orchestration.engine.contracts import ToolContract
 from orchestration.engine.errors import ConfigurationError, ContractError
 from orchestration.engine.gate import StoreLog, ToolGate
@@ -48,8 +51,29 @@ def secrets() -> list[str]:
 
 
 def contract_for(tool: Tool) -> ToolContract:
-    """The contract a Tool row describes. ConfigurationError when no call to it could work
-    (a schema that is not JSON Schema, an implementation nobody registered)."""
+    """The contract a Tool row describes. ConfigurationError when no call to it could work:
+    the same checks the admin makes (orchestration/config_checks.py), for a row that reached
+    the database another way. Built once per version of the row and implementation."""
+    python = tool.kind != Tool.Kind.HTTP and tool.implementation in registry
+    fn = registry.get(tool.implementation).fn if python else None
+    key = (tool.slug, id(fn), canonical_json(config_audit.snapshot(tool)))
+    contract = _built.get(key)
+    if contract is None:
+        contract = _build(tool)
+        if len(_built) > 1024:
+            _built.clear()
+        _built[key] = contract
+    return contract
+
+
+_built: dict[tuple[str, int, str], ToolContract] = {}
+
+
+def _build(tool: Tool) -> ToolContract:
+    problems = [f"{field}: {problem}" for field, found in tool_problems(tool).items()
+                for problem in found]
+    if problems:
+        raise ConfigurationError(f"tool {tool.slug!r} is misconfigured: " + "; ".join(problems))
     try:
         if tool.kind == Tool.Kind.HTTP:
             ref = tool.credential_ref

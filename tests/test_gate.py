@@ -439,3 +439,21 @@ def test_admins_engage_and_release_kill_switches_and_everyone_sees_them(
         "action": "release", "_selected_action": [str(switch.pk)]})
     assert not KillSwitch.objects.get().engaged
     assert "kill switch on" not in client.get("/").content.decode()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_plan_step_on_a_tool_the_admin_could_not_have_saved_escalates(demo: None,
+                                                                        steps: Any) -> None:
+    """Rows written around the admin's checks (a script, a migration) meet the same checks at
+    run time: a rate limit that does not parse makes the call wait for a person."""
+    calls: list[int] = []
+    steps.tool("t_limited", lambda: calls.append(1) or {"ok": True})
+    Tool.objects.filter(slug="t_limited").update(rate_limit="banana")
+    run = steps.start(steps.process("limited", [step("a", "t_limited")]))
+    steps.drain()
+    run.refresh_from_db()
+    assert run.status == "waiting"
+    request = ApprovalRequest.objects.get(run_id=run.pk)
+    assert request.reason == "configuration_error"
+    assert "rate_limit" in request.detail
+    assert calls == []
