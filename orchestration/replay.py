@@ -42,6 +42,7 @@ from orchestration.engine.states import (
 )
 from orchestration.engine.store import MemoryStore
 from orchestration.models import Agent, Run, Tool
+from orchestration.services import KILL_SWITCH_RELEASED
 
 MAX_ITERATIONS = 10_000
 
@@ -234,7 +235,8 @@ class _Ledger:
                 self.refused[task].append(data.get("tool", ""))
             elif e.kind == "approval.requested":
                 self.requests[task].append(data)
-            elif e.kind in ("approval.resolved", "run.cancel_requested"):
+            elif e.kind in ("approval.resolved", "run.cancel_requested") or (
+                    e.kind == "task.requeued" and data.get("reason") == KILL_SWITCH_RELEASED):
                 self.stimuli.append(e)
 
     def end(self, task: str, attempt: int) -> str:
@@ -560,6 +562,11 @@ class _Replay:
                     request.status = "cancelled"
             return
         data = stimulus.data
+        if stimulus.kind == "task.requeued":  # a kill switch was released
+            task = snapshot.tasks.get(data.get("task", ""))
+            if task is not None and task.status == TaskStatus.WAITING:
+                self.store.requeue_task(self.run_id, task.key, reason=KILL_SWITCH_RELEASED)
+            return
         request = self.state.requests.get(data.get("request", ""))
         if request is None:
             return  # the replay never asked for it; the comparison shows where it differs

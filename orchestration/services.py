@@ -414,6 +414,7 @@ def agent_retire(*, agent: Agent, by: AbstractBaseUser | None) -> dict[str, int]
 # ---- kill switches ---------------------------------------------------------------------------
 
 PAUSED = "paused"
+KILL_SWITCH_RELEASED = "kill switch released"  # the requeue reason replay recognises
 
 
 def kill_switch_engage(*, scope: str, target: str = "", reason: str,
@@ -477,7 +478,7 @@ def _resume_paused(run_id: Any, *, actor: str) -> int:
                                         error__startswith=f"{PAUSED}:")
                     .values_list("key", flat=True))
         for key in keys:
-            store.requeue_task(str(run_id), key, reason="kill switch released")
+            store.requeue_task(str(run_id), key, reason=KILL_SWITCH_RELEASED)
         released = runner.advance(store, str(run_id)).released
         for key in dict.fromkeys([*keys, *released]):
             outbox.emit("execute", run_id, key=key)

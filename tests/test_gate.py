@@ -293,6 +293,11 @@ def test_a_kill_switch_parks_work_at_the_gate_until_released(demo: None, steps: 
     assert calls == [1]
     assert KillSwitch.objects.get(pk=switch.pk).released_by == admin
 
+    from orchestration.replay import replay
+
+    result = replay(Run.objects.get(pk=run.pk))
+    assert result.ok, result.summary()
+
 
 @pytest.mark.django_db
 def test_a_kill_switch_must_name_something_that_exists(demo: None) -> None:
