@@ -30,6 +30,7 @@ print(json.dumps({
 
 def _start(*argv: str) -> dict:
     env = {"PATH": os.environ["PATH"], "DJANGO_SETTINGS_MODULE": "console.settings",
+           "SECRET_KEY": os.environ["SECRET_KEY"],  # set by tests/settings.py
            "SWITCHBOARD_CREDENTIAL_DEMO": SECRET, "SWITCHBOARD_OTHER": "kept"}
     done = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=60)

@@ -35,6 +35,7 @@ def main() -> None:
     if process.current_version is None:
         services.process_publish(process=process, plan=PROCESS_PLAN,
                                  input_schema=PROCESS_INPUT_SCHEMA)
+    services.grant_plan_tools(process, by=None)
     tokens = {}
     for username in ("operator", "reviewer"):
         out = io.StringIO()
