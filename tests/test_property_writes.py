@@ -439,8 +439,11 @@ def _route_views(patterns: list[Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _only_writes(view: Any) -> bool:
-    """The view refuses GET (``require_POST``): it exists to write, so it is fuzzed as a form,
-    never waved through as a page that only reads."""
+    """The view refuses GET (``require_POST``, a class view without ``get``): it exists to
+    write, so it is fuzzed as a form, never waved through as a page that only reads."""
+    view_class = getattr(view, "view_class", None)
+    if view_class is not None:
+        return "get" not in view_class.http_method_names
     while view is not None:
         methods = inspect.getclosurevars(view).nonlocals.get("request_method_list")
         if methods is not None and "GET" not in methods:
