@@ -71,7 +71,7 @@ def _validation_error(request: HttpRequest, exc: ValidationError) -> HttpRespons
     parts = []
     for err in exc.errors:
         loc = ".".join(str(p) for p in err.get("loc", ())
-                       if p not in ("body", "payload", "header"))
+                       if p not in ("body", "payload", "header", "query"))
         parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
     return api.create_response(request, {"error": "invalid request: " + "; ".join(parts)},
                                status=400)
@@ -390,8 +390,11 @@ def approval_out(request: ApprovalRequest) -> dict[str, Any]:
 
 
 @api.get("/approvals", response=list[ApprovalOut], summary="Approval requests you may decide")
-def list_approvals(request: HttpRequest, status: str = "pending") -> list[dict[str, Any]]:
-    if status == "pending":
+def list_approvals(request: HttpRequest,
+                   status: ApprovalRequest.Status = ApprovalRequest.Status.PENDING,
+                   ) -> list[dict[str, Any]]:
+    # Typed, so an unknown status (a NUL, which PostgreSQL cannot even compare) answers 400.
+    if status == ApprovalRequest.Status.PENDING:
         qs = approval_services.pending_for(request.user)
     else:
         qs = ApprovalRequest.objects.filter(

@@ -382,3 +382,16 @@ def test_it_records_a_raise_within_the_ceilings_from_the_review_form(client: Cli
     assert request.status == ApprovalRequest.Status.BUDGET_RAISED
     assert request.decisions.get().budget == {"tokens": 10_000_000, "steps": 1000,
                                               "cost": "10000"}
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("status", ["\x00", "nonsense"], ids=["nul", "unknown"])
+def test_it_refuses_an_unknown_status_filter_on_the_approvals_list(client: Client, people: dict,
+                                                                   status: str) -> None:
+    # A NUL in the filter used to reach PostgreSQL, which cannot compare it: a 500.
+    request = _open_request(people["operator"])
+    bearer = {"HTTP_AUTHORIZATION": f"Bearer {ApiToken.issue(people['reviewer'])[1]}"}
+    response = client.get("/api/v1/approvals", {"status": status}, **bearer)
+    _assert_refused_by_api(response, "invalid request: status")
+    listed = client.get("/api/v1/approvals", {"status": "pending"}, **bearer)
+    assert [r["id"] for r in listed.json()] == [str(request.pk)]
