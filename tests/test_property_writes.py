@@ -349,6 +349,8 @@ PAGES: dict[str, Page] = {
                                             _decision_form),
     "login/": Page(None, lambda w: "login/", lambda w: st.just(
         {"username": "operator", "password": PASSWORD, "next": "/"})),
+    "admin/login/": Page(None, lambda w: "admin/login/", lambda w: st.just(
+        {"username": "admin", "password": PASSWORD, "next": "/admin/"})),
     "logout/": Page("operator", lambda w: "logout/"),
     "ledger/": Page("admin", lambda w: "ledger/", lambda w: st.just({
         "run": str(w.active.pk), "actor": "user:operator", "kind": "run.", "before": "1000",
