@@ -39,6 +39,7 @@ import argparse
 import json
 import operator
 import os
+import secrets
 import statistics
 import subprocess
 import sys
@@ -135,6 +136,8 @@ def worker(backend: str, checkpoint_url: str, runs: int, warmup: int, out: Path)
     """Set up Django on ``$DATABASE_URL``, migrate, seed, and time all three loops."""
     sys.path.insert(0, str(ROOT))
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "console.settings")
+    # A throwaway key for the benchmark's processes (start-up refuses none with DEBUG off).
+    os.environ.setdefault("SECRET_KEY", secrets.token_urlsafe(50))
     import django
 
     django.setup()

@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import random
+import secrets
 import statistics
 import subprocess
 import sys
@@ -156,6 +157,8 @@ def measure(ids: list[str], samples: int) -> dict[str, Any]:
 def worker(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(ROOT))
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "console.settings")
+    # A throwaway key for the benchmark's processes (start-up refuses none with DEBUG off).
+    os.environ.setdefault("SECRET_KEY", secrets.token_urlsafe(50))
     import django
 
     django.setup()

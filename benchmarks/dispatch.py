@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import signal
 import statistics
 import subprocess
@@ -256,6 +257,8 @@ def setup_django(database_url: str, redis_url: str) -> None:
     ``run_create`` dispatches through Celery to the worker)."""
     os.environ.update(DATABASE_URL=database_url, REDIS_URL=redis_url, DEBUG="false",
                       DJANGO_SETTINGS_MODULE="console.settings")
+    # A throwaway key for the benchmark's processes (start-up refuses none with DEBUG off).
+    os.environ.setdefault("SECRET_KEY", secrets.token_urlsafe(50))
     sys.path.insert(0, str(ROOT))
     import django
 
