@@ -19,3 +19,7 @@ class ConsoleConfig(AppConfig):
         # Expired Idempotency-Keys go with the workers' periodic sweep.
         swept.connect(on_swept, dispatch_uid="console.idempotency.purge")
         user_logged_out.connect(live.on_logged_out, dispatch_uid="console.live.logout")
+        from console import socket_access
+
+        # Deactivations, group and permission removals close or refresh the user's sockets.
+        socket_access.connect()
