@@ -83,7 +83,8 @@ def on_user_permissions_changed(sender: Any, instance: Any, action: str, reverse
     elif pk_set is not None:
         revoke(pk_set, using=using)
     else:
-        revoke(instance.user_set.values_list("pk", flat=True), using=using)
+        revoke(get_user_model()._default_manager.filter(user_permissions=instance)
+               .values_list("pk", flat=True), using=using)
 
 
 def on_group_permissions_changed(sender: Any, instance: Any, action: str, reverse: bool,
@@ -95,7 +96,8 @@ def on_group_permissions_changed(sender: Any, instance: Any, action: str, revers
     if not reverse:
         groups: Iterable[int] = [instance.pk]
     else:
-        groups = pk_set if pk_set is not None else instance.group_set.values_list("pk", flat=True)
+        groups = pk_set if pk_set is not None else (
+            Group.objects.filter(permissions=instance).values_list("pk", flat=True))
     revoke(_members(groups), using=using)
 
 

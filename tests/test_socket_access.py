@@ -15,7 +15,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.conf import settings
-from django.contrib.auth.models import Group, User
+from django.contrib.auth.models import Group, Permission, User
 from guardian.shortcuts import assign_perm, remove_perm
 
 from approvals import services as approvals
@@ -86,15 +86,22 @@ async def test_it_closes_every_socket_of_a_deactivated_user(runner: None) -> Non
         await communicator.disconnect()
 
 
+@pytest.mark.parametrize("side", ["group", "user"])
 async def test_it_closes_the_run_and_queue_sockets_of_someone_taken_out_of_the_group(
-        runner: None) -> None:
+        runner: None, side: str) -> None:
     run = await sync_to_async(_waiting_refund)()
     reviewer, = await people("reviewer")
     page = await opened(f"/ws/runs/{run.pk}/", reviewer)  # seen through the group's view_run
     queue = await opened("/ws/review/", reviewer)  # the group is their only one
     others = await opened("/ws/review/", (await people("reviewer2"))[0])
 
-    await sync_to_async(lambda: Group.objects.get(name="reviewer").user_set.remove(reviewer))()
+    def take_out() -> None:
+        if side == "group":
+            Group.objects.get(name="reviewer").user_set.remove(reviewer)
+        else:
+            reviewer.groups.clear()
+
+    await sync_to_async(take_out)()
     await assert_forbidden(page)
     await assert_forbidden(queue)
 
@@ -157,6 +164,38 @@ async def test_it_closes_a_run_socket_when_the_object_permission_showing_it_is_r
     assert await others.receive_nothing(timeout=0.3)
     _, connected = await connect(f"/ws/runs/{run.pk}/", starter)
     assert not connected
+    await page.disconnect()
+    await others.disconnect()
+
+
+@pytest.mark.parametrize("how", ["permission removed", "group deleted"])
+async def test_it_closes_a_run_socket_when_the_group_granting_view_run_loses_it(
+        runner: None, how: str) -> None:
+    run = await sync_to_async(_waiting_refund)()
+    operator, = await people("operator")
+
+    def join_watchers() -> tuple[User, Group, Permission]:
+        watcher = User.objects.create_user("watcher", password="x")
+        watchers = Group.objects.create(name="watchers")
+        view_run = Permission.objects.get(content_type__app_label="orchestration",
+                                          codename="view_run")
+        watchers.permissions.add(view_run)
+        watcher.groups.add(watchers)
+        return watcher, watchers, view_run
+
+    watcher, watchers, view_run = await sync_to_async(join_watchers)()
+    page = await opened(f"/ws/runs/{run.pk}/", watcher)
+    others = await opened(f"/ws/runs/{run.pk}/", operator)
+
+    def take_away() -> None:
+        if how == "permission removed":
+            watchers.permissions.remove(view_run)
+        else:
+            watchers.delete()
+
+    await sync_to_async(take_away)()
+    await assert_forbidden(page)
+    assert await others.receive_nothing(timeout=0.3)
     await page.disconnect()
     await others.disconnect()
 
