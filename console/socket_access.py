@@ -16,13 +16,17 @@ from typing import Any
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
 from django.db import transaction
-from django.db.models.signals import m2m_changed, post_save, pre_delete
+from django.db.models.signals import m2m_changed, post_save, pre_delete, pre_save
 
 from console import live
 
 # Rows about to go. The related managers run these inside their own transaction and revoke()
 # waits for its commit, so who is affected is read while the rows are still there.
 REMOVING = frozenset({"pre_remove", "pre_clear"})
+# The user's own fields that can narrow what they may see: a flag going from True to False, or
+# any new password. Their values before a save are kept on the instance under _BEFORE.
+NARROWING = ("is_active", "is_superuser", "password")
+_BEFORE = "_socket_access_before"
 
 
 def revoke(user_ids: Iterable[int], *, using: str) -> None:
@@ -43,12 +47,29 @@ def _members(group_ids: Iterable[int]) -> list[int]:
                 .values_list("pk", flat=True))
 
 
-def on_user_saved(sender: Any, instance: Any, created: bool, using: str,
-                  update_fields: frozenset[str] | None = None, **_: Any) -> None:
-    """Deactivated, no longer a superuser, a new password: any change to a user but a sign-in's
-    `last_login`."""
-    if not created and not (update_fields and update_fields <= {"last_login"}):
+def on_user_saving(sender: Any, instance: Any, raw: bool, using: str,
+                   update_fields: frozenset[str] | None = None, **_: Any) -> None:
+    """Read what the row held before the save, for on_user_saved to compare (a sign-in saves
+    only `last_login`: no query then)."""
+    fields = [f for f in NARROWING if update_fields is None or f in update_fields]
+    if raw or instance.pk is None or not fields:
+        return
+    instance.__dict__[_BEFORE] = (sender._default_manager.using(using)
+                                  .filter(pk=instance.pk).values(*fields).first())
+
+
+def on_user_saved(sender: Any, instance: Any, using: str, **_: Any) -> None:
+    """Deactivated, no longer a superuser, or a new password (which ends their other sessions):
+    a change that only widens access, or touches none of these, tells no one."""
+    before = instance.__dict__.pop(_BEFORE, None)
+    if before and _narrowed(before, instance):
         revoke([instance.pk], using=using)
+
+
+def _narrowed(before: dict[str, Any], user: Any) -> bool:
+    if "password" in before and before["password"] != user.password:
+        return True
+    return any(before[f] and not getattr(user, f) for f in before if f != "password")
 
 
 def on_user_deleted(sender: Any, instance: Any, using: str, **_: Any) -> None:
@@ -117,6 +138,7 @@ def connect() -> None:
     from guardian.utils import get_group_obj_perms_model, get_user_obj_perms_model
 
     user = get_user_model()
+    pre_save.connect(on_user_saving, sender=user, dispatch_uid="socket_access.user_saving")
     post_save.connect(on_user_saved, sender=user, dispatch_uid="socket_access.user")
     pre_delete.connect(on_user_deleted, sender=user, dispatch_uid="socket_access.user_deleted")
     post_save.connect(on_group_changed, sender=Group, dispatch_uid="socket_access.group")
