@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from django.contrib.auth import get_user_model
+from django.contrib.auth.hashers import is_password_usable
 from django.contrib.auth.models import Group
 from django.db import transaction
 from django.db.models.signals import m2m_changed, post_save, pre_delete, pre_save
@@ -67,7 +68,9 @@ def on_user_saved(sender: Any, instance: Any, using: str, **_: Any) -> None:
 
 
 def _narrowed(before: dict[str, Any], user: Any) -> bool:
-    if "password" in before and before["password"] != user.password:
+    # A first password, where none could be used to sign in, takes nothing away.
+    old_password = before.get("password")
+    if old_password and is_password_usable(old_password) and old_password != user.password:
         return True
     return any(before[f] and not getattr(user, f) for f in before if f != "password")
 
