@@ -23,3 +23,7 @@ class ConsoleConfig(AppConfig):
 
         # Every failed password check counts towards the sign-in throttle, whichever page asked.
         user_login_failed.connect(count_failure, dispatch_uid="console.auth_views.failures")
+        from console import socket_access
+
+        # Deactivations, group and permission removals close or refresh the user's sockets.
+        socket_access.connect()

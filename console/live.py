@@ -9,9 +9,11 @@ permissions and CSRF tokens are per recipient. It runs after commit, from the le
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import os
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -53,6 +55,8 @@ def _in_memory() -> bool:
 
 
 COALESCE_SECONDS = 0.05
+# How long a process about to exit waits for what it still has to send.
+DRAIN_SECONDS = 2.0
 
 
 class _Broadcaster:
@@ -71,6 +75,19 @@ class _Broadcaster:
         self.scheduled = False
         threading.Thread(target=self.loop.run_forever, name="switchboard-live",
                          daemon=True).start()
+        atexit.register(self.drain)
+
+    def drain(self, timeout: float = DRAIN_SECONDS) -> None:
+        """Wait (at exit) for what is queued to go out: a short-lived process, such as a shell
+        deactivating someone, must not take their sockets' access.revoked down with it."""
+        if os.getpid() != self.pid:  # a forked child: the sending thread stayed in the parent
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if not self.scheduled:
+                    return
+            time.sleep(0.01)
 
     def put(self, group: str, message: dict[str, Any]) -> None:
         # A page re-renders its own fragment whatever the message names: one per group and
