@@ -136,13 +136,18 @@ class KillSwitchAdmin(admin.ModelAdmin):
     def has_delete_permission(self, request, obj=None):  # type: ignore[no-untyped-def]
         return False
 
+    def has_release_permission(self, request: Any) -> bool:
+        # Releasing is a change: seeing the switches is not enough.
+        return super().has_change_permission(request)
+
     def save_model(self, request: Any, obj: KillSwitch, form: Any, change: bool) -> None:
         engaged = services.kill_switch_engage(scope=obj.scope, target=obj.target,
                                               reason=obj.reason, by=request.user)
         obj.pk, obj.engaged_at, obj.engaged_by = engaged.pk, engaged.engaged_at, request.user
         obj._state.adding = False
 
-    @admin.action(description="Release the selected kill switches (paused work resumes)")
+    @admin.action(description="Release the selected kill switches (paused work resumes)",
+                  permissions=["release"])
     def release(self, request: Any, queryset: Any) -> None:
         resumed = sum(services.kill_switch_release(switch=switch, by=request.user)
                       for switch in queryset.filter(released_at__isnull=True))

@@ -10,6 +10,7 @@ from orchestration.engine.agent import AgentSpec, run_agent
 from orchestration.engine.gate import StoreLog
 from orchestration.engine.llm import Model, ProviderError, ScriptedModel
 from orchestration.engine.providers import AnthropicModel, OpenAICompatibleModel
+from orchestration.engine.redaction import redact
 from orchestration.engine.runner import Outcome, TaskContext, stopped_outcome
 from orchestration.engine.states import TaskStatus
 from orchestration.governance import DjangoGovernor
@@ -68,9 +69,11 @@ def run_agent_task(ctx: TaskContext) -> Outcome:
     except CredentialMissing as exc:
         return stopped_outcome(f"configuration_error: {exc}", key=key)
     except (ProviderError, TypeError, ValueError) as exc:
-        return stopped_outcome(f"configuration_error: agent {agent.slug!r}: {exc}", key=key)
-    tools, unusable = contracts()
+        # A parameter's value may be quoted in the message: it goes to people, redacted.
+        return stopped_outcome(redact(f"configuration_error: agent {agent.slug!r}: {exc}",
+                                      secrets()), key=key)
     rows = {t.slug: t for t in Tool.objects.all()}
+    tools, unusable = contracts(rows.values())
     task = Task.objects.select_related("run__process_version__process", "run__created_by").get(
         run_id=ctx.run_id, key=ctx.spec.key)
     try:

@@ -214,7 +214,7 @@ def _stop_sql() -> str:
     user = get_user_model()._meta
     return f"""
 SELECT r.cancel_requested,
-       (SELECT k.scope || ' ' || k.target || ': ' || k.reason
+       (SELECT k.id
           FROM {KillSwitch._meta.db_table} k
          WHERE k.released_at IS NULL
            AND (k.scope = 'all' OR (k.scope = 'process' AND k.target = %(process)s)
@@ -257,7 +257,9 @@ class DjangoGovernor:
         if cancel:
             return "cancelled: the run was cancelled"
         if switch:
-            return f"paused: kill switch on {switch.replace('all : ', 'everything: ')}"
+            engaged = KillSwitch.objects.filter(pk=switch).first()  # rare: only when stopping
+            if engaged is not None:
+                return engaged.pause_reason()
         if self.agent and not agent_active:
             return (f"agent_retired: {self.agent} is retired; a person must decide what "
                     "happens")

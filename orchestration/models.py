@@ -316,9 +316,15 @@ class Outbox(models.Model):
         return f"{self.topic} {self.run_id} {self.key}".strip()
 
 
+# The escalation code of a task a kill switch parked.
+PAUSED = "paused"
+
+
 class KillSwitch(models.Model):
     """An admin's stop: while engaged, no model or tool call in its scope passes the gate, and
-    calls in flight are interrupted; the tasks they belong to wait until it is released."""
+    tool calls in flight are told to stop (the sandbox is killed; a tool that cannot be
+    interrupted is abandoned, its outcome left to a person if it is not idempotent); the tasks
+    wait until it is released. A model call in flight is not interrupted: the next call is."""
 
     class Scope(models.TextChoices):
         ALL = "all", "everything"
@@ -342,8 +348,17 @@ class KillSwitch(models.Model):
         ordering = ["-engaged_at"]
 
     def __str__(self) -> str:
-        where = "everything" if self.scope == self.Scope.ALL else f"{self.scope} {self.target}"
+        return self.label(self.scope, self.target)
+
+    @staticmethod
+    def label(scope: str, target: str) -> str:
+        where = "everything" if scope == KillSwitch.Scope.ALL else f"{scope} {target}"
         return f"kill switch on {where}"
+
+    def pause_reason(self) -> str:
+        """The reason a task it parks carries (``paused: ...``): how a release, and the sweep,
+        tell the tasks of a switch from those another engaged switch still holds."""
+        return f"{PAUSED}: {self}: {self.reason}"
 
     @property
     def engaged(self) -> bool:

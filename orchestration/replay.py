@@ -17,13 +17,15 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import jsonschema
+
 from approvals.models import Policy, PolicyVersion, Reason
 from approvals.services import _condition_holds, digest
 from audit.models import Event
 from orchestration.engine.agent import AgentSpec, run_agent
 from orchestration.engine.contracts import ToolContract
 from orchestration.engine.errors import EngineError, ToolStopped, ToolTimeout
-from orchestration.engine.gate import StoreLog, ToolGate
+from orchestration.engine.gate import StoreLog, ToolGate, contract_lookup
 from orchestration.engine.governance import ALLOW, Gate, Usage
 from orchestration.engine.llm import Model, ModelRequest, ModelResponse, ProviderError
 from orchestration.engine.plan import Plan, parse_plan
@@ -33,6 +35,7 @@ from orchestration.engine.runner import (
     advance,
     execute,
     run_contract_task,
+    stopped_outcome,
 )
 from orchestration.engine.states import (
     RUN_TERMINAL,
@@ -481,8 +484,9 @@ def policies_as_of(moment: datetime) -> Any:
 
 class _Replay:
     def __init__(self, run_id: str, events: list[Recorded], plan: Plan, run_input: Any,
-                 hydration_limit: int, policies: Any) -> None:
+                 hydration_limit: int, policies: Any, process: str = "") -> None:
         self.run_id = run_id
+        self.process_actor = f"process:{process}"  # who the plan-level steps act as
         self.ledger = _Ledger(events)
         self.store = ReplayStore()
         self.state = _State(run_id=run_id, ledger=self.ledger, store=self.store)
@@ -497,7 +501,14 @@ class _Replay:
         self.agents = {a.slug: a for a in Agent.objects.all()}
         rows = list(Tool.objects.all())
         self.risk = {t.slug: t.risk_class for t in rows}
-        self.tools = {t.slug: _recorded_contract(_contract_shape(t), self.state) for t in rows}
+        self.tools: dict[str, ToolContract] = {}
+        self.unusable: dict[str, str] = {}
+        for row in rows:
+            try:
+                self.tools[row.slug] = _recorded_contract(_contract_shape(row), self.state)
+            except jsonschema.SchemaError as exc:  # production escalated configuration_error
+                self.unusable[row.slug] = (f"tool {row.slug!r} has a schema that is not valid "
+                                           f"JSON Schema: {exc.message}")
         self.executors = {"tool": self._tool, "function": self._tool, "agent": self._agent}
         self.pending = list(self.ledger.stimuli)
         self.applied: list[Recorded] = []
@@ -507,10 +518,11 @@ class _Replay:
         task = ctx.spec.key
         self.state.current_key = ctx.idempotency_key(0)
         log = StoreLog(self.store, self.run_id, task)
-        gate = ToolGate(contracts=self.tools.get, log=log, journal=log.journal(),
+        gate = ToolGate(contracts=contract_lookup(self.tools, self.unusable), log=log,
+                        journal=log.journal(),
                         governor=ReplayGovernor(self.state, ctx, self.policies, self.risk),
-                        granted=self._granted(task), task=task, actor="process",
-                        steps=1)
+                        granted=self._granted(task), task=task, actor=self.process_actor,
+                        steps=1, watch_grant=False)
         return run_contract_task(ctx, gate)
 
     def _granted(self, task: str) -> Any:
@@ -528,6 +540,8 @@ class _Replay:
     def _agent(self, ctx: TaskContext) -> Outcome:
         task = ctx.spec.key
         end = self.ledger.end(task, ctx.attempt)
+        if end.startswith("configuration_error"):
+            return stopped_outcome(end, key=f"{ctx.run_id}:{task}:configuration:{ctx.attempt}")
         if end.startswith("agent_retired"):
             return Outcome(status=TaskStatus.WAITING, error=end, escalation={
                 "reason": "agent_retired", "detail": end,
@@ -543,7 +557,7 @@ class _Replay:
         governor = ReplayGovernor(self.state, ctx, self.policies, self.risk)
         return run_agent(ctx, spec, RecordedModel(self.ledger, task), self.tools,
                          StoreLog(self.store, self.run_id, task), granted=self._granted(task),
-                         governor=governor)
+                         governor=governor, unusable=self.unusable, watch_grant=False)
 
     # people's decisions, when the original run received them ---------------------------
     def _due(self, stimulus: Recorded) -> bool:
@@ -643,7 +657,8 @@ def replay(run: Run, *, events: list[Recorded] | None = None,
     parsed = parse_plan(plan if plan is not None else run.process_version.plan)
     replayer = _Replay(str(run.pk), original, parsed, run.input,
                        run.process_version.hydration_limit,
-                       policies_as_of(policies_at or run.created_at))
+                       policies_as_of(policies_at or run.created_at),
+                       process=run.process_version.process.slug)
     error, status = "", ""
     try:
         status = replayer.run()

@@ -23,7 +23,16 @@ from orchestration.engine import runner
 from orchestration.engine.errors import PlanError
 from orchestration.engine.plan import parse_plan
 from orchestration.engine.states import RUN_TERMINAL, RunStatus, TaskStatus
-from orchestration.models import Agent, KillSwitch, Process, ProcessVersion, Run, Task, Tool
+from orchestration.models import (
+    PAUSED,
+    Agent,
+    KillSwitch,
+    Process,
+    ProcessVersion,
+    Run,
+    Task,
+    Tool,
+)
 from orchestration.store import DjangoRunStore, plan_for
 
 
@@ -81,8 +90,16 @@ def process_identity(process: Process, *, by: AbstractBaseUser | None = None) ->
     with transaction.atomic():
         locked = Process.objects.select_for_update().get(pk=process.pk)
         if locked.service_user_id is None:
-            user, _ = get_user_model().objects.get_or_create(
-                username=f"process-{process.slug}"[:150], defaults={"is_active": True})
+            # Always a new user, never one that exists: taking over a person's account (or a
+            # deleted process's identity with its grants) would hand the process its rights.
+            users = get_user_model().objects
+            name = f"process-{process.slug}"[:150]
+            if users.filter(username=name).exists():
+                name = f"process-{process.slug}"[:140] + f"-{process.pk.hex[:8]}"
+            if users.filter(username=name).exists():
+                raise ServiceError(f"cannot create the service identity of {process.slug!r}: "
+                                   f"the username {name!r} is taken")
+            user = users.create(username=name, is_active=True)
             user.set_unusable_password()
             user.save(update_fields=["password"])
             Process.objects.filter(pk=process.pk).update(service_user=user)
@@ -317,8 +334,9 @@ def _raise_budget(run: Run, task: Task, budget: dict[str, Any], *, actor: str) -
 
 def grant_plan_tools(process: Process, *, by: AbstractBaseUser | None) -> list[str]:
     """Grant the process's service identity every tool its current plan's ``tool`` and
-    ``function`` steps call (an admin publishing a plan vouches for them); returns the
-    slugs newly granted. Revoking one later stops those steps at the gate."""
+    ``function`` steps call; returns the slugs newly granted. Publishing does not grant: an
+    admin does (this, or the tool's object permissions in the admin), and revoking one later
+    stops those steps at the gate."""
     version = process.current_version
     if version is None:
         return []
@@ -413,7 +431,6 @@ def agent_retire(*, agent: Agent, by: AbstractBaseUser | None) -> dict[str, int]
 
 # ---- kill switches ---------------------------------------------------------------------------
 
-PAUSED = "paused"
 KILL_SWITCH_RELEASED = "kill switch released"  # the requeue reason replay recognises
 
 
@@ -438,8 +455,8 @@ def kill_switch_engage(*, scope: str, target: str = "", reason: str,
 
 
 def kill_switch_release(*, switch: KillSwitch, by: AbstractBaseUser | None) -> int:
-    """Release the switch and put the work it paused back in the queue (a task a switch still
-    covers parks again at the gate). Returns how many tasks were resumed."""
+    """Release the switch and put the work it paused back in the queue. Returns how many tasks
+    were resumed."""
     from django.utils import timezone
 
     with transaction.atomic():
@@ -451,32 +468,31 @@ def kill_switch_release(*, switch: KillSwitch, by: AbstractBaseUser | None) -> i
         config_audit.record("kill_switch.released", model="orchestration.killswitch",
                             object=str(locked), old={"engaged": True}, new={"engaged": False},
                             by=by)
-        run_ids = list(Task.objects.filter(status=TaskStatus.WAITING,
-                                           error__startswith=f"{PAUSED}:")
-                       .values_list("run_id", flat=True).distinct())
     switch.released_at = locked.released_at
-    return sum(_resume_paused(run_id, actor=actor_of(by)) for run_id in run_ids)
+    return resume_unpaused(actor=actor_of(by))
 
 
-def resume_unpaused() -> int:
-    """For the sweep: with no switch engaged, tasks still parked by one (their release was
-    interrupted before it resumed them) go back to the queue."""
-    if KillSwitch.objects.filter(released_at__isnull=True).exists():
-        return 0
-    run_ids = list(Task.objects.filter(status=TaskStatus.WAITING, error__startswith=f"{PAUSED}:")
-                   .values_list("run_id", flat=True).distinct()[:500])
-    return sum(_resume_paused(run_id, actor="system") for run_id in run_ids)
+def resume_unpaused(*, actor: str = "system") -> int:
+    """Put back in the queue every task parked by a switch that is no longer engaged (a task
+    another engaged switch holds stays). A release calls it; so does the sweep, for a release
+    interrupted before it got here or a task parked just as its switch was released."""
+    held = [s.pause_reason() for s in KillSwitch.objects.filter(released_at__isnull=True)]
+    paused = Task.objects.filter(status=TaskStatus.WAITING, error__startswith=f"{PAUSED}:")
+    run_ids = list(dict.fromkeys(
+        run_id for run_id, error in paused.values_list("run_id", "error")[:2000]
+        if error not in held))
+    return sum(_resume_paused(run_id, held, actor=actor) for run_id in run_ids)
 
 
-def _resume_paused(run_id: Any, *, actor: str) -> int:
+def _resume_paused(run_id: Any, held: list[str], *, actor: str) -> int:
     with transaction.atomic():
         run = Run.objects.select_for_update(of=("self",)).filter(pk=run_id).first()
         if run is None or RunStatus(run.status) in RUN_TERMINAL:
             return 0
         store = DjangoRunStore(actor=actor)
-        keys = list(Task.objects.filter(run_id=run_id, status=TaskStatus.WAITING,
-                                        error__startswith=f"{PAUSED}:")
-                    .values_list("key", flat=True))
+        keys = [key for key, error in Task.objects.filter(
+            run_id=run_id, status=TaskStatus.WAITING, error__startswith=f"{PAUSED}:")
+            .values_list("key", "error") if error not in held]
         for key in keys:
             store.requeue_task(str(run_id), key, reason=KILL_SWITCH_RELEASED)
         released = runner.advance(store, str(run_id)).released

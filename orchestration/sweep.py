@@ -32,7 +32,7 @@ from approvals.models import ApprovalRequest
 from audit import ledger
 from orchestration import outbox, services, signals
 from orchestration.engine.states import RUN_TERMINAL, RunStatus, TaskStatus
-from orchestration.models import Outbox, Run, Task
+from orchestration.models import PAUSED, Outbox, Run, Task
 
 log = logging.getLogger("switchboard.sweep")
 _ADVISORY_KEY = 0x5357_4545_5031  # "SWEEP1": one sweeper at a time across all processes
@@ -113,7 +113,7 @@ def _decided_waits() -> int:
     stuck = list(
         Task.objects.filter(status=TaskStatus.WAITING)
         .exclude(run__status__in=[s.value for s in RUN_TERMINAL])
-        .exclude(error__startswith=f"{services.PAUSED}:")  # a kill switch's, not a decision's
+        .exclude(error__startswith=f"{PAUSED}:")  # a kill switch's, not a decision's
         .filter(Exists(requests.exclude(status=ApprovalRequest.Status.PENDING)),
                 ~Exists(requests.filter(status=ApprovalRequest.Status.PENDING)),
                 ~Exists(Outbox.objects.filter(run_id=OuterRef("run_id"), topic="resume")))

@@ -4,7 +4,7 @@ gate for an acting identity (an agent, or a process's service identity for its p
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import cache
 from typing import Any
 
@@ -100,12 +100,12 @@ def _build(tool: Tool) -> ToolContract:
         raise ConfigurationError(f"tool {tool.slug!r} is misconfigured: {exc}") from None
 
 
-def contracts() -> tuple[dict[str, ToolContract], dict[str, str]]:
-    """Every tool's contract, and the tools that cannot be called with why: one broken tool
+def contracts(rows: Iterable[Tool]) -> tuple[dict[str, ToolContract], dict[str, str]]:
+    """The tools' contracts, and the tools that cannot be called with why: one broken tool
     fails only the calls to it."""
     usable: dict[str, ToolContract] = {}
     unusable: dict[str, str] = {}
-    for tool in Tool.objects.all():
+    for tool in rows:
         try:
             usable[tool.slug] = contract_for(tool)
         except ConfigurationError as exc:

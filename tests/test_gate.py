@@ -462,3 +462,46 @@ def test_a_plan_step_on_a_tool_the_admin_could_not_have_saved_escalates(demo: No
     assert request.reason == "configuration_error"
     assert "rate_limit" in request.detail
     assert calls == []
+
+
+@pytest.mark.django_db
+def test_a_service_identity_never_takes_over_an_existing_account(demo: None) -> None:
+    person = User.objects.create_user(username="process-payroll", password="a-real-password")
+    process = Process.objects.create(slug="payroll", name="Payroll", pattern="deterministic")
+    services.process_publish(process=process, input_schema=OBJECT,
+                             plan={"tasks": [step("a", "lookup_order")]})
+    process.refresh_from_db()
+    assert process.service_user != person
+    assert process.service_user.username.startswith("process-payroll-")
+    person.refresh_from_db()
+    assert person.has_usable_password()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_ungranted_call_to_a_broken_tool_is_refused_not_escalated(demo: None,
+                                                                     steps: Any) -> None:
+    steps.tool("t_broken", lambda: {"ok": True})
+    Tool.objects.filter(slug="t_broken").update(input_schema=[1, 2])
+    run = steps.start(steps.process("broken", [step("a", "t_broken")], grant=False))
+    steps.drain()
+    run.refresh_from_db()
+    assert run.status == "failed" and "not granted" in run.error
+    assert not ApprovalRequest.objects.filter(run_id=run.pk).exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_releasing_one_switch_leaves_work_another_still_holds(demo: None, steps: Any) -> None:
+    steps.tool("t_held", lambda: {"ok": True})
+    process = steps.process("held", [step("a", "t_held")])
+    admin = User.objects.get(username="admin")
+    everything = services.kill_switch_engage(scope="all", reason="freeze", by=admin)
+    run = steps.start(process)
+    steps.drain()
+    tool = services.kill_switch_engage(scope="tool", target="t_held", reason="bad", by=admin)
+    assert services.kill_switch_release(switch=tool, by=admin) == 0
+    assert Task.objects.get(run=run, key="a").error.startswith("paused: kill switch on "
+                                                                 "everything")
+    assert services.resume_unpaused() == 0  # the sweep agrees: still held
+    assert services.kill_switch_release(switch=everything, by=admin) == 1
+    steps.drain()
+    assert Run.objects.get(pk=run.pk).status == "succeeded"

@@ -92,6 +92,7 @@ def run_agent(
     secrets: Sequence[str] = (),
     governor: Governor | None = None,
     unusable: Mapping[str, str] | None = None,
+    watch_grant: bool = True,
 ) -> Outcome:
     """Run one agent task. ``tools`` are the contracts offered to the model; ``unusable``
     names tools whose configuration is broken (a call to one escalates
@@ -110,7 +111,8 @@ def run_agent(
     specs = [ToolSpec(t.name, t.description, t.input_schema) for t in tools.values()]
     journal = log.journal()
     gate = ToolGate(contracts=contract_lookup(tools, unusable or {}), log=log, journal=journal,
-                    governor=governor, granted=granted, task=task, actor=actor, secrets=secrets)
+                    governor=governor, granted=granted, task=task, actor=actor, secrets=secrets,
+                    watch_grant=watch_grant)
     tokens_used = 0
     tool_results: dict[str, Any] = {}
 

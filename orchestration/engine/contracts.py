@@ -95,8 +95,9 @@ class ToolContract:
         the system behind the tool can recognise a repeated call. ``stop`` is asked every
         ``STOP_POLL_S`` while the call runs; a non-empty answer ends the call as a timeout
         does. Either way an implementation that takes a ``cancel`` keyword gets a
-        ``threading.Event`` that is set then, so it can kill its subprocess or abort its
-        request; one that does not is abandoned in its thread, its result discarded."""
+        ``threading.Event`` that is set then, so it can kill its subprocess (the sandbox does);
+        one that does not is abandoned in its thread, its result discarded (an HTTP tool's
+        request is bounded by its own timeout, which httpx enforces)."""
         if not _gate_open.get():
             raise UngatedCall(f"{self.name} was called outside the gate; every side effect "
                               "goes through orchestration.engine.gate")
@@ -146,7 +147,12 @@ class ToolContract:
             if deadline is not None and time.monotonic() >= deadline:
                 cancel.set()
                 raise ToolTimeout(f"{self.name} did not answer within {limit:g} s")
-            why = stop() if stop is not None else ""
+            try:
+                why = stop() if stop is not None else ""
+            except Exception as exc:  # noqa: BLE001 - e.g. the database went away
+                # Whether the call still runs is unknown: it is told to stop, and its outcome
+                # is left for a person, never taken as a failure the model might retry.
+                why = f"unknown_outcome: the stop check failed ({type(exc).__name__}: {exc})"
             if why:
                 cancel.set()
                 raise ToolStopped(why)

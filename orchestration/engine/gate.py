@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from audit.chain import canonical_json
-from orchestration.engine.contracts import ToolContract, opened_by_gate
+from orchestration.engine.contracts import STOP_POLL_S, ToolContract, opened_by_gate
 from orchestration.engine.errors import (
     ConfigurationError,
     ContractError,
@@ -144,6 +144,9 @@ class ToolGate:
     # A plan-level step is one step of its run (budgeted like a model turn); an agent's tool
     # call is part of the model turn that asked for it.
     steps: int = 0
+    # Whether the grant is asked again while a call runs (replay answers grants from the
+    # ledger, once per call, so it does not).
+    watch_grant: bool = True
 
     def call(self, key: str, name: str, arguments: Any) -> Verdict:
         recorded = self.journal.results.get(key)
@@ -152,29 +155,35 @@ class ToolGate:
                 return Verdict(recorded["error"], True)
             return Verdict(canonical_json(recorded["result"]), False, recorded["result"])
 
+        checked = time.monotonic()
         stop = self.governor.stopped(tool=name, key=key)
         if stop:
             return Verdict(pause=stop)
         base = {"task": self.task, "actor": self.actor, "tool": name, "idempotency_key": key}
         shown = redact(arguments, self.secrets)
+        refused = f"tool {name!r} is not granted to {self.actor}; the call was refused"
+        if not self.granted(name):
+            self.log.record("tool.refused", {**base, "arguments": shown, "error": refused},
+                            usage=Usage())
+            return Verdict(refused, True)
         try:
             contract = self.contracts(name)
         except ConfigurationError as exc:
             return Verdict(pause=f"configuration_error: {redact(str(exc), self.secrets)}")
-        if contract is None or not self.granted(name):
-            error = f"tool {name!r} is not granted to {self.actor}; the call was refused"
-            self.log.record("tool.refused", {**base, "arguments": shown, "error": error},
+        if contract is None:
+            self.log.record("tool.refused", {**base, "arguments": shown, "error": refused},
                             usage=Usage())
-            return Verdict(error, True)
+            return Verdict(refused, True)
         try:
             if not isinstance(arguments, Mapping):
                 raise ToolInputInvalid(f"arguments for {name} must be a JSON object, got "
                                        f"{type(arguments).__name__}")
             contract.validate_input(arguments)
         except ToolInputInvalid as exc:
-            self.log.record("tool.rejected", {**base, "arguments": shown, "error": str(exc)},
+            error = redact(str(exc), self.secrets)  # a schema error quotes the values
+            self.log.record("tool.rejected", {**base, "arguments": shown, "error": error},
                             usage=Usage())
-            return Verdict(f"{exc}. Fix the arguments and call again.", True, error=str(exc))
+            return Verdict(f"{error}. Fix the arguments and call again.", True, error=error)
 
         gate = self.governor.gate(contract, arguments, key)
         if gate.action == "wait":
@@ -199,6 +208,10 @@ class ToolGate:
         refused = self.governor.admit(contract, key)
         if refused:
             return Verdict(pause=refused)
+        if time.monotonic() - checked > STOP_POLL_S:  # e.g. a rate limit made it wait
+            stop = self.governor.stopped(tool=name, key=key)
+            if stop:
+                return Verdict(pause=stop)
         worst = Usage(steps=self.steps, tool_calls=1, cost=contract.cost_per_call)
         refused = self.governor.reserve(worst)
         if refused:
@@ -214,7 +227,7 @@ class ToolGate:
 
         def stop() -> str:
             why = self.governor.stopped(tool=name, key=key)
-            if not why and not self.granted(name):
+            if not why and self.watch_grant and not self.granted(name):
                 why = f"revoked: {self.actor} lost its grant on {name} during the call"
             return why
 

@@ -64,7 +64,7 @@ class Governor(Protocol):
         ...
 
     def stopped(self, tool: str | None = None, key: str = "") -> str:
-        """Asked before every model call (``tool`` None) and tool call, and while a call runs:
+        """Asked before every model call (``tool`` None) and tool call, and while a tool call runs:
         "" to go on, else why the work must stop, starting with its code: ``cancelled``,
         ``paused`` (a kill switch), ``agent_retired``."""
         ...
