@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import logging
 import threading
 import time
 import uuid
@@ -14,7 +15,14 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from django.db import OperationalError, connection, transaction
+from django.conf import settings
+from django.db import (
+    InterfaceError,
+    OperationalError,
+    close_old_connections,
+    connection,
+    transaction,
+)
 from django.utils import timezone
 
 from audit import ledger
@@ -33,6 +41,7 @@ from orchestration.engine.states import (
 from orchestration.engine.store import RunSnapshot, TaskSnapshot
 from orchestration.models import ProcessVersion, Run, Task
 
+log = logging.getLogger("switchboard.work")
 _plans: dict[uuid.UUID, Plan] = {}
 _plans_lock = threading.Lock()
 
@@ -77,6 +86,29 @@ def _lock_run(run_id: str) -> None:
     with connection.cursor() as cursor:
         cursor.execute("SELECT id FROM orchestration_run WHERE id = %s FOR UPDATE",
                        [Run._meta.pk.get_db_prep_value(uuid.UUID(str(run_id)), connection)])
+
+
+DB_ERRORS = (OperationalError, InterfaceError)
+
+
+def persist[T](fn: Callable[[], T], *, what: str) -> T:
+    """Retry a unit of work through lock conflicts and a database that is briefly away (a
+    restart, a failover): the work in hand is kept, not thrown away, for up to
+    ``SWITCHBOARD_DB_RETRY_SECONDS``."""
+    deadline = time.monotonic() + settings.SWITCHBOARD_DB_RETRY_SECONDS
+    delay = 0.05
+    while True:
+        try:
+            return fn()
+        except DB_ERRORS as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("%s: database error, retrying in %.2f s: %s", what, delay, exc)
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+            close_old_connections()
+            if not connection.in_atomic_block:
+                connection.close()
 
 
 def _retrying[T](fn: Callable[..., T]) -> Callable[..., T]:
@@ -550,10 +582,41 @@ class DjangoRunStore:
             ledger.append(uuid.UUID(str(run_id)), "task.requeued", {"task": key, "reason": reason},
                           actor=self.actor)
 
-    @_retrying
     def record_step(self, run_id: str, kind: str, data: dict[str, Any], *, usage: Any,
                     reserved: Any = None, lease: str = "") -> None:
-        """Checkpoint one model or tool call and settle its reservation, atomically."""
+        """Checkpoint one model or tool call and settle its reservation, atomically. The
+        call's result is in hand: a database that is briefly away is waited for (``persist``)
+        rather than the call made again."""
+        if transaction.get_connection().in_atomic_block:
+            self._record_step(run_id, kind, data, usage=usage, reserved=reserved, lease=lease)
+            return
+        tries = 0
+
+        def attempt() -> None:
+            nonlocal tries
+            tries += 1
+            if tries > 1 and self._recorded(run_id, kind, data):
+                return  # the earlier try committed; only its answer was lost
+            self._record_step(run_id, kind, data, usage=usage, reserved=reserved, lease=lease)
+
+        persist(attempt, what=f"record {kind} of {run_id}/{data.get('task', '')}")
+
+    @staticmethod
+    def _recorded(run_id: str, kind: str, data: dict[str, Any]) -> bool:
+        """Whether the ledger holds this very step already (same task, kind and call key or
+        model step)."""
+        same = {"data__task": data.get("task", "")}
+        if "idempotency_key" in data:
+            same["data__idempotency_key"] = data["idempotency_key"]
+        elif "step" in data:
+            same["data__step"] = data["step"]
+        else:
+            return False
+        return Event.objects.filter(chain=run_id, kind=kind, **same).exists()
+
+    @_retrying
+    def _record_step(self, run_id: str, kind: str, data: dict[str, Any], *, usage: Any,
+                     reserved: Any = None, lease: str = "") -> None:
         with transaction.atomic(savepoint=False):
             _lock_run(run_id)
             if lease:

@@ -10,11 +10,9 @@ message a step implies is durable the moment the step is.
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
 
 from django.conf import settings
-from django.db import InterfaceError, OperationalError, close_old_connections, transaction
+from django.db import transaction
 
 from audit import ledger
 from orchestration import leases, outbox
@@ -25,32 +23,9 @@ from orchestration.engine.states import TaskStatus
 from orchestration.engine.store import TaskSnapshot
 from orchestration.executors import executors
 from orchestration.models import Run
-from orchestration.store import DjangoRunStore, deferred_writes
+from orchestration.store import DB_ERRORS, DjangoRunStore, deferred_writes, persist
 
 log = logging.getLogger("switchboard.work")
-DB_ERRORS = (OperationalError, InterfaceError)
-
-
-def _persist[T](fn: Callable[[], T], *, what: str) -> T:
-    """Retry a unit of work through lock conflicts and a database that is briefly away (a
-    restart, a failover): the work in hand is kept, not thrown away, for up to
-    ``SWITCHBOARD_DB_RETRY_SECONDS``."""
-    deadline = time.monotonic() + settings.SWITCHBOARD_DB_RETRY_SECONDS
-    delay = 0.05
-    while True:
-        try:
-            return fn()
-        except DB_ERRORS as exc:
-            if time.monotonic() + delay > deadline:
-                raise
-            log.warning("%s: database error, retrying in %.2f s: %s", what, delay, exc)
-            time.sleep(delay)
-            delay = min(delay * 2, 2.0)
-            close_old_connections()
-            from django.db import connection
-
-            if not connection.in_atomic_block:
-                connection.close()
 
 
 def _dispatch(run_id: str, result: AdvanceResult) -> None:
@@ -77,7 +52,7 @@ def advance(run_id: str, message_id: int | None = None) -> None:
             _dispatch(run_id, result)
             return result
 
-    result = _persist(step, what=f"advance {run_id}")
+    result = persist(step, what=f"advance {run_id}")
     if isinstance(result, TaskSnapshot):
         run_chain(store, run_id, result)
     elif result is not None and result.claimed:
@@ -94,7 +69,7 @@ def execute(run_id: str, key: str, message_id: int | None = None) -> None:
                 return None
             return store.claim_task(run_id, key)  # None for a run or task that is gone
 
-    claim = _persist(step, what=f"claim {run_id}/{key}")
+    claim = persist(step, what=f"claim {run_id}/{key}")
     if claim is not None:
         run_chain(store, run_id, claim)
 
@@ -105,7 +80,7 @@ def run_chain(store: DjangoRunStore, run_id: str, claim: TaskSnapshot | None) ->
     while claim is not None:
         leases.hold(run_id, claim.key, claim.lease)
         try:
-            outcome = _persist(lambda c=claim: _run(store, run_id, c),
+            outcome = persist(lambda c=claim: _run(store, run_id, c),
                                what=f"run {run_id}/{claim.key}")
 
             token = leases.new_token()
@@ -119,7 +94,7 @@ def run_chain(store: DjangoRunStore, run_id: str, claim: TaskSnapshot | None) ->
                     return result
 
             try:
-                result = _persist(step, what=f"finish {run_id}/{claim.key}")
+                result = persist(step, what=f"finish {run_id}/{claim.key}")
             except LeaseLost:
                 # Either another worker took the task over (drop the outcome), or this step
                 # committed before the connection failed and its retry found the task done:

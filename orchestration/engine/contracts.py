@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -24,6 +25,7 @@ from orchestration.engine.errors import (
     UnknownTool,
 )
 
+log = logging.getLogger("switchboard.tools")
 ToolFn = Callable[..., Any]
 StopCheck = Callable[[], str]
 
@@ -149,10 +151,12 @@ class ToolContract:
                 raise ToolTimeout(f"{self.name} did not answer within {limit:g} s")
             try:
                 why = stop() if stop is not None else ""
-            except Exception as exc:  # noqa: BLE001 - e.g. the database went away
-                # Whether the call still runs is unknown: it is told to stop, and its outcome
-                # is left for a person, never taken as a failure the model might retry.
-                why = f"unknown_outcome: the stop check failed ({type(exc).__name__}: {exc})"
+            except Exception:  # noqa: BLE001 - e.g. the database is briefly away
+                # No stop signal could be read: the call goes on (its outcome is recorded
+                # when it ends, through the same outage), and the next poll asks again.
+                log.warning("%s: the stop check failed; asking again", self.name,
+                            exc_info=True)
+                why = ""
             if why:
                 cancel.set()
                 raise ToolStopped(why)
