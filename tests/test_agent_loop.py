@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 
-from orchestration.engine.agent import AgentSpec, Journal, run_agent
+from orchestration.engine.agent import AgentSpec, run_agent
 from orchestration.engine.contracts import ToolContract
+from orchestration.engine.gate import Journal
 from orchestration.engine.governance import Usage
 from orchestration.engine.handoff import Envelope, HandoffError, parse_envelope
 from orchestration.engine.llm import ModelRequest, ModelResponse, ScriptedModel
@@ -32,17 +33,7 @@ class Log:
         self.events.append((kind, data))
 
     def journal(self) -> Journal:
-        journal = Journal()
-        for kind, data in self.events:
-            if kind == "model.called":
-                journal.turns[data["step"]] = data["response"]
-            elif kind == "tool.intent":
-                journal.intents.add(data["idempotency_key"])
-            elif kind == "tool.called":
-                journal.results[data["idempotency_key"]] = {"result": data["result"]}
-            elif kind == "tool.failed":
-                journal.results[data["idempotency_key"]] = {"error": data["error"]}
-        return journal
+        return Journal.fold(self.events)
 
     def kinds(self) -> list[str]:
         return [k for k, _ in self.events]

@@ -14,7 +14,7 @@ from typing import Any
 
 from audit.chain import canonical_json
 from orchestration.engine.contracts import ToolContract
-from orchestration.engine.gate import Journal, StepLog, ToolGate, contract_lookup
+from orchestration.engine.gate import StepLog, ToolGate, contract_lookup
 from orchestration.engine.governance import Governor, Ungoverned, Usage
 from orchestration.engine.handoff import (
     Envelope,
@@ -35,8 +35,6 @@ from orchestration.engine.llm import (
 from orchestration.engine.redaction import redact
 from orchestration.engine.runner import Outcome, TaskContext, stopped_outcome
 from orchestration.engine.states import TaskStatus
-
-__all__ = ["AgentSpec", "Journal", "StepLog", "build_prompt", "redact", "run_agent"]
 
 
 @dataclass(slots=True)
