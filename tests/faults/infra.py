@@ -225,6 +225,9 @@ class Worker:
     proc: subprocess.Popen[bytes]
     log: Path
 
+    def ready(self) -> bool:
+        return self.log.exists() and b"ready." in self.log.read_bytes()
+
     def children(self) -> list[int]:
         out = subprocess.run(["ps", "--ppid", str(self.proc.pid), "-o", "pid="],
                              capture_output=True, text=True).stdout
@@ -260,7 +263,7 @@ class Workers:
             for w in self.live.values():
                 if w.proc.poll() is not None:
                     raise AssertionError(f"celery worker exited early; see {w.log}")
-                if not w.log.exists() or b"ready." not in w.log.read_bytes():
+                if not w.ready():
                     return False
             return True
 
@@ -273,12 +276,19 @@ class Workers:
         self.wait_ready()
 
     def kill_random(self, rng: random.Random) -> str:
-        """kill -9 a main worker (restarted at once) or one of its pool children."""
+        """kill -9 a main worker (restarted at once) or one of its pool children.
+
+        Pool children are only targets once their worker has logged `ready.`: Celery
+        replaces a child lost while serving, but a child lost while the pool is still
+        starting ends the worker with "Could not start worker processes", which is a
+        start-up failure of the harness, not a fault the system is meant to survive.
+        """
         targets: list[tuple[str, int, Worker]] = []
         for w in self.live.values():
             if w.proc.poll() is None:
                 targets.append(("main", w.proc.pid, w))
-                targets.extend(("child", pid, w) for pid in w.children())
+                if w.ready():
+                    targets.extend(("child", pid, w) for pid in w.children())
         if not targets:
             self.start_all()
             return "none alive"
