@@ -19,10 +19,11 @@ from django.utils import timezone
 from approvals import conditions
 from approvals.models import ApprovalRequest, Decision, Policy, PolicyVersion, Reason
 from approvals.signals import approval_resolved
-from audit import hygiene, ledger
-from audit.chain import canonical_json
+from audit import config, hygiene, ledger
 from audit.ledger import actor_of
 from audit.models import Event
+from hashchain import canonical_json
+from jsonkit import schema_problems
 
 DEFAULT_ESCALATION_GROUP = "reviewer"
 DEFAULT_DEADLINE = timedelta(hours=24)
@@ -99,21 +100,16 @@ _POLICY_FIELDS = ("number", "tool", "risk_class", "conditions", "decider_group",
 
 def _config_event(policy: Policy, previous: PolicyVersion | None, version: PolicyVersion,
                   acting_user: AbstractBaseUser | None) -> None:
-    """``config.policy.publish`` on the configuration chain, in the publishing transaction.
-
-    The same shape as orchestration.config_audit.record (approvals may not import it)."""
+    """``config.policy.publish`` on the configuration chain, in the publishing transaction:
+    the fields that changed from the previous version (all of them for the first)."""
     def values(v: PolicyVersion | None) -> dict[str, Any]:
         if v is None:
             return {}
         return {f: (str(getattr(v, f)) if f.endswith("group") and getattr(v, f) is not None
                     else getattr(v, f)) for f in _POLICY_FIELDS}
 
-    old, new = values(previous), values(version)
-    keys = [k for k in _POLICY_FIELDS if old.get(k) != new.get(k) or k not in old]
-    ledger.append(ledger.CONFIG_CHAIN, "config.policy.publish", {
-        "model": "approvals.policy", "object": policy.slug,
-        "old": {k: old[k] for k in keys if k in old}, "new": {k: new[k] for k in keys}},
-        actor=actor_of(acting_user) if acting_user is not None else "system")
+    config.record("policy.publish", model="approvals.policy", object=policy.slug,
+                  old=values(previous), new=values(version), by=acting_user)
 
 
 def request_open(
@@ -273,12 +269,10 @@ def request_decide(
             if not isinstance(arguments, dict):
                 raise ApprovalError('edit needs "arguments": an object')
             schema = request.context.get("input_schema") or {"type": "object"}
-            errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(arguments),
-                            key=lambda e: list(e.absolute_path))
-            if errors:
-                where = "/".join(str(p) for p in errors[0].absolute_path)
-                raise ApprovalError("edited arguments break the tool's schema: " +
-                                    (f"{where}: " if where else "") + errors[0].message)
+            problems = schema_problems(jsonschema.Draft202012Validator(schema), arguments,
+                                       limit=1)
+            if problems:
+                raise ApprovalError(f"edited arguments break the tool's schema: {problems[0]}")
             new_arguments = arguments
             bound = digest(arguments)
             # Edited arguments are a new request: they may fall under a stricter policy than the

@@ -2,7 +2,7 @@
 
 Everything a person or an integrator writes (run input, edited arguments, a budget, a note)
 ends up in a database row and in a ledger event whose hash is taken over its canonical JSON
-(audit/chain.py, which refuses NaN). A value that breaks any of those must be refused when it
+(hashchain/__init__.py, which refuses NaN). A value that breaks any of those must be refused when it
 arrives, with a message naming what and where, never discovered later by a crash. Here, below
 approvals and orchestration, so that their services and the console check the same way.
 

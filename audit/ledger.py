@@ -15,9 +15,9 @@ from typing import Any
 from django.db import connection, transaction
 from django.utils import timezone
 
-from audit.chain import GENESIS, canonical_json, chain_hash, global_hash
 from audit.models import ChainHead, Event
 from audit.signals import event_appended
+from hashchain import GENESIS, canonical_json, chain_hash, global_hash
 
 # The global chain over every event; its head is a ChainHead row like any other chain's.
 GLOBAL_CHAIN = uuid.UUID(int=0)

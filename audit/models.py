@@ -1,5 +1,5 @@
 """The append-only ledger: one hash chain per run (chain id = run id), one per other named chain
-(configuration changes), and one global chain over every event (see audit/chain.py).
+(configuration changes), and one global chain over every event (see hashchain/__init__.py).
 
 An event joins its own chain when it is appended and the global chain a little later, when
 ``audit.ledger.seal`` gives it its global position: until then gseq, gprev_hash and ghash are

@@ -11,7 +11,7 @@ gseqs present in the file. A filtered export (--since, --until, --run) is checke
 reaches: the first event of each chain in the file anchors that chain.
 
 Exit status 0 when everything holds, 1 naming the first problem, 2 for unreadable input.
-The hash functions mirror audit/chain.py."""
+The hash functions mirror hashchain/__init__.py."""
 
 from __future__ import annotations
 

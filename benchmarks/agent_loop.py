@@ -303,7 +303,7 @@ class LangGraphBench:
     def __init__(self, backend: str, url: str, *, prompt: str) -> None:
         from langgraph.graph import END, START, StateGraph
 
-        from audit.chain import canonical_json
+        from hashchain import canonical_json
         from orchestration.builtin_tools import registry
         from orchestration.engine.llm import Message, ModelRequest, ScriptedModel, ToolCall
 

@@ -56,9 +56,9 @@ def seed(runs: int, events: int) -> list[str]:
     from django.db import connection, transaction
     from django.utils import timezone
 
-    from audit.chain import GENESIS, canonical_json, chain_hash, global_hash
     from audit.ledger import GLOBAL_CHAIN
     from audit.models import ChainHead, Event
+    from hashchain import GENESIS, canonical_json, chain_hash, global_hash
     from orchestration.models import Process, Run, Task
 
     operator = User.objects.get(username="operator")

@@ -1,3 +1,6 @@
+"""The orchestration admin: agents, tools, prices, processes and kill switches, each change
+audited on the configuration chain; and what a policy must name of tools to be able to match."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -7,9 +10,11 @@ from django.contrib import admin, messages
 from django.core.exceptions import ValidationError
 from guardian.admin import GuardedModelAdmin
 
+from approvals import conditions
+from approvals.admin import register_reach_check
 from audit.admin import ReadOnly
+from audit.config import AuditedAdmin
 from orchestration import services
-from orchestration.config_audit import AuditedAdmin
 from orchestration.models import (
     Agent,
     KillSwitch,
@@ -153,3 +158,50 @@ class KillSwitchAdmin(admin.ModelAdmin):
                       for switch in queryset.filter(released_at__isnull=True))
         self.message_user(request, f"Released; {resumed} paused task(s) went back to the "
                                    "queue.", messages.SUCCESS)
+
+
+def policy_tool_problems(data: dict[str, Any]) -> list[tuple[str, str]]:
+    """What would make a policy never match: a tool or risk class that does not exist, a
+    condition on an argument the tool does not take (or an ordering on one that is not a
+    number)."""
+    problems: list[tuple[str, str]] = []
+    risk = data.get("risk_class") or ""
+    if risk and risk not in Tool.Risk.values:
+        problems.append(("risk_class", f"{risk!r} is not a risk class: one of "
+                                       f"{', '.join(Tool.Risk.values)}, or blank for any"))
+    slug = data.get("tool") or ""
+    tool = Tool.objects.filter(slug=slug).first() if slug else None
+    if slug and tool is None:
+        problems.append(("tool", f"no tool is named {slug!r}: create it first, or leave this "
+                                 "blank for any tool"))
+    if tool is not None and not conditions.problems(data.get("conditions")):
+        for condition in data.get("conditions") or []:
+            why = _argument_problem(tool, conditions.parse(condition))
+            if why:
+                problems.append(("conditions", why))
+    return problems
+
+
+def _argument_problem(tool: Tool, condition: conditions.Condition) -> str:
+    """Why ``condition`` can never hold for ``tool``'s arguments, as far as its input schema
+    declares them ("" when it can, or when the schema leaves the argument open)."""
+    schema: Any = tool.input_schema
+    for depth, part in enumerate(condition.path):
+        properties = schema.get("properties") if isinstance(schema, dict) else None
+        if not isinstance(properties, dict) or not properties:
+            return ""
+        if part not in properties:
+            where = ".".join(condition.path[:depth]) or tool.slug
+            return (f"{'.'.join(condition.path)!r} is not an argument of {tool.slug}: "
+                    f"{where} takes {', '.join(sorted(properties))}")
+        schema = properties[part]
+    kinds = schema.get("type") if isinstance(schema, dict) else None
+    kinds = [kinds] if isinstance(kinds, str) else kinds
+    if (condition.op in conditions.ORDERING and isinstance(kinds, list)
+            and not {"number", "integer"} & set(kinds)):
+        return (f"{'.'.join(condition.path)!r} is a {'/'.join(kinds)} in {tool.slug}'s schema; "
+                f'"{condition.op}" compares numbers')
+    return ""
+
+
+register_reach_check(policy_tool_problems)

@@ -16,9 +16,11 @@ from django.db import transaction
 
 from approvals import services as approvals
 from approvals.models import ApprovalRequest, Reason
+from audit import config as config_audit
 from audit import hygiene, ledger
 from audit.ledger import actor_of
-from orchestration import config_audit, outbox
+from jsonkit import schema_problems
+from orchestration import outbox
 from orchestration.engine import runner
 from orchestration.engine.errors import PlanError
 from orchestration.engine.plan import parse_plan
@@ -149,14 +151,10 @@ def validate_run_input(version: ProcessVersion, data: Any) -> None:
     # Versions are immutable; the schema's text is part of the key all the same.
     validator = _input_validator(version.pk, json.dumps(version.input_schema or {"type": "object"},
                                                         sort_keys=True))
-    errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
-    if errors:
-        parts = []
-        for err in errors[:5]:
-            where = "/".join(str(p) for p in err.absolute_path)
-            parts.append(f"{where}: {err.message}" if where else err.message)
+    problems = schema_problems(validator, data)
+    if problems:
         raise RunInputInvalid("input does not match the process's input schema: " +
-                              "; ".join(parts))
+                              "; ".join(map(str, problems)))
 
 
 def run_create(*, process: Process, input: Any, user: AbstractBaseUser | None,

@@ -16,8 +16,8 @@ from django.contrib.contenttypes.models import ContentType
 from django.db import connection
 from guardian.models import GroupObjectPermission, UserObjectPermission
 
-from audit.chain import canonical_json
-from orchestration import config_audit
+from audit import config as config_audit
+from hashchain import canonical_json
 from orchestration.builtin_tools import registry
 from orchestration.config_checks import tool_problems
 from orchestration.engine.contracts import ToolContract

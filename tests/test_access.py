@@ -15,11 +15,11 @@ from django.utils import timezone
 
 from approvals.models import ApprovalRequest, Policy
 from approvals.services import policy_publish
+from audit.config import CONFIG_CHAIN
 from audit.models import Event
 from console import auth_views
 from console.models import ApiToken
 from orchestration import services
-from orchestration.config_audit import CONFIG_CHAIN
 from orchestration.models import Agent, ModelPrice, Process, Tool
 from orchestration.tooling import grant_checker
 from tests.conftest import wait_for_run

@@ -16,9 +16,9 @@ from django.test import Client
 from approvals import conditions
 from approvals.models import ApprovalRequest, Policy, PolicyVersion, Reason
 from approvals.services import ApprovalError, policy_match, policy_publish, request_open
+from audit.config import CONFIG_CHAIN
 from audit.models import Event
 from orchestration import services
-from orchestration.config_audit import CONFIG_CHAIN
 from orchestration.model_params import check_model_params
 from orchestration.models import Agent, ModelPrice, Process, Task, Tool
 from tests.test_access import _admin_form

@@ -27,8 +27,8 @@ from django.test import Client
 from django.utils import timezone
 
 from audit import ledger
-from audit.chain import GENESIS, canonical_json, chain_hash, global_hash
 from audit.models import ChainHead, Event
+from hashchain import GENESIS, canonical_json, chain_hash, global_hash
 from orchestration import services
 from orchestration.models import Process
 from tests.conftest import POSTGRES, ROOT, wait_for_run

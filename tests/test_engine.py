@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from audit.chain import GENESIS, canonical_json, chain_hash
+from hashchain import GENESIS, canonical_json, chain_hash
 from orchestration.engine import runner
 from orchestration.engine.contracts import ToolRegistry
 from orchestration.engine.errors import PlanError, TransitionError

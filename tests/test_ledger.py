@@ -15,9 +15,9 @@ from django.db import DatabaseError, IntegrityError, OperationalError, connectio
 from django.utils import timezone
 
 from audit import ledger
-from audit.chain import GENESIS, canonical_json, chain_hash, global_hash
 from audit.ledger import verify_chain, verify_global
 from audit.models import ChainHead, Event
+from hashchain import GENESIS, canonical_json, chain_hash, global_hash
 from tests.conftest import POSTGRES
 
 needs_mutable_ledger = pytest.mark.skipif(

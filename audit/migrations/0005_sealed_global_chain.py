@@ -49,7 +49,7 @@ $$ LANGUAGE plpgsql;
 
 
 def _link(gprev_hash: str, event_hash: str) -> str:
-    # audit.chain.global_hash, frozen here so later changes to it cannot alter this migration.
+    # hashchain.global_hash, frozen here so later changes to it cannot alter this migration.
     return hashlib.sha256(f"{gprev_hash}\n{event_hash}".encode()).hexdigest()
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from audit.chain import canonical_json
+from hashchain import canonical_json
 from orchestration.engine.contracts import ToolContract
 from orchestration.engine.gate import StepLog, ToolGate, contract_lookup
 from orchestration.engine.governance import Governor, Ungoverned, Usage

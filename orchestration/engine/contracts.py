@@ -15,6 +15,7 @@ from typing import Any
 
 import jsonschema
 
+from jsonkit import schema_problems
 from orchestration.engine.errors import (
     ToolFailed,
     ToolInputInvalid,
@@ -46,11 +47,6 @@ def opened_by_gate() -> Iterator[None]:
         _gate_open.reset(token)
 
 
-def _describe(error: jsonschema.ValidationError) -> str:
-    where = "/".join(str(p) for p in error.absolute_path)
-    return f"{where}: {error.message}" if where else error.message
-
-
 @dataclass(slots=True)
 class ToolContract:
     name: str
@@ -76,16 +72,16 @@ class ToolContract:
 
     def validate_input(self, args: Any) -> None:
         assert self._in is not None
-        errors = sorted(self._in.iter_errors(args), key=lambda e: list(e.absolute_path))
-        if errors:
-            detail = "; ".join(_describe(e) for e in errors[:5])
+        problems = schema_problems(self._in, args)
+        if problems:
+            detail = "; ".join(map(str, problems))
             raise ToolInputInvalid(f"arguments for {self.name} are invalid: {detail}")
 
     def validate_output(self, result: Any) -> None:
         assert self._out is not None
-        errors = sorted(self._out.iter_errors(result), key=lambda e: list(e.absolute_path))
-        if errors:
-            detail = "; ".join(_describe(e) for e in errors[:5])
+        problems = schema_problems(self._out, result)
+        if problems:
+            detail = "; ".join(map(str, problems))
             raise ToolOutputInvalid(f"{self.name} returned output that breaks its schema: {detail}")
 
     def call(self, args: Mapping[str, Any], *, timeout_s: float | None = None,

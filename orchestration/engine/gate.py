@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from audit.chain import canonical_json
+from hashchain import canonical_json
 from orchestration.engine.contracts import STOP_POLL_S, ToolContract, opened_by_gate
 from orchestration.engine.errors import (
     ConfigurationError,

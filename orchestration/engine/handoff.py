@@ -15,6 +15,7 @@ from typing import Any
 import jsonschema
 import tomli_w
 
+from jsonkit import schema_problems
 from orchestration.engine.errors import EngineError
 
 MAX_SUMMARY = 600
@@ -67,11 +68,10 @@ def parse_envelope(text: str, *, source: str = "handoff") -> Envelope:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise HandoffError(f"{source} envelope is not valid TOML: {exc}") from None
-    errors = sorted(_VALIDATOR.iter_errors(data), key=lambda e: list(e.absolute_path))
-    if errors:
-        first = errors[0]
-        where = "/".join(str(p) for p in first.absolute_path) or "(root)"
-        raise HandoffError(f"{source} envelope is invalid at {where}: {first.message}")
+    problems = schema_problems(_VALIDATOR, data, limit=1)
+    if problems:
+        raise HandoffError(f"{source} envelope is invalid at {problems[0].at()}: "
+                           f"{problems[0].message}")
     return Envelope(summary=data["summary"], key_facts=dict(data.get("key_facts", {})),
                     artefacts=list(data.get("artefacts", [])),
                     open_questions=list(data.get("open_questions", [])))

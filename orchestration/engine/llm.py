@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from jsonkit import map_strings
 from orchestration.engine.errors import EngineError
 from orchestration.engine.refs import resolve
 
@@ -164,34 +165,28 @@ def _toml_value(value: Any) -> str:
 
 def _interpolate(value: Any, run_input: Any, last: Any) -> Any:
     """Fill ``{{input.path}}`` and ``{{last.path}}`` placeholders inside strings."""
-    if isinstance(value, str):
-        def fill(match: re.Match[str]) -> str:
-            node: Any = run_input if match.group(1) == "input" else last
-            for part in filter(None, match.group(2).split(".")):
-                node = node.get(part) if isinstance(node, Mapping) else None
-            if match.group(3):
-                return _toml_value(node)
-            return "" if node is None else str(node)
+    def fill(match: re.Match[str]) -> str:
+        node: Any = run_input if match.group(1) == "input" else last
+        for part in filter(None, match.group(2).split(".")):
+            node = node.get(part) if isinstance(node, Mapping) else None
+        if match.group(3):
+            return _toml_value(node)
+        return "" if node is None else str(node)
 
-        return _PLACEHOLDER.sub(fill, value)
-    if isinstance(value, Mapping):
-        return {k: _interpolate(v, run_input, last) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_interpolate(v, run_input, last) for v in value]
-    return value
+    return map_strings(value, lambda text: _PLACEHOLDER.sub(fill, text))
 
 
 def _resolve_last(value: Any, last: Any) -> Any:
-    if isinstance(value, str) and value.startswith("$last"):
+    """Replace each ``$last.path`` string with that value of the previous task's output."""
+    def resolve(text: str) -> Any:
+        if not text.startswith("$last"):
+            return text
         node = last
-        for part in value.split(".")[1:]:
+        for part in text.split(".")[1:]:
             if isinstance(node, Mapping) and part in node:
                 node = node[part]
             else:
                 return None
         return node
-    if isinstance(value, Mapping):
-        return {k: _resolve_last(v, last) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_resolve_last(v, last) for v in value]
-    return value
+
+    return map_strings(value, resolve)

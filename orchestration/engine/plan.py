@@ -10,6 +10,7 @@ from typing import Any
 import jsonschema
 import yaml
 
+from jsonkit import schema_problems
 from orchestration.engine.errors import PlanError
 
 EXECUTOR_TYPES = ("tool", "function", "agent", "human")
@@ -132,11 +133,9 @@ def load_plan_text(text: str) -> dict[str, Any]:
 
 def parse_plan(source: str | Mapping[str, Any]) -> Plan:
     data = load_plan_text(source) if isinstance(source, str) else source
-    errors = sorted(_PLAN_VALIDATOR.iter_errors(data), key=lambda e: list(e.absolute_path))
-    if errors:
-        first = errors[0]
-        where = "/".join(str(p) for p in first.absolute_path) or "(root)"
-        raise PlanError(f"plan is invalid at {where}: {first.message}")
+    problems = schema_problems(_PLAN_VALIDATOR, data, limit=1)
+    if problems:
+        raise PlanError(f"plan is invalid at {problems[0].at()}: {problems[0].message}")
     tasks = tuple(
         TaskSpec(
             key=t["key"],

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import base64
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from typing import Any
 from urllib.parse import quote, quote_plus
+
+from jsonkit import map_strings
 
 REDACTED = "[redacted]"
 # Encoded forms shorter than this are too likely to occur by chance to be cut out of text.
@@ -37,19 +39,7 @@ def redact(value: Any, secrets: Sequence[str]) -> Any:
     pattern = _pattern(tuple(s for s in secrets if s))
     if pattern is None:
         return value
-    return _walk(value, pattern)
-
-
-def _walk(value: Any, pattern: re.Pattern[str]) -> Any:
-    if isinstance(value, str):
-        return pattern.sub(REDACTED, value)
-    if isinstance(value, Mapping):
-        return {_walk(k, pattern): _walk(v, pattern) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_walk(v, pattern) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_walk(v, pattern) for v in value)
-    return value
+    return map_strings(value, lambda text: pattern.sub(REDACTED, text), keys=True)
 
 
 @lru_cache(maxsize=32)

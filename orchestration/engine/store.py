@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from audit.chain import GENESIS, canonical_json, chain_hash
+from hashchain import GENESIS, canonical_json, chain_hash
 from orchestration.engine.plan import Plan, TaskSpec
 from orchestration.engine.states import TaskStatus, check_run_transition, check_task_transition
 

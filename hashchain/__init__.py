@@ -1,4 +1,5 @@
-"""Canonical JSON and the hash chains shared by the ledger and the engine's in-memory store.
+"""Canonical JSON and the hash chains, shared by the ledger (audit) and the engine's in-memory
+store without either depending on the other; pure Python, no Django.
 
 Two chains cover every event:
 
