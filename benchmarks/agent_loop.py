@@ -254,7 +254,7 @@ class EngineBench:
             agents.StoreLog = original
 
     def _check(self, ctx: Any, outcome: Any) -> None:
-        from audit import ledger
+        from audit import verify
         from audit.models import Event
         from orchestration.engine.states import TaskStatus
 
@@ -263,7 +263,7 @@ class EngineBench:
         kinds = list(Event.objects.filter(chain=ctx.run_id).values_list("kind", flat=True))
         if kinds.count("model.called") != STEPS + 1 or kinds.count("tool.called") != STEPS:
             raise RuntimeError(f"unexpected ledger events: {kinds}")
-        self.verified = self.verified and ledger.verify_chain(uuid.UUID(ctx.run_id)).ok
+        self.verified = self.verified and verify.verify_chain(uuid.UUID(ctx.run_id)).ok
 
     def run_governed(self) -> tuple[list[float], float]:
         from orchestration.agents import run_agent_task

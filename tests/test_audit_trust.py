@@ -26,7 +26,7 @@ from django.db import DatabaseError, connection, transaction
 from django.test import Client
 from django.utils import timezone
 
-from audit import ledger
+from audit import ledger, verify
 from audit.models import ChainHead, Event
 from hashchain import GENESIS, canonical_json, chain_hash, global_hash
 from orchestration import services
@@ -120,28 +120,28 @@ def test_it_links_every_event_into_one_global_chain(runs: tuple[uuid.UUID, uuid.
         assert current.gprev_hash == previous.ghash
     for e in events:
         assert e.ghash == global_hash(e.gprev_hash, e.hash)
-    assert ledger.global_head() == (len(events), events[-1].ghash)
+    assert verify.global_head() == (len(events), events[-1].ghash)
     steps = [e.chain for e in events if e.kind == "test.step"]
     assert steps[:2] == list(runs)  # the two runs' appends interleave in gseq order
 
 
 def test_it_seals_appended_events_into_the_global_chain_later(
         runs: tuple[uuid.UUID, uuid.UUID]) -> None:
-    head = ledger.global_head()
+    head = verify.global_head()
     with transaction.atomic():
         appended = [ledger.append(runs[1], "test.step", {"n": n}, actor="user:tester")
                     for n in (4, 5)]
     assert [(e.gseq, e.gprev_hash, e.ghash) for e in appended] == [(None, None, None)] * 2
-    assert ledger.global_head() == head  # appending leaves the global chain alone
-    assert ledger.verify_chain(runs[1]).ok
-    assert ledger.verify_global().unsealed == 2
+    assert verify.global_head() == head  # appending leaves the global chain alone
+    assert verify.verify_chain(runs[1]).ok
+    assert verify.verify_global().unsealed == 2
     status, output = audit_verify()  # seals first, so it covers both
     assert status == 0, output
     sealed = list(Event.objects.filter(pk__in=[e.pk for e in appended]).order_by("gseq"))
     assert [e.gseq for e in sealed] == [head[0] + 1, head[0] + 2]
     assert sealed[0].gprev_hash == head[1]
-    assert ledger.global_head() == (head[0] + 2, sealed[1].ghash)
-    assert ledger.verify_global().unsealed == 0
+    assert verify.global_head() == (head[0] + 2, sealed[1].ghash)
+    assert verify.verify_global().unsealed == 0
     assert ledger.seal() == 0
 
 
@@ -150,7 +150,7 @@ def test_it_appends_to_the_configuration_chain_without_a_run(runs: Any) -> None:
     assert config[0].prev_hash == GENESIS
     assert (config[-1].kind, config[-1].actor) == ("config.changed", "user:ledger-test")
     assert ChainHead.objects.get(chain=ledger.CONFIG_CHAIN).seq == len(config)
-    assert ledger.verify_chain(ledger.CONFIG_CHAIN).ok
+    assert verify.verify_chain(ledger.CONFIG_CHAIN).ok
 
 
 def test_it_refuses_to_append_to_the_global_chain_itself(db: Any) -> None:
@@ -187,7 +187,7 @@ def test_it_verifies_an_untouched_ledger(runs: tuple[uuid.UUID, uuid.UUID]) -> N
     assert status == 0, output
     chains = ChainHead.objects.exclude(chain=ledger.GLOBAL_CHAIN).count()
     assert f"OK: {chains} chain(s), {Event.objects.count()} event(s)" in output
-    gseq, ghash = ledger.global_head()
+    gseq, ghash = verify.global_head()
     assert f"global head: gseq {gseq} ghash {ghash}" in output
     status, output = audit_verify("--run", str(runs[0]))
     assert status == 0, output
@@ -229,13 +229,13 @@ def test_it_catches_a_consistently_rewritten_event_in_the_global_chain(
          target.pk])
     sql("UPDATE audit_chainhead SET head_hash = %s WHERE chain = %s",
         [new_hash, ChainHead._meta.pk.get_db_prep_value(runs[0], connection)])
-    assert ledger.verify_chain(runs[0]).ok
+    assert verify.verify_chain(runs[0]).ok
     status, output = audit_verify()
     assert status == 1
     following = Event.objects.get(gseq=target.gseq + 1)
     assert (f"BROKEN global chain (gseq {following.gseq}): global order broken: gprev_hash does "
             f"not match the ghash of gseq {target.gseq} (the event is "
-            f"{ledger.chain_label(following.chain)} seq {following.seq})") in output
+            f"{verify.chain_label(following.chain)} seq {following.seq})") in output
 
 
 def test_it_catches_a_deleted_event(runs: tuple[uuid.UUID, uuid.UUID]) -> None:
@@ -256,7 +256,7 @@ def test_it_catches_a_deleted_last_event(runs: tuple[uuid.UUID, uuid.UUID]) -> N
     status, output = audit_verify()
     assert status == 1
     n = last.gseq
-    assert (f"BROKEN {ledger.chain_label(last.chain)} seq {last.seq}: event missing: "
+    assert (f"BROKEN {verify.chain_label(last.chain)} seq {last.seq}: event missing: "
             f"the chain head records {last.seq} events but {last.seq - 1} remain") in output
     assert (f"BROKEN global chain (gseq {n}): event missing: the global head records {n} events "
             f"but {n - 1} remain") in output
@@ -270,7 +270,7 @@ def test_it_catches_a_forged_event(runs: tuple[uuid.UUID, uuid.UUID]) -> None:
     body = canonical_json({"chain": str(runs[1]), "seq": 5, "kind": "refund.issued",
                            "at": at.isoformat(), "actor": "user:mallory", "data": data})
     digest = chain_hash(tip.hash, body)
-    gseq, gprev = ledger.global_head()
+    gseq, gprev = verify.global_head()
     sql("INSERT INTO audit_event (chain, seq, kind, at, actor, data, body, prev_hash, hash, "
         "gseq, gprev_hash, ghash) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
         [db("chain", runs[1]), 5, "refund.issued", db("at", at), "user:mallory", db("data", data),
@@ -291,7 +291,7 @@ def test_it_catches_a_run_cut_short_with_its_head_rewound(
     sql("DELETE FROM audit_event WHERE id = %s", [gone.pk])
     sql("UPDATE audit_chainhead SET seq = 3, head_hash = %s WHERE chain = %s",
         [kept.hash, ChainHead._meta.pk.get_db_prep_value(runs[0], connection)])
-    assert ledger.verify_chain(runs[0]).ok
+    assert verify.verify_chain(runs[0]).ok
     status, output = audit_verify()
     assert status == 1
     assert (f"BROKEN global chain (gseq {gone.gseq + 1}): global sequence gap: expected gseq "
@@ -308,9 +308,9 @@ def test_it_takes_events_appended_while_it_reads_for_appends(
     with transaction.atomic():
         ledger.append(chain, "test.step", {"n": 5}, actor="user:tester")
     events = Event.objects.filter(chain=chain).order_by("seq")
-    assert ledger._check_chain(chain, events, head_before).ok
+    assert verify.check_chain(chain, events, head_before).ok
     stale = (4, event(chain, 3).hash)
-    result = ledger._check_chain(chain, events, stale)
+    result = verify.check_chain(chain, events, stale)
     assert (result.ok, result.broken_seq) == (False, 4)
     assert "head's hash" in result.problem
 
@@ -332,7 +332,7 @@ def test_it_catches_swapped_global_positions(runs: tuple[uuid.UUID, uuid.UUID]) 
     sql("UPDATE audit_event SET gseq = %s WHERE id = %s", [10_000, a.pk])
     sql("UPDATE audit_event SET gseq = %s WHERE id = %s", [a.gseq, b.pk])
     sql("UPDATE audit_event SET gseq = %s WHERE id = %s", [b.gseq, a.pk])
-    assert ledger.verify_chain(runs[0]).ok and ledger.verify_chain(runs[1]).ok
+    assert verify.verify_chain(runs[0]).ok and verify.verify_chain(runs[1]).ok
     status, output = audit_verify()
     assert status == 1
     assert (f"BROKEN global chain (gseq {min(a.gseq, b.gseq)}): global order broken: "
@@ -604,7 +604,7 @@ def test_it_seals_what_is_left_when_the_sealed_global_chain_is_migrated_back() -
     executor.migrate([("audit", "0004_global_chain_required")])
     try:
         assert list(Event.objects.order_by("seq").values_list("gseq", flat=True)) == [1, 2, 3]
-        assert ledger.verify_global().ok
+        assert verify.verify_global().ok
     finally:
         executor = MigrationExecutor(connection)
         executor.loader.build_graph()

@@ -14,9 +14,9 @@ import pytest
 from django.db import DatabaseError, IntegrityError, OperationalError, connection, transaction
 from django.utils import timezone
 
-from audit import ledger
-from audit.ledger import verify_chain, verify_global
+from audit import ledger, verify
 from audit.models import ChainHead, Event
+from audit.verify import verify_chain, verify_global
 from hashchain import GENESIS, canonical_json, chain_hash, global_hash
 from tests.conftest import POSTGRES
 
@@ -228,7 +228,7 @@ def _forge(chain: uuid.UUID, seq: int, prev_hash: str) -> None:
     body = canonical_json({"chain": str(chain), "seq": seq, "kind": "refund.issued",
                            "at": at.isoformat(), "actor": "user:mallory", "data": data})
     digest = chain_hash(prev_hash, body)
-    gseq, gprev_hash = ledger.global_head()
+    gseq, gprev_hash = verify.global_head()
     _sql("INSERT INTO audit_event (chain, seq, kind, at, actor, data, body, prev_hash, hash, "
          "gseq, gprev_hash, ghash) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
          [_db("chain", chain), seq, "refund.issued", _db("at", at), "user:mallory",
@@ -284,11 +284,11 @@ def _global_order() -> list[tuple[uuid.UUID, int]]:
 
 def test_it_appends_without_touching_the_global_chain(db: Any) -> None:
     ledger.seal_all()
-    head = ledger.global_head()
+    head = verify.global_head()
     chain = _chain(3)
     assert list(Event.objects.filter(chain=chain).values_list("gseq", "gprev_hash", "ghash")) == [
         (None, None, None)] * 3
-    assert ledger.global_head() == head
+    assert verify.global_head() == head
     result = verify_global()
     assert (result.ok, result.events, result.unsealed) == (True, head[0], 3)
     assert "3 not sealed yet" in result.describe()
@@ -297,7 +297,7 @@ def test_it_appends_without_touching_the_global_chain(db: Any) -> None:
 
 def test_it_seals_in_batches_in_id_order(db: Any) -> None:
     ledger.seal_all()
-    start, start_hash = ledger.global_head()
+    start, start_hash = verify.global_head()
     first, second = _chain(3), _chain(2)
     assert [ledger.seal(limit=2), ledger.seal(limit=2), ledger.seal(limit=2)] == [2, 2, 1]
     assert ledger.seal() == 0
@@ -307,7 +307,7 @@ def test_it_seals_in_batches_in_id_order(db: Any) -> None:
     for event in events:
         assert (event.gprev_hash, event.ghash) == (prev, global_hash(prev, event.hash))
         prev = event.ghash
-    assert ledger.global_head() == (start + 5, prev)
+    assert verify.global_head() == (start + 5, prev)
     result = verify_global()
     assert (result.ok, result.events, result.unsealed) == (True, start + 5, 0)
 
@@ -364,7 +364,7 @@ def _threads(count: int, target: Callable[[int], None]) -> list[BaseException]:
 @pytest.mark.django_db(transaction=True)
 def test_concurrent_appends_and_seals_give_a_gapless_global_chain() -> None:
     ledger.seal_all()
-    start = ledger.global_head()[0]
+    start = verify.global_head()[0]
     chains = [uuid.uuid4() for _ in range(4)]
     per_chain = 20
     appending = threading.Barrier(len(chains))
@@ -407,7 +407,7 @@ def test_concurrent_appends_and_seals_give_a_gapless_global_chain() -> None:
 @pytest.mark.django_db(transaction=True)
 def test_appends_to_different_chains_do_not_wait_for_each_other_on_postgresql() -> None:
     ledger.seal_all()
-    start = ledger.global_head()[0]
+    start = verify.global_head()[0]
     held, other = uuid.uuid4(), uuid.uuid4()
     appended, release = threading.Event(), threading.Event()
 

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from audit.ledger import verify_chain
 from audit.models import Event
+from audit.verify import verify_chain
 from tests.conftest import wait_for_run
 
 

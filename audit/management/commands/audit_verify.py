@@ -13,7 +13,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from audit import ledger
+from audit import ledger, verify
 from audit.models import ChainHead, Event
 
 
@@ -29,29 +29,29 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         ledger.seal_all()
         if options["run"]:
-            result = ledger.verify_chain(self._chain(options["run"]))
+            result = verify.verify_chain(self._chain(options["run"]))
             self._fail_if_broken([result])
             self.stdout.write(f"OK: {result.describe()}")
             return
         chains = events = broken = 0
-        first: ledger.Verification | None = None
-        for result in ledger.verify_chains():
+        first: verify.Verification | None = None
+        for result in verify.verify_chains():
             chains += 1
             events += result.events
             if not result.ok:
                 broken += 1
                 first = first or result
-        overall = ledger.verify_global()
+        overall = verify.verify_global()
         if broken > 1:
             self.stderr.write(f"{broken} chains are broken; the first:")
         self._fail_if_broken([r for r in (first, overall) if r is not None])
-        gseq, ghash = ledger.global_head()
+        gseq, ghash = verify.global_head()
         # Events committed after seal_all() above are checked in their chains but not yet sealed.
         pending = f" ({overall.unsealed} newer event(s) not sealed yet)" if overall.unsealed else ""
         self.stdout.write(f"OK: {chains} chain(s), {events} event(s); global chain intact{pending}")
         self.stdout.write(f"global head: gseq {gseq} ghash {ghash}")
 
-    def _fail_if_broken(self, results: list[ledger.Verification]) -> None:
+    def _fail_if_broken(self, results: list[verify.Verification]) -> None:
         broken = [r for r in results if not r.ok]
         for result in broken:
             self.stderr.write(f"BROKEN {result.describe()}")
