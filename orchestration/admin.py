@@ -29,7 +29,7 @@ from orchestration.models import (
 
 @admin.register(Agent)
 class AgentAdmin(AuditedAdmin, GuardedModelAdmin):
-    list_display = ["slug", "name", "provider", "model_name", "autonomy", "status"]
+    list_display = ["slug", "name", "provider", "model_name", "status"]
     actions = ["retire"]
 
     def has_delete_permission(self, request: Any, obj: Any = None) -> bool:
@@ -70,7 +70,7 @@ class ModelPriceAdmin(AuditedAdmin, admin.ModelAdmin):
 class ProcessVersionForm(forms.ModelForm):
     class Meta:
         model = ProcessVersion
-        fields = ["process", "plan", "input_schema", "hydration_limit", "budgets", "gates"]
+        fields = ["process", "plan", "input_schema", "hydration_limit", "budgets"]
 
     def clean(self) -> dict[str, Any]:
         data = super().clean() or {}
@@ -87,7 +87,7 @@ class ProcessVersionForm(forms.ModelForm):
 
 @admin.register(ProcessVersion)
 class ProcessVersionAdmin(admin.ModelAdmin):
-    """Adding a version publishes it (with its budgets and gates) through process_publish."""
+    """Adding a version publishes it (with its budgets) through process_publish."""
 
     form = ProcessVersionForm
     list_display = ["process", "number", "hydration_limit", "created_at"]
@@ -101,7 +101,7 @@ class ProcessVersionAdmin(admin.ModelAdmin):
     def save_model(self, request: Any, obj: ProcessVersion, form: Any, change: bool) -> None:
         version = services.process_publish(
             process=obj.process, plan=obj.plan, input_schema=obj.input_schema,
-            hydration_limit=obj.hydration_limit, budgets=obj.budgets, gates=obj.gates,
+            hydration_limit=obj.hydration_limit, budgets=obj.budgets,
             by=request.user)
         obj.pk, obj.number, obj.created_at = version.pk, version.number, version.created_at
         obj._state.adding = False

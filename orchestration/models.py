@@ -16,11 +16,6 @@ from orchestration.engine.states import RunStatus, TaskStatus
 
 
 class Agent(CheckedFields, models.Model):
-    class Autonomy(models.TextChoices):
-        DETERMINISTIC = "deterministic"
-        SUPERVISED = "supervised"
-        AUTONOMOUS = "autonomous"
-
     class Status(models.TextChoices):
         ACTIVE = "active"
         RETIRED = "retired"
@@ -43,9 +38,6 @@ class Agent(CheckedFields, models.Model):
     credential_ref = models.CharField(
         max_length=100, blank=True,
         help_text="name of the credential holding the provider's API key (never shown)",
-    )
-    autonomy = models.CharField(
-        max_length=20, choices=Autonomy.choices, default=Autonomy.SUPERVISED
     )
     step_budget = models.PositiveIntegerField(default=5)
     token_budget = models.PositiveIntegerField(default=20000)
@@ -146,7 +138,6 @@ class ProcessVersion(models.Model):
     input_schema = models.JSONField(default=dict)
     hydration_limit = models.PositiveIntegerField(default=3)
     budgets = models.JSONField(default=dict, blank=True)
-    gates = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

@@ -57,7 +57,6 @@ def process_publish(
     input_schema: dict[str, Any],
     hydration_limit: int = 3,
     budgets: dict[str, Any] | None = None,
-    gates: dict[str, Any] | None = None,
     by: AbstractBaseUser | None = None,
 ) -> ProcessVersion:
     """Validate and publish a new immutable version; it becomes the process's current one."""
@@ -69,12 +68,12 @@ def process_publish(
         last = process.versions.order_by("-number").values_list("number", flat=True).first()
         version = ProcessVersion.objects.create(
             process=process, number=(last or 0) + 1, plan=plan, input_schema=input_schema,
-            hydration_limit=hydration_limit, budgets=budgets or {}, gates=gates or {},
+            hydration_limit=hydration_limit, budgets=budgets or {},
         )
         Process.objects.filter(pk=process.pk).update(current_version=version)
         process.current_version = version
         process_identity(process, by=by)
-        fields = ["number", "plan", "input_schema", "hydration_limit", "budgets", "gates"]
+        fields = ["number", "plan", "input_schema", "hydration_limit", "budgets"]
         config_audit.record(
             "process.publish", model="orchestration.process", object=process.slug,
             old={f: getattr(previous, f) for f in fields} if previous else {},

@@ -217,7 +217,7 @@ def test_it_adds_an_agent_only_with_a_script_it_can_replay(admin_client: Client)
     identity = User.objects.create(username="agent-new")
     data = {"slug": "new", "name": "New", "user": identity.pk, "instructions": "",
             "provider": "scripted", "model_name": "", "model_params": '{"script": []}',
-            "credential_ref": "", "autonomy": "supervised", "step_budget": 5,
+            "credential_ref": "", "step_budget": 5,
             "token_budget": 20000, "status": "active"}
     before = (Agent.objects.count(), chain_length())
     post_refused(admin_client, f"{ADMIN}orchestration/agent/add/", data, "model_params",

@@ -82,7 +82,6 @@ AGENTS: list[dict[str, Any]] = [
         "name": "Refund investigator",
         "instructions": "You investigate refund requests. Look up the order and the refund "
                         "policy, then state whether the refund fits the policy.",
-        "autonomy": "supervised",
         "tools": ["lookup_order", "lookup_refund_policy"],
         "script": [
             {"tool_calls": [
@@ -102,7 +101,6 @@ AGENTS: list[dict[str, Any]] = [
         "name": "Refund executor",
         "instructions": "You issue refunds that an investigation supports, exactly as "
                         "requested, and report the refund reference.",
-        "autonomy": "supervised",
         "tools": ["issue_refund"],
         "script": [
             {"tool_calls": [
@@ -117,7 +115,6 @@ AGENTS: list[dict[str, Any]] = [
         "slug": "customer-comms",
         "name": "Customer communications",
         "instructions": "You write short, clear emails to customers.",
-        "autonomy": "autonomous",
         "tools": ["send_customer_email"],
         "script": [
             {"tool_calls": [
@@ -135,7 +132,6 @@ AGENTS: list[dict[str, Any]] = [
         "name": "Front desk",
         "instructions": "You answer customers' questions about their orders. Look up what you "
                         "need, then reply by email.",
-        "autonomy": "autonomous",
         "tools": ["lookup_order", "send_customer_email"],
         "script": [
             {"tool_calls": [

@@ -97,7 +97,6 @@ class Command(BaseCommand):
             agent.provider = "scripted"
             agent.model_name = demo.MODEL_NAME
             agent.model_params = {"script": spec["script"]}
-            agent.autonomy = spec["autonomy"]
             agent.save()
             for tool in Tool.objects.all():
                 if tool.slug in spec["tools"]:
