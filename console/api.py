@@ -26,9 +26,9 @@ from console.access import can_cancel, can_start, get_run_for_user, startable_pr
 from console.idempotency import KEY_HEADER, KEY_PATTERN, KEY_TTL, perform_once
 from console.middleware import request_id_of
 from console.models import ApiToken
+from console.selectors import approval_out, run_out
 from orchestration import services
-from orchestration.engine.states import TaskStatus
-from orchestration.models import Process, Run
+from orchestration.models import Process
 
 logger = logging.getLogger("switchboard.api")
 
@@ -223,39 +223,6 @@ class EventsOut(Schema):
     events: list[EventOut]
 
 
-def run_out(run: Run) -> dict[str, Any]:
-    tasks = list(run.tasks.all())
-    pending = {r.task_key: r for r in ApprovalRequest.objects.filter(
-        run_id=run.pk, status=ApprovalRequest.Status.PENDING)}
-    waiting = []
-    for t in tasks:
-        if t.status != TaskStatus.WAITING:
-            continue
-        request = pending.get(t.key)
-        if request is not None:
-            waiting.append({"kind": "approval", "task": t.key, "reason": request.reason,
-                            "id": str(request.pk)})
-        else:
-            waiting.append({"kind": "task", "task": t.key, "reason": t.error or "waiting",
-                            "id": None})
-    return {
-        "id": run.pk,
-        "process": run.process_version.process.slug,
-        "version": run.process_version.number,
-        "status": run.status,
-        "input": run.input,
-        "usage": {"tokens_in": run.tokens_in, "tokens_out": run.tokens_out,
-                  "cost": str(run.cost), "steps": run.steps, "tool_calls": run.tool_calls},
-        "result": run.result,
-        "error": run.error,
-        "waiting_on": waiting,
-        "tasks": [{"key": t.key, "status": t.status, "attempts": t.attempts,
-                   "executor": f"{t.executor_type}:{t.executor_ref}"} for t in tasks],
-        "created_at": run.created_at,
-        "finished_at": run.finished_at,
-    }
-
-
 @api.get("/processes", response=list[ProcessOut], summary="Processes you may start")
 def list_processes(request: HttpRequest) -> list[dict[str, Any]]:
     return [
@@ -365,28 +332,6 @@ class DecisionIn(Schema):
         default=None, description="the digest you saw; the decision is refused if it changed")
     note: str = Field(default="", max_length=2000)
     budget: dict[str, Any] | None = None
-
-
-def approval_out(request: ApprovalRequest) -> dict[str, Any]:
-    decisions = list(request.decisions.select_related("decider"))
-    approvals = {d.decider_id for d in decisions if d.kind in ("approve", "edit")
-                 and d.arguments_digest == request.arguments_digest}
-    # The next approver sees what a reviewer's edit changed, not just the result of it.
-    original = approval_services.original_arguments(request, decisions)
-    return {
-        "id": request.pk, "run": request.run_id, "task": request.task_key, "tool": request.tool,
-        "arguments": request.arguments, "arguments_digest": request.arguments_digest,
-        "reason": request.reason, "detail": request.detail,
-        "policy": str(request.policy_version) if request.policy_version_id else None,
-        "status": request.status, "deadline": request.deadline,
-        "required_approvals": request.required_approvals, "approvals": len(approvals),
-        "tier": request.tier,
-        "decisions": [{"by": d.decider.get_username(), "decision": d.kind, "note": d.note,
-                       "arguments_digest": d.arguments_digest, "at": d.created_at.isoformat()}
-                      for d in decisions],
-        "original_arguments": original,
-        "changes": approval_services.arguments_changes(original, request.arguments),
-    }
 
 
 @api.get("/approvals", response=list[ApprovalOut], summary="Approval requests you may decide")

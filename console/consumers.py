@@ -216,11 +216,11 @@ class RunConsumer(LiveConsumer):
         return seq is None or seq < head
 
     def render(self, user: Any) -> str | None:
-        from console.views import _run_context
+        from console.selectors import run_page
 
         request = self.http_request(user)
         try:
-            context = _run_context(request, self.run_id)  # get_run_for_user: 404 if not theirs
+            context = run_page(user, self.run_id)  # get_run_for_user: 404 if not theirs
         except Http404:
             return None
         return render_to_string("console/run_detail.html#live", context, request=request)

@@ -1,3 +1,5 @@
+"""The dashboard and run pages, and the run actions: start, cancel, replay, fork, retry."""
+
 from __future__ import annotations
 
 import json
@@ -9,9 +11,7 @@ from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
-from approvals.models import ApprovalRequest
 from audit import hygiene
-from audit.models import Event
 from console.access import (
     can_cancel,
     can_start,
@@ -19,9 +19,9 @@ from console.access import (
     startable_processes,
     visible_runs,
 )
-from console.screens import dashboard_figures
+from console.selectors import dashboard_figures, first_unfinished, run_page
 from orchestration import services
-from orchestration.engine.states import RUN_TERMINAL, TASK_TERMINAL, RunStatus, TaskStatus
+from orchestration.engine.states import RunStatus
 from orchestration.models import Process
 
 
@@ -72,59 +72,8 @@ def run_start(request: HttpRequest) -> HttpResponse:
     return response
 
 
-# Ledger kinds shown as a step of a task's trace, with what each step carries.
-_TRACE_KINDS = ("model.", "tool.", "approval.", "budget.", "task.")
-
-
-def _gauge(label: str, used: Any, cap: Any) -> dict[str, Any]:
-    """One budget gauge: used against cap (no cap: no meter, just the figure)."""
-    share = float(used) / float(cap) if cap else None
-    return {"label": label, "used": used, "cap": cap,
-            "share": None if share is None else min(share, 1.0),
-            "percent": None if share is None else round(share * 100, 1),
-            "level": "" if share is None else ("high" if share >= 0.9 else
-                                              "mid" if share >= 0.6 else "low")}
-
-
-def _trace(events: list[Event], tasks: list[Any]) -> dict[str, Any]:
-    """The ledger as a tree: run-level events, then each task with its calls and decisions."""
-    by_task: dict[str, list[Event]] = {t.key: [] for t in tasks}
-    run_level: list[Event] = []
-    for event in events:
-        key = event.data.get("task") if isinstance(event.data, dict) else None
-        if key in by_task and event.kind.startswith(_TRACE_KINDS):
-            by_task[key].append(event)
-        else:
-            run_level.append(event)
-    return {"run": run_level, "tasks": [(t, by_task[t.key]) for t in tasks]}
-
-
 def _run_context(request: HttpRequest, run_id: Any) -> dict[str, Any]:
-    run = get_run_for_user(request.user, run_id)
-    tasks = list(run.tasks.all())
-    events = list(Event.objects.filter(chain=run.pk).order_by("seq"))
-    done = sum(1 for t in tasks if t.status in TASK_TERMINAL)
-    may_fork = can_start(request.user, run.process_version.process)
-    return {
-        "run": run,
-        "tasks": tasks,
-        "events": events,
-        "trace": _trace(events, tasks),
-        "progress": {"done": done, "total": len(tasks)},
-        "gauges": [
-            _gauge("Tokens", run.tokens_in + run.tokens_out, run.budget_tokens),
-            _gauge("Cost", run.cost, run.budget_cost),
-            _gauge("Steps", run.steps, run.budget_steps),
-        ],
-        "active": run.status not in RUN_TERMINAL,
-        "may_cancel": can_cancel(request.user, run),
-        "may_fork": may_fork,
-        "retry_step": _first_unfinished(tasks) if (
-            may_fork and run.status in (RunStatus.FAILED, RunStatus.CANCELLED)) else None,
-        "waiting_on": list(ApprovalRequest.objects.filter(
-            run_id=run.pk, status=ApprovalRequest.Status.PENDING).select_related(
-            "decider_group")),
-    }
+    return run_page(request.user, run_id)
 
 
 @login_required
@@ -162,11 +111,6 @@ def run_replay(request: HttpRequest, run_id: Any) -> HttpResponse:
     context = _run_context(request, run.pk)
     context["replay"] = result
     return render(request, "console/run_detail.html", context)
-
-
-def _first_unfinished(tasks: list[Any]) -> int | None:
-    """The plan position (1-based) of the first task that did not succeed."""
-    return next((i for i, t in enumerate(tasks, 1) if t.status != TaskStatus.SUCCEEDED), None)
 
 
 def _fork(request: HttpRequest, run: Any, step: int, done: str) -> HttpResponse:
@@ -215,5 +159,5 @@ def run_retry(request: HttpRequest, run_id: Any) -> HttpResponse:
                                 f"{run.status}.")
         return redirect("run_detail", run_id=run.pk)
     tasks = list(run.tasks.all())
-    step = _first_unfinished(tasks) or 1
+    step = first_unfinished(tasks) or 1
     return _fork(request, run, step, f"Retrying from task {step} ({tasks[step - 1].key}).")

@@ -36,7 +36,9 @@ def pool() -> concurrent.futures.ThreadPoolExecutor:
         return _pool
 
 
-def _in_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+def run_in_worker(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    """Call ``fn`` as a pool thread's work: on database connections of its own, closed after,
+    and a failure logged rather than lost in the pool's future."""
     close_old_connections()
     try:
         fn(*args, **kwargs)
@@ -50,9 +52,9 @@ def submit(task: Any, *args: Any, **kwargs: Any) -> None:
     """Send a Celery task (by its task object) to wherever this mode runs work."""
     if standalone():
         try:
-            pool().submit(_in_thread, task.run, *args, **kwargs)
+            pool().submit(run_in_worker, task.run, *args, **kwargs)
         except RuntimeError:  # that pool was shut down between lookup and submit
-            pool().submit(_in_thread, task.run, *args, **kwargs)
+            pool().submit(run_in_worker, task.run, *args, **kwargs)
     else:
         # Fail fast when the broker is away: the message is an outbox row, and the relay sends
         # it again; an API request must not hang on a dead broker.

@@ -17,7 +17,7 @@ from guardian.shortcuts import assign_perm, get_objects_for_user
 
 from approvals.models import ApprovalRequest
 from audit import ledger
-from console import charts, screens
+from console import charts, selectors
 from orchestration import services
 from orchestration.models import Agent, Process, Run, Task, Tool
 from tests.conftest import wait_for_run
@@ -98,7 +98,7 @@ def dataset(people: dict[str, User]) -> dict[str, Run]:
 
 
 def test_it_scores_agents_on_a_hand_checked_dataset(dataset: dict[str, Run]) -> None:
-    card = screens.agent_scorecards(["frontdesk", "refund-executor"])
+    card = selectors.agent_scorecards(["frontdesk", "refund-executor"])
     frontdesk = card["frontdesk"]
     assert (frontdesk.runs, frontdesk.tasks, frontdesk.succeeded) == (3, 3, 2)
     assert f"{frontdesk.success_rate:.3f}" == "0.667"
@@ -122,7 +122,7 @@ def test_it_shows_the_scorecard_on_the_agents_page(dataset: dict[str, Run],
 
 def test_it_computes_the_dashboard_figures(dataset: dict[str, Run],
                                            people: dict[str, User]) -> None:
-    figures = screens.dashboard_figures(people["reviewer"])
+    figures = selectors.dashboard_figures(people["reviewer"])
     assert (figures.active, figures.waiting) == (1, 1)
     assert figures.pending_for_me == 1
     assert f"{figures.success_rate:.3f}" == "0.667"
@@ -140,7 +140,7 @@ def test_it_computes_the_dashboard_figures(dataset: dict[str, Run],
 
 def test_it_breaks_cost_down_by_process_pattern_and_agent(dataset: dict[str, Run],
                                                           people: dict[str, User]) -> None:
-    process, pattern, agent = screens.cost_breakdowns(timezone.now())
+    process, pattern, agent = selectors.cost_breakdowns(timezone.now())
     [row] = process.rows
     assert (row.key, row.finished, row.completed, row.cost) == (
         "refund-exception", 3, 2, Decimal("0.60"))
@@ -150,7 +150,7 @@ def test_it_breaks_cost_down_by_process_pattern_and_agent(dataset: dict[str, Run
     [task_row] = agent.rows
     assert (task_row.key, task_row.cost_per_completed) == ("frontdesk", Decimal("0.30"))
     assert task_row.review_wait == timedelta(minutes=10)
-    assert screens.escalation_reasons(timezone.now()) == [
+    assert selectors.escalation_reasons(timezone.now()) == [
         ("budget exhausted", 1), ("sensitive action", 1)]
 
     page = signed_in(people["operator"]).get("/analytics/").content.decode()
@@ -195,7 +195,7 @@ def test_it_reads_the_agents_page_in_queries_that_do_not_grow_with_agents(
 
 def test_it_lists_the_same_grants_as_guardian(people: dict[str, User]) -> None:
     agents = list(Agent.objects.all())
-    grants = screens.agent_grants(agents)
+    grants = selectors.agent_grants(agents)
     for agent in agents:
         expected = get_objects_for_user(agent.user, "orchestration.invoke_tool", Tool,
                                         with_superuser=False)
@@ -256,7 +256,7 @@ def test_it_renders_every_screen_after_real_runs(runner: None, people: dict[str,
     pages = {path: client.get(path) for path in PAGES}
     assert all(r.status_code == 200 for r in pages.values()), {
         p: r.status_code for p, r in pages.items()}
-    card = screens.agent_scorecards(["frontdesk"])["frontdesk"]
+    card = selectors.agent_scorecards(["frontdesk"])["frontdesk"]
     assert (card.runs, card.succeeded, card.steps) == (2, 2, 6)
     assert card.success_rate == 1.0 and card.cost_per_completed > 0
     tools = pages["/tools/"].content.decode()
