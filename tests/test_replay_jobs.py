@@ -198,6 +198,21 @@ def test_a_check_whose_worker_was_lost_is_queued_again(runner: None, client: Cli
     assert finished(stale.pk).status == "matched"
 
 
+@pytest.mark.distributed
+@pytest.mark.django_db(transaction=True)
+def test_the_workers_sweep_takes_over_a_lost_check(runner: None, client: Client) -> None:
+    """Nothing in this process: a worker's own sweep finds the checks nobody is doing."""
+    run = start(client, "vendor-onboarding", dict(VENDOR_INPUT))
+    long_ago = timezone.now() - timedelta(hours=1)  # beyond the worker's stale limit
+    lost = ReplayCheck.objects.create(run=run, status="running", started_at=long_ago,
+                                      attempts=1)
+    assert finished(lost.pk).status == "matched"
+    unsent = ReplayCheck.objects.create(run=run)  # queued, and its message never written
+    ReplayCheck.objects.filter(pk=unsent.pk).update(created_at=long_ago)
+    check = finished(unsent.pk)
+    assert check.status == "matched" and check.attempts == 1
+
+
 @pytest.mark.django_db(transaction=True)
 def test_a_replay_that_breaks_is_reported_failed(runner: None, client: Client, settings: Any,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
