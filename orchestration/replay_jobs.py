@@ -17,7 +17,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Exists, OuterRef, Q, QuerySet
+from django.db.models import Exists, F, OuterRef, Q, QuerySet
 from django.utils import timezone
 
 from orchestration import outbox
@@ -62,9 +62,9 @@ def perform(check_id: str, message_id: int | None = None) -> None:
                      .values_list("run_id", "status").first())
             if check is None or check[1] not in PENDING:
                 return None
-            now = timezone.now()
             ReplayCheck.objects.filter(pk=check_id).update(
-                status=ReplayCheck.Status.RUNNING, started_at=now, attempts=_plus_one())
+                status=ReplayCheck.Status.RUNNING, started_at=timezone.now(),
+                attempts=F("attempts") + 1)
             return check[0]
 
     run_id = persist(claim, what=f"start replay check {check_id}")
@@ -92,12 +92,6 @@ def perform(check_id: str, message_id: int | None = None) -> None:
             finished_at=timezone.now(), **verdict)
 
     persist(store, what=f"finish replay check {check_id}")
-
-
-def _plus_one() -> Any:
-    from django.db.models import F
-
-    return F("attempts") + 1
 
 
 def _stale(now: Any, *, lost: bool = False) -> Q:
