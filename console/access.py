@@ -73,3 +73,9 @@ def can_cancel(user, run: Run) -> bool:  # type: ignore[no-untyped-def]
         return False
     return bool(user.has_perm("orchestration.change_run") or run.created_by_id == user.pk
                 or can_start(user, run.process_version.process))
+
+
+def can_replay(user, run: Run) -> bool:  # type: ignore[no-untyped-def]
+    """Who may start a replay check of a run (it takes a worker): those who may act on it, as
+    for cancelling. Everyone who sees the run sees the checks' verdicts."""
+    return can_cancel(user, run)

@@ -389,3 +389,49 @@ def decide_approval(request: HttpRequest, request_id: str, payload: DecisionIn,
         return Status(200, approval_out(approval))
 
     return _once(request, idempotency_key, ApprovalOut, action)
+
+
+class ReplayCheckOut(Schema):
+    id: uuid.UUID
+    run: uuid.UUID
+    status: str = Field(description="queued | running | matched | diverged | failed")
+    requested_by: str | None
+    compared: int = Field(description="recorded events compared")
+    summary: str = Field(description="the verdict, once there is one")
+    divergence: str = Field(description="the first divergence, if the replay diverged")
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+def replay_check_out(check: Any) -> dict[str, Any]:
+    return {"id": check.pk, "run": check.run_id, "status": check.status,
+            "requested_by": check.requested_by.get_username() if check.requested_by else None,
+            "compared": check.compared, "summary": check.summary,
+            "divergence": check.divergence, "created_at": check.created_at,
+            "started_at": check.started_at, "finished_at": check.finished_at}
+
+
+@api.post("/runs/{run_id}/replay", response={202: ReplayCheckOut, 403: ErrorOut},
+          summary="Replay a run from its ledger in a worker (a check already under way for "
+                  "the run is returned instead of starting another)")
+def replay_run(request: HttpRequest, run_id: str) -> Any:
+    from console.access import can_replay
+    from orchestration import replay_jobs
+
+    run = get_run_for_user(request.user, run_id)
+    if not can_replay(request.user, run):
+        return Status(403, {"error": "you may not start a replay check of this run"})
+    check, _created = replay_jobs.request_check(run, request.user)
+    return Status(202, replay_check_out(check))
+
+
+@api.get("/runs/{run_id}/replay/{check_id}", response=ReplayCheckOut,
+         summary="A replay check and its verdict")
+def get_replay_check(request: HttpRequest, run_id: str, check_id: str) -> dict[str, Any]:
+    run = get_run_for_user(request.user, run_id)
+    try:
+        check = run.replay_checks.select_related("requested_by").get(pk=check_id)
+    except (DjangoValidationError, ValueError, run.replay_checks.model.DoesNotExist):
+        raise Http404("no such replay check") from None
+    return replay_check_out(check)

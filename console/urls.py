@@ -12,6 +12,7 @@ urlpatterns = [
     path("runs/<uuid:run_id>/", views.run_detail, name="run_detail"),
     path("runs/<uuid:run_id>/cancel", views.run_cancel, name="run_cancel"),
     path("runs/<uuid:run_id>/replay", views.run_replay, name="run_replay"),
+    path("runs/<uuid:run_id>/replay/checks", views.run_replay_checks, name="run_replay_checks"),
     path("runs/<uuid:run_id>/fork", views.run_fork, name="run_fork"),
     path("runs/<uuid:run_id>/retry", views.run_retry, name="run_retry"),
     path("agents/", screens.agent_list, name="agent_list"),

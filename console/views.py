@@ -7,13 +7,15 @@ from typing import Any
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
 from django.views.decorators.http import require_POST
 
 from audit import hygiene
 from console.access import (
     can_cancel,
+    can_replay,
     can_start,
     get_run_for_user,
     startable_processes,
@@ -82,6 +84,8 @@ def run_detail(request: HttpRequest, run_id: Any) -> HttpResponse:
     template = "console/run_detail.html"
     if getattr(request, "htmx", False):
         template += "#live"
+    else:
+        context.update(_replay_checks(request, context["run"]))
     return render(request, template, context)
 
 
@@ -100,17 +104,36 @@ def run_cancel(request: HttpRequest, run_id: Any) -> HttpResponse:
     return redirect("run_detail", run_id=run.pk)
 
 
+def _replay_checks(request: HttpRequest, run: Any) -> dict[str, Any]:
+    checks = list(run.replay_checks.select_related("requested_by")[:20])
+    return {"replay_checks": checks, "may_replay": can_replay(request.user, run),
+            "replay_pending": any(c.pending for c in checks)}
+
+
 @login_required
 @require_POST
 def run_replay(request: HttpRequest, run_id: Any) -> HttpResponse:
-    """Replay the run from its ledger and show the verdict on its page."""
-    from orchestration.replay import replay
+    """Queue a replay of the run from its ledger (a worker does it), then back to its page,
+    which shows the check until its verdict is in. A check already under way is not doubled."""
+    from orchestration import replay_jobs
 
     run = get_run_for_user(request.user, run_id)
-    result = replay(run)
-    context = _run_context(request, run.pk)
-    context["replay"] = result
-    return render(request, "console/run_detail.html", context)
+    if not can_replay(request.user, run):
+        return HttpResponse("You may not start a replay check of this run.", status=403)
+    _check, created = replay_jobs.request_check(run, request.user)
+    if created:
+        messages.success(request, "Replay check queued.")
+    else:
+        messages.info(request, "A replay check of this run is already under way.")
+    return HttpResponseRedirect(reverse("run_detail", args=[run.pk]) + "#replay", status=303)
+
+
+@login_required
+def run_replay_checks(request: HttpRequest, run_id: Any) -> HttpResponse:
+    """The run page's replay checks (what it polls while one is under way)."""
+    run = get_run_for_user(request.user, run_id)
+    return render(request, "console/run_detail.html#replay_checks",
+                  {"run": run, **_replay_checks(request, run)})
 
 
 def _fork(request: HttpRequest, run: Any, step: int, done: str) -> HttpResponse:

@@ -72,6 +72,8 @@ def send(topic: str, *, message_id: int | None, run_id: str, key: str = "",
         submit(tasks.execute_task, run_id, key, outbox_id=message_id)
     elif topic == "resume":
         submit(tasks.resume_after_decision, request_id, outbox_id=message_id)
+    elif topic == "replay":
+        submit(tasks.replay_check, request_id, outbox_id=message_id)
     else:
         raise ValueError(f"unknown outbox topic {topic!r}")
 

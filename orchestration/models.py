@@ -293,6 +293,7 @@ class Outbox(models.Model):
         ADVANCE = "advance"
         EXECUTE = "execute"
         RESUME = "resume"
+        REPLAY = "replay"  # run_id: the run, request_id: the ReplayCheck
 
     id = models.BigAutoField(primary_key=True)
     topic = models.CharField(max_length=10, choices=Topic.choices)
@@ -367,3 +368,42 @@ class KillSwitch(models.Model):
             raise ValidationError({"scope": f"unknown scope {self.scope!r}"})
         if not owner.objects.filter(slug=self.target).exists():
             raise ValidationError({"target": f"no {self.scope} named {self.target!r}"})
+
+
+class ReplayCheck(models.Model):
+    """One request to replay a run from its ledger (orchestration/replay_jobs.py), done by a
+    worker. A new row per request, kept as the run's history of checks; at most one per run is
+    queued or running at a time."""
+
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        RUNNING = "running"
+        MATCHED = "matched"
+        DIVERGED = "diverged"
+        FAILED = "failed"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="replay_checks")
+    requested_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True,
+                                     on_delete=models.SET_NULL, related_name="+")
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED)
+    compared = models.PositiveIntegerField(default=0, help_text="recorded events compared")
+    summary = models.TextField(blank=True, help_text="the verdict, as the replay command says it")
+    divergence = models.TextField(blank=True, help_text="the first divergence, if any")
+    attempts = models.PositiveIntegerField(default=0, help_text="times a worker started it")
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [models.UniqueConstraint(
+            fields=["run"], condition=models.Q(status__in=["queued", "running"]),
+            name="replay_check_one_pending_per_run")]
+
+    def __str__(self) -> str:
+        return f"replay check of run {self.run_id}: {self.status}"
+
+    @property
+    def pending(self) -> bool:
+        return self.status in (self.Status.QUEUED, self.Status.RUNNING)

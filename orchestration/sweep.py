@@ -10,7 +10,8 @@ PostgreSQL advisory lock; a dead sweeper's lock goes with its connection) and th
 - re-sends work nothing is holding: queued tasks and active runs without a message in flight,
   and waiting tasks whose approval request has been decided (the resume message was lost), or
   whose kill switch has been released (the release was interrupted);
-- enforces approval deadlines and seals committed ledger events into the global chain.
+- enforces approval deadlines and seals committed ledger events into the global chain;
+- queues again replay checks whose worker was lost (orchestration/replay_jobs.py).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from django.utils import timezone
 from approvals import services as approvals
 from approvals.models import ApprovalRequest
 from audit import ledger
-from orchestration import outbox, services, signals
+from orchestration import outbox, replay_jobs, services, signals
 from orchestration.engine.states import RUN_TERMINAL, RunStatus, TaskStatus
 from orchestration.models import PAUSED, Outbox, Run, Task
 
@@ -51,6 +52,7 @@ def sweep_once() -> dict[str, int]:
         "unpaused": services.resume_unpaused(),
         "expired": approvals.requests_expire(),
         "sealed": ledger.seal(),
+        "replays": replay_jobs.recover(),
     }
     for receiver, result in signals.swept.send_robust(sender=sweep_once):
         if isinstance(result, Exception):
@@ -135,6 +137,7 @@ def recover_on_start() -> dict[str, int]:
     is lost; take it over now rather than after its lease."""
     Task.objects.filter(status=TaskStatus.RUNNING).update(
         lease_expires_at=timezone.now() - timedelta(seconds=1))
+    replay_jobs.recover(lost=True)
     outbox.relay(limit=100_000, all_now=True)
     return sweep_once()
 

@@ -41,6 +41,13 @@ def resume_after_decision(request_id: str, outbox_id: int | None = None) -> None
         services.resume_after_decision(request, message_id=outbox_id)
 
 
+@shared_task(name="orchestration.replay_check", acks_late=True, **RETRY)
+def replay_check(check_id: str, outbox_id: int | None = None) -> None:
+    from orchestration import replay_jobs
+
+    replay_jobs.perform(check_id, outbox_id)
+
+
 @shared_task(name="orchestration.sweep", **RETRY)
 def sweep() -> None:
     """The periodic sweep (orchestration/sweep.py). Workers run it themselves; this task lets

@@ -18,7 +18,7 @@ from approvals.models import Decision
 from console.api import api
 from console.models import ApiToken
 from orchestration import services
-from orchestration.models import Agent, Process
+from orchestration.models import Agent, Process, ReplayCheck
 
 ROLES = ("owner", "teammate", "outsider", "reviewer", "admin")
 VENDOR = {"name": "Northwind Traders", "country": "DE", "iban": "DE89370400440532013000",
@@ -35,7 +35,8 @@ PAGES: dict[tuple[str, str], set[str]] = {
     ("POST", "runs/start"): STARTS,
     ("GET", "runs/<uuid:run_id>/"): SEES_RUN,
     ("POST", "runs/<uuid:run_id>/cancel"): STARTS,
-    ("POST", "runs/<uuid:run_id>/replay"): SEES_RUN,
+    ("POST", "runs/<uuid:run_id>/replay"): STARTS,
+    ("GET", "runs/<uuid:run_id>/replay/checks"): SEES_RUN,
     ("POST", "runs/<uuid:run_id>/fork"): STARTS,
     ("POST", "runs/<uuid:run_id>/retry"): STARTS,
     ("GET", "agents/"): CONSOLE,
@@ -59,6 +60,8 @@ API: dict[tuple[str, str], set[str]] = {
     ("GET", "/runs/{run_id}/events"): SEES_RUN,
     ("POST", "/runs/{run_id}/cancel"): STARTS,
     ("POST", "/runs/{run_id}/fork"): STARTS,
+    ("POST", "/runs/{run_id}/replay"): STARTS,
+    ("GET", "/runs/{run_id}/replay/{check_id}"): SEES_RUN,
     ("GET", "/approvals"): ALL,
     ("GET", "/approvals/{request_id}"): SEES_RUN,
     ("POST", "/approvals/{request_id}/decision"): {"reviewer"},
@@ -145,8 +148,9 @@ def cast(demo: None) -> dict[str, Any]:
     request = approvals.request_open(run_id=run.pk, task_key="check_sanctions",
                                      reason="budget_exhausted", requested_by="system",
                                      detail="budget spent", run_started_by=owner)
+    check = ReplayCheck.objects.create(run=run, requested_by=owner, status="matched")
     return {"people": people, "run": run, "request": request,
-            "agent": Agent.objects.first()}
+            "agent": Agent.objects.first(), "check": check}
 
 
 def _path(route: str, cast: dict[str, Any]) -> str:
@@ -182,7 +186,7 @@ def test_it_enforces_the_page_matrix(cast: dict[str, Any], role: str, method: st
         assert _decided(cast) == allowed, (role, response.status_code)
         return
     if allowed:
-        assert response.status_code in (200, 302), (role, response.status_code)
+        assert response.status_code in (200, 302, 303), (role, response.status_code)
         if route != "logout/":
             assert "/login/" not in response.get("Location", "")
     else:
@@ -203,7 +207,7 @@ def test_it_keeps_the_admin_to_staff(cast: dict[str, Any], role: str) -> None:
 
 def _api_path(path: str, cast: dict[str, Any]) -> str:
     return "/api/v1" + path.replace("{run_id}", str(cast["run"].pk)).replace(
-        "{request_id}", str(cast["request"].pk))
+        "{request_id}", str(cast["request"].pk)).replace("{check_id}", str(cast["check"].pk))
 
 
 API_BODIES: dict[str, Callable[[], dict[str, Any]]] = {

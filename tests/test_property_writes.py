@@ -48,7 +48,7 @@ from approvals.models import ApprovalRequest, Decision
 from console import auth_views
 from console.models import ApiToken
 from orchestration import services
-from orchestration.models import Agent, Process, Run
+from orchestration.models import Agent, Process, ReplayCheck, Run
 from tests.test_approvals import REFUND, _open_request
 from tests.test_authz_matrix import _api_operations, _page_routes
 
@@ -86,6 +86,7 @@ class World:
     active: Run
     cancelled: Run
     agent: str
+    check: ReplayCheck  # a finished replay check of ``cancelled``
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +116,9 @@ def world(django_db_setup: Any, django_db_blocker: Any) -> Iterator[World]:
         assert agent is not None
         yield World(people=people, tokens=tokens, request=request,
                     active=Run.objects.get(pk=request.run_id), cancelled=cancelled,
-                    agent=agent.slug)
+                    agent=agent.slug, check=ReplayCheck.objects.create(
+                        run=cancelled, requested_by=people["operator"], status="matched",
+                        summary="replay matches"))
 
 
 # --- what "changed nothing" means ----------------------------------------------------------
@@ -358,6 +361,8 @@ PAGES: dict[str, Page] = {
     # Pages that only read: sent hostile fields anyway (GET or POST), they must write nothing.
     "": Page("operator", lambda w: "", reads=True),
     "runs/<uuid:run_id>/": Page("operator", _active, reads=True),
+    "runs/<uuid:run_id>/replay/checks": Page("operator", lambda w: _active(w) + "replay/checks",
+                                             reads=True),
     "agents/": Page("operator", lambda w: "agents/", reads=True),
     "agents/<slug:slug>/": Page("operator", lambda w: f"agents/{w.agent}/", reads=True),
     "tools/": Page("operator", lambda w: "tools/", reads=True),
@@ -388,6 +393,8 @@ API_WRITES: dict[tuple[str, str], Operation] = {
                                                  lambda w: f"/runs/{w.active.pk}/cancel"),
     ("POST", "/runs/{run_id}/fork"): Operation("operator", lambda w: f"/runs/{w.cancelled.pk}/fork",
                                                lambda w: st.just({"step": 1})),
+    ("POST", "/runs/{run_id}/replay"): Operation("operator",
+                                                 lambda w: f"/runs/{w.cancelled.pk}/replay"),
     ("POST", "/approvals/{request_id}/decision"): Operation(
         "reviewer", lambda w: f"/approvals/{w.request.pk}/decision", _decision_body),
 }
@@ -406,6 +413,8 @@ API_READS: dict[tuple[str, str], Operation] = {
                                      .map(lambda status: {"status": status})),
     ("GET", "/approvals/{request_id}"): Operation("reviewer",
                                                   lambda w: f"/approvals/{w.request.pk}"),
+    ("GET", "/runs/{run_id}/replay/{check_id}"): Operation(
+        "operator", lambda w: f"/runs/{w.cancelled.pk}/replay/{w.check.pk}"),
 }
 
 
@@ -420,7 +429,7 @@ def _own_or_unknown(path: str, world: World, unknown: bool) -> str:
     """Now and then the same path for an object that does not exist: 404, nothing written."""
     if not unknown:
         return path
-    for own in (world.active.pk, world.cancelled.pk, world.request.pk):
+    for own in (world.active.pk, world.cancelled.pk, world.request.pk, world.check.pk):
         path = path.replace(str(own), str(uuid.uuid4()))
     return path.replace(world.agent, "no-such-agent")
 

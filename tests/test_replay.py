@@ -206,15 +206,27 @@ def test_it_refuses_a_fork_from_a_step_out_of_range_or_by_an_outsider(
 
 @pytest.mark.django_db(transaction=True)
 def test_it_shows_the_replay_verdict_on_the_run_page(runner: None, client: Any) -> None:
+    """The page queues a replay check and shows its verdict once a worker has done it (more
+    in tests/test_replay_jobs.py)."""
+    from orchestration.models import ReplayCheck
+    from tests.conftest import wait_for
+
     run = start(client, "vendor-onboarding", dict(VENDOR_INPUT))
     client.force_login(User.objects.get(username="reviewer"))
     page = client.get(f"/runs/{run.pk}/")
-    assert b"Replay from the ledger" in page.content
+    assert b"Replay checks" in page.content
+    assert b"Replay from the ledger" not in page.content  # reviewers see, they do not act
     assert b'name="step"' not in page.content  # reviewers may not start runs
+    assert client.post(f"/runs/{run.pk}/replay").status_code == 403
+    client.force_login(User.objects.get(username="operator"))
+    assert b"Replay from the ledger" in client.get(f"/runs/{run.pk}/").content
     assert client.get(f"/runs/{run.pk}/replay").status_code == 405
-    verdict = client.post(f"/runs/{run.pk}/replay")
-    assert verdict.status_code == 200
-    assert b'id="replay-verdict"' in verdict.content and b"matches" in verdict.content
+    queued = client.post(f"/runs/{run.pk}/replay")
+    assert queued.status_code == 303 and queued["Location"] == f"/runs/{run.pk}/#replay"
+    wait_for(lambda: ReplayCheck.objects.filter(run=run, status="matched").exists(),
+             what="the replay check's verdict")
+    page = client.get(queued["Location"])
+    assert b'class="replay-verdict success"' in page.content and b"matches" in page.content
     client.force_login(User.objects.create_user("outsider"))
     assert client.post(f"/runs/{run.pk}/replay").status_code == 404
 
