@@ -6,7 +6,7 @@ from django.db import migrations
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('orchestration', '0007_process_identities'),
+        ('orchestration', '0008_replay_check'),
     ]
 
     operations = [
