@@ -232,8 +232,6 @@ SWITCHBOARD_LEASE_SECONDS = envint("SWITCHBOARD_LEASE_SECONDS", 10, minimum=1)
 SWITCHBOARD_SWEEP_SECONDS = envint("SWITCHBOARD_SWEEP_SECONDS", 5, minimum=1)
 SWITCHBOARD_REDELIVER_SECONDS = envint("SWITCHBOARD_REDELIVER_SECONDS", 15, minimum=1)
 SWITCHBOARD_POISON_CRASHES = envint("SWITCHBOARD_POISON_CRASHES", 3, minimum=1)
-# A replay check running this long is taken for lost (its worker died) and queued again.
-SWITCHBOARD_REPLAY_STALE_SECONDS = envint("SWITCHBOARD_REPLAY_STALE_SECONDS", 600, minimum=1)
 # How long a worker keeps the work in hand through a database outage before giving it up to
 # the sweep.
 SWITCHBOARD_DB_RETRY_SECONDS = envint("SWITCHBOARD_DB_RETRY_SECONDS", 60, minimum=0)

@@ -393,6 +393,8 @@ class ReplayCheck(models.Model):
     attempts = models.PositiveIntegerField(default=0, help_text="times a worker started it")
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(
+        null=True, blank=True, help_text="last sign of life of the worker replaying it")
     finished_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:

@@ -3,21 +3,26 @@
 ``request_check`` writes a queued ``ReplayCheck`` and a ``replay`` outbox message in one
 transaction, so a committed request always gets done, even if the web process dies right after.
 A worker (a Celery task in distributed mode, a thread in standalone) marks it running, replays
-the run and stores the verdict. A worker lost mid-replay leaves the check running: the sweep
-(and the next request for the same run) queues it again once it has been running longer than
-``SWITCHBOARD_REPLAY_STALE_SECONDS``. That is safe because a replay calls nothing external, and
-only the first verdict is kept.
+the run and stores the verdict, beating a heartbeat on the check every third of
+``SWITCHBOARD_LEASE_SECONDS`` meanwhile. A worker lost mid-replay leaves the check running with
+a heartbeat that stops: the sweep (and the next request for the same run) queues it again once
+the heartbeat is older than ``SWITCHBOARD_LEASE_SECONDS``, as for a task's lease. That is safe
+because a replay calls nothing external, and only the first verdict is kept.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import Exists, F, OuterRef, Q, QuerySet
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from orchestration import outbox
@@ -62,8 +67,9 @@ def perform(check_id: str, message_id: int | None = None) -> None:
                      .values_list("run_id", "status").first())
             if check is None or check[1] not in PENDING:
                 return None
+            now = timezone.now()
             ReplayCheck.objects.filter(pk=check_id).update(
-                status=ReplayCheck.Status.RUNNING, started_at=timezone.now(),
+                status=ReplayCheck.Status.RUNNING, started_at=now, heartbeat_at=now,
                 attempts=F("attempts") + 1)
             return check[0]
 
@@ -71,8 +77,9 @@ def perform(check_id: str, message_id: int | None = None) -> None:
     if run_id is None:
         return
     try:
-        result = persist(lambda: replay(Run.objects.select_related(
-            "process_version__process").get(pk=run_id)), what=f"replay check {check_id}")
+        with _heartbeat(check_id):
+            result = persist(lambda: replay(Run.objects.select_related(
+                "process_version__process").get(pk=run_id)), what=f"replay check {check_id}")
     except DB_ERRORS:
         raise  # it stays running: the sweep queues it again
     except Exception as exc:  # a bug in the replay itself: say so, keep the worker going
@@ -94,13 +101,40 @@ def perform(check_id: str, message_id: int | None = None) -> None:
     persist(store, what=f"finish replay check {check_id}")
 
 
+@contextmanager
+def _heartbeat(check_id: str) -> Iterator[None]:
+    """Beat the check's heartbeat from a thread of its own while the replay runs."""
+    stop = threading.Event()
+    interval = max(0.2, settings.SWITCHBOARD_LEASE_SECONDS / 3)
+
+    def beat() -> None:
+        try:
+            while not stop.wait(interval):
+                try:
+                    ReplayCheck.objects.filter(
+                        pk=check_id, status=ReplayCheck.Status.RUNNING).update(
+                        heartbeat_at=timezone.now())
+                except DB_ERRORS as exc:  # the database is away: the check may be taken over
+                    log.warning("could not beat replay check %s: %s", check_id, exc)
+        finally:
+            connection.close()  # this thread's own connection
+
+    thread = threading.Thread(target=beat, name=f"replay-heartbeat-{check_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def _stale(now: Any, *, lost: bool = False) -> Q:
-    """Checks no worker is doing: running for too long (or at all, when ``lost``: a standalone
-    process starting finds the previous one's work lost), or queued without a message."""
+    """Checks no worker is doing: running without a heartbeat for a lease's length (or at all,
+    when ``lost``: a standalone process starting finds the previous one's work lost), or queued
+    without a message."""
     running = Q(status=ReplayCheck.Status.RUNNING)
     if not lost:
-        running &= Q(started_at__lt=now - timedelta(
-            seconds=settings.SWITCHBOARD_REPLAY_STALE_SECONDS))
+        running &= Q(beat__lt=now - timedelta(seconds=settings.SWITCHBOARD_LEASE_SECONDS))
     queued = Q(status=ReplayCheck.Status.QUEUED,
                created_at__lt=now - timedelta(seconds=2 * settings.SWITCHBOARD_REDELIVER_SECONDS))
     return running | queued
@@ -111,7 +145,8 @@ def recover(checks: QuerySet[ReplayCheck] | None = None, *, lost: bool = False,
     """Queue again the stale checks among ``checks`` (all by default) that have no message in
     flight (a queued one with a message is the outbox relay's); returns how many."""
     now = timezone.now()
-    qs = (ReplayCheck.objects.all() if checks is None else checks).filter(_stale(now, lost=lost))
+    qs = (ReplayCheck.objects.all() if checks is None else checks).annotate(
+        beat=Coalesce("heartbeat_at", "started_at")).filter(_stale(now, lost=lost))
     qs = qs.filter(~Exists(Outbox.objects.filter(topic=TOPIC, request_id=OuterRef("pk"))))
     count = 0
     with transaction.atomic():

@@ -171,7 +171,7 @@ def test_a_check_whose_worker_was_lost_is_queued_again(runner: None, client: Cli
     if settings.SWITCHBOARD_MODE != "standalone":
         pytest.skip("recovery is driven from this process here; the standalone pass runs it")
     run = start(client, "vendor-onboarding", dict(VENDOR_INPUT))
-    long_ago = timezone.now() - timedelta(seconds=settings.SWITCHBOARD_REPLAY_STALE_SECONDS + 5)
+    long_ago = timezone.now() - timedelta(seconds=settings.SWITCHBOARD_LEASE_SECONDS + 5)
     lost = ReplayCheck.objects.create(run=run, status="running", started_at=long_ago,
                                       attempts=1)
     # A duplicate delivery (its message already handled) does nothing.
@@ -229,3 +229,41 @@ def test_a_replay_that_breaks_is_reported_failed(runner: None, client: Client, s
     assert created and check.requested_by is None
     check = finished(check.pk)
     assert check.status == "failed" and "RuntimeError: no plan" in check.summary
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_long_replay_keeps_its_check_alive_and_a_lost_one_is_taken_over_within_a_lease(
+        runner: None, client: Client, settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    if settings.SWITCHBOARD_MODE != "standalone":
+        pytest.skip("the replay is held in this process; the standalone pass runs it")
+    import threading
+    import time
+
+    from orchestration import replay as replay_module
+
+    settings.SWITCHBOARD_LEASE_SECONDS = 1
+    run = start(client, "vendor-onboarding", dict(VENDOR_INPUT))
+    real, release = replay_module.replay, threading.Event()
+
+    def slow(run: Run) -> Any:
+        release.wait(30)
+        return real(run)
+
+    monkeypatch.setattr(replay_module, "replay", slow)
+    check, _ = replay_jobs.request_check(run)
+    wait_for(lambda: ReplayCheck.objects.filter(pk=check.pk, status="running").first(),
+             what="the check to start")
+    time.sleep(3)  # three leases: only the heartbeat keeps it from being taken for lost
+    held = ReplayCheck.objects.get(pk=check.pk)
+    assert held.heartbeat_at > held.started_at
+    assert timezone.now() - held.heartbeat_at < timedelta(seconds=1)
+    assert replay_jobs.recover() == 0
+    release.set()
+    assert finished(check.pk).status == "matched"
+
+    # A check whose worker died has a heartbeat that stopped: taken over after one lease.
+    silent = timezone.now() - timedelta(seconds=2)
+    lost = ReplayCheck.objects.create(run=run, status="running", started_at=silent,
+                                      heartbeat_at=silent, attempts=1)
+    assert replay_jobs.recover() == 1
+    assert finished(lost.pk).status == "matched"

@@ -30,6 +30,7 @@ class Migration(migrations.Migration):
                 ('attempts', models.PositiveIntegerField(default=0, help_text='times a worker started it')),
                 ('created_at', models.DateTimeField(auto_now_add=True)),
                 ('started_at', models.DateTimeField(blank=True, null=True)),
+                ('heartbeat_at', models.DateTimeField(blank=True, help_text='last sign of life of the worker replaying it', null=True)),
                 ('finished_at', models.DateTimeField(blank=True, null=True)),
                 ('requested_by', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
                 ('run', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='replay_checks', to='orchestration.run')),
