@@ -8,8 +8,9 @@ the same rules (approvals/rules.py, orchestration/rules.py) the live run was gov
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -19,11 +20,12 @@ from approvals.services import digest
 from orchestration import rules
 from orchestration.engine.contracts import ToolContract
 from orchestration.engine.errors import ToolStopped, ToolTimeout
+from orchestration.engine.gate import Journal
 from orchestration.engine.governance import ALLOW, Gate, Usage
 from orchestration.engine.llm import Model, ModelRequest, ModelResponse, ProviderError
 from orchestration.engine.runner import TaskContext
 from orchestration.engine.states import TaskStatus, check_run_transition, check_task_transition
-from orchestration.engine.store import MemoryStore
+from orchestration.engine.store import MemoryEvent, MemoryStore, RunSnapshot
 from orchestration.replay import comparison
 from orchestration.replay.ledger import Ledger, Stimuli
 
@@ -86,25 +88,45 @@ class State:
 
 
 class ReplayStore(MemoryStore):
-    """The in-memory store, writing the same events as the Django store does, and counting
-    the compared ones as it writes them (for Stimuli) and the model turns of each task."""
+    """The in-memory store of one run, writing the same events as the Django store does, and
+    counting the compared ones as it writes them (for Stimuli), the model turns of each task
+    and each task's events (its journal)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.state: State | None = None
         self.stimuli: Stimuli | None = None
         self.model_calls: dict[str, int] = defaultdict(int)
+        self.task_events: dict[str, list[MemoryEvent]] = defaultdict(list)  # one run's
+
+    def journal(self, run_id: str, key: str) -> Any:
+        """What the task's calls recorded so far, from its own events (not the whole run's)."""
+        with self._lock:
+            return Journal.fold((e.kind, e.data) for e in self.task_events[key])
 
     def record(self, run_id: str, kind: str, data: dict[str, Any], *,
                actor: str = "system", lease: str = "") -> None:
         with self._lock:
             super().record(run_id, kind, data, actor=actor, lease=lease)
+            task = data.get("task")
+            if task:
+                self.task_events[task].append(self.runs[run_id].events[-1])
             if kind == "model.called":
                 self.model_calls[data.get("task", "")] += 1
             if self.stimuli is not None:
                 stream = comparison.stream_of(kind, data)
                 if stream is not None:
                     self.stimuli.recorded(stream)
+
+    @contextmanager
+    def locked(self, run_id: str) -> Iterator[RunSnapshot]:
+        """The run's snapshot as of now, like the engine's store gives it, but sharing the plan
+        and the task snapshots with the store (the scheduler writes to a task only the status
+        the store has just given it): deep-copying them made every scheduling step cost as much
+        as the run is long."""
+        with self._lock:
+            snapshot = self.runs[run_id].snapshot
+            yield replace(snapshot, tasks=dict(snapshot.tasks))
 
     def set_run_status(self, run_id: str, status: str, *, result: Any = None, error: str = "",
                        reason: str = "") -> None:
