@@ -270,9 +270,7 @@ def resume_after_decision(request: ApprovalRequest, *, message_id: int | None = 
             return
         decider = request.decisions.select_related("decider").order_by("-created_at").first()
         user = decider.decider if decider else None
-        task = None
-        if (request.resolution or {}).get("action") != "stop":
-            task = Task.objects.filter(run_id=run.pk, key=request.task_key).first()
+        task = Task.objects.filter(run_id=run.pk, key=request.task_key).first()
 
         def agent_steps() -> int | None:
             agent = Agent.objects.filter(slug=task.executor_ref).first() if task else None
