@@ -16,7 +16,7 @@ from django.core.exceptions import ObjectDoesNotExist, ValidationError
 from django.db import transaction
 from django.utils import timezone
 
-from approvals import conditions
+from approvals import rules
 from approvals.models import ApprovalRequest, Decision, Policy, PolicyVersion, Reason
 from approvals.signals import approval_resolved
 from audit import config, hygiene, ledger
@@ -52,25 +52,11 @@ def digest(arguments: Any) -> str:
     return hashlib.sha256(canonical_json(arguments).encode()).hexdigest()
 
 
-# The matcher's own reading of a condition (replay imports it under this name too).
-_condition_holds = conditions.holds
-
-
 def policy_match(*, tool: str, risk_class: str, arguments: Any) -> PolicyVersion | None:
-    """The strictest current policy that matches this call, or None."""
-    matches = []
+    """The strictest current policy that matches this call, or None (approvals/rules.py)."""
     versions = PolicyVersion.objects.filter(policy__current_version_id__isnull=False).filter(
         pk__in=Policy.objects.values("current_version_id")).select_related("policy")
-    for version in versions:
-        if version.tool and version.tool != tool:
-            continue
-        if version.risk_class and version.risk_class != risk_class:
-            continue
-        if all(_condition_holds(c, arguments) for c in version.conditions or []):
-            matches.append(version)
-    if not matches:
-        return None
-    return max(matches, key=lambda v: (v.required_approvals, v.number))
+    return rules.strictest_match(versions, tool, risk_class, arguments)
 
 
 def policy_publish(*, policy: Policy, acting_user: AbstractBaseUser | None = None,
@@ -346,9 +332,9 @@ def _stricter_policy(request: ApprovalRequest, arguments: Any) -> PolicyVersion 
     stricter or equal) requirements, so editing can never lower the bar."""
     version = policy_match(tool=request.tool, risk_class=_risk_class(request),
                            arguments=arguments)
-    if version is None or version.pk == request.policy_version_id:
-        return None
-    if version.required_approvals <= request.required_approvals:
+    if not rules.is_upgrade(version, same_version=version is not None
+                            and version.pk == request.policy_version_id,
+                            current_required=request.required_approvals):
         return None
     return version
 

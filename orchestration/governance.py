@@ -23,6 +23,7 @@ from django.utils import timezone
 
 from approvals import services as approvals
 from approvals.models import ApprovalRequest, Reason
+from orchestration import rules
 from orchestration.engine.governance import ALLOW, Gate, Usage
 from orchestration.models import Agent, KillSwitch, Run, Task, Tool, ToolUsage
 
@@ -167,12 +168,11 @@ def release_held(run_id: str, task_key: str) -> Usage:
 
 def _why_run(run_id: str, worst: Usage) -> str:
     run = Run.objects.get(pk=run_id)
-    if run.budget_tokens is not None and (
-            run.tokens_in + run.tokens_out + run.reserved_tokens + worst.tokens
-            > run.budget_tokens):
+    if rules.over_cap(run.budget_tokens, run.tokens_in + run.tokens_out, run.reserved_tokens,
+                      worst.tokens):
         return (f"budget_exhausted: run tokens {run.tokens_in + run.tokens_out} used + "
                 f"{run.reserved_tokens} reserved + {worst.tokens} needed > cap {run.budget_tokens}")
-    if run.budget_cost is not None and run.cost + run.reserved_cost + worst.cost > run.budget_cost:
+    if rules.over_cap(run.budget_cost, run.cost, run.reserved_cost, worst.cost):
         return (f"budget_exhausted: run cost {run.cost} used + {run.reserved_cost} reserved + "
                 f"{worst.cost} needed > cap {run.budget_cost}")
     return (f"budget_exhausted: run steps {run.steps} used + {run.reserved_steps} reserved + "
@@ -181,8 +181,8 @@ def _why_run(run_id: str, worst: Usage) -> str:
 
 def _why_task(run_id: str, key: str, worst: Usage) -> str:
     task = Task.objects.get(run_id=run_id, key=key)
-    if task.budget_tokens is not None and (
-            task.used_tokens + task.reserved_tokens + worst.tokens > task.budget_tokens):
+    if rules.over_cap(task.budget_tokens, task.used_tokens, task.reserved_tokens,
+                      worst.tokens):
         return (f"budget_exhausted: task {key} tokens {task.used_tokens} used + "
                 f"{worst.tokens} needed > cap {task.budget_tokens}")
     return (f"budget_exhausted: task {key} cost {task.used_cost} used + {worst.cost} needed > "
@@ -287,13 +287,9 @@ class DjangoGovernor:
     def gate(self, tool: Any, arguments: Mapping[str, Any], key: str) -> Gate:
         request = self._latest(key, [Reason.SENSITIVE_ACTION])
         if request is not None:
-            status = request.status
-            if status in (ApprovalRequest.Status.APPROVED, ApprovalRequest.Status.EDITED):
-                return Gate("allow", arguments=request.arguments)
-            if status == ApprovalRequest.Status.PENDING:
-                return Gate("wait", message=str(request.pk))
-            note = (request.resolution or {}).get("note") or f"request {status}"
-            return Gate("deny", message=note)
+            return rules.gate_from_request(request.status, request.arguments,
+                                           (request.resolution or {}).get("note") or "",
+                                           str(request.pk))
         row = self._tools.get(tool.name)
         version = approvals.policy_match(tool=tool.name, risk_class=row.risk_class if row else "",
                                          arguments=dict(arguments))
@@ -321,13 +317,7 @@ class DjangoGovernor:
 
     def outcome_decision(self, key: str) -> str:
         request = self._latest(key, [Reason.UNKNOWN_OUTCOME])
-        if request is None:
-            return ""
-        if request.status in (ApprovalRequest.Status.APPROVED, ApprovalRequest.Status.EDITED):
-            return "rerun"
-        if request.status == ApprovalRequest.Status.PENDING:
-            return ""
-        return "reject"
+        return rules.outcome_from_request(request.status if request is not None else None)
 
     # quotas and rate limits -------------------------------------------------------------
     def admit(self, tool: Any, key: str) -> str:

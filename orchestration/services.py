@@ -20,7 +20,7 @@ from audit import config as config_audit
 from audit import hygiene, ledger
 from audit.ledger import actor_of
 from jsonkit import schema_problems
-from orchestration import outbox
+from orchestration import outbox, rules
 from orchestration.engine import runner
 from orchestration.engine.errors import PlanError
 from orchestration.engine.plan import parse_plan
@@ -265,29 +265,32 @@ def resume_after_decision(request: ApprovalRequest, *, message_id: int | None = 
                .filter(pk=request.run_id).first())
         if run is None or RunStatus(run.status) in RUN_TERMINAL:
             return
-        resolution = request.resolution or {}
-        action = resolution.get("action")
         decider = request.decisions.select_related("decider").order_by("-created_at").first()
         user = decider.decider if decider else None
-        if action == "stop":
+        task = Task.objects.filter(run_id=run.pk, key=request.task_key).first()
+
+        def agent_steps() -> int | None:
+            agent = Agent.objects.filter(slug=task.executor_ref).first() if task else None
+            return agent.step_budget if agent is not None else None
+
+        # What the decision does is orchestration/rules.py's, which replay applies too.
+        todo = rules.apply_resolution(
+            task_waiting=task is not None and task.status == TaskStatus.WAITING,
+            reason=request.reason, resolution=request.resolution or {},
+            agent_step_budget=agent_steps)
+        if todo.action == "cancel":
             run_cancel(run=run, user=user)
             return
-        store = DjangoRunStore(actor=actor_of(user))
-        task = Task.objects.filter(run_id=run.pk, key=request.task_key).first()
-        if task is None or task.status != TaskStatus.WAITING:
+        if todo.action == "nothing" or task is None:
             return
-        if action == "raise_budget":
-            _raise_budget(run, task, resolution.get("budget", {}), actor=actor_of(user))
-        elif action == "proceed" and request.reason == Reason.STEP_BUDGET_EXHAUSTED:
-            agent = Agent.objects.filter(slug=task.executor_ref).first()
-            agent_steps = agent.step_budget if agent is not None else 5
-            _raise_budget(run, task, {"steps": agent_steps}, actor=actor_of(user))
-        elif action == "reject" and request.reason != Reason.SENSITIVE_ACTION:
-            store.finish_task(str(run.pk), task.key, TaskStatus.FAILED,
-                              error=f"stopped by a reviewer: {resolution.get('note', '')}")
+        store = DjangoRunStore(actor=actor_of(user))
+        if todo.action == "fail":
+            store.finish_task(str(run.pk), task.key, TaskStatus.FAILED, error=todo.error)
             outbox.emit("advance", run.pk)
             return
-        if request.reason == Reason.POISON_TASK:
+        if todo.budget is not None:
+            _raise_budget(run, task, todo.budget, actor=actor_of(user))
+        if todo.reset_crashes:
             Task.objects.filter(pk=task.pk).update(crashes=0)  # a person chose to try again
         store.requeue_task(str(run.pk), task.key,
                            reason=f"approval {request.pk} {request.status}")

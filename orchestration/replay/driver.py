@@ -1,0 +1,225 @@
+"""The replay driver: re-run a run's plan on the stand-ins, apply the people's decisions when
+the original run received them, and compare what comes out with the ledger."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any
+
+import jsonschema
+
+from orchestration import rules
+from orchestration.engine.agent import AgentSpec, run_agent
+from orchestration.engine.contracts import ToolContract
+from orchestration.engine.errors import EngineError
+from orchestration.engine.gate import StoreLog, ToolGate, contract_lookup
+from orchestration.engine.plan import Plan, parse_plan
+from orchestration.engine.runner import (
+    Outcome,
+    TaskContext,
+    advance,
+    execute,
+    run_contract_task,
+    stopped_outcome,
+)
+from orchestration.engine.states import RUN_TERMINAL, TaskStatus
+from orchestration.models import Agent, Run, Tool
+from orchestration.replay.comparison import Recorded, ReplayResult, compare
+from orchestration.replay.doubles import (
+    RecordedModel,
+    ReplayGovernor,
+    ReplayStore,
+    State,
+    policies_as_of,
+    recorded_contract,
+)
+from orchestration.replay.ledger import Ledger, Stimuli, ledger_of
+from orchestration.services import KILL_SWITCH_RELEASED
+
+MAX_ITERATIONS = 10_000
+
+
+class Replay:
+    def __init__(self, run_id: str, events: list[Recorded], plan: Plan, run_input: Any,
+                 hydration_limit: int, policies: Any, process: str = "") -> None:
+        self.run_id = run_id
+        self.process_actor = f"process:{process}"  # who the plan-level steps act as
+        self.ledger = Ledger(events)
+        self.store = ReplayStore()
+        self.stimuli = self.store.stimuli = Stimuli(self.ledger)
+        self.state = State(run_id=run_id, ledger=self.ledger, store=self.store)
+        self.store.state = self.state
+        self.plan, self.policies = plan, policies
+        self.store.create_run(run_id, plan, run_input, hydration_limit)
+        snapshot = self.store.runs[run_id].snapshot
+        for key, output in self.ledger.reused.items():
+            if key in snapshot.tasks:
+                snapshot.tasks[key].status = TaskStatus.SUCCEEDED
+                snapshot.tasks[key].output = output
+        self.agents = {a.slug: a for a in Agent.objects.all()}
+        rows = list(Tool.objects.all())
+        self.risk = {t.slug: t.risk_class for t in rows}
+        self.tools: dict[str, ToolContract] = {}
+        self.unusable: dict[str, str] = {}
+        for row in rows:
+            try:
+                self.tools[row.slug] = recorded_contract(_contract_shape(row), self.state)
+            except jsonschema.SchemaError as exc:  # production escalated configuration_error
+                self.unusable[row.slug] = (f"tool {row.slug!r} has a schema that is not valid "
+                                           f"JSON Schema: {exc.message}")
+        self.executors = {"tool": self._tool, "function": self._tool, "agent": self._agent}
+
+    @property
+    def pending(self) -> list[Recorded]:
+        return self.stimuli.pending
+
+    # executors -----------------------------------------------------------------------
+    def _tool(self, ctx: TaskContext) -> Outcome:
+        task = ctx.spec.key
+        self.state.current_key = ctx.idempotency_key(0)
+        log = StoreLog(self.store, self.run_id, task)
+        gate = ToolGate(contracts=contract_lookup(self.tools, self.unusable), log=log,
+                        journal=log.journal(),
+                        governor=ReplayGovernor(self.state, ctx, self.policies, self.risk),
+                        granted=self._granted(task), task=task, actor=self.process_actor,
+                        steps=1, watch_grant=False)
+        return run_contract_task(ctx, gate)
+
+    def _granted(self, task: str) -> Any:
+        """Grants as they were: a call the original run refused is refused again."""
+        refused = self.ledger.refused[task]
+
+        def granted(name: str) -> bool:
+            if refused and refused[0] == name:
+                refused.popleft()
+                return False
+            return True
+
+        return granted
+
+    def _agent(self, ctx: TaskContext) -> Outcome:
+        task = ctx.spec.key
+        end = self.ledger.end(task, ctx.attempt)
+        if end.startswith("configuration_error"):
+            return stopped_outcome(end, key=f"{ctx.run_id}:{task}:configuration:{ctx.attempt}")
+        if end.startswith("agent_retired"):
+            return Outcome(status=TaskStatus.WAITING, error=end, escalation={
+                "reason": "agent_retired", "detail": end,
+                "call_key": f"{ctx.run_id}:{task}:retired"})
+        agent = self.agents.get(ctx.spec.executor_ref)
+        if agent is None:
+            return Outcome(status=TaskStatus.FAILED,
+                           error=f"no agent named {ctx.spec.executor_ref!r}")
+        spec = AgentSpec(slug=agent.slug, instructions=agent.instructions,
+                         step_budget=agent.step_budget + self.state.extra_steps[task],
+                         token_budget=agent.token_budget or None,
+                         max_output_tokens=int(agent.model_params.get("max_tokens", 1024)))
+        governor = ReplayGovernor(self.state, ctx, self.policies, self.risk)
+        return run_agent(ctx, spec, RecordedModel(self.ledger, task), self.tools,
+                         StoreLog(self.store, self.run_id, task), granted=self._granted(task),
+                         governor=governor, unusable=self.unusable, watch_grant=False)
+
+    # people's decisions, when the original run received them ---------------------------
+    def _due(self, stimulus: Recorded) -> bool:
+        return self.stimuli.due(stimulus)
+
+    def _apply(self, stimulus: Recorded) -> None:
+        self.stimuli.take(stimulus)
+        snapshot = self.store.runs[self.run_id].snapshot
+        if stimulus.kind == "run.cancel_requested":
+            snapshot.cancel_requested = True
+            self.store.record(self.run_id, "run.cancel_requested", {})
+            for request in self.state.requests.values():
+                if request.status == "pending":
+                    request.status = "cancelled"
+            return
+        data = stimulus.data
+        if stimulus.kind == "task.requeued":  # a kill switch was released
+            task = snapshot.tasks.get(data.get("task", ""))
+            if task is not None and task.status == TaskStatus.WAITING:
+                self.store.requeue_task(self.run_id, task.key, reason=KILL_SWITCH_RELEASED)
+            return
+        request = self.state.requests.get(data.get("request", ""))
+        if request is None:
+            return  # the replay never asked for it; the comparison shows where it differs
+        resolution = data.get("resolution") or {}
+        request.status = data.get("status", "")
+        request.note = resolution.get("note", "")
+        if "arguments" in resolution:
+            request.arguments = resolution["arguments"]
+        task = snapshot.tasks.get(request.task)
+
+        def agent_steps() -> int | None:
+            agent = self.agents.get(self.plan.by_key()[request.task].executor_ref)
+            return agent.step_budget if agent is not None else None
+
+        # The same rule production's resume applies (orchestration/rules.py).
+        todo = rules.apply_resolution(
+            task_waiting=task is not None and task.status == TaskStatus.WAITING,
+            reason=request.reason, resolution=resolution, agent_step_budget=agent_steps)
+        if todo.action in ("cancel", "nothing"):
+            return  # a stop reaches the replay as the run's own recorded cancel request
+        if todo.action == "fail":
+            self.store.finish_task(self.run_id, request.task, TaskStatus.FAILED,
+                                   error=todo.error)
+            return
+        if todo.budget is not None:
+            self.state.extra_steps[request.task] += int(todo.budget.get("steps", 0))
+            self.store.record(self.run_id, "budget.raised", {"task": request.task,
+                                                             "raise": todo.budget})
+        self.store.requeue_task(self.run_id, request.task,
+                                reason=f"approval {request.id} {request.status}")
+
+    def run(self) -> str:
+        for _ in range(MAX_ITERATIONS):
+            for stimulus in list(self.pending):
+                if self._due(stimulus):
+                    self._apply(stimulus)
+            with self.store.locked(self.run_id) as snapshot:
+                queued = [t.key for t in self.plan.tasks
+                          if snapshot.tasks[t.key].status == TaskStatus.QUEUED]
+            if queued:
+                execute(self.store, self.run_id, queued[0], self.executors)
+                advance(self.store, self.run_id)
+                continue
+            result = advance(self.store, self.run_id)
+            if result.released:
+                continue
+            if result.status in RUN_TERMINAL or not self.pending:
+                return str(result.status)
+            self._apply(self.pending[0])
+        raise EngineError(f"the replay did not settle within {MAX_ITERATIONS} steps")
+
+
+def _contract_shape(tool: Tool) -> ToolContract:
+    """A tool row's contract (schemas, idempotency), without its implementation."""
+    return ToolContract(name=tool.slug, fn=lambda **_: None, input_schema=tool.input_schema,
+                        output_schema=tool.output_schema, idempotent=tool.idempotent,
+                        description=tool.description, cost_per_call=tool.cost_per_call)
+
+
+def _as_recorded(events: Iterable[Any]) -> list[Recorded]:
+    return [Recorded(seq=e.seq, kind=e.kind, data=e.data) for e in events]
+
+
+def replay(run: Run, *, events: list[Recorded] | None = None,
+           plan: Mapping[str, Any] | None = None,
+           policies_at: datetime | None = None) -> ReplayResult:
+    """Replay ``run`` from its ledger (or from ``events``, e.g. an altered copy) under its pinned
+    plan (or ``plan``) and the policies in force when it started (or at ``policies_at``)."""
+    original = ledger_of(run) if events is None else list(events)
+    parsed = parse_plan(plan if plan is not None else run.process_version.plan)
+    replayer = Replay(str(run.pk), original, parsed, run.input,
+                      run.process_version.hydration_limit,
+                      policies_as_of(policies_at or run.created_at),
+                      process=run.process_version.process.slug)
+    error, status = "", ""
+    try:
+        status = replayer.run()
+    except EngineError as exc:
+        error = str(exc)
+    replayed = _as_recorded(replayer.store.events(str(run.pk)))
+    compared, divergence = compare(original, replayed)
+    return ReplayResult(run_id=str(run.pk), compared=compared, status=status,
+                        divergence=divergence, error=error if divergence is None else "")

@@ -1,0 +1,95 @@
+"""The governance rules production and replay share: gates from requests, reviewers' decisions.
+
+Django-free on purpose: the live governor (orchestration/governance.py), the resume after a
+decision (orchestration/services.py) and replay (orchestration/replay/) all call these, so a
+rule changed here changes every one of them, and replay can never check a run against a copy of
+a rule that has drifted from the one the run was governed by. The strings are the values of
+approvals.models.Reason and ApprovalRequest.Status (tests/test_rules_single_source.py checks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from orchestration.engine.governance import Gate
+
+# ApprovalRequest.Status values
+APPROVED, EDITED, PENDING = "approved", "edited", "pending"
+GRANTED = (APPROVED, EDITED)
+# approvals.models.Reason values
+SENSITIVE_ACTION = "sensitive_action"
+STEP_BUDGET_EXHAUSTED = "step_budget_exhausted"
+POISON_TASK = "poison_task"
+# The steps a "proceed" on an exhausted step budget adds when the agent is gone.
+DEFAULT_STEP_RAISE = 5
+
+
+# ---- the gate ------------------------------------------------------------------------------
+
+
+def gate_from_request(status: str, arguments: Any, note: str, request_id: str) -> Gate:
+    """The gate for a call that already has a sensitive-action request: approved or edited
+    lets it through with the request's (maybe edited) arguments, pending waits for it, anything
+    else (rejected, expired, stopped, cancelled) denies it with the reviewer's note."""
+    if status in GRANTED:
+        return Gate("allow", arguments=arguments)
+    if status == PENDING:
+        return Gate("wait", message=request_id)
+    return Gate("deny", message=note or f"request {status}")
+
+
+def outcome_from_request(status: str | None) -> str:
+    """For a call of unknown outcome: "rerun", "reject", or "" while undecided (or unasked)."""
+    if status is None or status == PENDING:
+        return ""
+    return "rerun" if status in GRANTED else "reject"
+
+
+# ---- a reviewer's resolution and the waiting task ------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """What a resolved request does to its task.
+
+    ``action``: "cancel" (stop the run), "nothing" (the task no longer waits), "fail" (with
+    ``error``) or "requeue" (after raising the budget by ``budget``, when given; ``reset_crashes``
+    when a person chose to try a task that kept losing its worker again)."""
+
+    action: str
+    error: str = ""
+    budget: dict[str, Any] | None = None
+    reset_crashes: bool = False
+
+
+def apply_resolution(*, task_waiting: bool, reason: str, resolution: Mapping[str, Any],
+                     agent_step_budget: Callable[[], int | None]) -> Resume:
+    """What the resolution of a request opened for ``reason`` does to its task.
+
+    ``agent_step_budget`` is asked only when a "proceed" on an exhausted step budget needs it
+    (the agent's own step budget, None when the agent is gone)."""
+    action = resolution.get("action")
+    if action == "stop":
+        return Resume("cancel")
+    if not task_waiting:
+        return Resume("nothing")
+    budget: dict[str, Any] | None = None
+    if action == "raise_budget":
+        budget = dict(resolution.get("budget", {}))
+    elif action == "proceed" and reason == STEP_BUDGET_EXHAUSTED:
+        steps = agent_step_budget()
+        budget = {"steps": steps if steps is not None else DEFAULT_STEP_RAISE}
+    elif action == "reject" and reason != SENSITIVE_ACTION:
+        return Resume("fail", error=f"stopped by a reviewer: {resolution.get('note', '')}")
+    return Resume("requeue", budget=budget, reset_crashes=reason == POISON_TASK)
+
+
+# ---- budgets -------------------------------------------------------------------------------
+
+
+def over_cap(cap: Any, used: Any, reserved: Any, needed: Any) -> bool:
+    """Whether a worst case of ``needed`` does not fit a cap (None = no cap) next to what is
+    used and reserved. The reservation's SQL checks the same inequality on the locked row."""
+    return cap is not None and used + reserved + needed > cap
