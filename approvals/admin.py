@@ -1,3 +1,6 @@
+"""The Django admin for approval policies (editable) and requests with their decisions
+(read-only: the services write them)."""
+
 from __future__ import annotations
 
 from typing import Any

@@ -40,7 +40,7 @@ from approvals.models import ApprovalRequest, Reason
 from audit.models import Event
 from console import charts
 from console.access import is_admin, is_console_user, visible_runs
-from orchestration import services
+from orchestration import grants
 from orchestration.engine.states import RUN_TERMINAL, TASK_TERMINAL, RunStatus, TaskStatus
 from orchestration.models import Agent, Run, Task, Tool
 
@@ -352,7 +352,7 @@ def agent_retire(request: HttpRequest, slug: str) -> HttpResponse:
     if agent.status == Agent.Status.RETIRED:
         messages.info(request, f"{agent.slug} was already retired.")
         return redirect("agent_detail", slug=agent.slug)
-    outcome = services.agent_retire(agent=agent, by=request.user)
+    outcome = grants.agent_retire(agent=agent, by=request.user)
     messages.success(request, f"{agent.slug} is retired: {outcome['escalated']} waiting "
                               f"task(s) escalated, {outcome['requeued']} queued task(s) parked.")
     return redirect("agent_detail", slug=agent.slug)

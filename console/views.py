@@ -1,3 +1,6 @@
+"""The run pages: the dashboard, starting a run, a run's detail, and cancelling, replaying,
+forking and retrying it."""
+
 from __future__ import annotations
 
 import json

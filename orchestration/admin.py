@@ -1,3 +1,7 @@
+"""The Django admin for orchestration: agents, tools, processes and prices are audited
+configuration; process versions are published through the services; runs and tasks are
+read-only; kill switches are engaged and released through their services."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -8,7 +12,7 @@ from django.core.exceptions import ValidationError
 from guardian.admin import GuardedModelAdmin
 
 from audit.admin import ReadOnly
-from orchestration import services
+from orchestration import grants, kill_switches, services
 from orchestration.config_audit import AuditedAdmin
 from orchestration.models import (
     Agent,
@@ -36,7 +40,7 @@ class AgentAdmin(AuditedAdmin, GuardedModelAdmin):
         for agent in queryset.select_related("user"):
             if agent.status == Agent.Status.RETIRED:
                 continue
-            services.agent_retire(agent=agent, by=request.user)
+            grants.agent_retire(agent=agent, by=request.user)
             retired += 1
         self.message_user(request, f"{retired} agent(s) retired; their waiting work is "
                                    "escalated to the review queue.", messages.SUCCESS)
@@ -141,7 +145,7 @@ class KillSwitchAdmin(admin.ModelAdmin):
         return super().has_change_permission(request)
 
     def save_model(self, request: Any, obj: KillSwitch, form: Any, change: bool) -> None:
-        engaged = services.kill_switch_engage(scope=obj.scope, target=obj.target,
+        engaged = kill_switches.kill_switch_engage(scope=obj.scope, target=obj.target,
                                               reason=obj.reason, by=request.user)
         obj.pk, obj.engaged_at, obj.engaged_by = engaged.pk, engaged.engaged_at, request.user
         obj._state.adding = False
@@ -149,7 +153,7 @@ class KillSwitchAdmin(admin.ModelAdmin):
     @admin.action(description="Release the selected kill switches (paused work resumes)",
                   permissions=["release"])
     def release(self, request: Any, queryset: Any) -> None:
-        resumed = sum(services.kill_switch_release(switch=switch, by=request.user)
+        resumed = sum(kill_switches.kill_switch_release(switch=switch, by=request.user)
                       for switch in queryset.filter(released_at__isnull=True))
         self.message_user(request, f"Released; {resumed} paused task(s) went back to the "
                                    "queue.", messages.SUCCESS)
