@@ -1,3 +1,5 @@
+"""The approvals app."""
+
 from django.apps import AppConfig
 
 

@@ -1,3 +1,6 @@
+"""The Django admin for ledger events, read-only, and the read-only mixin for every admin of
+what the runtime records."""
+
 from __future__ import annotations
 
 from typing import Any

@@ -1,3 +1,5 @@
+"""The audit app."""
+
 from django.apps import AppConfig
 
 

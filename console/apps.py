@@ -1,3 +1,6 @@
+"""The console app: when Django is ready, live updates, sign-in auditing, socket access and
+housekeeping are connected to the signals they follow."""
+
 from django.apps import AppConfig
 
 

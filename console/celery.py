@@ -1,3 +1,5 @@
+"""The Celery application; every worker also runs the periodic sweep once it is ready."""
+
 from __future__ import annotations
 
 import os

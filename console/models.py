@@ -1,3 +1,6 @@
+"""The console's own rows: API tokens (kept as digests) and the idempotency keys of API
+requests."""
+
 from __future__ import annotations
 
 import hashlib

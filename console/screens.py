@@ -26,7 +26,7 @@ from console.selectors import (
     escalation_reasons,
     tool_usage,
 )
-from orchestration import services
+from orchestration import grants
 from orchestration.models import Agent, Task, Tool
 
 View = Callable[..., HttpResponse]
@@ -89,7 +89,7 @@ def agent_retire(request: HttpRequest, slug: str) -> HttpResponse:
     if agent.status == Agent.Status.RETIRED:
         messages.info(request, f"{agent.slug} was already retired.")
         return redirect("agent_detail", slug=agent.slug)
-    outcome = services.agent_retire(agent=agent, by=request.user)
+    outcome = grants.agent_retire(agent=agent, by=request.user)
     messages.success(request, f"{agent.slug} is retired: {outcome['escalated']} waiting "
                               f"task(s) escalated, {outcome['requeued']} queued task(s) parked.")
     return redirect("agent_detail", slug=agent.slug)

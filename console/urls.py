@@ -1,3 +1,5 @@
+"""The console's URLs: pages, reviews, the ledger, sign-in, the admin and the API."""
+
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import path

@@ -1,3 +1,5 @@
+"""The WSGI entry point (the ASGI one, console/asgi.py, also serves live updates)."""
+
 import os
 
 from django.core.wsgi import get_wsgi_application

@@ -1,0 +1,1 @@
+"""Orchestration: processes, runs and their tasks, executed by the engine under governance."""

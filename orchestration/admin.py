@@ -14,7 +14,7 @@ from approvals import conditions
 from approvals.admin import register_reach_check
 from audit.admin import ReadOnly
 from audit.config import AuditedAdmin
-from orchestration import services
+from orchestration import grants, kill_switches, services
 from orchestration.models import (
     Agent,
     KillSwitch,
@@ -41,7 +41,7 @@ class AgentAdmin(AuditedAdmin, GuardedModelAdmin):
         for agent in queryset.select_related("user"):
             if agent.status == Agent.Status.RETIRED:
                 continue
-            services.agent_retire(agent=agent, by=request.user)
+            grants.agent_retire(agent=agent, by=request.user)
             retired += 1
         self.message_user(request, f"{retired} agent(s) retired; their waiting work is "
                                    "escalated to the review queue.", messages.SUCCESS)
@@ -146,7 +146,7 @@ class KillSwitchAdmin(admin.ModelAdmin):
         return super().has_change_permission(request)
 
     def save_model(self, request: Any, obj: KillSwitch, form: Any, change: bool) -> None:
-        engaged = services.kill_switch_engage(scope=obj.scope, target=obj.target,
+        engaged = kill_switches.kill_switch_engage(scope=obj.scope, target=obj.target,
                                               reason=obj.reason, by=request.user)
         obj.pk, obj.engaged_at, obj.engaged_by = engaged.pk, engaged.engaged_at, request.user
         obj._state.adding = False
@@ -154,7 +154,7 @@ class KillSwitchAdmin(admin.ModelAdmin):
     @admin.action(description="Release the selected kill switches (paused work resumes)",
                   permissions=["release"])
     def release(self, request: Any, queryset: Any) -> None:
-        resumed = sum(services.kill_switch_release(switch=switch, by=request.user)
+        resumed = sum(kill_switches.kill_switch_release(switch=switch, by=request.user)
                       for switch in queryset.filter(released_at__isnull=True))
         self.message_user(request, f"Released; {resumed} paused task(s) went back to the "
                                    "queue.", messages.SUCCESS)

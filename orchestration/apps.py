@@ -1,3 +1,6 @@
+"""The orchestration app: when Django is ready, the outbox's topics are routed to their Celery
+tasks and orchestration starts listening for approval decisions."""
+
 from django.apps import AppConfig
 
 
@@ -7,7 +10,8 @@ class OrchestrationConfig(AppConfig):
 
     def ready(self) -> None:
         from approvals.signals import approval_resolved
-        from orchestration import handlers
+        from orchestration import handlers, tasks
 
+        tasks.route_topics()
         approval_resolved.connect(handlers.on_approval_resolved,
                                   dispatch_uid="orchestration.resume_after_decision")

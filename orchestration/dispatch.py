@@ -2,6 +2,8 @@
 
 Both paths call the same Celery task functions. Nothing calls this directly to start work:
 state changes write outbox rows (orchestration/outbox.py), which are published through here.
+The tasks that handle each topic (orchestration/tasks.py) sit above everything that publishes
+work, so this module does not import them: they are routed here when the app is ready.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ log = logging.getLogger("switchboard.dispatch")
 
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
+# Outbox topic → the Celery task that handles it, and the task's arguments for a message
+# (from its run id, task key and request id); filled by ``route``.
+Arguments = Callable[[str, str, str | None], tuple[Any, ...]]
+_routes: dict[str, tuple[Any, Arguments]] = {}
 
 
 def standalone() -> bool:
@@ -36,7 +42,7 @@ def pool() -> concurrent.futures.ThreadPoolExecutor:
         return _pool
 
 
-def run_in_worker(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+def _in_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
     """Call ``fn`` as a pool thread's work: on database connections of its own, closed after,
     and a failure logged rather than lost in the pool's future."""
     close_old_connections()
@@ -48,13 +54,19 @@ def run_in_worker(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         connections.close_all()
 
 
+def in_pool(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    """Run ``fn`` on this process's worker pool, with its own database connection; what it
+    raises is logged."""
+    try:
+        pool().submit(_in_thread, fn, *args, **kwargs)
+    except RuntimeError:  # that pool was shut down between lookup and submit
+        pool().submit(_in_thread, fn, *args, **kwargs)
+
+
 def submit(task: Any, *args: Any, **kwargs: Any) -> None:
     """Send a Celery task (by its task object) to wherever this mode runs work."""
     if standalone():
-        try:
-            pool().submit(run_in_worker, task.run, *args, **kwargs)
-        except RuntimeError:  # that pool was shut down between lookup and submit
-            pool().submit(run_in_worker, task.run, *args, **kwargs)
+        in_pool(task.run, *args, **kwargs)
     else:
         # Fail fast when the broker is away: the message is an outbox row, and the relay sends
         # it again; an API request must not hang on a dead broker.
@@ -64,18 +76,17 @@ def submit(task: Any, *args: Any, **kwargs: Any) -> None:
 def send(topic: str, *, message_id: int | None, run_id: str, key: str = "",
          request_id: str | None = None) -> None:
     """Publish one outbox message (see orchestration/outbox.py); raises if the broker refuses."""
-    from orchestration import tasks
+    try:
+        task, arguments = _routes[topic]
+    except KeyError:
+        raise ValueError(f"unknown outbox topic {topic!r}") from None
+    submit(task, *arguments(run_id, key, request_id), outbox_id=message_id)
 
-    if topic == "advance":
-        submit(tasks.advance_run, run_id, outbox_id=message_id)
-    elif topic == "execute":
-        submit(tasks.execute_task, run_id, key, outbox_id=message_id)
-    elif topic == "resume":
-        submit(tasks.resume_after_decision, request_id, outbox_id=message_id)
-    elif topic == "replay":
-        submit(tasks.replay_check, request_id, outbox_id=message_id)
-    else:
-        raise ValueError(f"unknown outbox topic {topic!r}")
+
+def route(topic: str, task: Any, arguments: Arguments) -> None:
+    """Handle ``topic`` messages with the Celery ``task``, called with
+    ``arguments(run_id, key, request_id)`` and the message's id as ``outbox_id``."""
+    _routes[topic] = (task, arguments)
 
 
 def shutdown(wait: bool = True) -> None:

@@ -1,3 +1,6 @@
+"""The orchestration rows: agents, tools, processes and their immutable versions, runs and their
+tasks, model prices, tool usage, outbox messages and kill switches."""
+
 from __future__ import annotations
 
 import uuid

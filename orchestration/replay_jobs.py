@@ -27,7 +27,7 @@ from django.utils import timezone
 
 from orchestration import outbox
 from orchestration.models import Outbox, ReplayCheck, Run
-from orchestration.store import DB_ERRORS, persist
+from orchestration.retry import DB_ERRORS, persist
 
 log = logging.getLogger("switchboard.replay_jobs")
 TOPIC = Outbox.Topic.REPLAY

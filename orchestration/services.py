@@ -11,11 +11,10 @@ from typing import Any
 
 import jsonschema
 from django.contrib.auth.models import AbstractBaseUser
-from django.core.exceptions import ValidationError
 from django.db import transaction
 
 from approvals import services as approvals
-from approvals.models import ApprovalRequest, Reason
+from approvals.models import ApprovalRequest
 from audit import config as config_audit
 from audit import hygiene, ledger
 from audit.ledger import actor_of
@@ -25,17 +24,13 @@ from orchestration.engine import runner
 from orchestration.engine.errors import PlanError
 from orchestration.engine.plan import parse_plan
 from orchestration.engine.states import RUN_TERMINAL, RunStatus, TaskStatus
-from orchestration.models import (
-    PAUSED,
-    Agent,
-    KillSwitch,
-    Process,
-    ProcessVersion,
-    Run,
-    Task,
-    Tool,
-)
-from orchestration.store import DjangoRunStore, plan_for
+from orchestration.models import Agent, Process, ProcessVersion, Run, Task
+from orchestration.plans import plan_for
+from orchestration.store import DjangoRunStore
+
+# The requeue reason of tasks a released kill switch puts back (orchestration/kill_switches.py),
+# which replay recognises.
+KILL_SWITCH_RELEASED = "kill switch released"
 
 
 class ServiceError(Exception):
@@ -327,175 +322,3 @@ def _raise_budget(run: Run, task: Task, budget: dict[str, Any], *, actor: str) -
         Run.objects.filter(pk=run.pk).update(**fields)
     ledger.append(run.pk, "budget.raised", {"task": task.key, "old": old, "raise": budget},
                   actor=actor)
-
-
-# --- agents and their grants ------------------------------------------------------------------
-
-
-def grant_plan_tools(process: Process, *, by: AbstractBaseUser | None) -> list[str]:
-    """Grant the process's service identity every tool its current plan's ``tool`` and
-    ``function`` steps call; returns the slugs newly granted. Publishing does not grant: an
-    admin does (this, or the tool's object permissions in the admin), and revoking one later
-    stops those steps at the gate."""
-    version = process.current_version
-    if version is None:
-        return []
-    refs = {t.executor_ref for t in plan_for(version).tasks
-            if t.executor_type in ("tool", "function")}
-    return [tool.slug for tool in Tool.objects.filter(slug__in=refs).order_by("slug")
-            if tool_grant(tool=tool, process=process, by=by)]
-
-
-def _grantee(agent: Agent | None, process: Process | None) -> tuple[Any, str]:
-    if agent is not None:
-        return agent.user, f"agent:{agent.slug}"
-    if process is not None:
-        return process_identity(process), f"process:{process.slug}"
-    raise ServiceError("a grant needs an agent or a process")
-
-
-def _grants_of(user: Any, tool: Tool) -> list[str]:
-    from guardian.shortcuts import get_user_perms
-
-    return sorted(get_user_perms(user, tool))
-
-
-def tool_grant(*, tool: Tool, by: AbstractBaseUser | None, agent: Agent | None = None,
-               process: Process | None = None) -> bool:
-    """Let ``agent`` (or ``process``'s plan-level steps) invoke ``tool``; False if it already
-    could (nothing is written)."""
-    return _set_grant(*_grantee(agent, process), tool, by, granted=True)
-
-
-def tool_revoke(*, tool: Tool, by: AbstractBaseUser | None, agent: Agent | None = None,
-                process: Process | None = None) -> bool:
-    """Stop ``agent`` (or ``process``) invoking ``tool`` from its next call on, a call in
-    flight included; False if it could not anyway."""
-    return _set_grant(*_grantee(agent, process), tool, by, granted=False)
-
-
-def _set_grant(user: Any, grantee: str, tool: Tool, by: AbstractBaseUser | None, *,
-               granted: bool) -> bool:
-    from guardian.shortcuts import assign_perm, remove_perm
-
-    with transaction.atomic():
-        old = _grants_of(user, tool)
-        if ("invoke_tool" in old) == granted:
-            return False
-        change = assign_perm if granted else remove_perm
-        change("orchestration.invoke_tool", user, tool)
-        config_audit.record("grant", model="orchestration.tool", object=tool.slug,
-                            grantee=grantee, old={"perms": old},
-                            new={"perms": _grants_of(user, tool)}, by=by)
-    return True
-
-
-def agent_retire(*, agent: Agent, by: AbstractBaseUser | None) -> dict[str, int]:
-    """Retire an agent: its user is deactivated, so every grant stops working at once.
-
-    Its parked tasks open an ``agent_retired`` escalation now; its queued tasks are executed
-    again, which parks them with the same escalation instead of calling the agent."""
-    from django.contrib.auth import get_user_model
-
-    with transaction.atomic():
-        locked = Agent.objects.select_for_update().get(pk=agent.pk)
-        user = get_user_model().objects.select_for_update().get(pk=locked.user_id)
-        old = {"status": locked.status, "user_active": user.is_active}
-        Agent.objects.filter(pk=locked.pk).update(status=Agent.Status.RETIRED)
-        type(user).objects.filter(pk=user.pk).update(is_active=False)
-        config_audit.record("agent.retire", model="orchestration.agent", object=locked.slug,
-                            old=old, new={"status": Agent.Status.RETIRED, "user_active": False},
-                            by=by)
-        agent.status, agent.user.is_active = Agent.Status.RETIRED, False
-        mine = Task.objects.filter(executor_type="agent", executor_ref=locked.slug).exclude(
-            run__status__in=[s.value for s in RUN_TERMINAL])
-        escalated = 0
-        from orchestration.governance import open_escalation
-
-        for run_id, key in mine.filter(status=TaskStatus.WAITING).values_list("run_id", "key"):
-            if ApprovalRequest.objects.filter(run_id=run_id, task_key=key,
-                                              reason=Reason.AGENT_RETIRED,
-                                              status=ApprovalRequest.Status.PENDING).exists():
-                continue
-            detail = (f"agent_retired: {locked.slug} was retired while this task waited; "
-                      "a person must decide what happens")
-            open_escalation(run_id=str(run_id), task_key=key, actor=actor_of(by), escalation={
-                "reason": Reason.AGENT_RETIRED, "detail": detail,
-                "call_key": f"{run_id}:{key}:retired"})
-            escalated += 1
-        queued = list(mine.filter(status=TaskStatus.QUEUED).values_list("run_id", "key"))
-        for run_id, key in queued:
-            outbox.emit("execute", run_id, key=key)
-    return {"escalated": escalated, "requeued": len(queued)}
-
-
-# ---- kill switches ---------------------------------------------------------------------------
-
-KILL_SWITCH_RELEASED = "kill switch released"  # the requeue reason replay recognises
-
-
-def kill_switch_engage(*, scope: str, target: str = "", reason: str,
-                       by: AbstractBaseUser | None) -> KillSwitch:
-    """Stop every model and tool call in ``scope`` at the gate from now on; calls in flight
-    are interrupted within a poll (``contracts.STOP_POLL_S``). Their tasks wait, with reason
-    ``paused``, until the switch is released."""
-    switch = KillSwitch(scope=scope, target=target if scope != KillSwitch.Scope.ALL else "",
-                        reason=reason, engaged_by=by)
-    try:
-        switch.full_clean()
-    except ValidationError as exc:
-        raise ServiceError("; ".join(exc.messages)) from None
-    with transaction.atomic():
-        switch.save()
-        config_audit.record("kill_switch.engaged", model="orchestration.killswitch",
-                            object=str(switch), old={},
-                            new={"scope": switch.scope, "target": switch.target,
-                                 "reason": switch.reason}, by=by)
-    return switch
-
-
-def kill_switch_release(*, switch: KillSwitch, by: AbstractBaseUser | None) -> int:
-    """Release the switch and put the work it paused back in the queue. Returns how many tasks
-    were resumed."""
-    from django.utils import timezone
-
-    with transaction.atomic():
-        locked = KillSwitch.objects.select_for_update().get(pk=switch.pk)
-        if locked.released_at is not None:
-            return 0
-        locked.released_at, locked.released_by = timezone.now(), by
-        locked.save(update_fields=["released_at", "released_by"])
-        config_audit.record("kill_switch.released", model="orchestration.killswitch",
-                            object=str(locked), old={"engaged": True}, new={"engaged": False},
-                            by=by)
-    switch.released_at = locked.released_at
-    return resume_unpaused(actor=actor_of(by))
-
-
-def resume_unpaused(*, actor: str = "system") -> int:
-    """Put back in the queue every task parked by a switch that is no longer engaged (a task
-    another engaged switch holds stays). A release calls it; so does the sweep, for a release
-    interrupted before it got here or a task parked just as its switch was released."""
-    held = [s.pause_reason() for s in KillSwitch.objects.filter(released_at__isnull=True)]
-    paused = Task.objects.filter(status=TaskStatus.WAITING, error__startswith=f"{PAUSED}:")
-    run_ids = list(dict.fromkeys(
-        run_id for run_id, error in paused.values_list("run_id", "error")[:2000]
-        if error not in held))
-    return sum(_resume_paused(run_id, held, actor=actor) for run_id in run_ids)
-
-
-def _resume_paused(run_id: Any, held: list[str], *, actor: str) -> int:
-    with transaction.atomic():
-        run = Run.objects.select_for_update(of=("self",)).filter(pk=run_id).first()
-        if run is None or RunStatus(run.status) in RUN_TERMINAL:
-            return 0
-        store = DjangoRunStore(actor=actor)
-        keys = [key for key, error in Task.objects.filter(
-            run_id=run_id, status=TaskStatus.WAITING, error__startswith=f"{PAUSED}:")
-            .values_list("key", "error") if error not in held]
-        for key in keys:
-            store.requeue_task(str(run_id), key, reason=KILL_SWITCH_RELEASED)
-        released = runner.advance(store, str(run_id)).released
-        for key in dict.fromkeys([*keys, *released]):
-            outbox.emit("execute", run_id, key=key)
-    return len(keys)

@@ -30,5 +30,5 @@ def start() -> None:
     _started = True
     from orchestration import sweep
 
-    dispatch.pool().submit(dispatch.run_in_worker, _resume_unfinished)
+    dispatch.in_pool(_resume_unfinished)
     sweep.start()

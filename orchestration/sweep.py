@@ -31,7 +31,7 @@ from django.utils import timezone
 from approvals import services as approvals
 from approvals.models import ApprovalRequest
 from audit import ledger
-from orchestration import outbox, replay_jobs, services, signals
+from orchestration import kill_switches, outbox, replay_jobs, signals
 from orchestration.engine.states import RUN_TERMINAL, RunStatus, TaskStatus
 from orchestration.models import PAUSED, Outbox, Run, Task
 
@@ -49,7 +49,7 @@ def sweep_once() -> dict[str, int]:
         "taken_over": _expired_leases(),
         "stalled": _unheld_work(),
         "resumed": _decided_waits(),
-        "unpaused": services.resume_unpaused(),
+        "unpaused": kill_switches.resume_unpaused(),
         "expired": approvals.requests_expire(),
         "sealed": ledger.seal(),
         "replays": replay_jobs.recover(),

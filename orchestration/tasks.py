@@ -14,7 +14,9 @@ from celery import shared_task
 from django.db import InterfaceError, OperationalError
 from kombu.exceptions import OperationalError as BrokerError
 
-from orchestration import work
+from approvals.models import ApprovalRequest
+from orchestration import dispatch, replay_jobs, services, work
+from orchestration import sweep as sweeper
 
 log = logging.getLogger("switchboard.tasks")
 RETRY = {"autoretry_for": (OperationalError, InterfaceError, BrokerError),
@@ -33,9 +35,6 @@ def execute_task(run_id: str, key: str, outbox_id: int | None = None) -> None:
 
 @shared_task(name="orchestration.resume_after_decision", acks_late=True, **RETRY)
 def resume_after_decision(request_id: str, outbox_id: int | None = None) -> None:
-    from approvals.models import ApprovalRequest
-    from orchestration import services
-
     request = ApprovalRequest.objects.filter(pk=request_id).first()
     if request is not None:
         services.resume_after_decision(request, message_id=outbox_id)
@@ -43,8 +42,6 @@ def resume_after_decision(request_id: str, outbox_id: int | None = None) -> None
 
 @shared_task(name="orchestration.replay_check", acks_late=True, **RETRY)
 def replay_check(check_id: str, outbox_id: int | None = None) -> None:
-    from orchestration import replay_jobs
-
     replay_jobs.perform(check_id, outbox_id)
 
 
@@ -52,6 +49,13 @@ def replay_check(check_id: str, outbox_id: int | None = None) -> None:
 def sweep() -> None:
     """The periodic sweep (orchestration/sweep.py). Workers run it themselves; this task lets
     a deployment that prefers Celery beat schedule it too."""
-    from orchestration import sweep as sweeper
-
     sweeper.sweep_once()
+
+
+def route_topics() -> None:
+    """Have the outbox's messages handled by these tasks (called when the app is ready)."""
+    dispatch.route("advance", advance_run, lambda run_id, key, request_id: (run_id,))
+    dispatch.route("execute", execute_task, lambda run_id, key, request_id: (run_id, key))
+    dispatch.route("resume", resume_after_decision,
+                   lambda run_id, key, request_id: (request_id,))
+    dispatch.route("replay", replay_check, lambda run_id, key, request_id: (request_id,))

@@ -23,7 +23,9 @@ from orchestration.engine.states import TaskStatus
 from orchestration.engine.store import TaskSnapshot
 from orchestration.executors import executors
 from orchestration.models import Run
-from orchestration.store import DB_ERRORS, DjangoRunStore, deferred_writes, persist
+from orchestration.retry import DB_ERRORS, persist
+from orchestration.sql import deferred_writes
+from orchestration.store import DjangoRunStore
 
 log = logging.getLogger("switchboard.work")
 

@@ -19,7 +19,7 @@ from audit.config import CONFIG_CHAIN
 from audit.models import Event
 from console import auth_views
 from console.models import ApiToken
-from orchestration import services
+from orchestration import grants, services
 from orchestration.models import Agent, ModelPrice, Process, Tool
 from orchestration.tooling import grant_checker
 from tests.conftest import wait_for_run
@@ -90,7 +90,7 @@ def test_it_stops_a_retired_agents_grants_at_once(demo: None, operator: User) ->
     tool = Tool.objects.get(slug=agent.user.userobjectpermission_set.first().content_object.slug)
     holds = grant_checker(agent.user_id)
     assert holds(tool)
-    services.agent_retire(agent=agent, by=operator)
+    grants.agent_retire(agent=agent, by=operator)
     assert not holds(tool)
     agent.refresh_from_db()
     agent.user.refresh_from_db()
@@ -112,7 +112,7 @@ def test_it_escalates_a_retired_agents_waiting_task(demo: None, operator: User) 
     Task.objects.filter(pk=task.pk).update(status="running")
     store.finish_task(str(run.pk), task.key, "waiting", error="waiting for a person")
     agent = Agent.objects.get(slug=task.executor_ref)
-    outcome = services.agent_retire(agent=agent, by=operator)
+    outcome = grants.agent_retire(agent=agent, by=operator)
     assert outcome["escalated"] == 1
     request = ApprovalRequest.objects.get(run_id=run.pk, task_key=task.key)
     assert request.reason == "agent_retired" and request.status == "pending"
@@ -124,7 +124,7 @@ def test_it_parks_a_run_started_after_its_agent_retired(runner: None, api: Any) 
     from orchestration import demo as demo_data
 
     for spec in demo_data.AGENTS:
-        services.agent_retire(agent=Agent.objects.get(slug=spec["slug"]), by=admin)
+        grants.agent_retire(agent=Agent.objects.get(slug=spec["slug"]), by=admin)
     created = api.post("/api/v1/runs", {"process": "refund-exception", "input": REFUND})
     assert created.status_code == 201, created.content
     run = wait_for_run(created.json()["id"])
@@ -221,11 +221,11 @@ def test_it_records_a_grant_and_a_revoke_once_each(demo: None) -> None:
     admin = User.objects.get(username="admin")
     agent = Agent.objects.first()
     tool = Tool.objects.get(slug="run_python")
-    services.tool_revoke(agent=agent, tool=tool, by=admin)
+    grants.tool_revoke(agent=agent, tool=tool, by=admin)
     before = len(config_events("config.grant"))
-    assert services.tool_grant(agent=agent, tool=tool, by=admin)
-    assert not services.tool_grant(agent=agent, tool=tool, by=admin)
-    assert services.tool_revoke(agent=agent, tool=tool, by=admin)
+    assert grants.tool_grant(agent=agent, tool=tool, by=admin)
+    assert not grants.tool_grant(agent=agent, tool=tool, by=admin)
+    assert grants.tool_revoke(agent=agent, tool=tool, by=admin)
     granted, revoked = config_events("config.grant")[before:]
     assert granted.actor == revoked.actor == "user:admin"
     assert granted.data == {"model": "orchestration.tool", "object": "run_python",
@@ -267,10 +267,10 @@ def test_it_records_a_policy_publish(demo: None) -> None:
 def test_it_rolls_back_the_event_of_a_change_that_fails(demo: None) -> None:
     admin = User.objects.get(username="admin")
     agent, tool = Agent.objects.first(), Tool.objects.get(slug="run_python")
-    services.tool_revoke(agent=agent, tool=tool, by=admin)
+    grants.tool_revoke(agent=agent, tool=tool, by=admin)
     before = len(config_events())
     with pytest.raises(RuntimeError), transaction.atomic():
-        services.tool_grant(agent=agent, tool=tool, by=admin)
+        grants.tool_grant(agent=agent, tool=tool, by=admin)
         raise RuntimeError("the surrounding change failed")
     assert len(config_events()) == before
     assert not grant_checker(agent.user_id)(tool)

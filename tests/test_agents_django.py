@@ -20,7 +20,8 @@ from orchestration.engine.gate import StoreLog
 from orchestration.engine.llm import ModelRequest, ModelResponse, ScriptedModel
 from orchestration.engine.runner import TaskContext
 from orchestration.models import Agent, Process, Run, Tool
-from orchestration.store import DjangoRunStore, plan_for
+from orchestration.plans import plan_for
+from orchestration.store import DjangoRunStore
 from orchestration.tooling import contract_for
 from tests.conftest import TEST_CRM_SECRET, wait_for_run
 

@@ -17,7 +17,7 @@ from guardian.shortcuts import assign_perm, remove_perm
 
 from approvals.models import ApprovalRequest
 from audit.models import Event
-from orchestration import services, work
+from orchestration import grants, kill_switches, services, work
 from orchestration.builtin_tools import registry
 from orchestration.engine.contracts import ToolContract
 from orchestration.engine.errors import UngatedCall
@@ -61,7 +61,7 @@ def steps(monkeypatch: pytest.MonkeyPatch) -> Any:
             services.process_publish(process=process, input_schema=OBJECT,
                                      plan={"tasks": tasks}, budgets=budgets)
             if grant:
-                services.grant_plan_tools(process, by=None)
+                grants.grant_plan_tools(process, by=None)
             assign_perm("orchestration.start_run", User.objects.get(username="operator"),
                         process)
             return process
@@ -245,10 +245,10 @@ def test_a_stop_signal_interrupts_a_call_in_flight(demo: None, steps: Any, signa
     if signal == "cancel":
         services.run_cancel(run=run, user=User.objects.get(username="operator"))
     elif signal == "kill_switch":
-        services.kill_switch_engage(scope="tool", target="t_slow", reason="incident 42",
+        kill_switches.kill_switch_engage(scope="tool", target="t_slow", reason="incident 42",
                                     by=User.objects.get(username="admin"))
     else:
-        services.tool_revoke(tool=Tool.objects.get(slug="t_slow"), process=process, by=None)
+        grants.tool_revoke(tool=Tool.objects.get(slug="t_slow"), process=process, by=None)
     assert slow.cancelled.wait(10), "the call was not told to stop"
     worker.join(20)
     assert not worker.is_alive()
@@ -274,7 +274,7 @@ def test_a_kill_switch_parks_work_at_the_gate_until_released(demo: None, steps: 
     steps.tool("t_ok", lambda: calls.append(1) or {"ok": True})
     process = steps.process("switched", [step("a", "t_ok")])
     admin = User.objects.get(username="admin")
-    switch = services.kill_switch_engage(scope="all", reason="maintenance", by=admin)
+    switch = kill_switches.kill_switch_engage(scope="all", reason="maintenance", by=admin)
     run = steps.start(process)
     steps.drain()
     run.refresh_from_db()
@@ -287,7 +287,7 @@ def test_a_kill_switch_parks_work_at_the_gate_until_released(demo: None, steps: 
     config = list(Event.objects.filter(kind__startswith="config.kill_switch")
                   .values_list("kind", flat=True))
     assert config == ["config.kill_switch.engaged"]
-    assert services.kill_switch_release(switch=switch, by=admin) == 1
+    assert kill_switches.kill_switch_release(switch=switch, by=admin) == 1
     steps.drain()
     assert Run.objects.get(pk=run.pk).status == "succeeded"
     assert calls == [1]
@@ -302,7 +302,7 @@ def test_a_kill_switch_parks_work_at_the_gate_until_released(demo: None, steps: 
 @pytest.mark.django_db
 def test_a_kill_switch_must_name_something_that_exists(demo: None) -> None:
     with pytest.raises(services.ServiceError, match="no agent named 'nobody'"):
-        services.kill_switch_engage(scope="agent", target="nobody", reason="x", by=None)
+        kill_switches.kill_switch_engage(scope="agent", target="nobody", reason="x", by=None)
 
 
 @pytest.mark.django_db(transaction=True)
@@ -361,7 +361,7 @@ def test_an_agent_stops_before_its_next_model_call_when_retired(demo: None,
     run = steps.start(_agent_process("stopper", agent))
     worker = _in_background(steps.drain)
     assert slow.started.wait(10)
-    services.agent_retire(agent=agent, by=User.objects.get(username="admin"))
+    grants.agent_retire(agent=agent, by=User.objects.get(username="admin"))
     worker.join(20)
     assert slow.cancelled.is_set()
     run.refresh_from_db()
@@ -494,14 +494,14 @@ def test_releasing_one_switch_leaves_work_another_still_holds(demo: None, steps:
     steps.tool("t_held", lambda: {"ok": True})
     process = steps.process("held", [step("a", "t_held")])
     admin = User.objects.get(username="admin")
-    everything = services.kill_switch_engage(scope="all", reason="freeze", by=admin)
+    everything = kill_switches.kill_switch_engage(scope="all", reason="freeze", by=admin)
     run = steps.start(process)
     steps.drain()
-    tool = services.kill_switch_engage(scope="tool", target="t_held", reason="bad", by=admin)
-    assert services.kill_switch_release(switch=tool, by=admin) == 0
+    tool = kill_switches.kill_switch_engage(scope="tool", target="t_held", reason="bad", by=admin)
+    assert kill_switches.kill_switch_release(switch=tool, by=admin) == 0
     assert Task.objects.get(run=run, key="a").error.startswith("paused: kill switch on "
                                                                  "everything")
-    assert services.resume_unpaused() == 0  # the sweep agrees: still held
-    assert services.kill_switch_release(switch=everything, by=admin) == 1
+    assert kill_switches.resume_unpaused() == 0  # the sweep agrees: still held
+    assert kill_switches.kill_switch_release(switch=everything, by=admin) == 1
     steps.drain()
     assert Run.objects.get(pk=run.pk).status == "succeeded"

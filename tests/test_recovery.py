@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from approvals.models import ApprovalRequest
 from audit.models import Event
-from orchestration import dispatch, services, sweep, work
+from orchestration import dispatch, grants, services, sweep, work
 from orchestration.engine.contracts import ToolContract
 from orchestration.engine.errors import LeaseLost
 from orchestration.engine.runner import Outcome, finish
@@ -241,7 +241,7 @@ def test_a_plan_level_tool_that_is_not_idempotent_is_never_called_twice(
     services.process_publish(process=process, input_schema={"type": "object"}, plan={
         "tasks": [{"key": "pay", "executor": {"type": "tool", "ref": "test_pay"},
                    "args": {"vendor": "$input.vendor"}}]})
-    assert services.grant_plan_tools(process, by=None) == ["test_pay"]
+    assert grants.grant_plan_tools(process, by=None) == ["test_pay"]
     from guardian.shortcuts import assign_perm
 
     assign_perm("orchestration.start_run", operator, process)

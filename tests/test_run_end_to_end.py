@@ -38,8 +38,9 @@ def test_it_runs_vendor_onboarding_to_the_end(runner: None, api: Any, vendor_inp
 
 @pytest.mark.django_db(transaction=True)
 def test_it_never_has_more_than_three_tasks_active(runner: None, api: Any, demo: None) -> None:
+    from orchestration.grants import grant_plan_tools
     from orchestration.models import Process
-    from orchestration.services import grant_plan_tools, process_publish
+    from orchestration.services import process_publish
 
     process = Process.objects.create(slug="wide", name="Wide", pattern="deterministic")
     tasks = [{"key": f"check_{i}", "executor": {"type": "tool", "ref": "lookup_order"},

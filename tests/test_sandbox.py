@@ -25,7 +25,7 @@ import pytest
 from django.conf import settings
 from django.test import override_settings
 
-from orchestration import services
+from orchestration import grants, services
 from orchestration.builtin_tools import registry
 from orchestration.engine.errors import ToolFailed, ToolStopped, ToolTimeout
 from orchestration.engine.sandbox import (
@@ -384,7 +384,7 @@ def test_a_run_executes_code_in_the_sandbox_and_it_sees_no_secrets(
         "tasks": [{"key": "probe", "title": "Probe", "args": {"code": code},
                    "executor": {"type": "tool", "ref": "run_python"}}],
         "result": {"out": "$tasks.probe.stdout", "exit": "$tasks.probe.exit_code"}})
-    services.grant_plan_tools(process, by=None)
+    grants.grant_plan_tools(process, by=None)
     run = services.run_create(process=process, input={}, user=operator)
     run = wait_for_run(run.pk, timeout=60)
     assert run.status == "succeeded", run.error

@@ -1,3 +1,5 @@
+"""Console template helpers: JSON for display, and the banner of engaged kill switches."""
+
 from __future__ import annotations
 
 import json

@@ -1,3 +1,5 @@
+"""Template filter: whether a user may read the ledger (console/ledger_views.py decides)."""
+
 from __future__ import annotations
 
 from typing import Any

@@ -1,3 +1,5 @@
+"""The errors the engine raises on purpose."""
+
 from __future__ import annotations
 
 

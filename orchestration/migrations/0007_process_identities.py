@@ -5,7 +5,7 @@ from django.db import migrations
 
 
 def forwards(apps, schema_editor):  # type: ignore[no-untyped-def]
-    from orchestration import services
+    from orchestration import grants, services
     from orchestration.models import Process
 
     if not Process.objects.exists():
@@ -14,7 +14,7 @@ def forwards(apps, schema_editor):  # type: ignore[no-untyped-def]
     # same services (and leave the same configuration events) as a new process's.
     for process in Process.objects.all():
         services.process_identity(process)
-        services.grant_plan_tools(process, by=None)
+        grants.grant_plan_tools(process, by=None)
 
 
 class Migration(migrations.Migration):

@@ -24,7 +24,7 @@ def main() -> None:
     django.setup()
     from django.core.management import call_command
 
-    from orchestration import services
+    from orchestration import grants, services
     from orchestration.models import Process
 
     call_command("migrate", verbosity=0, interactive=False)
@@ -35,7 +35,7 @@ def main() -> None:
     if process.current_version is None:
         services.process_publish(process=process, plan=PROCESS_PLAN,
                                  input_schema=PROCESS_INPUT_SCHEMA)
-    services.grant_plan_tools(process, by=None)
+    grants.grant_plan_tools(process, by=None)
     tokens = {}
     for username in ("operator", "reviewer"):
         out = io.StringIO()

@@ -1,0 +1,1 @@
+"""The console app's management commands: API tokens."""

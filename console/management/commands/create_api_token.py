@@ -1,3 +1,5 @@
+"""``create_api_token``: issue an API token for a user (shown once; only its digest is kept)."""
+
 from __future__ import annotations
 
 from datetime import timedelta

@@ -1,3 +1,5 @@
+"""``revoke_api_token``: revoke an API token by its prefix."""
+
 from __future__ import annotations
 
 from typing import Any

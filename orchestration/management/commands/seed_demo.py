@@ -1,3 +1,5 @@
+"""``seed_demo``: create the demo people, tools and processes (safe to run again)."""
+
 from __future__ import annotations
 
 from decimal import Decimal
@@ -10,7 +12,7 @@ from django.db import transaction
 
 from approvals.models import Policy
 from approvals.services import policy_publish
-from orchestration import demo, services
+from orchestration import demo, grants, services
 from orchestration.builtin_tools import registry
 from orchestration.models import Agent, ModelPrice, Process, Tool
 
@@ -100,9 +102,9 @@ class Command(BaseCommand):
             agent.save()
             for tool in Tool.objects.all():
                 if tool.slug in spec["tools"]:
-                    services.tool_grant(tool=tool, agent=agent, by=None)
+                    grants.tool_grant(tool=tool, agent=agent, by=None)
                 else:
-                    services.tool_revoke(tool=tool, agent=agent, by=None)
+                    grants.tool_revoke(tool=tool, agent=agent, by=None)
 
         for spec in demo.PROCESSES:
             process, _ = Process.objects.update_or_create(
@@ -116,7 +118,7 @@ class Command(BaseCommand):
                     "input_schema"]:
                 services.process_publish(process=process, plan=plan,
                                          input_schema=spec["input_schema"])
-            services.grant_plan_tools(process, by=None)
+            grants.grant_plan_tools(process, by=None)
 
         reviewers = Group.objects.get(name="reviewer")
         for spec in demo.POLICIES:

@@ -1,0 +1,144 @@
+"""The run lock: every write to a run's state takes its row lock first, and a step reads the
+run and its tasks once, under that lock, into a snapshot that its own writes keep current."""
+
+from __future__ import annotations
+
+import copy
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from django.db import connection, transaction
+
+from audit import ledger
+from orchestration.engine.store import RunSnapshot, TaskSnapshot
+from orchestration.models import Run
+from orchestration.plans import plan_for_id
+from orchestration.sql import loads, uuid_param
+
+# The run whose row this thread's open transaction holds (see ``locked``), with its task rows
+# as read under that lock: writes under the lock keep them current, so a step reads each row
+# once.
+_held = threading.local()
+# Inputs of tasks claimed under a run lock, read from that lock's snapshot: the claimer runs the
+# task right after commit and need not read them again.
+_prefetched: dict[tuple[str, str], tuple[Any, Any, dict[str, Any]]] = {}
+
+# The run and its chain head, locked together. The task rows are read by a statement of their
+# own, after the lock is held: under READ COMMITTED a row joined into a locking query but not
+# locked itself comes from the snapshot taken before the query waited for the lock, so a step
+# that waited behind another would see the tasks as they were before that step committed.
+LOCK_RUN_SQL = (
+    "SELECT r.status, r.input, r.cancel_requested, r.process_version_id, v.hydration_limit,"
+    " h.seq, h.head_hash"
+    " FROM orchestration_run r JOIN orchestration_processversion v ON v.id = r.process_version_id"
+    " JOIN audit_chainhead h ON h.chain = r.id"
+    " WHERE r.id = %s{lock}")
+# Every run has a chain head (run_create writes it); this is for one that does not.
+LOCK_BARE_RUN_SQL = (
+    "SELECT r.status, r.input, r.cancel_requested, r.process_version_id, v.hydration_limit,"
+    " NULL, NULL"
+    " FROM orchestration_run r JOIN orchestration_processversion v ON v.id = r.process_version_id"
+    " WHERE r.id = %s{lock}")
+# The run's tasks: one row per task.
+TASKS_SQL = ('SELECT "key", status, attempts, output, error, lease_owner, lease_expires_at,'
+             " crashes FROM orchestration_task WHERE run_id = %s")
+TASK_SQL = ('SELECT status, lease_owner, lease_expires_at, attempts, crashes'
+            ' FROM orchestration_task WHERE run_id = %s AND "key" = %s')
+
+
+class Locked:
+    """A locked run: its status, version, snapshot, and task rows
+    (``[status, lease owner, lease expiry, attempts, crashes]`` by key)."""
+
+    __slots__ = ("run", "status", "version", "snapshot", "rows")
+
+    def __init__(self, run: str, status: str, version: Any, snapshot: RunSnapshot,
+                 rows: dict[str, list[Any]]) -> None:
+        self.run, self.status, self.version, self.snapshot, self.rows = (
+            run, status, version, snapshot, rows)
+
+
+def held_run(run_id: Any) -> Locked | None:
+    """The locked state of ``run_id`` when this thread's open transaction holds its lock."""
+    state = getattr(_held, "state", None)
+    if state is not None and state.run == str(run_id) and connection.in_atomic_block:
+        return state
+    return None
+
+
+def lock_run(run_id: str) -> None:
+    """Every write to a run's state takes the run's row lock first: one lock order, no deadlocks,
+    and one writer per run at a time (so its ledger sequence is written in order).
+
+    The lock order, everywhere: run row → task rows → chain heads. Nothing on the hot path
+    locks a row that many runs share (process versions, tools, agents, the global chain)."""
+    if not connection.features.has_select_for_update:
+        return  # SQLite: BEGIN IMMEDIATE (settings) already makes every writer go one at a time
+    if held_run(run_id) is not None:
+        return
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT id FROM orchestration_run WHERE id = %s FOR UPDATE",
+                       [Run._meta.pk.get_db_prep_value(uuid.UUID(str(run_id)), connection)])
+
+
+@contextmanager
+def locked(run_id: str) -> Iterator[RunSnapshot]:
+    """Lock the run (and its chain head) and read it with its tasks, for the block's writes."""
+    # savepoint=False: inside a caller's unit of work this joins it (one commit per step).
+    with transaction.atomic(savepoint=False):
+        # FOR UPDATE OF r: the run row only, never the process version all its runs share.
+        # Lock order: the run row, then its chain head (locked here so the step's appends
+        # need not read it again). Task rows are written only under the run's lock.
+        lock = (" FOR UPDATE OF r, h" if connection.features.has_select_for_update
+                else "")
+        with connection.cursor() as cursor:
+            cursor.execute(LOCK_RUN_SQL.format(lock=lock), [uuid_param(run_id)])
+            row = cursor.fetchone()
+            if row is None:
+                cursor.execute(LOCK_BARE_RUN_SQL.format(lock=" FOR UPDATE OF r" if lock
+                                                        else ""), [uuid_param(run_id)])
+                row = cursor.fetchone()
+            if row is None:
+                raise Run.DoesNotExist(f"no run {run_id}")
+            cursor.execute(TASKS_SQL, [uuid_param(run_id)])
+            fetched = cursor.fetchall()
+        status, run_input, cancel_requested, version_id, hydration_limit = row[:5]
+        head_seq, head_hash = row[5:7]
+        if head_seq is not None:
+            ledger.prime_head(uuid.UUID(str(run_id)), head_seq, head_hash)
+        tasks = {row[0]: TaskSnapshot(key=row[0], status=row[1], attempts=row[2],
+                                      output=loads(row[3]), error=row[4])
+                 for row in fetched}
+        snapshot = RunSnapshot(
+            run_id=str(run_id),
+            status=status,
+            plan=plan_for_id(version_id),
+            input=loads(run_input),
+            hydration_limit=hydration_limit,
+            tasks=tasks,
+            cancel_requested=bool(cancel_requested),
+        )
+        outer = getattr(_held, "state", None)
+        _held.state = Locked(str(run_id), status, version_id, snapshot, {
+            row[0]: [row[1], row[5], row[6], row[2], row[7]] for row in fetched})
+        try:
+            yield snapshot
+        finally:
+            _held.state = outer
+
+
+def prefetch(state: Locked, run_id: str, key: str) -> None:
+    """Keep a claimed task's inputs as the lock's snapshot has them, for ``take_prefetched``."""
+    snap = state.snapshot
+    deps = snap.plan.by_key()[key].depends_on
+    _prefetched[(str(run_id), key)] = (state.version, snap.input, {
+        dep: copy.deepcopy(snap.tasks[dep].output) for dep in deps})
+
+
+def take_prefetched(run_id: str, key: str) -> tuple[Any, Any, dict[str, Any]] | None:
+    """(process version id, run input, dependencies' outputs) of a task claimed under a run
+    lock in this process, once."""
+    return _prefetched.pop((str(run_id), key), None)
