@@ -13,14 +13,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from functools import wraps
+from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.decorators import login_not_required
 from django.db import DEFAULT_DB_ALIAS, connections
 from django.db.migrations.executor import MigrationExecutor
-from django.http import HttpRequest, JsonResponse
+from django.http import HttpRequest, HttpResponseBase, HttpResponseNotAllowed, JsonResponse
 from django.views.decorators.cache import never_cache
-from django.views.decorators.http import require_GET
 
 log = logging.getLogger("switchboard.health")
 OK = {"status": "ok"}
@@ -29,6 +30,19 @@ NOT_USED = {"status": "not used"}
 _MIGRATIONS_RECHECK_S = 60.0
 _migrations_ok_at = 0.0
 _migrations_lock = threading.Lock()
+
+
+def get_only(view: Callable[..., HttpResponseBase]) -> Callable[..., HttpResponseBase]:
+    """GET and HEAD only; anything else gets a 405 that says so."""
+
+    @wraps(view)
+    def guarded(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+        if request.method not in ("GET", "HEAD"):
+            return HttpResponseNotAllowed(["GET", "HEAD"], "only GET and HEAD\n",
+                                          content_type="text/plain")
+        return view(request, *args, **kwargs)
+
+    return guarded
 
 
 class Unready(Exception):
@@ -134,14 +148,14 @@ def components() -> dict[str, dict[str, str]]:
 
 @login_not_required
 @never_cache
-@require_GET
+@get_only
 def live(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"status": "ok"})
 
 
 @login_not_required
 @never_cache
-@require_GET
+@get_only
 def ready(request: HttpRequest) -> JsonResponse:
     found = components()
     failing = [name for name, state in found.items() if state["status"] == "fail"]

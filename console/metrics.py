@@ -23,7 +23,6 @@ from django.db.models import Count, Min, Q
 from django.http import Http404, HttpRequest, HttpResponse
 from django.utils import timezone
 from django.views.decorators.cache import never_cache
-from django.views.decorators.http import require_GET
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -34,6 +33,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from console.client_address import client_address
+from console.health import get_only
 
 log = logging.getLogger("switchboard.metrics")
 
@@ -164,7 +164,7 @@ def _token_ok(request: HttpRequest) -> bool:
 
 @login_not_required
 @never_cache
-@require_GET
+@get_only
 def metrics(request: HttpRequest) -> HttpResponse:
     if not _address_allowed(request):
         raise Http404  # not for this network: say nothing about it
