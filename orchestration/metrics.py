@@ -8,6 +8,7 @@ status, approvals pending, the outbox) is collected by console/metrics.py instea
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -17,9 +18,9 @@ from typing import Any
 from django.db import transaction
 from prometheus_client import Counter, Histogram
 
-from orchestration.engine import metrics_hooks
 from orchestration.engine.runner import Executor, Outcome, TaskContext
 
+log = logging.getLogger("switchboard.metrics")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                     120.0)
 
@@ -85,7 +86,16 @@ def reason_of(message: str) -> str:
 
 
 def on_step(run_id: str, kind: str, data: dict[str, Any], usage: Any) -> None:
-    """The engine's step observer (orchestration/engine/metrics_hooks.py)."""
+    """A model or tool step was recorded (DjangoRunStore.record_step, once its transaction
+    commits: a retried or rolled-back try counts nothing, and neither do replays, which
+    record nowhere). Its latency comes from what the engine recorded (``latency_ms``)."""
+    try:
+        _observe(run_id, kind, data, usage)
+    except Exception:  # a figure is never worth failing a step for
+        log.exception("metrics: could not count a %s step", kind)
+
+
+def _observe(run_id: str, kind: str, data: dict[str, Any], usage: Any) -> None:
     latency = data.get("latency_ms")
     if kind == "model.called":
         model = str(data.get("model", ""))
@@ -135,11 +145,10 @@ def instrumented(executors: Mapping[str, Executor]) -> dict[str, Executor]:
 
 
 def install() -> None:
-    """Listen to the engine's steps (called when the orchestration app is ready), and start
-    the series a dashboard expects at zero rather than absent."""
+    """Start the series a dashboard expects at zero rather than absent (called when the
+    orchestration app is ready, so every worker process exports them)."""
     from approvals.models import Reason
 
-    metrics_hooks.observe(on_step)
     for executor in ("agent", "tool", "function"):
         TASKS_STARTED.labels(executor)
         for outcome in ("succeeded", "failed", "waiting"):

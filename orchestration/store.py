@@ -27,7 +27,7 @@ from django.utils import timezone
 
 from audit import ledger
 from audit.models import Event
-from orchestration import governance, leases, outbox
+from orchestration import governance, leases, metrics, outbox
 from orchestration.engine.errors import LeaseLost
 from orchestration.engine.gate import JOURNAL_KINDS, Journal
 from orchestration.engine.plan import Plan, TaskSpec, parse_plan
@@ -623,6 +623,7 @@ class DjangoRunStore:
                 self._hold(run_id, data.get("task", ""), lease)
             ledger.append(uuid.UUID(str(run_id)), kind, data,
                           actor=data.get("actor", self.actor))
+            transaction.on_commit(functools.partial(metrics.on_step, run_id, kind, data, usage))
             if reserved is not None or not usage.is_zero():
                 governance.settle(run_id, data.get("task", ""), reserved, usage)
 

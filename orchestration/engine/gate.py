@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from hashchain import canonical_json
-from orchestration.engine import metrics_hooks
 from orchestration.engine.contracts import STOP_POLL_S, ToolContract, opened_by_gate
 from orchestration.engine.errors import (
     ConfigurationError,
@@ -95,7 +94,6 @@ class StoreLog:
                reserved: Usage | None = None) -> None:
         self.store.record_step(self.run_id, kind, data, usage=usage, reserved=reserved,
                                lease=self.lease)
-        metrics_hooks.step_recorded(self.run_id, kind, data, usage)
 
 
 # Resolves a tool's name to its contract: None when no such tool exists, ConfigurationError
