@@ -166,3 +166,40 @@ def test_a_bad_setting_stops_start_up(env: dict[str, str], message: str) -> None
         env={**os.environ, "DEBUG": "true", **env}, timeout=60)
     assert result.returncode != 0
     assert b"ImproperlyConfigured" in result.stderr and message.encode() in result.stderr
+
+
+def test_refusals_count_by_their_reason_code() -> None:
+    from orchestration import metrics
+
+    def count(reason: str) -> float:
+        return metrics.RESERVATION_REFUSALS.labels(reason)._value.get()
+
+    before = count("budget_exhausted"), count("other")
+    metrics.refused("budget_exhausted: run tokens 10 used + 0 reserved + 5 needed > cap 12")
+    metrics.refused("a message with no reason code")
+    metrics.refused("")
+    assert (count("budget_exhausted"), count("other")) == (before[0] + 1, before[1] + 1)
+
+
+def test_an_instrumented_executor_counts_its_start_and_how_it_ended() -> None:
+    from orchestration import metrics
+    from orchestration.engine.runner import Outcome
+
+    def boom(ctx: Any) -> Outcome:
+        raise RuntimeError("an executor's own bug")
+
+    wrapped = metrics.instrumented({"agent": lambda ctx: Outcome(status="failed"),
+                                    "tool": boom})
+
+    def started(kind: str) -> float:
+        return metrics.TASKS_STARTED.labels(kind)._value.get()
+
+    def finished(kind: str, outcome: str) -> float:
+        return metrics.TASKS_FINISHED.labels(kind, outcome)._value.get()
+
+    before = started("agent"), finished("agent", "failed"), finished("tool", "error")
+    assert wrapped["agent"](None).status == "failed"
+    with pytest.raises(RuntimeError):
+        wrapped["tool"](None)
+    assert (started("agent"), finished("agent", "failed"), finished("tool", "error")) == (
+        before[0] + 1, before[1] + 1, before[2] + 1)
