@@ -86,3 +86,20 @@ def test_health_needs_no_https_redirect(client: Any, settings: Any) -> None:
     settings.SECURE_SSL_REDIRECT = True
     assert client.get("/health/live").status_code == 200
     assert client.get("/").status_code == 301  # everything else is still redirected
+
+
+def test_ready_is_503_naming_migrations_when_one_is_not_applied(
+        transactional_db: Any, client: Any, monkeypatch: Any) -> None:
+    from django.db.migrations.executor import MigrationExecutor
+
+    from console import health
+
+    monkeypatch.setattr(health, "_migrations_ok_at", 0.0)
+    monkeypatch.setattr(MigrationExecutor, "migration_plan",
+                        lambda self, targets: [("a migration", False)])
+    response = ready(client)
+    assert response.status_code == 503
+    body = response.json()
+    assert "migrations" in body["failing"]
+    assert body["components"]["migrations"] == {"status": "fail",
+                                                "detail": "1 migration(s) not applied"}
