@@ -14,6 +14,7 @@ from typing import Any
 from django.db import connection, transaction
 from django.utils import timezone
 
+from audit.metrics import LEDGER_APPEND_SECONDS
 from audit.models import ChainHead, Event
 from audit.signals import event_appended
 from hashchain import GENESIS, canonical_json, chain_hash, global_hash
@@ -105,6 +106,11 @@ def append(chain: uuid.UUID, kind: str, data: dict[str, Any], *, actor: str) -> 
     seal() runs: until then its gseq, gprev_hash and ghash are None. A transaction that appends
     to two chains (say a run's and CONFIG_CHAIN) can deadlock with one doing the opposite, which
     PostgreSQL detects and aborts, so keep to one chain per transaction where possible."""
+    with LEDGER_APPEND_SECONDS.time():
+        return _append(chain, kind, data, actor=actor)
+
+
+def _append(chain: uuid.UUID, kind: str, data: dict[str, Any], *, actor: str) -> Event:
     if not transaction.get_connection().in_atomic_block:
         raise RuntimeError("ledger.append must be called inside transaction.atomic()")
     if chain == GLOBAL_CHAIN:

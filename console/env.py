@@ -106,10 +106,11 @@ def database_from_url(url: str, *, sqlite_default_path: str) -> dict:
     )
 
 
-def envnetworks(name: str) -> tuple[IPv4Network | IPv6Network, ...]:
+def envnetworks(name: str, default: list[str] | None = None
+                ) -> tuple[IPv4Network | IPv6Network, ...]:
     """Comma-separated IP addresses and CIDR blocks (``10.0.0.5,10.1.0.0/16,fd00::/8``)."""
     networks = []
-    for item in envlist(name, []):
+    for item in envlist(name, default or []):
         try:
             networks.append(ip_network(item))
         except ValueError as error:

@@ -250,6 +250,36 @@ if SWITCHBOARD_MAX_BUDGET_RAISE_COST > 99_999_999:
     raise ImproperlyConfigured("SWITCHBOARD_MAX_BUDGET_RAISE_COST must be at most 99999999, "
                                "the largest budget the cost columns hold")
 
+# Prometheus metrics at /metrics (console/metrics.py). A scrape is answered only when it comes
+# from SWITCHBOARD_METRICS_ALLOW (addresses or networks, default loopback; "0.0.0.0/0,::/0"
+# for anywhere; empty turns /metrics off) and, when SWITCHBOARD_METRICS_TOKEN is set (16+
+# characters), carries "Authorization: Bearer <token>". The client address honours
+# SWITCHBOARD_TRUSTED_PROXIES. Other scrapes get 404 (address) or 403 (token).
+SWITCHBOARD_METRICS_ALLOW = envnetworks("SWITCHBOARD_METRICS_ALLOW", ["127.0.0.1", "::1"])
+SWITCHBOARD_METRICS_TOKEN = envstr("SWITCHBOARD_METRICS_TOKEN", "").strip()
+if SWITCHBOARD_METRICS_TOKEN and (len(SWITCHBOARD_METRICS_TOKEN) < 16
+                                  or any(c.isspace() for c in SWITCHBOARD_METRICS_TOKEN)):
+    raise ImproperlyConfigured("SWITCHBOARD_METRICS_TOKEN must be at least 16 characters with "
+                               "no spaces, e.g. python -c 'import secrets; "
+                               "print(secrets.token_urlsafe(32))'")
+# Distributed: Celery worker processes count tasks, calls and tokens where the web server cannot
+# see them. Give every process (web and workers) the same PROMETHEUS_MULTIPROC_DIR, an empty
+# directory wiped at each deployment start, and /metrics adds up all their figures. Unset
+# (standalone, one process), /metrics shows the serving process's own.
+SWITCHBOARD_METRICS_MULTIPROC_DIR = envstr("PROMETHEUS_MULTIPROC_DIR", "").strip()
+if SWITCHBOARD_METRICS_MULTIPROC_DIR and not (
+        os.path.isdir(SWITCHBOARD_METRICS_MULTIPROC_DIR)
+        and os.access(SWITCHBOARD_METRICS_MULTIPROC_DIR, os.W_OK)):
+    raise ImproperlyConfigured(
+        f"PROMETHEUS_MULTIPROC_DIR={SWITCHBOARD_METRICS_MULTIPROC_DIR!r} is not a writable "
+        "directory; create it (empty) before starting the server and the workers")
+# /health/ready counts a worker as up when one wrote its heartbeat (every sweep round) within
+# this many seconds (distributed mode).
+SWITCHBOARD_WORKER_HEARTBEAT_SECONDS = envint(
+    "SWITCHBOARD_WORKER_HEARTBEAT_SECONDS", max(30, 3 * SWITCHBOARD_SWEEP_SECONDS), minimum=1)
+# Probes and scrapes are answered over plain HTTP even with SECURE_SSL_REDIRECT on.
+SECURE_REDIRECT_EXEMPT = [r"^health/(live|ready)$", r"^metrics$"]
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

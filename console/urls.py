@@ -4,7 +4,7 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from console import ledger_views, review, screens, views
+from console import health, ledger_views, metrics, review, screens, views
 from console.api import api
 from console.auth_views import throttled
 
@@ -32,4 +32,8 @@ urlpatterns = [
     path("admin/login/", throttled(admin.site.login)),
     path("admin/", admin.site.urls),
     path("api/v1/", api.urls),
+    # Probes and scrapes: no sign-in (see console/health.py and console/metrics.py).
+    path("health/live", health.live, name="health_live"),
+    path("health/ready", health.ready, name="health_ready"),
+    path("metrics", metrics.metrics, name="metrics"),
 ]

@@ -10,7 +10,9 @@ class OrchestrationConfig(AppConfig):
 
     def ready(self) -> None:
         from approvals.signals import approval_resolved
-        from orchestration import handlers, tasks
+        from orchestration import handlers, metrics, tasks
+
+        metrics.install()
 
         tasks.route_topics()
         approval_resolved.connect(handlers.on_approval_resolved,

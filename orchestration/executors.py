@@ -11,6 +11,8 @@ from orchestration.engine.runner import Executor
 @cache
 def executors() -> dict[str, Executor]:
     from orchestration.agents import run_agent_task
+    from orchestration.metrics import instrumented
     from orchestration.tooling import run_tool_task
 
-    return {"tool": run_tool_task, "function": run_tool_task, "agent": run_agent_task}
+    return instrumented(
+        {"tool": run_tool_task, "function": run_tool_task, "agent": run_agent_task})

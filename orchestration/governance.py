@@ -23,7 +23,7 @@ from django.utils import timezone
 
 from approvals import services as approvals
 from approvals.models import ApprovalRequest, Reason
-from orchestration import rules
+from orchestration import metrics, rules
 from orchestration.engine.governance import ALLOW, Gate, Usage
 from orchestration.models import Agent, KillSwitch, Run, Task, Tool, ToolUsage
 
@@ -122,13 +122,16 @@ def reserve(run_id: str, task_key: str, worst: Usage, *, run: Run | None = None)
             if not _execute(_RESERVE_TASK, params):
                 raise _Refused(_why_task(run_id, task_key, worst))
     except _Refused as refused:
+        metrics.refused(str(refused))
         return str(refused)
     if run is None:
         run = Run.objects.only("budget_wall_s", "created_at").get(pk=run_id)
     if run.budget_wall_s and timezone.now() > run.created_at + timedelta(
             seconds=run.budget_wall_s):
         release(run_id, task_key, worst)
-        return f"budget_exhausted: the run's wall-time budget of {run.budget_wall_s} s is spent"
+        spent = f"budget_exhausted: the run's wall-time budget of {run.budget_wall_s} s is spent"
+        metrics.refused(spent)
+        return spent
     return ""
 
 
@@ -360,6 +363,7 @@ def open_escalation(*, run_id: str, task_key: str, escalation: Mapping[str, Any]
     if reason == "awaiting_approval" or reason not in Reason.values:
         return None
     run = Run.objects.select_related("created_by").get(pk=run_id)
+    metrics.escalated(reason)
     return approvals.request_open(
         run_id=run_id, task_key=task_key, call_key=escalation.get("call_key", ""),
         tool=escalation.get("tool", ""), arguments=escalation.get("arguments") or {},

@@ -7,6 +7,7 @@ Every write takes the run's lock first (orchestration/run_lock.py) and goes out 
 from __future__ import annotations
 
 import copy
+import functools
 import uuid
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
@@ -19,7 +20,7 @@ from django.utils import timezone
 
 from audit import ledger
 from audit.models import Event
-from orchestration import governance, leases, outbox, run_lock
+from orchestration import governance, leases, metrics, outbox, run_lock
 from orchestration.engine.errors import LeaseLost
 from orchestration.engine.gate import JOURNAL_KINDS, Journal
 from orchestration.engine.plan import TaskSpec
@@ -381,6 +382,7 @@ class DjangoRunStore:
                 self._hold(run_id, data.get("task", ""), lease)
             ledger.append(uuid.UUID(str(run_id)), kind, data,
                           actor=data.get("actor", self.actor))
+            transaction.on_commit(functools.partial(metrics.on_step, run_id, kind, data, usage))
             if reserved is not None or not usage.is_zero():
                 governance.settle(run_id, data.get("task", ""), reserved, usage)
 

@@ -31,7 +31,7 @@ from django.utils import timezone
 from approvals import services as approvals
 from approvals.models import ApprovalRequest
 from audit import ledger
-from orchestration import kill_switches, outbox, replay_jobs, signals
+from orchestration import heartbeat, kill_switches, metrics, outbox, replay_jobs, signals
 from orchestration.engine.states import RUN_TERMINAL, RunStatus, TaskStatus
 from orchestration.models import PAUSED, Outbox, Run, Task
 
@@ -75,7 +75,9 @@ def _expired_leases() -> int:
               .filter(Q(lease_expires_at__lt=now) | Q(lease_expires_at__isnull=True))
               .filter(_no_message("execute", with_key=True))
               .values_list("run_id", "key")[:_BATCH])
-    return _emit_execute(list(lapsed))
+    taken_over = _emit_execute(list(lapsed))
+    metrics.LEASE_TAKEOVERS.inc(taken_over)
+    return taken_over
 
 
 def _emit_execute(pairs: list[tuple[object, str]]) -> int:
@@ -161,7 +163,9 @@ def _leader() -> Iterator[bool]:
 def _loop() -> None:
     from django.db import close_old_connections
 
+    heartbeat.beat()
     while not _stop.wait(settings.SWITCHBOARD_SWEEP_SECONDS):
+        heartbeat.beat()
         try:
             close_old_connections()
             with _leader() as mine:

@@ -154,7 +154,14 @@ def wait_for_run(run_id: Any, *, timeout: float = 30.0) -> Any:
 
 
 @pytest.fixture
-def celery_worker(transactional_db: Any) -> Iterator[subprocess.Popen[bytes]]:
+def worker_metrics_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Celery worker's PROMETHEUS_MULTIPROC_DIR: where it writes its metrics."""
+    return tmp_path_factory.mktemp("worker-metrics")
+
+
+@pytest.fixture
+def celery_worker(transactional_db: Any,
+                  worker_metrics_dir: Path) -> Iterator[subprocess.Popen[bytes]]:
     """A real `celery worker` process against the test database and the test Redis."""
     if not DISTRIBUTED:
         pytest.skip("needs REDIS_URL (the distributed pass)")
@@ -166,6 +173,7 @@ def celery_worker(transactional_db: Any) -> Iterator[subprocess.Popen[bytes]]:
     env["REDIS_URL"] = settings.REDIS_URL
     env["SWITCHBOARD_CREDENTIAL_CRM"] = TEST_CRM_SECRET
     env["SWITCHBOARD_CREDENTIAL_LLM"] = TEST_LLM_SECRET
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(worker_metrics_dir)
     with service_process(
         [sys.executable, "-m", "celery", "-A", "console", "worker", "--loglevel=INFO",
          "--concurrency=3", "--pool=threads", "--without-gossip", "--without-mingle",

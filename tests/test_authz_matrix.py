@@ -51,6 +51,11 @@ PAGES: dict[tuple[str, str], set[str]] = {
     ("GET", "login/"): ALL,
     ("POST", "logout/"): ALL,
     ("GET", "admin/login/"): ALL,  # the admin's sign-in, routed through the sign-in throttle
+    # Probes and the scrape: no sign-in, nothing about runs (tests/test_health.py and
+    # tests/test_metrics.py test them, and who may scrape).
+    ("GET", "health/live"): ALL,
+    ("GET", "health/ready"): ALL,
+    ("GET", "metrics"): ALL,
 }
 STAFF_ONLY = "admin/"
 API: dict[tuple[str, str], set[str]] = {
@@ -186,7 +191,8 @@ def test_it_enforces_the_page_matrix(cast: dict[str, Any], role: str, method: st
         assert _decided(cast) == allowed, (role, response.status_code)
         return
     if allowed:
-        assert response.status_code in (200, 302, 303), (role, response.status_code)
+        ready = route == "health/ready" and response.status_code == 503  # no worker here
+        assert response.status_code in (200, 302, 303) or ready, (role, response.status_code)
         if route != "logout/":
             assert "/login/" not in response.get("Location", "")
     else:

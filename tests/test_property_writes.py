@@ -364,6 +364,8 @@ PAGES: dict[str, Page] = {
     "runs/<uuid:run_id>/replay/checks": Page("operator", lambda w: _active(w) + "replay/checks",
                                              reads=True),
     "agents/": Page("operator", lambda w: "agents/", reads=True),
+    "health/live": Page(None, lambda w: "health/live", reads=True),
+    "metrics": Page(None, lambda w: "metrics", reads=True),
     "agents/<slug:slug>/": Page("operator", lambda w: f"agents/{w.agent}/", reads=True),
     "tools/": Page("operator", lambda w: "tools/", reads=True),
     "analytics/": Page("operator", lambda w: "analytics/", reads=True),
@@ -377,6 +379,9 @@ EXCLUDED = {
     "admin/": "Django's admin site",
     # Every operation under it is a case of API_WRITES or API_READS.
     "api/v1/": "the JSON API, enumerated operation by operation below",
+    # A probe that reads only; it answers 503 by design while a component is missing (here,
+    # in the distributed pass, a worker). tests/test_health.py covers it.
+    "health/ready": "the readiness probe",
 }
 
 
