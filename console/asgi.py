@@ -1,12 +1,14 @@
 """ASGI entry point. With no REDIS_URL this is a complete standalone server: the worker pool
 starts with the app and picks up any run a previous process left unfinished."""
 
+import logging
 import os
 
 from django.core.asgi import get_asgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "console.settings")
-django_asgi_app = get_asgi_application()
+django_asgi_app = get_asgi_application()  # configures logging (console/settings.py LOGGING)
+logging.captureWarnings(True)  # a Python warning is a log line like any other (JSON or text)
 
 from channels.routing import ProtocolTypeRouter  # noqa: E402
 

@@ -12,6 +12,7 @@ from console.credentials import credentials_take
 from console.env import (
     database_from_url,
     envbool,
+    envchoice,
     envheader,
     envint,
     envlist,
@@ -250,12 +251,27 @@ if SWITCHBOARD_MAX_BUDGET_RAISE_COST > 99_999_999:
     raise ImproperlyConfigured("SWITCHBOARD_MAX_BUDGET_RAISE_COST must be at most 99999999, "
                                "the largest budget the cost columns hold")
 
+# Logs go to stderr, one line per record, each with the run id, task key, request id and trace
+# id of the work it was written in (logcontext). SWITCHBOARD_LOG_FORMAT=json writes each as a
+# JSON object (the default in distributed mode, for a log collector), text as a line for people
+# (the default in standalone mode). LOG_LEVEL is the level of everything else (Django, Celery,
+# daphne; a worker's --loglevel sets Celery's own), SWITCHBOARD_LOG_LEVEL that of Switchboard.
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+SWITCHBOARD_LOG_FORMAT = envchoice("SWITCHBOARD_LOG_FORMAT", ("json", "text"),
+                                   "json" if SWITCHBOARD_MODE == "distributed" else "text")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "handlers": {"console": {"class": "logging.StreamHandler"}},
-    "root": {"handlers": ["console"], "level": envstr("LOG_LEVEL", "WARNING").upper()},
+    "filters": {"context": {"()": "logcontext.ContextFilter"}},
+    "formatters": {
+        "json": {"()": "logcontext.JsonFormatter"},
+        "text": {"()": "logcontext.TextFormatter"},
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "stream": "ext://sys.stderr",
+                             "formatter": SWITCHBOARD_LOG_FORMAT, "filters": ["context"]}},
+    "root": {"handlers": ["console"],
+             "level": envchoice("LOG_LEVEL", LOG_LEVELS, "warning").upper()},
     "loggers": {
-        "switchboard": {"level": envstr("SWITCHBOARD_LOG_LEVEL", "INFO").upper()},
+        "switchboard": {"level": envchoice("SWITCHBOARD_LOG_LEVEL", LOG_LEVELS, "info").upper()},
     },
 }
