@@ -4,11 +4,13 @@ starts with the app and picks up any run a previous process left unfinished."""
 import logging
 import os
 
+import django
 from django.core.asgi import get_asgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "console.settings")
-django_asgi_app = get_asgi_application()  # configures logging (console/settings.py LOGGING)
+django.setup(set_prefix=False)  # configures logging (console/settings.py LOGGING)
 logging.captureWarnings(True)  # a Python warning is a log line like any other (JSON or text)
+django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter  # noqa: E402
 
