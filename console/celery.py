@@ -4,6 +4,7 @@ import inspect
 import logging
 import logging.config
 import os
+from contextvars import ContextVar
 from typing import Any
 
 from celery import Celery
@@ -48,29 +49,33 @@ def _keep_our_logging(loglevel: int | str | None = None, **kwargs: object) -> No
     _configure_logging(loglevel)
 
 
-_bindings: dict[str, Any] = {}
+# What task_prerun bound, undone by task_postrun: both run in the thread (and context) that
+# executes the task, so this is per task even when twin deliveries run side by side.
+_task_bindings: ContextVar[tuple[Any, ...]] = ContextVar("switchboard_task_bindings", default=())
 
 
 @task_prerun.connect
-def _bind_run(task_id: str, task: Any, args: tuple = (), kwargs: dict | None = None,
-              **rest: object) -> None:
+def _bind_run(task: Any, args: tuple = (), kwargs: dict | None = None, **rest: object) -> None:
     # A task that takes a run id (and a task key) binds them for all it logs, Celery's own
     # "succeeded"/"raised" lines included; work.py binds them again as its chain moves on.
+    binding = None
     try:
         named = inspect.signature(task.run).bind_partial(*args, **(kwargs or {})).arguments
     except TypeError:
-        return
+        named = {}
     if "run_id" in named:
         binding = logcontext.bound(run_id=named["run_id"], task_key=named.get("key"))
         binding.__enter__()
-        _bindings[task_id] = binding
+    _task_bindings.set((*_task_bindings.get(), binding))
 
 
 @task_postrun.connect
-def _unbind_run(task_id: str, **rest: object) -> None:
-    binding = _bindings.pop(task_id, None)
-    if binding is not None:
-        binding.__exit__(None, None, None)
+def _unbind_run(**rest: object) -> None:
+    stack = _task_bindings.get()
+    if stack:
+        _task_bindings.set(stack[:-1])
+        if stack[-1] is not None:
+            stack[-1].__exit__(None, None, None)
 
 
 @worker_ready.connect
