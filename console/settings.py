@@ -223,6 +223,8 @@ CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
+# A worker logs through LOGGING below (console/celery.py applies it); Celery leaves it alone.
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 # Recovery (orchestration/sweep.py, orchestration/leases.py): a running task's lease lasts
 # SWITCHBOARD_LEASE_SECONDS and is renewed every third of that; every worker process runs the
 # sweep every SWITCHBOARD_SWEEP_SECONDS (one at a time), which takes over expired leases and
