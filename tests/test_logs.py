@@ -195,7 +195,12 @@ def test_the_format_defaults_to_the_mode_s(env: dict[str, str], expected: str) -
     assert done.stdout.split() == expected.split()
 
 
-def test_a_bad_format_stops_start_up_with_a_clear_message() -> None:
-    done = settings_in_a_new_process({"SWITCHBOARD_LOG_FORMAT": "yaml"})
+@pytest.mark.parametrize("env, message", [
+    ({"SWITCHBOARD_LOG_FORMAT": "yaml"}, "SWITCHBOARD_LOG_FORMAT='yaml' is not one of json, text"),
+    ({"LOG_LEVEL": "loud"}, "LOG_LEVEL='loud' is not one of debug, info, warning, error, critical"),
+])
+def test_a_bad_value_stops_start_up_with_a_clear_message(env: dict[str, str],
+                                                         message: str) -> None:
+    done = settings_in_a_new_process(env)
     assert done.returncode != 0
-    assert "SWITCHBOARD_LOG_FORMAT='yaml' is not one of json, text" in done.stderr
+    assert message in done.stderr
