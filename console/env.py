@@ -45,6 +45,17 @@ def envint(name: str, default: int, *, minimum: int | None = None) -> int:
     return value
 
 
+def envchoice(name: str, choices: tuple[str, ...], default: str) -> str:
+    """One of ``choices`` (compared in lower case)."""
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    value = raw.strip().lower()
+    if value not in choices:
+        raise ImproperlyConfigured(f"{name}={raw!r} is not one of {', '.join(choices)}")
+    return value
+
+
 def envlist(name: str, default: list[str]) -> list[str]:
     raw = os.environ.get(name)
     if raw is None:

@@ -1,4 +1,5 @@
-"""A request id on every response, and JSON errors for API paths Django answers by itself."""
+"""A request id on every response and every log line written while answering it, and JSON errors
+for API paths Django answers by itself."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from asgiref.sync import iscoroutinefunction
 from django.http import HttpRequest, HttpResponseBase, JsonResponse
 from django.urls import reverse
 from django.utils.decorators import sync_and_async_middleware
+
+import logcontext
 
 REQUEST_ID_HEADER = "X-Request-ID"
 # A caller's id is echoed into headers and logs, so only accept a plain token: no spaces, no
@@ -62,13 +65,13 @@ def request_id_middleware(
 ) -> Callable[[HttpRequest], HttpResponseBase | Awaitable[HttpResponseBase]]:
     if iscoroutinefunction(get_response):
         async def async_middleware(request: HttpRequest) -> HttpResponseBase:
-            _assign(request)
-            return _finish(request, await get_response(request))  # type: ignore[misc]
+            with logcontext.bound(request_id=_assign(request)):
+                return _finish(request, await get_response(request))  # type: ignore[misc]
 
         return async_middleware
 
     def middleware(request: HttpRequest) -> HttpResponseBase:
-        _assign(request)
-        return _finish(request, get_response(request))  # type: ignore[arg-type]
+        with logcontext.bound(request_id=_assign(request)):
+            return _finish(request, get_response(request))  # type: ignore[arg-type]
 
     return middleware

@@ -12,6 +12,7 @@ from console.credentials import credentials_take
 from console.env import (
     database_from_url,
     envbool,
+    envchoice,
     envheader,
     envint,
     envlist,
@@ -222,6 +223,8 @@ CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
+# A worker logs through LOGGING below (console/celery.py applies it); Celery leaves it alone.
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 # Recovery (orchestration/sweep.py, orchestration/leases.py): a running task's lease lasts
 # SWITCHBOARD_LEASE_SECONDS and is renewed every third of that; every worker process runs the
 # sweep every SWITCHBOARD_SWEEP_SECONDS (one at a time), which takes over expired leases and
@@ -280,12 +283,27 @@ SWITCHBOARD_WORKER_HEARTBEAT_SECONDS = envint(
 # Probes and scrapes are answered over plain HTTP even with SECURE_SSL_REDIRECT on.
 SECURE_REDIRECT_EXEMPT = [r"^health/(live|ready)$", r"^metrics$"]
 
+# Logs go to stderr, one line per record, each with the run id, task key, request id and trace
+# id of the work it was written in (logcontext). SWITCHBOARD_LOG_FORMAT=json writes each as a
+# JSON object (the default in distributed mode, for a log collector), text as a line for people
+# (the default in standalone mode). LOG_LEVEL is the level of everything else (Django, Celery,
+# daphne; a worker's --loglevel sets Celery's own), SWITCHBOARD_LOG_LEVEL that of Switchboard.
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+SWITCHBOARD_LOG_FORMAT = envchoice("SWITCHBOARD_LOG_FORMAT", ("json", "text"),
+                                   "json" if SWITCHBOARD_MODE == "distributed" else "text")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "handlers": {"console": {"class": "logging.StreamHandler"}},
-    "root": {"handlers": ["console"], "level": envstr("LOG_LEVEL", "WARNING").upper()},
+    "filters": {"context": {"()": "logcontext.ContextFilter"}},
+    "formatters": {
+        "json": {"()": "logcontext.JsonFormatter"},
+        "text": {"()": "logcontext.TextFormatter"},
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "stream": "ext://sys.stderr",
+                             "formatter": SWITCHBOARD_LOG_FORMAT, "filters": ["context"]}},
+    "root": {"handlers": ["console"],
+             "level": envchoice("LOG_LEVEL", LOG_LEVELS, "warning").upper()},
     "loggers": {
-        "switchboard": {"level": envstr("SWITCHBOARD_LOG_LEVEL", "INFO").upper()},
+        "switchboard": {"level": envchoice("SWITCHBOARD_LOG_LEVEL", LOG_LEVELS, "info").upper()},
     },
 }

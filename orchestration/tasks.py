@@ -14,6 +14,7 @@ from celery import shared_task
 from django.db import InterfaceError, OperationalError
 from kombu.exceptions import OperationalError as BrokerError
 
+import logcontext
 from approvals.models import ApprovalRequest
 from orchestration import dispatch, replay_jobs, services, work
 from orchestration import sweep as sweeper
@@ -25,19 +26,22 @@ RETRY = {"autoretry_for": (OperationalError, InterfaceError, BrokerError),
 
 @shared_task(name="orchestration.advance_run", acks_late=True, **RETRY)
 def advance_run(run_id: str, outbox_id: int | None = None) -> None:
-    work.advance(run_id, outbox_id)
+    with logcontext.bound(run_id=run_id):
+        work.advance(run_id, outbox_id)
 
 
 @shared_task(name="orchestration.execute_task", acks_late=True, **RETRY)
 def execute_task(run_id: str, key: str, outbox_id: int | None = None) -> None:
-    work.execute(run_id, key, outbox_id)
+    with logcontext.bound(run_id=run_id, task_key=key):
+        work.execute(run_id, key, outbox_id)
 
 
 @shared_task(name="orchestration.resume_after_decision", acks_late=True, **RETRY)
 def resume_after_decision(request_id: str, outbox_id: int | None = None) -> None:
     request = ApprovalRequest.objects.filter(pk=request_id).first()
     if request is not None:
-        services.resume_after_decision(request, message_id=outbox_id)
+        with logcontext.bound(run_id=request.run_id):
+            services.resume_after_decision(request, message_id=outbox_id)
 
 
 @shared_task(name="orchestration.replay_check", acks_late=True, **RETRY)

@@ -14,6 +14,7 @@ import logging
 from django.conf import settings
 from django.db import transaction
 
+import logcontext
 from audit import ledger
 from orchestration import leases, outbox
 from orchestration.engine import runner
@@ -81,6 +82,8 @@ def run_chain(store: DjangoRunStore, run_id: str, claim: TaskSnapshot | None) ->
     that step claimed, until a step leaves nothing for this worker."""
     while claim is not None:
         leases.hold(run_id, claim.key, claim.lease)
+        context = logcontext.bound(run_id=run_id, task_key=claim.key)
+        context.__enter__()
         try:
             outcome = persist(lambda c=claim: _run(store, run_id, c),
                                what=f"run {run_id}/{claim.key}")
@@ -105,11 +108,13 @@ def run_chain(store: DjangoRunStore, run_id: str, claim: TaskSnapshot | None) ->
                 if successor is None:
                     raise
                 result = AdvanceResult([], "", [successor])
+            log.info("task %s of run %s: %s", claim.key, run_id, outcome.status)
         except LeaseLost as exc:
             log.warning("%s: the outcome is dropped", exc)
             return
         finally:
             leases.drop(run_id, claim.key)
+            context.__exit__(None, None, None)
         claim = result.claimed[0] if result.claimed else None
 
 

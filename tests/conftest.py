@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -165,6 +165,19 @@ def celery_worker(transactional_db: Any,
     """A real `celery worker` process against the test database and the test Redis."""
     if not DISTRIBUTED:
         pytest.skip("needs REDIS_URL (the distributed pass)")
+    with celery_worker_process(
+            env_extra={"PROMETHEUS_MULTIPROC_DIR": str(worker_metrics_dir)}) as (proc, _log_path):
+        yield proc
+
+
+@contextmanager
+def celery_worker_process(
+    *, log_name: str = "celery-worker.log", error_log_name: str | None = None,
+    env_extra: dict[str, str] | None = None,
+) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """Start `celery worker` and wait until it is ready. Its log lines (stderr) go to
+    artifacts/<error_log_name> when given, else with its stdout to artifacts/<log_name>; the
+    path returned is the file the log lines go to."""
     import redis
 
     redis.Redis.from_url(settings.REDIS_URL).flushdb()
@@ -173,18 +186,18 @@ def celery_worker(transactional_db: Any,
     env["REDIS_URL"] = settings.REDIS_URL
     env["SWITCHBOARD_CREDENTIAL_CRM"] = TEST_CRM_SECRET
     env["SWITCHBOARD_CREDENTIAL_LLM"] = TEST_LLM_SECRET
-    env["PROMETHEUS_MULTIPROC_DIR"] = str(worker_metrics_dir)
+    env.update(env_extra or {})
     with service_process(
         [sys.executable, "-m", "celery", "-A", "console", "worker", "--loglevel=INFO",
          "--concurrency=3", "--pool=threads", "--without-gossip", "--without-mingle",
          "--without-heartbeat", "-n", f"test-{os.getpid()}@%h"],
-        env=env, log_name="celery-worker.log",
+        env=env, log_name=log_name, error_log_name=error_log_name,
     ) as (proc, log_path):
         wait_for(lambda: b"ready." in log_path.read_bytes() or proc.poll() is not None,
                  timeout=60, what="the celery worker to start")
         if proc.poll() is not None:
             raise AssertionError(f"celery worker exited early; see {log_path}")
-        yield proc
+        yield proc, log_path
 
 
 def subprocess_database_url() -> str:
@@ -199,15 +212,21 @@ def subprocess_database_url() -> str:
 
 
 @contextmanager
-def service_process(args: list[str], *, env: dict[str, str],
-                    log_name: str) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
-    """A server or worker subprocess logging to artifacts/<log_name>, stopped afterwards."""
+def service_process(args: list[str], *, env: dict[str, str], log_name: str,
+                    error_log_name: str | None = None,
+                    ) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """A server or worker subprocess logging to artifacts/<log_name> (its stderr to
+    artifacts/<error_log_name> when given), stopped afterwards. The path returned is the one
+    stderr goes to."""
     log_path = ROOT / "artifacts" / log_name
     log_path.parent.mkdir(exist_ok=True)
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    error_path = ROOT / "artifacts" / error_log_name if error_log_name else log_path
+    with open(log_path, "wb") as log, ExitStack() as stack:
+        errors = (stack.enter_context(open(error_path, "wb")) if error_log_name
+                  else subprocess.STDOUT)
+        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=errors)
         try:
-            yield proc, log_path
+            yield proc, error_path
         finally:
             proc.terminate()
             try:

@@ -1,6 +1,6 @@
 """The layers point one way: console → orchestration → approvals → audit, and the engine and
-the shared helpers (hashchain, jsonkit) depend on no Django app at all. A module-level or a
-function-local import against the arrows fails here with the file and line."""
+the shared helpers (hashchain, jsonkit, logcontext) depend on no Django app at all. A
+module-level or a function-local import against the arrows fails here with the file and line."""
 
 from __future__ import annotations
 
@@ -11,17 +11,19 @@ import pytest
 
 from tests.conftest import ROOT
 
-PROJECT = ("console", "orchestration", "approvals", "audit", "hashchain", "jsonkit")
+PROJECT = ("console", "orchestration", "approvals", "audit", "hashchain", "jsonkit", "logcontext")
 # What each layer may import from the project (besides itself).
 ALLOWED: dict[str, set[str]] = {
-    "console": {"orchestration", "approvals", "audit", "hashchain", "jsonkit"},
-    "orchestration": {"approvals", "audit", "hashchain", "jsonkit"},
-    "approvals": {"audit", "hashchain", "jsonkit"},
-    "audit": {"hashchain", "jsonkit"},
+    "console": {"orchestration", "approvals", "audit", "hashchain", "jsonkit", "logcontext"},
+    "orchestration": {"approvals", "audit", "hashchain", "jsonkit", "logcontext"},
+    "approvals": {"audit", "hashchain", "jsonkit", "logcontext"},
+    "audit": {"hashchain", "jsonkit", "logcontext"},
     "hashchain": set(),
     "jsonkit": set(),
+    "logcontext": set(),
 }
-PURE = ("orchestration/engine", "hashchain", "jsonkit")  # no Django, no app but themselves
+# No Django, no app but themselves.
+PURE = ("orchestration/engine", "hashchain", "jsonkit", "logcontext")
 
 
 def _modules() -> Iterator[tuple[str, ast.Module]]:
