@@ -3,7 +3,7 @@ from __future__ import annotations
 import os
 
 from celery import Celery
-from celery.signals import worker_ready
+from celery.signals import worker_init, worker_process_init, worker_ready
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "console.settings")
 
@@ -19,3 +19,22 @@ def _start_sweep(**kwargs: object) -> None:
     from orchestration import sweep
 
     sweep.start()
+
+
+@worker_init.connect
+def _trace_worker(sender: object = None, **kwargs: object) -> None:
+    # A prefork pool's children set up their own tracer after the fork (below): the batch
+    # span processor's export thread would not survive it. Other pools run tasks here.
+    pool = getattr(sender, "pool_cls", None)
+    pool_name = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
+    if "prefork" not in str(pool_name):
+        from console import tracing
+
+        tracing.setup("switchboard-worker")
+
+
+@worker_process_init.connect
+def _trace_worker_process(**kwargs: object) -> None:
+    from console import tracing
+
+    tracing.setup("switchboard-worker")

@@ -250,6 +250,14 @@ if SWITCHBOARD_MAX_BUDGET_RAISE_COST > 99_999_999:
     raise ImproperlyConfigured("SWITCHBOARD_MAX_BUDGET_RAISE_COST must be at most 99999999, "
                                "the largest budget the cost columns hold")
 
+# Traces (console/tracing.py): OTEL_EXPORTER_OTLP_ENDPOINT=http://collector:4318 exports one
+# trace per run over OTLP/HTTP (to its /v1/traces) from the web process (service.name
+# switchboard-web) and every worker (switchboard-worker): spans for tasks, model calls and
+# tool calls with the GenAI semantic conventions' attributes. Unset, no tracer is installed.
+# The SDK's own OTEL_* variables (e.g. OTEL_BSP_SCHEDULE_DELAY, OTEL_EXPORTER_OTLP_HEADERS)
+# apply as documented by OpenTelemetry.
+OTEL_EXPORTER_OTLP_ENDPOINT = envstr("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
