@@ -25,11 +25,17 @@ def _start_sweep(**kwargs: object) -> None:
 def _trace_worker(sender: object = None, **kwargs: object) -> None:
     # A prefork pool's children set up their own tracer after the fork (below): the batch
     # span processor's export thread would not survive it. Other pools run tasks here.
-    pool = getattr(sender, "pool_cls", None)
-    pool_name = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
-    if "prefork" not in str(pool_name):
-        from console import tracing
+    from celery.concurrency import get_implementation
+    from celery.concurrency.prefork import TaskPool as PreforkPool
 
+    from console import tracing
+
+    pool = getattr(sender, "pool_cls", None) or app.conf.worker_pool
+    try:
+        pool = get_implementation(pool)  # a name ("threads", "processes") or the class
+    except Exception:  # an unknown name: the worker itself reports it
+        return
+    if not (isinstance(pool, type) and issubclass(pool, PreforkPool)):
         tracing.setup("switchboard-worker")
 
 
