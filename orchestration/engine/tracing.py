@@ -19,6 +19,7 @@ from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.trace import (
+    INVALID_SPAN,
     NonRecordingSpan,
     Span,
     SpanContext,
@@ -74,6 +75,9 @@ def task_span(run_id: str, key: str, *, executor_type: str, executor_ref: str,
               attempt: int, process: str = "") -> Iterator[Span]:
     """The span of one attempt at a task, a child of the run's root context. An agent task is
     an ``invoke_agent`` span (run_agent adds the agent's name and id)."""
+    if not enabled():  # tracing off: no span objects, no context switches
+        yield INVALID_SPAN
+        return
     agent = executor_type == "agent"
     name = f"invoke_agent {executor_ref}" if agent else f"{executor_type} {key}"
     attributes = _clean({
@@ -129,6 +133,9 @@ def agent_attributes(slug: str, agent_id: str = "") -> None:
 def chat_span(*, run_id: str, task: str, provider: str, model: str,
               step: int) -> Iterator[Span]:
     """One model call (``chat``), a child of the current task span."""
+    if not enabled():
+        yield INVALID_SPAN
+        return
     attributes = _clean({
         "gen_ai.operation.name": "chat", "gen_ai.provider.name": provider,
         "gen_ai.request.model": model, RUN_ID: str(run_id), TASK_KEY: task,
@@ -174,6 +181,9 @@ def failed(span: Span, kind: str) -> None:
 @contextmanager
 def tool_span(*, name: str, call_id: str, task: str, actor: str) -> Iterator[Span]:
     """One call through the tool gate (``execute_tool``), a child of the current task span."""
+    if not enabled():
+        yield INVALID_SPAN
+        return
     attributes = _clean({
         "gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": name,
         "gen_ai.tool.call.id": call_id, TASK_KEY: task, "switchboard.actor": actor,
