@@ -14,9 +14,11 @@ django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter  # noqa: E402
 
+from console import tracing  # noqa: E402
 from console.routing import websocket_application  # noqa: E402
 from orchestration import standalone  # noqa: E402
 
+tracing.setup("switchboard-web")
 standalone.start()
 
 application = ProtocolTypeRouter({

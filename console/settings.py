@@ -291,6 +291,15 @@ SECURE_REDIRECT_EXEMPT = [r"^health/(live|ready)$", r"^metrics$"]
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 SWITCHBOARD_LOG_FORMAT = envchoice("SWITCHBOARD_LOG_FORMAT", ("json", "text"),
                                    "json" if SWITCHBOARD_MODE == "distributed" else "text")
+
+# Traces (console/tracing.py): OTEL_EXPORTER_OTLP_ENDPOINT=http://collector:4318 exports one
+# trace per run over OTLP/HTTP (to its /v1/traces) from the web process (service.name
+# switchboard-web) and every worker (switchboard-worker): spans for tasks, model calls and
+# tool calls with the GenAI semantic conventions' attributes. Unset, no tracer is installed.
+# The SDK's own OTEL_* variables (e.g. OTEL_BSP_SCHEDULE_DELAY, OTEL_EXPORTER_OTLP_HEADERS)
+# apply as documented by OpenTelemetry.
+OTEL_EXPORTER_OTLP_ENDPOINT = envstr("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

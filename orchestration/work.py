@@ -17,7 +17,7 @@ from django.db import transaction
 import logcontext
 from audit import ledger
 from orchestration import leases, outbox
-from orchestration.engine import runner
+from orchestration.engine import runner, tracing
 from orchestration.engine.errors import LeaseLost
 from orchestration.engine.runner import AdvanceResult, Outcome
 from orchestration.engine.states import TaskStatus
@@ -118,10 +118,20 @@ def run_chain(store: DjangoRunStore, run_id: str, claim: TaskSnapshot | None) ->
         claim = result.claimed[0] if result.claimed else None
 
 
+def _process_slug(run_id: str) -> str:
+    """The run's process, for the task's span; looked up only while tracing is on."""
+    if not tracing.enabled():
+        return ""
+    slug = (Run.objects.filter(pk=run_id)
+            .values_list("process_version__process__slug", flat=True).first())
+    return slug or ""
+
+
 def _run(store: DjangoRunStore, run_id: str, claim: TaskSnapshot) -> Outcome:
     try:
         return runner.run_claimed(store, run_id, claim, executors(),
-                                  poison_after=settings.SWITCHBOARD_POISON_CRASHES)
+                                  poison_after=settings.SWITCHBOARD_POISON_CRASHES,
+                                  process=_process_slug(run_id))
     except (LeaseLost, *DB_ERRORS):
         raise
     except Exception as exc:  # an executor's own bug: the task fails, the worker goes on

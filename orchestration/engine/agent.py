@@ -35,6 +35,7 @@ from orchestration.engine.llm import (
 from orchestration.engine.redaction import redact
 from orchestration.engine.runner import Outcome, TaskContext, stopped_outcome
 from orchestration.engine.states import TaskStatus
+from orchestration.engine.tracing import agent_attributes, traced_complete
 
 
 @dataclass(slots=True)
@@ -97,6 +98,7 @@ def run_agent(
     ``configuration_error``, the others keep working)."""
     governor = governor or Ungoverned()
     actor = f"agent:{agent.slug}"
+    agent_attributes(agent.slug)
     task = ctx.spec.key
     try:
         prompt = build_prompt(ctx)
@@ -132,7 +134,8 @@ def run_agent(
                 return stopped_outcome(refused, key=f"{ctx.run_id}:{task}:{step}:model")
             started = time.perf_counter()
             try:
-                response = model.complete(request)
+                response = traced_complete(model, request, run_id=ctx.run_id, task=task,
+                                           step=step)
             except ProviderError as exc:
                 log.record("model.failed", {"task": task, "step": step, "actor": actor,
                                             "provider": model.provider, "model": model.name,

@@ -33,6 +33,7 @@ from orchestration.engine.errors import (
 )
 from orchestration.engine.governance import Governor, Usage
 from orchestration.engine.redaction import redact
+from orchestration.engine.tracing import tool_span, tool_verdict
 
 # The ledger events a resume reads back (Journal.fold).
 JOURNAL_KINDS = ("model.called", "tool.intent", "tool.called", "tool.failed")
@@ -149,6 +150,13 @@ class ToolGate:
     watch_grant: bool = True
 
     def call(self, key: str, name: str, arguments: Any) -> Verdict:
+        # An execute_tool span under the task's span: the tool's name and the call's key only.
+        with tool_span(name=name, call_id=key, task=self.task, actor=self.actor) as span:
+            verdict = self._call(key, name, arguments)
+            tool_verdict(span, is_error=verdict.is_error, pause=verdict.pause)
+        return verdict
+
+    def _call(self, key: str, name: str, arguments: Any) -> Verdict:
         recorded = self.journal.results.get(key)
         if recorded is not None:
             if "error" in recorded:

@@ -25,6 +25,7 @@ from orchestration.engine.states import (
     TaskStatus,
 )
 from orchestration.engine.store import RunSnapshot, RunStore, TaskSnapshot
+from orchestration.engine.tracing import task_outcome, task_span
 
 
 @dataclass(slots=True)
@@ -241,7 +242,7 @@ POISON_CRASHES = 3
 
 def run_claimed(store: RunStore, run_id: str, claim: TaskSnapshot,
                 executors: Mapping[str, Executor], *,
-                poison_after: int = POISON_CRASHES) -> Outcome:
+                poison_after: int = POISON_CRASHES, process: str = "") -> Outcome:
     """Run a task this worker holds. A task whose workers keep dying is not run again: after
     ``poison_after`` lost workers it is parked for a person (``poison_task``)."""
     if poison_after and claim.crashes >= poison_after:
@@ -258,7 +259,13 @@ def run_claimed(store: RunStore, run_id: str, claim: TaskSnapshot,
     if executor is None:
         return Outcome(status=TaskStatus.FAILED,
                        error=f"no executor for tasks of type {spec.executor_type!r}")
-    return executor(ctx)
+    # The task's span is a child of the run's trace (engine/tracing.py), in whichever worker.
+    with task_span(run_id, claim.key, executor_type=spec.executor_type,
+                   executor_ref=spec.executor_ref, attempt=claim.attempts,
+                   process=process) as span:
+        outcome = executor(ctx)
+        task_outcome(span, outcome.status, outcome.error, outcome.escalation)
+    return outcome
 
 
 def execute(store: RunStore, run_id: str, key: str, executors: Mapping[str, Executor]) -> bool:
