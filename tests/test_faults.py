@@ -506,6 +506,41 @@ def test_postgres_stopped_and_restarted_mid_burst_loses_nothing(cluster: Cluster
     _conclude(verdict)
 
 
+def _readiness(cluster: Cluster) -> tuple[int, dict[str, Any]]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(cluster.server.base + "/health/ready", timeout=15) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+    except OSError as exc:  # the server itself is not answering
+        return 0, {"failing": [f"server: {type(exc).__name__}"]}
+
+
+@pytest.mark.distributed
+def test_readiness_names_what_is_down_and_recovers(cluster: Cluster) -> None:
+    """/health/ready against the real thing: Redis killed, PostgreSQL stopped."""
+    assert cluster.redis is not None and cluster.pg is not None
+    try:
+        wait_until(lambda: _readiness(cluster)[0] == 200, timeout=90,
+                   what="the cluster to be ready")
+        for name, down, up in (("redis", cluster.redis.kill, cluster.redis.start),
+                               ("database", cluster.pg.stop, cluster.pg.start)):
+            down()
+            status, body = _readiness(cluster)
+            assert status == 503 and name in body["failing"], (name, status, body)
+            up()
+            started = time.monotonic()
+            wait_until(lambda: _readiness(cluster)[0] == 200, timeout=120,
+                       what=f"readiness after {name} came back")
+            print(f"\nreadiness: {name} down -> 503 naming {body['failing']}; ready again "
+                  f"{time.monotonic() - started:.1f} s after it came back")
+    finally:
+        cluster.heal()
+
+
 REFUND_RUNS = 3
 
 
