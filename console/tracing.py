@@ -3,9 +3,12 @@
 (orchestration/engine/tracing.py) are the API's no-ops.
 
 Called once per process: by console/asgi.py and console/wsgi.py for the web process
-(service.name ``switchboard-web``) and by console/celery.py for a worker
-(``switchboard-worker``), in each prefork child after the fork, since the batch span
-processor's export thread does not survive one.
+(service.name ``switchboard-web``) before the request handler loads its middleware, and by
+console/celery.py for a worker (``switchboard-worker``), in each prefork child after the fork,
+since the batch span processor's export thread does not survive one. On the same switch, Django
+requests get server spans (opentelemetry-instrumentation-django, in the web process) and Celery
+messages carry the trace context from where they are sent to the task that runs them
+(opentelemetry-instrumentation-celery, in both).
 """
 
 from __future__ import annotations
@@ -43,8 +46,28 @@ def setup(service_name: str, endpoint: str | None = None) -> Any:
         provider.add_span_processor(BatchSpanProcessor(exporter))
         trace.set_tracer_provider(provider)
         _provider = provider
+        _instrument(web=service_name == "switchboard-web")
         atexit.register(shutdown)
         return provider
+
+
+def _instrument(*, web: bool) -> None:
+    from opentelemetry.instrumentation.celery import CeleryInstrumentor
+
+    if web:
+        from opentelemetry.instrumentation.django import DjangoInstrumentor
+
+        DjangoInstrumentor().instrument()
+    CeleryInstrumentor().instrument()
+
+
+def _uninstrument() -> None:
+    from opentelemetry.instrumentation.celery import CeleryInstrumentor
+    from opentelemetry.instrumentation.django import DjangoInstrumentor
+
+    for instrumentor in (DjangoInstrumentor(), CeleryInstrumentor()):
+        if instrumentor.is_instrumented_by_opentelemetry:
+            instrumentor.uninstrument()
 
 
 def flush(timeout_millis: int = 10_000) -> bool:
@@ -56,6 +79,7 @@ def flush(timeout_millis: int = 10_000) -> bool:
 def shutdown() -> None:
     provider = _provider
     if provider is not None:
+        _uninstrument()
         provider.shutdown()
 
 

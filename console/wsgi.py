@@ -2,11 +2,13 @@
 
 import os
 
+import django
 from django.core.wsgi import get_wsgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "console.settings")
-application = get_wsgi_application()
+django.setup(set_prefix=False)
 
 from console import tracing  # noqa: E402
 
-tracing.setup("switchboard-web")
+tracing.setup("switchboard-web")  # before the handler below loads the middleware
+application = get_wsgi_application()

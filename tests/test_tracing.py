@@ -216,6 +216,35 @@ def test_a_run_is_one_trace_with_genai_spans(otlp: Receiver, client: Any,
     text = repr(spans)
     assert "kim@example.com" not in text and "ORD-1042" not in text
 
+    # On the same switch, requests have server spans, and in the distributed pass the trace
+    # context crosses the broker: the worker's span running a task hangs under the web
+    # process's span that sent it.
+    def instrumented() -> list[dict[str, Any]]:
+        tracing.flush()
+        with otlp.lock:
+            return [s for s in otlp.spans if s["scope"].startswith("opentelemetry.instrumentation")]
+
+    wait_for(lambda: any(s["attributes"].get("http.route", "").startswith("api/v1/runs")
+                         for s in instrumented()), timeout=30, what="the request spans")
+    requests = [s for s in instrumented() if s["scope"].endswith(".django")]
+    assert {s["service"] for s in requests} == {"switchboard-web"}
+    assert any(s["attributes"].get("http.request.method", s["attributes"].get("http.method"))
+               == "POST" for s in requests)
+    if os.environ.get("REDIS_URL"):
+        def crossed() -> list[tuple[dict[str, Any], dict[str, Any]]]:
+            found = instrumented()
+            sent = {s["span_id"]: s for s in found if s["service"] == "switchboard-web"
+                    and s["scope"].endswith(".celery")}
+            return [(sent[s["parent_id"]], s) for s in found
+                    if s["service"] == "switchboard-worker" and s["scope"].endswith(".celery")
+                    and s["parent_id"] in sent]
+
+        pairs = wait_for(crossed, timeout=30, what="a task span under the span that sent it")
+        for sender, runner in pairs:
+            assert sender["trace_id"] == runner["trace_id"]
+            assert sender["name"].startswith("apply_async/orchestration.")
+            assert runner["name"].startswith("run/orchestration.")
+
 
 def test_without_an_endpoint_nothing_is_installed() -> None:
     """In a fresh process (this one may have a provider of another test's): with no
