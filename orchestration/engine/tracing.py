@@ -141,15 +141,8 @@ def chat_span(*, run_id: str, task: str, provider: str, model: str,
         "gen_ai.request.model": model, RUN_ID: str(run_id), TASK_KEY: task,
         "switchboard.model.step": step,
     })
-    with _tracer.start_as_current_span(f"chat {model}", kind=SpanKind.CLIENT,
-                                       attributes=attributes,
-                                       record_exception=False,
-                                       set_status_on_exception=False) as span:
-        try:
-            yield span
-        except BaseException as exc:
-            failed(span, type(exc).__name__)
-            raise
+    with _child_span(f"chat {model}", SpanKind.CLIENT, attributes) as span:
+        yield span
 
 
 def chat_usage(span: Span, tokens_in: int, tokens_out: int, *,
@@ -179,6 +172,20 @@ def failed(span: Span, kind: str) -> None:
 
 
 @contextmanager
+def _child_span(name: str, kind: SpanKind, attributes: dict[str, Any]) -> Iterator[Span]:
+    """A span under the current one, failed with only the exception's type if its body raises
+    (the message may carry secrets)."""
+    with _tracer.start_as_current_span(name, kind=kind, attributes=attributes,
+                                       record_exception=False,
+                                       set_status_on_exception=False) as span:
+        try:
+            yield span
+        except BaseException as exc:
+            failed(span, type(exc).__name__)
+            raise
+
+
+@contextmanager
 def tool_span(*, name: str, call_id: str, task: str, actor: str) -> Iterator[Span]:
     """One call through the tool gate (``execute_tool``), a child of the current task span."""
     if not enabled():
@@ -188,15 +195,8 @@ def tool_span(*, name: str, call_id: str, task: str, actor: str) -> Iterator[Spa
         "gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": name,
         "gen_ai.tool.call.id": call_id, TASK_KEY: task, "switchboard.actor": actor,
     })
-    with _tracer.start_as_current_span(f"execute_tool {name}", kind=SpanKind.INTERNAL,
-                                       attributes=attributes,
-                                       record_exception=False,
-                                       set_status_on_exception=False) as span:
-        try:
-            yield span
-        except BaseException as exc:
-            failed(span, type(exc).__name__)
-            raise
+    with _child_span(f"execute_tool {name}", SpanKind.INTERNAL, attributes) as span:
+        yield span
 
 
 def tool_verdict(span: Span, *, is_error: bool, pause: str) -> None:
