@@ -15,6 +15,24 @@ from orchestration.engine.errors import PlanError
 
 EXECUTOR_TYPES = ("tool", "function", "agent", "human")
 
+# A sentinel check: ``require`` a value to be present and not empty, ``equal`` two values, or
+# that a text ``contains`` a value. Values are references: ``$input.<path>``,
+# ``$tasks.<dep>.<path>`` (a dependency's output), ``$output.<path>`` (this task's output, with
+# ``key_facts`` from its handoff) and ``$args.<tool>.<path>`` (what this task called a tool with).
+CHECK_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "minProperties": 1,
+    "maxProperties": 2,
+    "properties": {
+        "require": {"type": "string", "pattern": "^\\$"},
+        "equal": {"type": "array", "items": {"type": "string"}, "minItems": 2, "maxItems": 2},
+        "contains": {"type": "array", "items": {"type": "string"}, "minItems": 2,
+                     "maxItems": 2},
+        "message": {"type": "string"},
+    },
+}
+
 PLAN_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "type": "object",
@@ -56,10 +74,28 @@ PLAN_SCHEMA: dict[str, Any] = {
                             "cost": {"type": ["number", "string"]},
                         },
                     },
+                    # What the task hands on must match (agent tasks: the handoff's key_facts;
+                    # human tasks: the submitted answer).
+                    "output_schema": {"type": "object"},
+                    # Sentinel: the tools the task may call (scope) and deterministic checks.
+                    "tools": {"type": "array", "items": {"type": "string"}, "uniqueItems": True},
+                    "checks": {"type": "array", "items": CHECK_SCHEMA},
                 },
             },
         },
         "result": {"type": "object"},
+        # The process's result contract: a run whose result breaks it fails.
+        "result_schema": {"type": "object"},
+        # QC: the audit agent, the rework limit and the confidence threshold.
+        "verification": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "auditor": {"type": "string", "minLength": 1},
+                "rework_limit": {"type": "integer", "minimum": 0, "maximum": 10},
+                "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+            },
+        },
     },
 }
 _PLAN_VALIDATOR = jsonschema.Draft202012Validator(PLAN_SCHEMA)
@@ -76,12 +112,27 @@ class TaskSpec:
     spec: str = ""
     acceptance: tuple[str, ...] = ()
     budget: Mapping[str, Any] = field(default_factory=dict)
+    output_schema: Mapping[str, Any] = field(default_factory=dict)
+    tools: tuple[str, ...] | None = None
+    checks: tuple[Mapping[str, Any], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Verification:
+    """QC settings of a plan: who audits, how many reworks a task gets, and the confidence
+    below which a person decides."""
+
+    auditor: str = ""
+    rework_limit: int = 2
+    confidence: float = 0.7
 
 
 @dataclass(frozen=True, slots=True)
 class Plan:
     tasks: tuple[TaskSpec, ...]
     result: Mapping[str, Any] = field(default_factory=dict)
+    result_schema: Mapping[str, Any] = field(default_factory=dict)
+    verification: Verification = field(default_factory=Verification)
 
     def by_key(self) -> dict[str, TaskSpec]:
         return {t.key: t for t in self.tasks}
@@ -112,8 +163,21 @@ class Plan:
                 item["acceptance"] = list(t.acceptance)
             if t.budget:
                 item["budget"] = dict(t.budget)
+            if t.output_schema:
+                item["output_schema"] = dict(t.output_schema)
+            if t.tools is not None:
+                item["tools"] = list(t.tools)
+            if t.checks:
+                item["checks"] = [dict(c) for c in t.checks]
             tasks.append(item)
-        return {"tasks": tasks, "result": dict(self.result)}
+        data: dict[str, Any] = {"tasks": tasks, "result": dict(self.result)}
+        if self.result_schema:
+            data["result_schema"] = dict(self.result_schema)
+        if self.verification != Verification():
+            v = self.verification
+            data["verification"] = {"auditor": v.auditor, "rework_limit": v.rework_limit,
+                                    "confidence": v.confidence}
+        return data
 
 
 def load_plan_text(text: str) -> dict[str, Any]:
@@ -147,11 +211,26 @@ def parse_plan(source: str | Mapping[str, Any]) -> Plan:
             spec=t.get("spec", ""),
             acceptance=tuple(t.get("acceptance", ())),
             budget=t.get("budget", {}),
+            output_schema=t.get("output_schema", {}),
+            tools=tuple(t["tools"]) if "tools" in t else None,
+            checks=tuple(t.get("checks", ())),
         )
         for t in data["tasks"]
     )
     _check_graph(tasks)
-    return Plan(tasks=tasks, result=data.get("result", {}))
+    for name, schema in [("result_schema", data.get("result_schema")),
+                         *((f"task {t.key!r} output_schema", t.output_schema) for t in tasks)]:
+        if schema:
+            try:
+                jsonschema.Draft202012Validator.check_schema(schema)
+            except jsonschema.SchemaError as exc:
+                raise PlanError(f"{name} is not valid JSON Schema: {exc.message}") from None
+    v = data.get("verification", {})
+    verification = Verification(auditor=v.get("auditor", ""),
+                                rework_limit=v.get("rework_limit", 2),
+                                confidence=float(v.get("confidence", 0.7)))
+    return Plan(tasks=tasks, result=data.get("result", {}),
+                result_schema=data.get("result_schema", {}), verification=verification)
 
 
 def _check_graph(tasks: Iterable[TaskSpec]) -> None:
