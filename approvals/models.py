@@ -24,6 +24,10 @@ class Reason(models.TextChoices):
     AGENT_RETIRED = "agent_retired", "agent retired"
     POISON_TASK = "poison_task", "task kept losing its worker"
     CONFIGURATION_ERROR = "configuration_error", "configuration error"
+    PLAN_REVIEW = "plan_review", "plan review"
+    PLAN_INVALID = "plan_invalid", "no valid plan"
+    HUMAN_TASK = "human_task", "task for a person"
+    QUESTION = "question", "an agent's question"
 
 
 class Policy(models.Model):
@@ -102,6 +106,7 @@ class ApprovalRequest(models.Model):
         STOPPED = "stopped", "run stopped"
         EXPIRED = "expired"
         CANCELLED = "cancelled"
+        RESPONDED = "responded"
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     run_id = models.UUIDField(db_index=True)
@@ -149,6 +154,7 @@ class Decision(models.Model):
         EDIT = "edit"
         RAISE_BUDGET = "raise_budget", "raise budget"
         STOP = "stop", "stop the run"
+        RESPOND = "respond", "respond"
 
     request = models.ForeignKey(ApprovalRequest, on_delete=models.PROTECT,
                                 related_name="decisions")
