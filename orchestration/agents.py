@@ -13,8 +13,10 @@ from orchestration.engine.providers import AnthropicModel, OpenAICompatibleModel
 from orchestration.engine.redaction import redact
 from orchestration.engine.runner import Outcome, TaskContext, stopped_outcome
 from orchestration.engine.states import TaskStatus
+from orchestration.engine.verify import Verifier
 from orchestration.governance import DjangoGovernor
 from orchestration.models import Agent, ModelPrice, Task, Tool
+from orchestration.plans import plan_for_id
 from orchestration.store import DjangoRunStore
 from orchestration.tooling import CredentialMissing, contracts, credential, granted_to, secrets
 
@@ -87,6 +89,38 @@ def run_agent_task(ctx: TaskContext) -> Outcome:
     governor = DjangoGovernor(run=task.run, task_key=task.key, actor=f"agent:{agent.slug}",
                               agent=agent.slug, tools=rows)
     log = StoreLog(DjangoRunStore(), ctx.run_id, ctx.spec.key, ctx.lease)
+    verifier = _verifier(ctx, task, log, governor)
+    if isinstance(verifier, Outcome):
+        return verifier
     return run_agent(ctx, spec, model, tools, log, granted=granted_to(agent.user_id, rows),
                      pricing=_pricing(agent), secrets=secrets(), governor=governor,
-                     unusable=unusable)
+                     unusable=unusable, verifier=verifier)
+
+
+def _verifier(ctx: TaskContext, task: Task, log: StoreLog,
+              governor: DjangoGovernor) -> Verifier | Outcome:
+    """The checks of the task's answer: its sentinel checks, and QC by the plan's auditor when
+    the task has acceptance criteria."""
+    settings = plan_for_id(task.run.process_version_id).verification
+    auditor: Agent | None = None
+    model: Model | None = None
+    if settings.auditor and ctx.spec.acceptance:
+        auditor = Agent.objects.filter(slug=settings.auditor).first()
+        key = f"{ctx.run_id}:{ctx.spec.key}:auditor:{ctx.attempt}"
+        if auditor is None:
+            return stopped_outcome(f"configuration_error: the plan's auditor "
+                                   f"{settings.auditor!r} does not exist", key=key)
+        try:
+            model = model_for(auditor)
+        except (CredentialMissing, ProviderError, TypeError, ValueError) as exc:
+            return stopped_outcome(redact(f"configuration_error: auditor {auditor.slug!r}: "
+                                          f"{exc}", secrets()), key=key)
+    return Verifier(spec=ctx.spec, settings=settings, run_id=ctx.run_id,
+                    run_input=ctx.run_input, outputs=ctx.dep_outputs, record=log.record,
+                    recorded={}, decided=governor.qc_decision, governor=governor,
+                    auditor=model, auditor_slug=auditor.slug if auditor else "",
+                    pricing=_pricing(auditor) if auditor else _no_cost)
+
+
+def _no_cost(tokens_in: int, tokens_out: int) -> Decimal:
+    return Decimal("0")

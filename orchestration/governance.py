@@ -322,6 +322,13 @@ class DjangoGovernor:
         request = self._latest(key, [Reason.UNKNOWN_OUTCOME])
         return rules.outcome_from_request(request.status if request is not None else None)
 
+    def qc_decision(self, key: str) -> tuple[str, str]:
+        """A person's decision on a task's failed checks (orchestration/rules.py)."""
+        request = self._latest(key, [Reason.QC_MISMATCH, Reason.LOW_CONFIDENCE])
+        if request is None:
+            return rules.qc_from_request(None, "")
+        return rules.qc_from_request(request.status, (request.resolution or {}).get("note", ""))
+
     # quotas and rate limits -------------------------------------------------------------
     def admit(self, tool: Any, key: str) -> str:
         row = self._tools.get(tool.name)

@@ -22,6 +22,10 @@ GRANTED = (APPROVED, EDITED)
 SENSITIVE_ACTION = "sensitive_action"
 STEP_BUDGET_EXHAUSTED = "step_budget_exhausted"
 POISON_TASK = "poison_task"
+QC_MISMATCH = "qc_mismatch"
+LOW_CONFIDENCE = "low_confidence"
+# Escalations of a task's checks: a rejection sends the work back with the note.
+QC_REASONS = (QC_MISMATCH, LOW_CONFIDENCE)
 # The steps a "proceed" on an exhausted step budget adds when the agent is gone.
 DEFAULT_STEP_RAISE = 5
 
@@ -38,6 +42,16 @@ def gate_from_request(status: str, arguments: Any, note: str, request_id: str) -
     if status == PENDING:
         return Gate("wait", message=request_id)
     return Gate("deny", message=note or f"request {status}")
+
+
+def qc_from_request(status: str | None, note: str) -> tuple[str, str]:
+    """A person's decision on a task's failed checks: ("accept", "") lets its answer through,
+    ("rework", note) sends it back with the note, ("", "") while undecided (or unasked)."""
+    if status in GRANTED:
+        return "accept", ""
+    if status is None or status == PENDING:
+        return "", ""
+    return "rework", note
 
 
 def outcome_from_request(status: str | None) -> str:
@@ -81,7 +95,7 @@ def apply_resolution(*, task_waiting: bool, reason: str, resolution: Mapping[str
     elif action == "proceed" and reason == STEP_BUDGET_EXHAUSTED:
         steps = agent_step_budget()
         budget = {"steps": steps if steps is not None else DEFAULT_STEP_RAISE}
-    elif action == "reject" and reason != SENSITIVE_ACTION:
+    elif action == "reject" and reason not in (SENSITIVE_ACTION, *QC_REASONS):
         return Resume("fail", error=f"stopped by a reviewer: {resolution.get('note', '')}")
     return Resume("requeue", budget=budget, reset_crashes=reason == POISON_TASK)
 

@@ -108,7 +108,9 @@ AGENTS: list[dict[str, Any]] = [
                                                         "amount": "$input.amount"}},
             ], "tokens_in": 380, "tokens_out": 41},
             {"text": "Refund {{last.refund_id}} of {{last.amount}} issued for order "
-                     "{{input.order_id}}.", "tokens_in": 470, "tokens_out": 30},
+                     "{{input.order_id}}.\n```toml\nsummary = \"The refund was issued.\"\n"
+                     "open_questions = []\n\n[key_facts]\nrefund_id = {{last.refund_id|toml}}\n"
+                     "amount = {{last.amount|toml}}\n```", "tokens_in": 470, "tokens_out": 62},
         ],
     },
     {
@@ -120,7 +122,8 @@ AGENTS: list[dict[str, Any]] = [
             {"tool_calls": [
                 {"name": "send_customer_email", "arguments": {
                     "to": "$input.customer_email", "subject": "Your refund",
-                    "body": "We have refunded {{input.amount}} for order {{input.order_id}}. "
+                    "body": "We have refunded {{tasks.refund.key_facts.amount}} for order "
+                            "{{input.order_id}} (refund {{tasks.refund.key_facts.refund_id}}). "
                             "It will reach your account within 5 working days."}},
             ], "tokens_in": 350, "tokens_out": 72},
             {"text": "The customer has been told about the refund.", "tokens_in": 440,
@@ -147,6 +150,23 @@ AGENTS: list[dict[str, Any]] = [
         ],
     },
 ]
+
+# The audit agent: reads what a task produced and checks it against the task's acceptance
+# criteria. It holds no tools.
+AGENTS.append({
+    "slug": "qc-auditor",
+    "name": "QC auditor",
+    "instructions": "You audit other agents' work against acceptance criteria and say how "
+                    "confident you are. You never take actions.",
+    "tools": [],
+    "script": [
+        {"text": '{"criteria": [{"criterion": "The order exists and was delivered", '
+                 '"pass": true, "evidence": "lookup_order reports the order delivered"}, '
+                 '{"criterion": "The request is inside the policy window", "pass": true, '
+                 '"evidence": "the policy lookup puts the request inside its window"}], '
+                 '"confidence": 0.92}', "tokens_in": 720, "tokens_out": 88},
+    ],
+})
 
 MODEL_NAME = "scripted-demo"
 # Per million tokens, so scripted runs show what a comparable hosted model would cost.

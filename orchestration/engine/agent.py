@@ -36,6 +36,7 @@ from orchestration.engine.redaction import redact
 from orchestration.engine.runner import Outcome, TaskContext, stopped_outcome
 from orchestration.engine.states import TaskStatus
 from orchestration.engine.tracing import agent_attributes, traced_complete
+from orchestration.engine.verify import Call, Verifier, key_facts
 
 
 @dataclass(slots=True)
@@ -92,10 +93,13 @@ def run_agent(
     governor: Governor | None = None,
     unusable: Mapping[str, str] | None = None,
     watch_grant: bool = True,
+    verifier: Verifier | None = None,
 ) -> Outcome:
     """Run one agent task. ``tools`` are the contracts offered to the model; ``unusable``
     names tools whose configuration is broken (a call to one escalates
-    ``configuration_error``, the others keep working)."""
+    ``configuration_error``, the others keep working). A ``verifier`` checks the final answer
+    (engine/verify.py): findings go back to the model as the next message, and the task gets
+    another step budget for the rework."""
     governor = governor or Ungoverned()
     actor = f"agent:{agent.slug}"
     agent_attributes(agent.slug)
@@ -115,14 +119,22 @@ def run_agent(
                     watch_grant=watch_grant)
     tokens_used = 0
     tool_results: dict[str, Any] = {}
-
-    for step in range(1, agent.step_budget + 1):
+    calls: list[Call] = []
+    variables = {"input": ctx.run_input,
+                 "tasks": {dep: {**out, "key_facts": key_facts(out)} if isinstance(out, dict)
+                           else out for dep, out in ctx.dep_outputs.items()}}
+    if verifier is not None:
+        verifier.recorded = journal.checks
+    limit, rework = agent.step_budget, 0
+    step = 0
+    while step < limit:
+        step += 1
         recorded = journal.turns.get(step)
         if recorded is not None:
             response = ModelResponse.from_dict(recorded)
         else:
             request = ModelRequest(messages=tuple(messages), tools=specs, params=agent.params,
-                                   variables={"input": ctx.run_input})
+                                   variables=variables)
             stop = governor.stopped()
             if stop:
                 return stopped_outcome(stop, key=f"{ctx.run_id}:{task}:{step}:model")
@@ -167,9 +179,25 @@ def run_agent(
                 messages.append(Message("user", f"{exc}. Write the answer again with a valid "
                                                 "envelope."))
                 continue
-            return Outcome(output={"answer": redact(response.text, secrets),
-                                   "handoff": redact(envelope.to_toml(), secrets),
-                                   "tool_results": tool_results})
+            output = {"answer": redact(response.text, secrets),
+                      "handoff": redact(envelope.to_toml(), secrets),
+                      "tool_results": tool_results}
+            if verifier is None:
+                return Outcome(output=output)
+            judged = verifier.check(output, calls, rework)
+            if judged.action == "pass":
+                return Outcome(output=output)
+            if judged.action == "fail":
+                return Outcome(status=TaskStatus.FAILED, error=judged.error)
+            if judged.action == "escalate":
+                return stopped_outcome(judged.detail(), key=judged.key)
+            verifier.rework(rework, judged.findings)
+            rework += 1
+            limit += agent.step_budget  # each rework round gets the agent's step budget
+            messages.append(Message("user", "Your answer did not pass the checks:\n"
+                                    + "\n".join(f"- {f}" for f in judged.findings)
+                                    + "\nFix what they found and answer again."))
+            continue
 
         for index, call in enumerate(response.tool_calls):
             key = f"{ctx.run_id}:{task}:{step}:{index}"
@@ -177,6 +205,8 @@ def run_agent(
             if verdict.pause:
                 return stopped_outcome(verdict.pause, key=key, tool=call.name,
                                        arguments=redact(call.arguments, secrets))
+            calls.append(Call(call.name, verdict.arguments, verdict.result,
+                              verdict.error if verdict.is_error else "", verdict.denied))
             if not verdict.is_error:
                 tool_results[call.name] = verdict.result
             messages.append(Message("tool", verdict.content, tool_call_id=call.id,
@@ -188,8 +218,8 @@ def run_agent(
                 f"{agent.token_budget}", key=f"{ctx.run_id}:{task}:{step}:tokens")
 
     return stopped_outcome(
-        f"step_budget_exhausted: no final answer within {agent.step_budget} steps",
-        key=f"{ctx.run_id}:{task}:{agent.step_budget}:steps")
+        f"step_budget_exhausted: no final answer within {limit} steps",
+        key=f"{ctx.run_id}:{task}:{limit}:steps")
 
 
 def _estimate_tokens(messages: Sequence[Message], tools: Sequence[ToolSpec]) -> int:

@@ -36,7 +36,10 @@ from orchestration.engine.redaction import redact
 from orchestration.engine.tracing import tool_span, tool_verdict
 
 # The ledger events a resume reads back (Journal.fold).
-JOURNAL_KINDS = ("model.called", "tool.intent", "tool.called", "tool.failed")
+JOURNAL_KINDS = ("model.called", "tool.intent", "tool.called", "tool.failed", "tool.denied")
+# What the checks of an answer recorded (engine/verify.py), by kind and rework round.
+CHECK_KINDS = ("sentinel.passed", "sentinel.failed", "qc.checked", "qc.passed", "qc.failed",
+               "task.rework")
 
 
 @dataclass(slots=True)
@@ -46,6 +49,7 @@ class Journal:
     turns: dict[int, dict[str, Any]] = field(default_factory=dict)
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
     intents: set[str] = field(default_factory=set)
+    checks: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def fold(cls, events: Iterable[tuple[str, Mapping[str, Any]]]) -> Journal:
@@ -57,9 +61,15 @@ class Journal:
             elif kind == "tool.intent":
                 journal.intents.add(data["idempotency_key"])
             elif kind == "tool.called":
-                journal.results[data["idempotency_key"]] = {"result": data["result"]}
+                journal.results[data["idempotency_key"]] = {
+                    "result": data["result"], "arguments": data.get("arguments")}
             elif kind == "tool.failed":
                 journal.results[data["idempotency_key"]] = {"error": data["error"]}
+            elif kind == "tool.denied":
+                journal.results[data["idempotency_key"]] = {"error": data["error"],
+                                                             "denied": True}
+            elif kind in CHECK_KINDS:
+                journal.checks[(kind, int(data.get("round", 0)))] = dict(data)
         return journal
 
 
@@ -126,6 +136,10 @@ class Verdict:
     pause: str = ""
     # For a failed call: the error itself, without the advice ``content`` gives a model.
     error: str = ""
+    # The arguments the call ran with (a reviewer's edit included), and whether a reviewer
+    # refused it.
+    arguments: Any = None
+    denied: bool = False
 
     def __post_init__(self) -> None:
         if self.is_error and not self.error:
@@ -160,8 +174,13 @@ class ToolGate:
         recorded = self.journal.results.get(key)
         if recorded is not None:
             if "error" in recorded:
+                if recorded.get("denied"):
+                    return Verdict(f"A reviewer rejected this call: {recorded['error']}", True,
+                                   error=f"rejected by a reviewer: {recorded['error']}",
+                                   denied=True)
                 return Verdict(recorded["error"], True)
-            return Verdict(canonical_json(recorded["result"]), False, recorded["result"])
+            return Verdict(canonical_json(recorded["result"]), False, recorded["result"],
+                           arguments=recorded.get("arguments"))
 
         checked = time.monotonic()
         stop = self.governor.stopped(tool=name, key=key)
@@ -200,7 +219,7 @@ class ToolGate:
             self.log.record("tool.denied", {**base, "arguments": shown, "error": gate.message},
                             usage=Usage())
             return Verdict(f"A reviewer rejected this call: {gate.message}", True,
-                           error=f"rejected by a reviewer: {gate.message}")
+                           error=f"rejected by a reviewer: {gate.message}", denied=True)
         if gate.arguments is not None:
             arguments = gate.arguments  # a reviewer's edit, already re-validated and re-matched
             shown = redact(arguments, self.secrets)
@@ -276,4 +295,4 @@ class ToolGate:
         self.log.record("tool.called", {**base, "arguments": shown, "result": clean,
                                         "latency_ms": latency},
                         usage=spent, reserved=worst)
-        return Verdict(canonical_json(clean), False, clean)
+        return Verdict(canonical_json(clean), False, clean, arguments=shown)

@@ -102,8 +102,10 @@ class ScriptedModel(Model):
     conversation already holds, so a resumed loop gets the same turn again.
 
     A turn is ``{"text": str, "tool_calls": [{"name", "arguments"}], "tokens_in", "tokens_out"}``.
-    An argument that is exactly ``$input.<path>`` or ``$last.<path>`` takes that value (the run
-    input, the last tool result in the conversation); ``{{input.path}}`` and ``{{last.path}}``
+    An argument that is exactly ``$input.<path>``, ``$tasks.<dep>.<path>`` or ``$last.<path>``
+    takes that value (the run input, a dependency's output as its handoff reads, with
+    ``key_facts``; the last tool result in the conversation); ``{{input.path}}``,
+    ``{{tasks.<dep>.path}}`` and ``{{last.path}}``
     inside any string are filled in as text, and ``{{input.path|toml}}`` as a TOML value (quoted
     and escaped), for handoff envelopes.
     """
@@ -126,14 +128,15 @@ class ScriptedModel(Model):
                 last = parse_arguments(m.content)
                 break
         run_input = request.variables.get("input", {})
+        tasks = request.variables.get("tasks", {})
         calls = []
         try:
             for i, call in enumerate(turn.get("tool_calls", [])):
                 args = _resolve_last(
-                    resolve(call.get("arguments", {}), run_input=run_input, outputs={}), last)
-                args = _interpolate(args, run_input, last)
+                    resolve(call.get("arguments", {}), run_input=run_input, outputs=tasks), last)
+                args = _interpolate(args, run_input, last, tasks)
                 calls.append(ToolCall(id=f"call_{index}_{i}", name=call["name"], arguments=args))
-            text = _interpolate(turn.get("text", ""), run_input, last)
+            text = _interpolate(turn.get("text", ""), run_input, last, tasks)
         except EngineError as exc:
             raise ProviderError(f"scripted turn {index + 1}: {exc}") from None
         prompt_chars = sum(len(m.content) for m in request.messages)
@@ -147,7 +150,7 @@ class ScriptedModel(Model):
 
 
 _PLACEHOLDER = re.compile(
-    r"\{\{\s*(input|last)((?:\.[A-Za-z0-9_]+)*)\s*(\|\s*toml\s*)?\}\}")
+    r"\{\{\s*(input|last|tasks)((?:\.[A-Za-z0-9_]+)*)\s*(\|\s*toml\s*)?\}\}")
 
 
 def _toml_value(value: Any) -> str:
@@ -163,10 +166,13 @@ def _toml_value(value: Any) -> str:
         return tomli_w.dumps({"v": str(value)}).split("=", 1)[1].strip()
 
 
-def _interpolate(value: Any, run_input: Any, last: Any) -> Any:
-    """Fill ``{{input.path}}`` and ``{{last.path}}`` placeholders inside strings."""
+def _interpolate(value: Any, run_input: Any, last: Any, tasks: Any = None) -> Any:
+    """Fill ``{{input.path}}``, ``{{last.path}}`` and ``{{tasks.<dep>.path}}`` placeholders
+    inside strings."""
+    roots = {"input": run_input, "last": last, "tasks": tasks or {}}
+
     def fill(match: re.Match[str]) -> str:
-        node: Any = run_input if match.group(1) == "input" else last
+        node: Any = roots[match.group(1)]
         for part in filter(None, match.group(2).split(".")):
             node = node.get(part) if isinstance(node, Mapping) else None
         if match.group(3):

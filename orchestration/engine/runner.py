@@ -11,6 +11,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import jsonschema
+
+from jsonkit import schema_problems
 from orchestration.engine.contracts import ToolContract, ToolRegistry
 from orchestration.engine.errors import EngineError
 from orchestration.engine.gate import StoreLog, ToolGate
@@ -199,6 +202,10 @@ def _schedule(store: RunStore, run: RunSnapshot, take: int) -> AdvanceResult:
                              strict=False)
         else:
             result = outputs
+        broken = result_problem(run.plan.result_schema, result)
+        if broken:
+            store.set_run_status(run_id, RunStatus.FAILED, result=result, error=broken)
+            return AdvanceResult([], RunStatus.FAILED)
         store.set_run_status(run_id, RunStatus.SUCCEEDED, result=result)
         return AdvanceResult([], RunStatus.SUCCEEDED)
 
@@ -228,6 +235,17 @@ def _schedule(store: RunStore, run: RunSnapshot, take: int) -> AdvanceResult:
             claimed.append(claim)
     mine = {c.key for c in claimed}
     return AdvanceResult([k for k in released if k not in mine], status, claimed)
+
+
+def result_problem(schema: Mapping[str, Any], result: Any) -> str:
+    """Why a run's result breaks the process's result contract ("" when it keeps it)."""
+    if not schema:
+        return ""
+    problems = schema_problems(jsonschema.Draft202012Validator(dict(schema)), result, limit=1)
+    if not problems:
+        return ""
+    return f"result_contract: the result breaks the process's result schema at " \
+           f"{problems[0].at()}: {problems[0].message}"
 
 
 def _cancel(store: RunStore, run: Any) -> None:

@@ -112,7 +112,17 @@ def project(kind: str, data: Mapping[str, Any]) -> tuple[str, dict[str, Any]] | 
                         "policy": data.get("policy")}
     if kind == "budget.raised":
         return stream, {"kind": kind, "raise": data.get("raise")}
+    if kind in _CHECK_KINDS:  # the checks of a task's answer (engine/verify.py)
+        item = {"kind": kind, "round": data.get("round", 0)}
+        for name in ("findings", "criteria", "confidence", "response"):
+            if name in data:
+                item[name] = data[name]
+        return stream, item
     return None
+
+
+_CHECK_KINDS = ("sentinel.passed", "sentinel.failed", "qc.checked", "qc.passed", "qc.failed",
+                "task.rework")
 
 
 def stream_of(kind: str, data: Mapping[str, Any]) -> str | None:

@@ -187,6 +187,23 @@ class RecordedModel(Model):
         return ModelResponse.from_dict(recorded[1])
 
 
+class RecordedAuditor(Model):
+    """The auditor of a task's answers, answering with the audits the ledger recorded, in
+    order (the n-th audit of a task is the one whose conversation holds n-1 earlier ones)."""
+
+    def __init__(self, ledger: Ledger, task: str) -> None:
+        self.ledger, self.task = ledger, task
+        self.provider = self.name = "replay"
+
+    def complete(self, request: ModelRequest) -> ModelResponse:
+        index = sum(1 for m in request.messages if m.role == "assistant")
+        audits = self.ledger.audits.get(self.task, [])
+        if index >= len(audits):
+            raise NotRecorded(f"replay: the ledger holds no audit {index + 1} of task "
+                              f"{self.task}; a replay never calls a model")
+        return ModelResponse.from_dict(audits[index])
+
+
 def _recorded_fn(state: State) -> Any:
     def answer(**arguments: Any) -> Any:
         key = state.current_key
@@ -278,6 +295,13 @@ class ReplayGovernor:
     def outcome_decision(self, key: str) -> str:
         request = self.state.latest(key, Reason.UNKNOWN_OUTCOME)
         return rules.outcome_from_request(request.status if request is not None else None)
+
+    def qc_decision(self, key: str) -> tuple[str, str]:
+        request = (self.state.latest(key, Reason.QC_MISMATCH)
+                   or self.state.latest(key, Reason.LOW_CONFIDENCE))
+        if request is None:
+            return rules.qc_from_request(None, "")
+        return rules.qc_from_request(request.status, request.note)
 
 
 def policies_as_of(moment: datetime) -> Any:

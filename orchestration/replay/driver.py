@@ -24,9 +24,11 @@ from orchestration.engine.runner import (
     stopped_outcome,
 )
 from orchestration.engine.states import RUN_TERMINAL, TaskStatus
+from orchestration.engine.verify import Verifier
 from orchestration.models import Agent, Run, Tool
 from orchestration.replay.comparison import Recorded, ReplayResult, compare
 from orchestration.replay.doubles import (
+    RecordedAuditor,
     RecordedModel,
     ReplayGovernor,
     ReplayStore,
@@ -116,9 +118,17 @@ class Replay:
                          token_budget=agent.token_budget or None,
                          max_output_tokens=int(agent.model_params.get("max_tokens", 1024)))
         governor = ReplayGovernor(self.state, ctx, self.policies, self.risk)
-        return run_agent(ctx, spec, RecordedModel(self.ledger, task), self.tools,
-                         StoreLog(self.store, self.run_id, task), granted=self._granted(task),
-                         governor=governor, unusable=self.unusable, watch_grant=False)
+        log = StoreLog(self.store, self.run_id, task)
+        settings = self.plan.verification
+        audited = bool(settings.auditor and ctx.spec.acceptance)
+        verifier = Verifier(spec=ctx.spec, settings=settings, run_id=ctx.run_id,
+                            run_input=ctx.run_input, outputs=ctx.dep_outputs, record=log.record,
+                            recorded={}, decided=governor.qc_decision, governor=governor,
+                            auditor=RecordedAuditor(self.ledger, task) if audited else None,
+                            auditor_slug=settings.auditor)
+        return run_agent(ctx, spec, RecordedModel(self.ledger, task), self.tools, log,
+                         granted=self._granted(task), governor=governor,
+                         unusable=self.unusable, watch_grant=False, verifier=verifier)
 
     # people's decisions, when the original run received them ---------------------------
     def _due(self, stimulus: Recorded) -> bool:

@@ -29,6 +29,7 @@ class Ledger:
         self.stimuli: list[Recorded] = []
         self.before: list[dict[str, int]] = []  # per stimulus: compared events per stream
         self.reused: dict[str, Any] = {}
+        self.audits: dict[str, list[dict[str, Any]]] = defaultdict(list)  # the auditor's turns
         attempt: dict[str, int] = defaultdict(int)
         counts: dict[str, int] = defaultdict(int)
         for e in events:
@@ -52,6 +53,8 @@ class Ledger:
                 self.results[data["idempotency_key"]].append(
                     (attempt[task], {"interrupted": data.get("error", ""),
                                      "stopped": bool(data.get("stopped"))}))
+            elif e.kind == "qc.checked":
+                self.audits[task].append(data["response"])
             elif e.kind == "tool.refused":
                 self.refused[task].append(data.get("tool", ""))
             elif e.kind == "approval.requested":
