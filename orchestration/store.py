@@ -22,7 +22,7 @@ from audit import ledger
 from audit.models import Event
 from orchestration import governance, leases, metrics, outbox, run_lock
 from orchestration.engine.errors import LeaseLost
-from orchestration.engine.gate import JOURNAL_KINDS, Journal
+from orchestration.engine.gate import CHECK_KINDS, JOURNAL_KINDS, Journal
 from orchestration.engine.plan import TaskSpec
 from orchestration.engine.states import (
     RUN_TERMINAL,
@@ -389,7 +389,7 @@ class DjangoRunStore:
     def journal(self, run_id: str, key: str) -> Journal:
         """What the ledger holds for a task's agent loop, for a resume that calls nothing twice."""
         return Journal.fold(Event.objects.filter(
-            chain=run_id, kind__in=JOURNAL_KINDS, data__task=key
+            chain=run_id, kind__in=JOURNAL_KINDS + CHECK_KINDS, data__task=key
         ).order_by("seq").values_list("kind", "data"))
 
     def _status(self, run_id: str, key: str) -> str:

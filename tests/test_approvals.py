@@ -113,15 +113,21 @@ def test_it_sends_a_rejection_note_back_to_the_agent(runner: None, as_: Any) -> 
     response = decide(as_, "reviewer", request, decision="reject",
                       note="Refund exceeds the goodwill limit for this customer")
     assert response.json()["status"] == "rejected"
-    run = wait_for(lambda: Run.objects.filter(pk=run.pk, status="succeeded").first(),
-                   what="the run to finish")
+    # The agent is told and answers; the refund's checks then fail on what the reviewer
+    # refused, so the run fails and the customer is never told a refund is on its way.
+    run = wait_for(lambda: Run.objects.filter(pk=run.pk, status="failed").first(),
+                   what="the run to fail")
     denied = Event.objects.get(chain=run.pk, kind="tool.denied")
     assert denied.data["error"] == "Refund exceeds the goodwill limit for this customer"
     assert not Event.objects.filter(chain=run.pk, kind="tool.called",
                                     data__tool="issue_refund").exists()
     turn = Event.objects.filter(chain=run.pk, kind="model.called", data__task="refund").last()
     assert turn is not None and turn.data["step"] == 2
-    assert run.result["refund_id"] is None
+    assert "no refund was issued" in run.error and "goodwill limit" in run.error
+    assert not Event.objects.filter(chain=run.pk, kind="tool.called",
+                                    data__tool="send_customer_email").exists()
+    assert Event.objects.filter(chain=run.pk, kind="sentinel.failed").count() == 1
+    assert not Event.objects.filter(chain=run.pk, kind="task.rework").exists()
 
 
 @pytest.mark.django_db(transaction=True)
@@ -140,6 +146,11 @@ def test_it_runs_the_edited_arguments_after_revalidating_them(runner: None, as_:
                    what="the run to finish")
     called = Event.objects.get(chain=run.pk, kind="tool.called", data__tool="issue_refund")
     assert called.data["arguments"] == edited
+    # The customer hears of the refund that was made, not the one first asked for.
+    email = Event.objects.get(chain=run.pk, kind="tool.called", data__tool="send_customer_email")
+    assert "refunded 250 " in email.data["arguments"]["body"]
+    assert "500" not in email.data["arguments"]["body"]
+    assert run.result["amount"] == 250
 
 
 @pytest.mark.django_db

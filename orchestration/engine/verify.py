@@ -258,6 +258,12 @@ class Verifier:
     def check(self, output: Mapping[str, Any], calls: Sequence[Call], round_: int) -> Judgement:
         escalation = f"{self.run_id}:{self.spec.key}:qc:{round_}"
         decision, note = self.decided(escalation)
+        if decision:
+            # The audit that led to the escalation stays in the auditor's conversation.
+            recorded = self.recorded.get(("qc.checked", round_))
+            if recorded is not None:
+                self.audits.append((audit_prompt(self.spec, output, self.run_input),
+                                    ModelResponse.from_dict(recorded["response"])))
         if decision == "accept":
             return Judgement("pass")
         if decision == "rework":
