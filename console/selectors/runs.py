@@ -9,12 +9,13 @@ from approvals import services as approval_services
 from approvals.models import ApprovalRequest
 from audit.models import Event
 from console.access import can_cancel, can_start, get_run_for_user
+from console.plan_graph import nodes_of, plan_svg
 from console.selectors.waiting import people_waited_on, run_waiting_on
 from orchestration.engine.states import RUN_TERMINAL, TASK_TERMINAL, RunStatus, TaskStatus
 from orchestration.models import Run
 
 # Ledger kinds shown as a step of a task's trace, with what each step carries.
-_TRACE_KINDS = ("model.", "tool.", "approval.", "budget.", "task.")
+_TRACE_KINDS = ("model.", "tool.", "approval.", "budget.", "task.", "sentinel.", "qc.")
 
 
 def _gauge(label: str, used: Any, cap: Any) -> dict[str, Any]:
@@ -40,6 +41,32 @@ def _trace(events: list[Event], tasks: list[Any]) -> dict[str, Any]:
     return {"run": run_level, "tasks": [(t, by_task[t.key]) for t in tasks]}
 
 
+def checks_by_task(events: list[Event]) -> dict[str, list[dict[str, Any]]]:
+    """The checks of each task's answers, one entry per attempt (rework round): the sentinel's
+    findings, the audit's criteria and confidence, and why the attempt went back."""
+    rounds: dict[str, dict[int, dict[str, Any]]] = {}
+    for event in events:
+        if not event.kind.startswith(("sentinel.", "qc.", "task.rework")):
+            continue
+        data = event.data if isinstance(event.data, dict) else {}
+        number = int(data.get("round", 0))
+        entry = rounds.setdefault(data.get("task", ""), {}).setdefault(
+            number, {"attempt": number + 1, "sentinel": "", "findings": [], "criteria": [],
+                     "confidence": None, "reworked": False})
+        if event.kind == "sentinel.passed":
+            entry["sentinel"] = "passed"
+        elif event.kind == "sentinel.failed":
+            entry["sentinel"] = "failed"
+            entry["findings"] = list(data.get("findings", []))
+        elif event.kind == "qc.checked":
+            entry["criteria"] = list(data.get("criteria", []))
+            entry["confidence"] = data.get("confidence")
+        elif event.kind == "task.rework":
+            entry["reworked"] = True
+            entry["findings"] = list(data.get("findings", []))
+    return {task: [by_round[n] for n in sorted(by_round)] for task, by_round in rounds.items()}
+
+
 def first_unfinished(tasks: list[Any]) -> int | None:
     """The plan position (1-based) of the first task that did not succeed."""
     return next((i for i, t in enumerate(tasks, 1) if t.status != TaskStatus.SUCCEEDED), None)
@@ -61,6 +88,8 @@ def run_page(user: Any, run_id: Any) -> dict[str, Any]:
         "tasks": tasks,
         "events": events,
         "trace": _trace(events, tasks),
+        "checks": checks_by_task(events),
+        "plan_svg": plan_svg(nodes_of(tasks), title="Task graph of this run"),
         "progress": {"done": done, "total": len(tasks)},
         "gauges": [
             _gauge("Tokens", run.tokens_in + run.tokens_out, run.budget_tokens),

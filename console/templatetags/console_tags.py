@@ -1,4 +1,5 @@
-"""Console template helpers: JSON for display, and the banner of engaged kill switches."""
+"""Console template helpers: JSON for display, lookups by key, and the banner of engaged kill
+switches."""
 
 from __future__ import annotations
 
@@ -14,6 +15,12 @@ register = template.Library()
 def as_json(value: Any) -> str:
     """Compact JSON for display. Returns plain text: autoescaping still applies."""
     return json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
+
+
+@register.filter
+def get(mapping: Any, key: Any) -> Any:
+    """``mapping[key]``, or None: for dictionaries keyed by something only known per row."""
+    return mapping.get(key) if isinstance(mapping, dict) else None
 
 
 @register.inclusion_tag("console/kill_switches.html")
