@@ -13,7 +13,7 @@ from orchestration.engine.providers import AnthropicModel, OpenAICompatibleModel
 from orchestration.engine.redaction import redact
 from orchestration.engine.runner import Outcome, TaskContext, stopped_outcome
 from orchestration.engine.states import TaskStatus
-from orchestration.engine.verify import Verifier
+from orchestration.engine.verify import Verifier, check_run
 from orchestration.governance import DjangoGovernor
 from orchestration.models import Agent, ModelPrice, Task, Tool
 from orchestration.plans import plan_for_id
@@ -97,19 +97,35 @@ def run_agent_task(ctx: TaskContext) -> Outcome:
                      unusable=unusable, verifier=verifier)
 
 
-def _verifier(ctx: TaskContext, task: Task, log: StoreLog,
-              governor: DjangoGovernor) -> Verifier | Outcome:
+def run_audit_task(ctx: TaskContext) -> Outcome:
+    """The run's own check (a plan's ``run_check``), by its auditor."""
+    task = Task.objects.select_related("run__process_version__process").get(
+        run_id=ctx.run_id, key=ctx.spec.key)
+    slug = ctx.spec.executor_ref
+    governor = DjangoGovernor(run=task.run, task_key=task.key, actor=f"agent:{slug}",
+                              agent=slug, tools={})
+    log = StoreLog(DjangoRunStore(), ctx.run_id, ctx.spec.key, ctx.lease)
+    verifier = _verifier(ctx, task, log, governor, auditor_slug=slug)
+    if isinstance(verifier, Outcome):
+        return verifier
+    verifier.recorded = log.journal().checks
+    return check_run(ctx, verifier)
+
+
+def _verifier(ctx: TaskContext, task: Task, log: StoreLog, governor: DjangoGovernor,
+              auditor_slug: str = "") -> Verifier | Outcome:
     """The checks of the task's answer: its sentinel checks, and QC by the plan's auditor when
     the task has acceptance criteria."""
     settings = plan_for_id(task.run.process_version_id).verification
     auditor: Agent | None = None
     model: Model | None = None
-    if settings.auditor and ctx.spec.acceptance:
-        auditor = Agent.objects.filter(slug=settings.auditor).first()
+    slug = auditor_slug or settings.auditor
+    if slug and ctx.spec.acceptance:
+        auditor = Agent.objects.filter(slug=slug).first()
         key = f"{ctx.run_id}:{ctx.spec.key}:auditor:{ctx.attempt}"
         if auditor is None:
-            return stopped_outcome(f"configuration_error: the plan's auditor "
-                                   f"{settings.auditor!r} does not exist", key=key)
+            return stopped_outcome(f"configuration_error: the plan's auditor {slug!r} does "
+                                   "not exist", key=key)
         try:
             model = model_for(auditor)
         except (CredentialMissing, ProviderError, TypeError, ValueError) as exc:

@@ -96,7 +96,7 @@ def test_the_sentinel_sends_a_wrong_amount_back_and_the_rework_passes(runner: No
         f"mismatch: $output.key_facts.total is 1 but $output.tool_results.lookup_order.total "
         f"is {run.tasks.get().output['tool_results']['lookup_order']['total']}"]
     assert Event.objects.filter(chain=run.pk, kind="model.called").count() == 3
-    assert replay(run).ok, replay(run).message()
+    assert replay(run).ok, replay(run).summary()
 
 
 @pytest.mark.django_db(transaction=True)
@@ -112,7 +112,7 @@ def test_a_scope_violation_past_the_rework_limit_waits_for_a_person_who_may_acce
                              decision="approve")
     run = settled(run, "succeeded")
     assert kinds(run, *CHECKED) == [("sentinel.failed", 0)]
-    assert replay(run).ok, replay(run).message()
+    assert replay(run).ok, replay(run).summary()
 
 
 @pytest.mark.django_db(transaction=True)
@@ -130,7 +130,7 @@ def test_a_failed_audit_is_reworked_and_then_passes(runner: None, demo: None) ->
         "The total comes from the order system: the total was made up"]
     checked = Event.objects.filter(chain=run.pk, kind="qc.checked").first()
     assert checked.actor == "agent:auditor" and checked.data["confidence"] == 0.9
-    assert replay(run).ok, replay(run).message()
+    assert replay(run).ok, replay(run).summary()
 
 
 @pytest.mark.django_db(transaction=True)
@@ -154,7 +154,7 @@ def test_two_failed_audits_escalate_qc_mismatch_and_a_note_sends_the_work_back(
     last = Event.objects.filter(chain=run.pk, kind="task.rework").last()
     assert last.data["findings"] == [
         "a reviewer sent the work back: Use the order system's total"]
-    assert replay(run).ok, replay(run).message()
+    assert replay(run).ok, replay(run).summary()
 
 
 @pytest.mark.django_db(transaction=True)
@@ -172,7 +172,7 @@ def test_low_confidence_escalates_and_an_approval_accepts_the_answer(
                              decision="approve")
     run = settled(run, "succeeded")
     assert Event.objects.filter(chain=run.pk, kind="qc.checked").count() == 1  # not asked again
-    assert replay(run).ok, replay(run).message()
+    assert replay(run).ok, replay(run).summary()
 
 
 @pytest.mark.django_db(transaction=True)
@@ -184,4 +184,58 @@ def test_a_result_that_breaks_the_result_contract_fails_the_run(runner: None,
     assert run.status == "failed"
     assert run.error.startswith("result_contract: the result breaks the process's result "
                                 "schema at total")
-    assert replay(run).ok, replay(run).message()
+    assert replay(run).ok, replay(run).summary()
+
+
+RUN_CRITERION = "The reported total is the order system's"
+
+
+def run_audit(passed: bool) -> dict[str, Any]:
+    return {"text": "```json\n" + json.dumps({"criteria": [
+        {"criterion": RUN_CRITERION, "pass": passed,
+         "evidence": "report matches lookup_order" if passed else "no total was reported"}],
+        "confidence": 0.95}) + "\n```"}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_run_is_verified_against_its_goal_before_it_succeeds(runner: None,
+                                                                 demo: None) -> None:
+    agent("reporter", [LOOKUP, answer("{{last.total|toml}}")], ["lookup_order"])
+    agent("run-auditor", [run_audit(True)])
+    run = start({}, verification={"auditor": "run-auditor"})
+    process = Process.objects.get(slug="report-total")
+    plan = {**process.current_version.plan, "run_check": {
+        "goal": "Report the order's total", "acceptance": [RUN_CRITERION]}}
+    services.process_publish(process=process, input_schema={"type": "object"}, plan=plan)
+    run = wait_for_run(services.run_create(process=process, input=ORDER,
+                                           user=User.objects.get(username="operator")).pk)
+    assert run.status == "succeeded", run.error
+    states = [e.data["to"] for e in Event.objects.filter(chain=run.pk, kind="run.state")
+              .order_by("seq")]
+    assert states[-2:] == ["verifying", "succeeded"]
+    check = run.tasks.get(key="verify_run")
+    assert check.executor_type == "audit" and check.output["verdict"] == "passed"
+    audited = Event.objects.get(chain=run.pk, kind="qc.checked")
+    assert audited.data["task"] == "verify_run" and audited.actor == "agent:run-auditor"
+    assert replay(run).ok, replay(run).summary()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_run_whose_check_fails_waits_for_a_person_and_never_succeeds_on_its_own(
+        runner: None, demo: None, people: dict[str, User]) -> None:
+    agent("reporter", [LOOKUP, answer("{{last.total|toml}}")], ["lookup_order"])
+    agent("run-auditor", [run_audit(False)])
+    process = Process.objects.create(slug="checked", name="Checked", pattern="agent_workflow")
+    services.process_publish(process=process, input_schema={"type": "object"}, plan={
+        "tasks": [{"key": "report", "executor": {"type": "agent", "ref": "reporter"}}],
+        "run_check": {"auditor": "run-auditor", "acceptance": [RUN_CRITERION]}})
+    run = wait_for_run(services.run_create(process=process, input=ORDER,
+                                           user=User.objects.get(username="operator")).pk)
+    assert run.status == "waiting"
+    request = escalation(run)
+    assert request.reason == "qc_mismatch" and request.task_key == "verify_run"
+    approvals.request_decide(request_id=request.pk, user=people["reviewer"],
+                             decision="reject", note="The report is not usable")
+    run = settled(run, "failed")
+    assert "The report is not usable" in run.error
+    assert replay(run).ok, replay(run).summary()

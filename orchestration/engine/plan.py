@@ -96,8 +96,24 @@ PLAN_SCHEMA: dict[str, Any] = {
                 "confidence": {"type": "number", "minimum": 0, "maximum": 1},
             },
         },
+        # QC of the run as a whole: once every task succeeded the auditor checks the outputs
+        # against the goal's criteria (the run is ``verifying``), before the run may succeed.
+        "run_check": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["acceptance"],
+            "properties": {
+                "auditor": {"type": "string", "minLength": 1},
+                "goal": {"type": "string"},
+                "acceptance": {"type": "array", "minItems": 1, "items": {"type": "string"}},
+            },
+        },
     },
 }
+
+# The task the engine adds for a plan's ``run_check``: it depends on every other task.
+RUN_CHECK_KEY = "verify_run"
+AUDIT = "audit"
 _PLAN_VALIDATOR = jsonschema.Draft202012Validator(PLAN_SCHEMA)
 
 
@@ -177,6 +193,11 @@ class Plan:
             v = self.verification
             data["verification"] = {"auditor": v.auditor, "rework_limit": v.rework_limit,
                                     "confidence": v.confidence}
+        check = self.by_key().get(RUN_CHECK_KEY)
+        if check is not None and check.executor_type == AUDIT:
+            data["tasks"] = [t for t in tasks if t["key"] != RUN_CHECK_KEY]
+            data["run_check"] = {"auditor": check.executor_ref, "goal": check.spec,
+                                 "acceptance": list(check.acceptance)}
         return data
 
 
@@ -229,8 +250,22 @@ def parse_plan(source: str | Mapping[str, Any]) -> Plan:
     verification = Verification(auditor=v.get("auditor", ""),
                                 rework_limit=v.get("rework_limit", 2),
                                 confidence=float(v.get("confidence", 0.7)))
+    if "run_check" in data:
+        tasks = (*tasks, _run_check(data["run_check"], tasks, verification))
     return Plan(tasks=tasks, result=data.get("result", {}),
                 result_schema=data.get("result_schema", {}), verification=verification)
+
+
+def _run_check(check: Mapping[str, Any], tasks: tuple[TaskSpec, ...],
+               verification: Verification) -> TaskSpec:
+    auditor = check.get("auditor") or verification.auditor
+    if not auditor:
+        raise PlanError("run_check needs an auditor (its own, or verification.auditor)")
+    if any(t.key == RUN_CHECK_KEY for t in tasks):
+        raise PlanError(f"task key {RUN_CHECK_KEY!r} is reserved for the run's check")
+    return TaskSpec(key=RUN_CHECK_KEY, executor_type=AUDIT, executor_ref=auditor,
+                    depends_on=tuple(t.key for t in tasks), title="Verify the run",
+                    spec=check.get("goal", ""), acceptance=tuple(check["acceptance"]))
 
 
 def _check_graph(tasks: Iterable[TaskSpec]) -> None:

@@ -18,7 +18,7 @@ from orchestration.engine.contracts import ToolContract, ToolRegistry
 from orchestration.engine.errors import EngineError
 from orchestration.engine.gate import StoreLog, ToolGate
 from orchestration.engine.governance import Governor, Ungoverned
-from orchestration.engine.plan import TaskSpec
+from orchestration.engine.plan import AUDIT, TaskSpec
 from orchestration.engine.redaction import redact
 from orchestration.engine.refs import resolve
 from orchestration.engine.states import (
@@ -180,7 +180,7 @@ def _schedule(store: RunStore, run: RunSnapshot, take: int) -> AdvanceResult:
             status = RunStatus.RUNNING
         else:
             return AdvanceResult([], status)
-    if status != RunStatus.RUNNING:
+    if status not in (RunStatus.RUNNING, RunStatus.VERIFYING):
         return AdvanceResult([], status)
 
     failed = [k for k, s in statuses.items() if s == TaskStatus.FAILED]
@@ -233,8 +233,20 @@ def _schedule(store: RunStore, run: RunSnapshot, take: int) -> AdvanceResult:
         if claim is not None:
             run.tasks[key].status = TaskStatus.RUNNING
             claimed.append(claim)
+    if status == RunStatus.RUNNING and _verifying(run):
+        store.set_run_status(run_id, RunStatus.VERIFYING, reason="every task is done; the "
+                                                                "run's check is under way")
+        status = RunStatus.VERIFYING
     mine = {c.key for c in claimed}
     return AdvanceResult([k for k in released if k not in mine], status, claimed)
+
+
+def _verifying(run: RunSnapshot) -> bool:
+    """Whether all that is left of the run is its own check (the plan's ``run_check``)."""
+    specs = run.plan.by_key()
+    left = [k for k, t in run.tasks.items() if t.status != TaskStatus.SUCCEEDED]
+    return bool(left) and all(specs[k].executor_type == AUDIT and t.status in TASK_ACTIVE
+                              for k, t in ((k, run.tasks[k]) for k in left))
 
 
 def result_problem(schema: Mapping[str, Any], result: Any) -> str:

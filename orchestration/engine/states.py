@@ -58,8 +58,8 @@ _RUN_NEXT: dict[RunStatus, frozenset[RunStatus]] = {
         {RunStatus.RUNNING, RunStatus.FAILED, RunStatus.ESCALATED, RunStatus.CANCELLED}
     ),
     RunStatus.VERIFYING: frozenset(
-        {RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.RUNNING, RunStatus.ESCALATED,
-         RunStatus.CANCELLED}
+        {RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.RUNNING, RunStatus.WAITING,
+         RunStatus.ESCALATED, RunStatus.CANCELLED}
     ),
     RunStatus.ESCALATED: frozenset({RunStatus.RUNNING, RunStatus.FAILED, RunStatus.CANCELLED}),
     RunStatus.SUCCEEDED: frozenset(),

@@ -37,6 +37,8 @@ from orchestration.engine.governance import Governor, Usage
 from orchestration.engine.handoff import HandoffError, parse_envelope
 from orchestration.engine.llm import Message, Model, ModelRequest, ModelResponse, ProviderError
 from orchestration.engine.plan import TaskSpec, Verification
+from orchestration.engine.runner import Outcome, TaskContext, stopped_outcome
+from orchestration.engine.states import TaskStatus
 
 MISSING = object()
 _REF = re.compile(r"^\$(input|tasks|output|args)((?:\.[A-Za-z0-9_-]+)*)$")
@@ -193,10 +195,15 @@ def sentinel(spec: TaskSpec, output: Mapping[str, Any], calls: Sequence[Call], *
     return findings
 
 
+def shown_output(output: Mapping[str, Any]) -> dict[str, Any]:
+    """What an auditor reads of an agent task's output."""
+    return {"answer": output.get("answer", ""), "key_facts": key_facts(output),
+            "tool_results": output.get("tool_results", {})}
+
+
 def audit_prompt(spec: TaskSpec, output: Mapping[str, Any], run_input: Any) -> str:
     criteria = "\n".join(f"- {c}" for c in spec.acceptance)
-    shown = {"answer": output.get("answer", ""), "key_facts": key_facts(output),
-             "tool_results": output.get("tool_results", {})}
+    shown = output.get("tasks") if "tasks" in output else shown_output(output)
     return (f"Audit task {spec.title or spec.key}: {spec.spec}\n\nAcceptance criteria:\n"
             f"{criteria}\n\nRun input (JSON):\n{json.dumps(run_input, sort_keys=True)}\n\n"
             f"What the task produced (JSON):\n{json.dumps(shown, sort_keys=True, default=str)}"
@@ -225,6 +232,23 @@ def parse_audit(text: str, acceptance: Sequence[str]) -> Audit:
     return Audit(criteria, confidence)
 
 
+def check_run(ctx: TaskContext, verifier: Verifier) -> Outcome:
+    """The run's own check (the plan's ``run_check`` task): the auditor reads every task's
+    output against the goal's criteria. There is no agent to send it back to: a failure or a
+    low confidence waits for a person, who accepts the run or fails it with a note."""
+    outputs = {k: shown_output(v) if isinstance(v, Mapping) and "handoff" in v else v
+               for k, v in ctx.dep_outputs.items()}
+    verifier.settings = Verification(auditor=verifier.settings.auditor, rework_limit=0,
+                                     confidence=verifier.settings.confidence)
+    judged = verifier.check({"tasks": outputs}, [], 0)
+    if judged.action == "pass":
+        return Outcome(output={"verdict": "passed", "criteria": verifier.criteria})
+    if judged.action == "escalate":
+        return stopped_outcome(judged.detail(), key=judged.key)
+    return Outcome(status=TaskStatus.FAILED,
+                   error=judged.error or "the run's check failed: " + "; ".join(judged.findings))
+
+
 @dataclass(slots=True)
 class Verifier:
     """The checks of one agent task, with what they need: the plan's QC settings, the
@@ -244,6 +268,7 @@ class Verifier:
     auditor_slug: str = ""
     pricing: Callable[[int, int], Decimal] = lambda i, o: Decimal("0")
     audits: list[tuple[str, ModelResponse]] = field(default_factory=list)
+    criteria: list[dict[str, Any]] = field(default_factory=list)  # the last audit's verdicts
 
     def _log(self, kind: str, round_: int, data: dict[str, Any], usage: Usage | None = None,
              reserved: Usage | None = None) -> None:
@@ -338,4 +363,6 @@ class Verifier:
                 usage=Usage(tokens_in=response.tokens_in, tokens_out=response.tokens_out,
                             cost=cost), reserved=worst)
         self.audits.append((prompt, response))
-        return parse_audit(response.text, self.spec.acceptance)
+        audit = parse_audit(response.text, self.spec.acceptance)
+        self.criteria = audit.criteria
+        return audit

@@ -24,7 +24,7 @@ from orchestration.engine.runner import (
     stopped_outcome,
 )
 from orchestration.engine.states import RUN_TERMINAL, TaskStatus
-from orchestration.engine.verify import Verifier
+from orchestration.engine.verify import Verifier, check_run
 from orchestration.models import Agent, Run, Tool
 from orchestration.replay.comparison import Recorded, ReplayResult, compare
 from orchestration.replay.doubles import (
@@ -70,7 +70,8 @@ class Replay:
             except jsonschema.SchemaError as exc:  # production escalated configuration_error
                 self.unusable[row.slug] = (f"tool {row.slug!r} has a schema that is not valid "
                                            f"JSON Schema: {exc.message}")
-        self.executors = {"tool": self._tool, "function": self._tool, "agent": self._agent}
+        self.executors = {"tool": self._tool, "function": self._tool, "agent": self._agent,
+                          "audit": self._audit}
 
     @property
     def pending(self) -> list[Recorded]:
@@ -119,16 +120,27 @@ class Replay:
                          max_output_tokens=int(agent.model_params.get("max_tokens", 1024)))
         governor = ReplayGovernor(self.state, ctx, self.policies, self.risk)
         log = StoreLog(self.store, self.run_id, task)
-        settings = self.plan.verification
-        audited = bool(settings.auditor and ctx.spec.acceptance)
-        verifier = Verifier(spec=ctx.spec, settings=settings, run_id=ctx.run_id,
-                            run_input=ctx.run_input, outputs=ctx.dep_outputs, record=log.record,
-                            recorded={}, decided=governor.qc_decision, governor=governor,
-                            auditor=RecordedAuditor(self.ledger, task) if audited else None,
-                            auditor_slug=settings.auditor)
+        verifier = self._verifier(ctx, governor, log, self.plan.verification.auditor)
         return run_agent(ctx, spec, RecordedModel(self.ledger, task), self.tools, log,
                          granted=self._granted(task), governor=governor,
                          unusable=self.unusable, watch_grant=False, verifier=verifier)
+
+    def _verifier(self, ctx: TaskContext, governor: ReplayGovernor, log: StoreLog,
+                  auditor: str) -> Verifier:
+        """The checks as production ran them, the auditor answering from the ledger."""
+        audited = bool(auditor and ctx.spec.acceptance)
+        return Verifier(spec=ctx.spec, settings=self.plan.verification, run_id=ctx.run_id,
+                        run_input=ctx.run_input, outputs=ctx.dep_outputs, record=log.record,
+                        recorded={}, decided=governor.qc_decision, governor=governor,
+                        auditor=RecordedAuditor(self.ledger, ctx.spec.key) if audited else None,
+                        auditor_slug=auditor)
+
+    def _audit(self, ctx: TaskContext) -> Outcome:
+        governor = ReplayGovernor(self.state, ctx, self.policies, self.risk)
+        log = StoreLog(self.store, self.run_id, ctx.spec.key)
+        verifier = self._verifier(ctx, governor, log, ctx.spec.executor_ref)
+        verifier.recorded = log.journal().checks
+        return check_run(ctx, verifier)
 
     # people's decisions, when the original run received them ---------------------------
     def _due(self, stimulus: Recorded) -> bool:
@@ -180,6 +192,7 @@ class Replay:
                                                              "raise": todo.budget})
         self.store.requeue_task(self.run_id, request.task,
                                 reason=f"approval {request.id} {request.status}")
+        advance(self.store, self.run_id)  # as production's resume does, in the same step
 
     def run(self) -> str:
         for _ in range(MAX_ITERATIONS):
