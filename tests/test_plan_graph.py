@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 from django.contrib.auth.models import User
+from django.contrib.staticfiles import finders
 
 from console.plan_graph import Node, plan_svg
 from tests.test_pipeline_checks import LOOKUP, TOTAL_MATCHES, agent, answer, start
@@ -40,6 +41,8 @@ def test_the_run_page_shows_the_graph_and_each_attempt_with_its_findings(
     client.force_login(User.objects.get(username="operator"))
     page = client.get(f"/runs/{run.pk}/").content.decode()
     assert 'id="plan-node-report"' in page and "status-succeeded" in page
+    assert 'rel="icon" href="/static/img/favicon.svg"' in page
+    assert finders.find("img/favicon.svg") is not None
     checks = page[page.index('id="checks"'):page.index('id="trace"')]
     assert checks.count('class="check-round"') == 2
     assert "mismatch: $output.key_facts.total is 1" in checks
