@@ -262,3 +262,16 @@ def test_it_writes_run_input_into_a_scripted_envelope_as_escaped_toml() -> None:
     envelope = parse_envelope(extract_block(response.text) or "")
     assert envelope.summary == "checked"
     assert envelope.key_facts == {"reason": hostile, "amount": 500}
+
+
+def test_a_scripted_turn_may_answer_differently_for_a_flagged_input() -> None:
+    from orchestration.engine.llm import Message
+
+    model = ScriptedModel([{"variants": [
+        {"when": "input.force_low_confidence", "text": "unsure about {{input.name}}"},
+        {"text": "sure about {{input.name}}"}]}])
+    ask = (Message("user", "audit"),)
+    flagged = model.complete(ModelRequest(messages=ask, variables={
+        "input": {"force_low_confidence": True, "name": "x"}}))
+    plain = model.complete(ModelRequest(messages=ask, variables={"input": {"name": "y"}}))
+    assert (flagged.text, plain.text) == ("unsure about x", "sure about y")

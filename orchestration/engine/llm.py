@@ -101,7 +101,8 @@ class ScriptedModel(Model):
     """Replays a script of assistant turns, one per call, chosen by how many assistant turns the
     conversation already holds, so a resumed loop gets the same turn again.
 
-    A turn is ``{"text": str, "tool_calls": [{"name", "arguments"}], "tokens_in", "tokens_out"}``.
+    A turn is ``{"text": str, "tool_calls": [{"name", "arguments"}], "tokens_in", "tokens_out"}``,
+    or ``{"variants": [...]}`` of such turns chosen by a ``when`` path (see ``_variant``).
     An argument that is exactly ``$input.<path>``, ``$tasks.<dep>.<path>`` or ``$last.<path>``
     takes that value (the run input, a dependency's output as its handoff reads, with
     ``key_facts``; the last tool result in the conversation); ``{{input.path}}``,
@@ -121,7 +122,7 @@ class ScriptedModel(Model):
         if index >= len(self.script):
             raise ProviderError(f"the script has {len(self.script)} turns; turn {index + 1} "
                                 "was asked for")
-        turn = self.script[index]
+        turn = _variant(self.script[index], request.variables)
         last: Any = {}
         for m in reversed(request.messages):
             if m.role == "tool":
@@ -147,6 +148,22 @@ class ScriptedModel(Model):
             tokens_out=int(turn.get("tokens_out", 20)),
             stop_reason="tool_use" if calls else "end_turn",
         )
+
+
+def _variant(turn: Mapping[str, Any], variables: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A turn written as ``{"variants": [{"when": "input.flag", ...}, {...}]}`` is the first
+    variant whose ``when`` path is true in the request's variables (one without ``when`` always
+    is): a scripted agent that answers differently for some inputs, e.g. a demo flag."""
+    for variant in turn.get("variants", ()):
+        path = variant.get("when")
+        if path is None:
+            return variant
+        node: Any = variables
+        for part in str(path).split("."):
+            node = node.get(part) if isinstance(node, Mapping) else None
+        if node:
+            return variant
+    return turn
 
 
 _PLACEHOLDER = re.compile(

@@ -347,7 +347,8 @@ class Verifier:
                 return Judgement("escalate", [refused], reason=refused.split(":", 1)[0],
                                key=f"{self.run_id}:{self.spec.key}:qc:{round_}:budget")
             try:
-                response = self.auditor.complete(ModelRequest(messages=tuple(messages)))
+                response = self.auditor.complete(ModelRequest(
+                    messages=tuple(messages), variables={"input": self.run_input}))
             except ProviderError as exc:
                 self.governor.release(worst)
                 return Judgement("escalate", [f"the auditor could not answer: {exc}"],
