@@ -4,12 +4,13 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from console import health, ledger_views, metrics, review, screens, views
+from console import health, ledger_views, metrics, review, run_list_views, screens, views
 from console.api import api
 from console.auth_views import throttled
 
 urlpatterns = [
     path("", views.dashboard, name="dashboard"),
+    path("runs/", run_list_views.runs, name="run_list"),
     path("runs/start", views.run_start, name="run_start"),
     path("runs/<uuid:run_id>/", views.run_detail, name="run_detail"),
     path("runs/<uuid:run_id>/cancel", views.run_cancel, name="run_cancel"),

@@ -322,7 +322,7 @@ def test_it_publishes_an_openapi_schema(client: Client, db: Any) -> None:
     expected = {"/api/v1/processes", "/api/v1/runs", "/api/v1/runs/{run_id}",
                 "/api/v1/runs/{run_id}/events", "/api/v1/runs/{run_id}/cancel"}
     assert expected <= set(schema["paths"])
-    assert set(schema["paths"]["/api/v1/runs"]) == {"post"}
+    assert set(schema["paths"]["/api/v1/runs"]) == {"get", "post"}
     assert set(schema["paths"]["/api/v1/runs/{run_id}/cancel"]) == {"post"}
 
 

@@ -32,6 +32,7 @@ CONSOLE = {"owner", "teammate", "reviewer", "admin"}  # holders of a console rol
 # effect, for the decide rows, which answer with a message).
 PAGES: dict[tuple[str, str], set[str]] = {
     ("GET", ""): ALL,
+    ("GET", "runs/"): ALL,  # each person's list holds only the runs they may see
     ("POST", "runs/start"): STARTS,
     ("GET", "runs/<uuid:run_id>/"): SEES_RUN,
     ("POST", "runs/<uuid:run_id>/cancel"): STARTS,
@@ -60,6 +61,7 @@ PAGES: dict[tuple[str, str], set[str]] = {
 STAFF_ONLY = "admin/"
 API: dict[tuple[str, str], set[str]] = {
     ("GET", "/processes"): ALL,
+    ("GET", "/runs"): ALL,  # each person's list holds only the runs they may see
     ("POST", "/runs"): STARTS,
     ("GET", "/runs/{run_id}"): SEES_RUN,
     ("GET", "/runs/{run_id}/events"): SEES_RUN,
@@ -262,6 +264,11 @@ def test_it_hides_other_runs_from_the_outsider_in_lists(cast: dict[str, Any]) ->
     token = ApiToken.issue(cast["people"]["outsider"])[1]
     listed = client.get("/api/v1/approvals", HTTP_AUTHORIZATION=f"Bearer {token}").json()
     assert listed == []
+    assert str(cast["run"].pk) not in client.get("/runs/").content.decode()
+    runs = client.get("/api/v1/runs", HTTP_AUTHORIZATION=f"Bearer {token}").json()
+    assert runs["runs"] == [] and runs["count"] == 0
+    assert client.get(f"/runs/?q={cast['run'].input['iban']}").content.decode().count(
+        '<tr id="run-') == 0
 
 
 @pytest.mark.asyncio

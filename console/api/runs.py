@@ -1,15 +1,15 @@
-"""The API's operations on processes and runs: start, read, list events, cancel, fork, and
-replay checks."""
+"""The API's operations on processes and runs: start, list, read, list events, cancel, fork,
+and replay checks."""
 
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.http import Http404, HttpRequest
-from ninja import Router, Schema, Status
+from ninja import Query, Router, Schema, Status
 from pydantic import Field
 
 from audit.models import Event
@@ -22,6 +22,13 @@ from console.access import (
 )
 from console.api.common import ErrorOut, IdempotencyHeader, ServerErrorOut, once, refused
 from console.selectors import run_out
+from console.selectors.run_list import (
+    DEFAULT_LIMIT,
+    MAX_LIMIT,
+    FilterError,
+    RunFilter,
+    run_list,
+)
 from orchestration import replay_jobs, services
 from orchestration.models import Process
 
@@ -122,6 +129,61 @@ def create_run(request: HttpRequest, payload: RunIn,
         return Status(201, run_out(run))
 
     return once(request, idempotency_key, RunOut, action)
+
+
+class RunSummaryOut(Schema):
+    id: uuid.UUID
+    process: str
+    version: int
+    status: str
+    started_by: str | None
+    input: dict[str, Any]
+    cost: str = Field(description="decimal currency amount, as a string to keep it exact")
+    error: str
+    created_at: datetime
+    finished_at: datetime | None = None
+
+
+class RunListOut(Schema):
+    runs: list[RunSummaryOut]
+    count: int = Field(description="runs matching the filters (all pages)")
+    counts: dict[str, int] = Field(description="runs matching the filters other than status, "
+                                               "by status")
+    next: str | None = Field(description="cursor of the next page; null on the last")
+
+
+class RunListQuery(Schema):
+    status: list[str] = Field(default_factory=list, description="one or more run statuses")
+    process: str = Field("", max_length=50, description="process slug")
+    starter: str = Field("", max_length=150, description="username of who started the run")
+    since: date | None = Field(None, description="started on or after this day")
+    until: date | None = Field(None, description="started on or before this day")
+    q: str = Field("", max_length=200, description="text in the run's input (an order id...)")
+    order: str = Field("newest", description="newest or oldest first")
+    cursor: str = Field("", max_length=200, description="the previous page's next")
+    limit: int = Field(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT)
+
+
+def summary_out(run: Any) -> dict[str, Any]:
+    return {"id": run.pk, "process": run.process_version.process.slug,
+            "version": run.process_version.number, "status": run.status,
+            "started_by": run.created_by.get_username() if run.created_by else None,
+            "input": run.input if isinstance(run.input, dict) else {}, "cost": str(run.cost),
+            "error": run.error, "created_at": run.created_at, "finished_at": run.finished_at}
+
+
+@router.get("/runs", response={200: RunListOut, 400: ErrorOut},
+            summary="Runs you may see, filtered, newest first, a page at a time")
+def list_runs(request: HttpRequest, filters: Query[RunListQuery]) -> Any:
+    try:
+        page = run_list(request.user, RunFilter(
+            status=tuple(filters.status), process=filters.process, starter=filters.starter,
+            since=filters.since, until=filters.until, q=filters.q, order=filters.order,
+            cursor=filters.cursor, limit=filters.limit))
+    except FilterError as exc:
+        return Status(400, {"error": str(exc)})
+    return {"runs": [summary_out(r) for r in page.runs], "count": page.count,
+            "counts": page.counts, "next": page.next_cursor}
 
 
 @router.get("/runs/{run_id}", response=RunOut, summary="A run's state, usage and result")
