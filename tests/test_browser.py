@@ -246,13 +246,15 @@ def test_it_renders_script_in_run_input_and_model_output_as_text(
 
 
 def test_it_shows_every_other_screen_to_an_admin(server: str, browser: Browser) -> None:
-    """Agents, an agent, tools, analytics and the ledger: each renders with its own static files
-    only (the Content-Security-Policy reports nothing) and is saved as a screenshot."""
+    """The runs list, agents, an agent, tools, analytics and the ledger: each renders with its
+    own static files only (the Content-Security-Policy reports nothing) and is saved as a
+    screenshot."""
     admin = Watched(browser.new_context(), server, "admin")
     refused: list[str] = []
     admin.page.on("console", lambda m: refused.append(f"{admin.page.url}: {m.text}")
                   if "Content Security Policy" in m.text else None)
-    for path, name, heading in [("/agents/", "agents", "Agents"),
+    for path, name, heading in [("/runs/", "runs", "Runs"),
+                                ("/agents/", "agents", "Agents"),
                                 ("/agents/refund-executor/", "agent-detail", "refund-executor"),
                                 ("/tools/", "tools", "Tools"),
                                 ("/analytics/", "analytics", "Analytics"),

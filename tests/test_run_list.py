@@ -133,3 +133,15 @@ def test_the_list_is_in_the_openapi_schema_with_its_filters(client: Any) -> None
     names = {p["name"] for p in get["parameters"]}
     assert {"status", "process", "starter", "since", "until", "q", "order", "cursor",
             "limit"} <= names
+
+
+@pytest.mark.django_db
+def test_the_runs_page_escapes_run_input(client: Any, people: dict) -> None:
+    services.run_create(process=Process.objects.get(slug="refund-exception"),
+                        user=people["operator"], input={
+                            **REFUND, "order_id": "ORD-9", "amount": 5,
+                            "reason": "<script>alert(1)</script>"})
+    client.force_login(people["operator"])
+    page = client.get("/runs/?q=alert").content.decode()
+    assert "<script>alert(1)</script>" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
