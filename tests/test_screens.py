@@ -123,18 +123,27 @@ def test_it_shows_the_scorecard_on_the_agents_page(dataset: dict[str, Run],
 def test_it_computes_the_dashboard_figures(dataset: dict[str, Run],
                                            people: dict[str, User]) -> None:
     figures = selectors.dashboard_figures(people["reviewer"])
-    assert (figures.active, figures.waiting) == (1, 1)
+    assert (figures.active, figures.waiting) == (0, 1)  # waiting on people is not working
     assert figures.pending_for_me == 1
     assert f"{figures.success_rate:.3f}" == "0.667"
     assert figures.cost_per_completed == Decimal("0.30")
     assert figures.spend_today == Decimal("0.65") and figures.budget_today == Decimal("2.50")
     assert figures.uncapped_today == 1
+    assert figures.capped_spend_today == Decimal("0.45")  # against the 2.50 of their caps
+    assert figures.uncapped_spend_today == Decimal("0.20")
+    assert f"{figures.budget_used:.2f}" == "0.18"
     [(run, requests)] = figures.waiting_on
     assert run.pk == dataset["waiting"].pk and [r.reason for r in requests] == [
         "budget_exhausted"]
 
     page = signed_in(people["reviewer"]).get("/").content.decode()
     assert 'id="figure-success-rate">66.7%<' in page
+    found = re.search(r'id="figure-spend-today">(.*?)</dd>', page, re.S)
+    assert found is not None
+    spend = " ".join(re.sub(r"<[^>]+>", " ", found.group(1)).split())
+    assert "runs with a cost cap: 0.4500 of 2.5000 (18.0%)" in spend
+    assert "1 run without a cost cap: 0.2000" in spend
+    assert "Start a run" not in page  # a reviewer may start nothing: no start card
     assert f'href="/review/{requests[0].pk}/"' in page
 
 

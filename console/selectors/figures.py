@@ -225,6 +225,7 @@ class DashboardFigures:
     spend_today: Decimal
     budget_today: Decimal
     uncapped_today: int
+    capped_spend_today: Decimal  # what the runs with a cost cap spent, against budget_today
     finished: int
     succeeded: int
     failed: int
@@ -242,15 +243,25 @@ class DashboardFigures:
 
     @property
     def budget_used(self) -> float | None:
-        return _ratio(self.spend_today, self.budget_today)
+        return _ratio(self.capped_spend_today, self.budget_today)
+
+    @property
+    def uncapped_spend_today(self) -> Decimal:
+        return self.spend_today - self.capped_spend_today
+
+
+# Runs waiting on people (a decision, a plan review): not counted as active.
+WAITS = (RunStatus.WAITING.value, RunStatus.AWAITING_PLAN_APPROVAL.value)
 
 
 def dashboard_figures(user: Any, *, now: datetime | None = None) -> DashboardFigures:
     """What the dashboard shows above the runs table, over the runs this person may see.
 
-    Spend today is the cost of runs created today against the sum of their cost caps (runs
-    without a cap are counted apart). Success rate and cost per completed run cover runs that
-    finished in the last 14 days; cancelled runs count in neither rate but their cost counts."""
+    Active runs are the ones working (not finished, not waiting on people); waiting ones are
+    counted apart. Spend today is the cost of runs created today: the runs with a cost cap are
+    set against the sum of their caps, the runs without one are counted apart. Success rate and
+    cost per completed run cover runs that finished in the last 14 days; cancelled runs count
+    in neither rate but their cost counts."""
     now = now or timezone.now()
     today = timezone.localtime(now).replace(hour=0, minute=0, second=0, microsecond=0)
     since = now - timedelta(days=WINDOW_DAYS)
@@ -258,17 +269,18 @@ def dashboard_figures(user: Any, *, now: datetime | None = None) -> DashboardFig
     done = Q(status__in=[s.value for s in RUN_TERMINAL], finished_at__gte=since)
     created_today = Q(created_at__gte=today)
     agg = runs.aggregate(
-        active=Count("id", filter=~Q(status__in=[s.value for s in RUN_TERMINAL])),
-        waiting=Count("id", filter=Q(status=RunStatus.WAITING)),
+        active=Count("id", filter=~Q(status__in=[*(s.value for s in RUN_TERMINAL), *WAITS])),
+        waiting=Count("id", filter=Q(status__in=WAITS)),
         spend_today=Sum("cost", filter=created_today),
         budget_today=Sum("budget_cost", filter=created_today),
+        capped_spend_today=Sum("cost", filter=created_today & Q(budget_cost__isnull=False)),
         uncapped_today=Count("id", filter=created_today & Q(budget_cost__isnull=True)),
         finished=Count("id", filter=done),
         succeeded=Count("id", filter=done & Q(status=RunStatus.SUCCEEDED)),
         failed=Count("id", filter=done & Q(status=RunStatus.FAILED)),
         finished_cost=Sum("cost", filter=done),
     )
-    waiting_runs = list(runs.filter(status=RunStatus.WAITING).order_by("-updated_at")[:20])
+    waiting_runs = list(runs.filter(status__in=WAITS).order_by("-updated_at")[:20])
     waits = runs_waiting_on(waiting_runs)
     return DashboardFigures(
         active=agg["active"], waiting=agg["waiting"],
@@ -276,6 +288,7 @@ def dashboard_figures(user: Any, *, now: datetime | None = None) -> DashboardFig
         spend_today=agg["spend_today"] or Decimal(0),
         budget_today=agg["budget_today"] or Decimal(0),
         uncapped_today=agg["uncapped_today"], finished=agg["finished"],
+        capped_spend_today=agg["capped_spend_today"] or Decimal(0),
         succeeded=agg["succeeded"], failed=agg["failed"],
         finished_cost=agg["finished_cost"] or Decimal(0),
         waiting_on=[(run, people_waited_on(waits[run.pk])) for run in waiting_runs],
