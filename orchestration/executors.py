@@ -1,5 +1,6 @@
 """The executors the engine uses here: plan-level tool and function tasks through the gate as
-their process's service identity, and the governed agent loop for agent tasks."""
+their process's service identity, the governed agent loop for agent tasks, and people (a
+group's members, through an approval request) for human tasks."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from orchestration.engine.runner import Executor
 @cache
 def executors() -> dict[str, Executor]:
     from orchestration.agents import run_agent_task
+    from orchestration.humans import run_human_task
     from orchestration.metrics import instrumented
     from orchestration.tooling import run_tool_task
 
     return instrumented(
-        {"tool": run_tool_task, "function": run_tool_task, "agent": run_agent_task})
+        {"tool": run_tool_task, "function": run_tool_task, "agent": run_agent_task,
+         "human": run_human_task})

@@ -22,6 +22,8 @@ GRANTED = (APPROVED, EDITED)
 SENSITIVE_ACTION = "sensitive_action"
 STEP_BUDGET_EXHAUSTED = "step_budget_exhausted"
 POISON_TASK = "poison_task"
+# A resolution's action when a person answered a task or a question (approvals' "respond").
+RESPOND = "respond"
 # The steps a "proceed" on an exhausted step budget adds when the agent is gone.
 DEFAULT_STEP_RAISE = 5
 
@@ -55,8 +57,9 @@ class Resume:
     """What a resolved request does to its task.
 
     ``action``: "cancel" (stop the run), "nothing" (the task no longer waits), "fail" (with
-    ``error``) or "requeue" (after raising the budget by ``budget``, when given; ``reset_crashes``
-    when a person chose to try a task that kept losing its worker again)."""
+    ``error``) or "requeue" (also after a person's answer; after raising the budget by
+    ``budget``, when given; ``reset_crashes`` when a person chose to try a task that kept
+    losing its worker again)."""
 
     action: str
     error: str = ""
@@ -83,6 +86,9 @@ def apply_resolution(*, task_waiting: bool, reason: str, resolution: Mapping[str
         budget = {"steps": steps if steps is not None else DEFAULT_STEP_RAISE}
     elif action == "reject" and reason != SENSITIVE_ACTION:
         return Resume("fail", error=f"stopped by a reviewer: {resolution.get('note', '')}")
+    elif action == RESPOND:
+        # The task runs again and finds the answer under its call key (its executor reads it).
+        return Resume("requeue")
     return Resume("requeue", budget=budget, reset_crashes=reason == POISON_TASK)
 
 

@@ -49,6 +49,7 @@ class Request:
     status: str = "pending"
     arguments: Any = None
     note: str = ""
+    output: Any = None  # a person's response (human tasks, questions)
 
 
 @dataclass(slots=True)

@@ -14,6 +14,7 @@ from orchestration.engine.agent import AgentSpec, run_agent
 from orchestration.engine.contracts import ToolContract
 from orchestration.engine.errors import EngineError
 from orchestration.engine.gate import StoreLog, ToolGate, contract_lookup
+from orchestration.engine.human import HUMAN_TASK, call_key, human_outcome
 from orchestration.engine.plan import Plan, parse_plan
 from orchestration.engine.runner import (
     Outcome,
@@ -68,7 +69,8 @@ class Replay:
             except jsonschema.SchemaError as exc:  # production escalated configuration_error
                 self.unusable[row.slug] = (f"tool {row.slug!r} has a schema that is not valid "
                                            f"JSON Schema: {exc.message}")
-        self.executors = {"tool": self._tool, "function": self._tool, "agent": self._agent}
+        self.executors = {"tool": self._tool, "function": self._tool, "agent": self._agent,
+                          "human": self._human}
 
     @property
     def pending(self) -> list[Recorded]:
@@ -120,6 +122,15 @@ class Replay:
                          StoreLog(self.store, self.run_id, task), granted=self._granted(task),
                          governor=governor, unusable=self.unusable, watch_grant=False)
 
+    def _human(self, ctx: TaskContext) -> Outcome:
+        """A person's task: the same rule as production's, asked with the replay's twin of
+        the task's request (its recorded response applied when the original received it)."""
+        request = self.state.latest(call_key(ctx), HUMAN_TASK)
+        if request is None:
+            return human_outcome(ctx, status=None)
+        return human_outcome(ctx, status=request.status, output=request.output,
+                             note=request.note)
+
     # people's decisions, when the original run received them ---------------------------
     def _due(self, stimulus: Recorded) -> bool:
         return self.stimuli.due(stimulus)
@@ -148,6 +159,8 @@ class Replay:
         request.note = resolution.get("note", "")
         if "arguments" in resolution:
             request.arguments = resolution["arguments"]
+        if "output" in resolution:
+            request.output = resolution["output"]
         task = snapshot.tasks.get(request.task)
 
         def agent_steps() -> int | None:

@@ -1,0 +1,164 @@
+"""People as executors: a plan's ``human`` task waits for a member of its group, who answers
+with ``respond`` (on the review page or through the API); the answer, checked against the
+task's output schema, becomes the task's output, and replay reproduces the run."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from django.contrib.auth.models import User
+
+from approvals import services as approvals
+from approvals.models import ApprovalRequest
+from audit.models import Event
+from console.models import ApiToken
+from orchestration import grants, services
+from orchestration.models import Process, Run
+from orchestration.replay import replay
+from tests.conftest import VENDOR_INPUT, wait_for, wait_for_run
+
+OUTPUT_SCHEMA = {
+    "type": "object",
+    "required": ["tier", "summary"],
+    "additionalProperties": False,
+    "properties": {
+        "tier": {"type": "string", "enum": ["low", "medium", "high"], "title": "Risk tier"},
+        "summary": {"type": "string", "minLength": 3, "description": "why this tier"},
+        "score": {"type": "integer", "minimum": 0, "maximum": 10},
+        "urgent": {"type": "boolean"},
+    },
+}
+
+PLAN = {
+    "tasks": [
+        {"key": "validate", "title": "Validate the application",
+         "executor": {"type": "function", "ref": "validate_vendor"},
+         "args": {"name": "$input.name", "country": "$input.country", "iban": "$input.iban",
+                  "email": "$input.email"}},
+        {"key": "review", "title": "Assess the vendor's risk",
+         "executor": {"type": "human", "ref": "reviewer"}, "depends_on": ["validate"],
+         "spec": "Read the application and <b>choose</b> a risk tier.",
+         "acceptance": ["a tier is chosen", "the summary says why"],
+         "output_schema": OUTPUT_SCHEMA},
+        {"key": "create_record", "title": "Create the vendor record",
+         "executor": {"type": "tool", "ref": "create_vendor_record"},
+         "depends_on": ["validate", "review"],
+         "args": {"vendor_ref": "$tasks.validate.vendor_ref", "name": "$tasks.validate.name",
+                  "tier": "$tasks.review.tier"}},
+    ],
+    "result": {"vendor_id": "$tasks.create_record.vendor_id",
+               "status": "$tasks.create_record.status", "tier": "$tasks.review.tier"},
+}
+
+
+@pytest.fixture
+def process(runner: None, demo: None) -> Process:
+    process = Process.objects.create(slug="vendor-review", name="Vendor review",
+                                     pattern=Process.Pattern.HYBRID)
+    services.process_publish(process=process, plan=PLAN, input_schema={"type": "object"})
+    grants.grant_plan_tools(process, by=None)
+    return process
+
+
+def bearer(username: str) -> str:
+    return f"Bearer {ApiToken.issue(User.objects.get(username=username))[1]}"
+
+
+def post(client: Any, who: str, path: str, data: Any) -> Any:
+    return client.post(path, data=json.dumps(data), content_type="application/json",
+                       HTTP_AUTHORIZATION=bearer(who))
+
+
+def waiting_run(client: Any) -> tuple[Run, ApprovalRequest]:
+    created = post(client, "operator", "/api/v1/runs",
+                   {"process": "vendor-review", "input": dict(VENDOR_INPUT)})
+    assert created.status_code == 201, created.content
+    run = wait_for_run(created.json()["id"], timeout=60)
+    assert run.status == "waiting", (run.status, run.error)
+    request = ApprovalRequest.objects.get(run_id=run.pk, status="pending")
+    return run, request
+
+
+def ended(run: Run) -> Run:
+    return wait_for(lambda: Run.objects.filter(pk=run.pk, status__in=[
+        "succeeded", "failed", "cancelled"]).first(), timeout=60, what=f"run {run.pk} to end")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_human_task_waits_for_its_group_with_what_the_person_needs(
+        process: Process, client: Any) -> None:
+    run, request = waiting_run(client)
+    assert request.reason == "human_task" and request.task_key == "review"
+    assert request.decider_group.name == "reviewer"
+    context = request.context
+    assert context["title"] == "Assess the vendor's risk"
+    assert context["acceptance"] == ["a tier is chosen", "the summary says why"]
+    assert context["output_schema"] == OUTPUT_SCHEMA
+    assert context["run_input"] == VENDOR_INPUT
+    assert "vendor_ref" in context["inputs"]["validate"]
+    body = json.loads(client.get(f"/api/v1/runs/{run.pk}",
+                                 HTTP_AUTHORIZATION=bearer("operator")).content)
+    assert body["waiting_on"][0]["reason"] == "human_task"
+    listed = json.loads(client.get("/api/v1/approvals",
+                                   HTTP_AUTHORIZATION=bearer("reviewer")).content)
+    assert [(a["id"], a["reason"]) for a in listed] == [(str(request.pk), "human_task")]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_person_completes_the_task_through_the_api_and_replay_matches(
+        process: Process, client: Any) -> None:
+    run, request = waiting_run(client)
+    path = f"/api/v1/approvals/{request.pk}/decision"
+    # An approval is not an answer; an answer that breaks the schema names the field.
+    approve = post(client, "reviewer", path, {"decision": "approve"})
+    assert approve.status_code == 400 and "respond" in approve.json()["error"]
+    bad = post(client, "reviewer", path, {"decision": "respond",
+                                          "output": {"tier": "extreme", "summary": "ok?"}})
+    assert bad.status_code == 400
+    assert "output.tier" in bad.json()["error"], bad.json()
+    missing = post(client, "reviewer", path, {"decision": "respond", "output": {"tier": "low"}})
+    assert missing.status_code == 400 and "output.summary" in missing.json()["error"]
+    request.refresh_from_db()
+    assert request.status == "pending" and not request.decisions.exists()
+
+    output = {"tier": "low", "summary": "known supplier", "score": 2, "urgent": False}
+    ok = post(client, "reviewer", path, {"decision": "respond", "output": output})
+    assert ok.status_code == 200, ok.content
+    assert ok.json()["status"] == "responded" and ok.json()["reason"] == "human_task"
+    run = ended(run)
+    assert run.status == "succeeded", run.error
+    assert run.result["tier"] == "low" and run.result["status"] == "active"
+    assert run.tasks.get(key="review").output == output
+    # One request for the task, however often it ran.
+    assert ApprovalRequest.objects.filter(run_id=run.pk).count() == 1
+    decision = Event.objects.get(chain=run.pk, kind="approval.decision")
+    assert decision.actor == "user:reviewer" and decision.data["output"] == output
+
+    result = replay(run)
+    assert result.ok, result.summary()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_rejected_human_task_fails_with_the_note(process: Process, client: Any) -> None:
+    run, request = waiting_run(client)
+    response = post(client, "reviewer", f"/api/v1/approvals/{request.pk}/decision",
+                    {"decision": "reject", "note": "not our kind of vendor"})
+    assert response.status_code == 200 and response.json()["status"] == "rejected"
+    run = ended(run)
+    assert run.status == "failed"
+    review = run.tasks.get(key="review")
+    assert review.status == "failed" and "not our kind of vendor" in review.error
+    assert run.tasks.get(key="create_record").status == "cancelled"
+    result = replay(run)
+    assert result.ok, result.summary()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_only_the_group_may_answer_and_the_run_starter_may_not(
+        process: Process, client: Any, people: dict[str, User]) -> None:
+    _, request = waiting_run(client)
+    with pytest.raises(approvals.NotAllowed):
+        approvals.request_decide(request_id=request.pk, user=people["operator"],
+                                 decision="respond", output={"tier": "low", "summary": "fine"})
