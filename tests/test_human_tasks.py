@@ -162,3 +162,51 @@ def test_only_the_group_may_answer_and_the_run_starter_may_not(
     with pytest.raises(approvals.NotAllowed):
         approvals.request_decide(request_id=request.pk, user=people["operator"],
                                  decision="respond", output={"tier": "low", "summary": "fine"})
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_person_completes_the_task_on_the_review_page(
+        process: Process, client: Any, people: dict[str, User]) -> None:
+    run, request = waiting_run(client)
+    client.force_login(people["reviewer"])
+    queue = client.get("/review/").content.decode()
+    assert "Assess the vendor&#x27;s risk" in queue and "Do the task" in queue
+    assert "&lt;b&gt;choose&lt;/b&gt;" in queue  # the spec is text, never markup
+
+    page = client.get(f"/review/{request.pk}/").content.decode()
+    assert 'name="out.tier"' in page and "<select" in page and '<option value="2">high' in page
+    assert 'type="number"' in page and 'name="out.score"' in page and 'step="1"' in page
+    assert 'type="checkbox"' in page and 'name="out.urgent"' in page
+    assert '<textarea id="field-summary" name="out.summary"' in page
+    assert 'class="required"' in page and "a tier is chosen" in page
+    assert "&lt;b&gt;choose&lt;/b&gt;" in page and "<b>choose</b>" not in page
+    assert " style=" not in page and "<script>" not in page
+
+    decide = f"/review/{request.pk}/decide"
+    bad = client.post(decide, {"decision": "respond", "out.tier": "", "out.summary": "ok",
+                               "out.score": "eleven", "out.urgent": "on"})
+    assert bad.status_code == 400
+    text = bad.content.decode()
+    assert 'id="field-tier-error"' in text and "this field is required" in text
+    assert 'id="field-score-error"' in text and "enter a whole number" in text
+    assert 'value="eleven"' in text  # what the person typed is kept
+    too_short = client.post(decide, {"decision": "respond", "out.tier": "1", "out.summary": "o"})
+    assert too_short.status_code == 400 and 'id="field-summary-error"' in too_short.content.decode()
+    request.refresh_from_db()
+    assert request.status == "pending" and not request.decisions.exists()
+
+    done = client.post(decide, {"decision": "respond", "out.tier": "1",
+                                "out.summary": "new, but references check out",
+                                "out.score": "6", "out.urgent": "on"})
+    assert done.status_code == 302 and done["Location"] == "/review/"
+    run = ended(run)
+    assert run.status == "succeeded", run.error
+    output = {"tier": "medium", "summary": "new, but references check out", "score": 6,
+              "urgent": True}
+    assert run.tasks.get(key="review").output == output
+    assert run.result == {"vendor_id": run.result["vendor_id"], "status": "on_hold",
+                          "tier": "medium"}
+    answered = client.get(f"/review/{request.pk}/").content.decode()
+    assert "Responded" in answered or "responded" in answered
+    result = replay(run)
+    assert result.ok, result.summary()
