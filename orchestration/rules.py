@@ -22,6 +22,10 @@ GRANTED = (APPROVED, EDITED)
 SENSITIVE_ACTION = "sensitive_action"
 STEP_BUDGET_EXHAUSTED = "step_budget_exhausted"
 POISON_TASK = "poison_task"
+QUESTION = "question"
+RESPONDED = "responded"
+# The builtin tool an agent asks a person with (orchestration/builtin_tools.py).
+ASK_HUMAN = "ask_human"
 # A resolution's action when a person answered a task or a question (approvals' "respond").
 RESPOND = "respond"
 # The steps a "proceed" on an exhausted step budget adds when the agent is gone.
@@ -37,6 +41,19 @@ def gate_from_request(status: str, arguments: Any, note: str, request_id: str) -
     else (rejected, expired, stopped, cancelled) denies it with the reviewer's note."""
     if status in GRANTED:
         return Gate("allow", arguments=arguments)
+    if status == PENDING:
+        return Gate("wait", message=request_id)
+    return Gate("deny", message=note or f"request {status}")
+
+
+def gate_from_question(status: str, arguments: Mapping[str, Any], output: Any, note: str,
+                       request_id: str) -> Gate:
+    """The gate for an agent's ``ask_human`` call that already has its question request: a
+    response lets the call through with the person's answer in place of any the agent wrote,
+    pending waits, anything else denies it with the reviewer's note."""
+    if status == RESPONDED:
+        answer = output.get("answer", "") if isinstance(output, Mapping) else ""
+        return Gate("allow", arguments={**dict(arguments), "answer": str(answer)})
     if status == PENDING:
         return Gate("wait", message=request_id)
     return Gate("deny", message=note or f"request {status}")
@@ -84,10 +101,13 @@ def apply_resolution(*, task_waiting: bool, reason: str, resolution: Mapping[str
     elif action == "proceed" and reason == STEP_BUDGET_EXHAUSTED:
         steps = agent_step_budget()
         budget = {"steps": steps if steps is not None else DEFAULT_STEP_RAISE}
-    elif action == "reject" and reason != SENSITIVE_ACTION:
+    elif action == "reject" and reason not in (SENSITIVE_ACTION, QUESTION):
+        # (A rejected call or question does not end the task: its agent is told, with the
+        # note, when the task runs again.)
         return Resume("fail", error=f"stopped by a reviewer: {resolution.get('note', '')}")
     elif action == RESPOND:
-        # The task runs again and finds the answer under its call key (its executor reads it).
+        # The task runs again and finds the answer under its call key: a human task's
+        # executor hands it on, an agent's ask_human call returns it.
         return Resume("requeue")
     return Resume("requeue", budget=budget, reset_crashes=reason == POISON_TASK)
 

@@ -210,3 +210,69 @@ def test_a_person_completes_the_task_on_the_review_page(
     assert "Responded" in answered or "responded" in answered
     result = replay(run)
     assert result.ok, result.summary()
+
+
+# ---- an agent asks a person ----------------------------------------------------------------
+
+ASKING_SCRIPT = [
+    {"tool_calls": [{"name": "ask_human", "arguments": {
+        "question": "Should order {{input.order_id}} be refunded in cash or store credit?"}}],
+     "tokens_in": 120, "tokens_out": 20},
+    {"text": "Refund order {{input.order_id}} as {{last.answer}}.", "tokens_in": 160,
+     "tokens_out": 12},
+]
+
+
+@pytest.fixture
+def asking(runner: None, demo: None) -> Process:
+    from guardian.shortcuts import assign_perm
+
+    from orchestration.models import Agent, Tool
+
+    user = User.objects.create(username="agent-asker")
+    Agent.objects.create(slug="asker", name="Asker", user=user, provider="scripted",
+                         model_name="scripted-demo", model_params={"script": ASKING_SCRIPT},
+                         step_budget=5)
+    assign_perm("orchestration.invoke_tool", user, Tool.objects.get(slug="ask_human"))
+    process = Process.objects.create(slug="asking", name="Asking",
+                                     pattern=Process.Pattern.AGENT_WORKFLOW)
+    services.process_publish(process=process, input_schema={"type": "object"}, plan={
+        "tasks": [{"key": "decide", "title": "Decide the refund",
+                   "executor": {"type": "agent", "ref": "asker"}}]})
+    return process
+
+
+def test_the_rules_strings_are_the_models_values() -> None:
+    from approvals.models import Decision, Reason
+    from orchestration import rules
+    from orchestration.engine import human
+
+    assert rules.QUESTION == Reason.QUESTION and rules.RESPOND == Decision.Kind.RESPOND
+    assert rules.RESPONDED == human.RESPONDED == ApprovalRequest.Status.RESPONDED
+    assert human.HUMAN_TASK == Reason.HUMAN_TASK and human.PENDING == "pending"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_agent_asks_a_person_and_sees_the_answer(asking: Process, client: Any) -> None:
+    created = post(client, "operator", "/api/v1/runs",
+                   {"process": "asking", "input": {"order_id": "ORD-1042"}})
+    assert created.status_code == 201, created.content
+    run = wait_for_run(created.json()["id"], timeout=60)
+    assert run.status == "waiting", (run.status, run.error)
+    request = ApprovalRequest.objects.get(run_id=run.pk, status="pending")
+    assert request.reason == "question" and request.tool == "ask_human"
+    assert request.context["question"] == ("Should order ORD-1042 be refunded in cash or "
+                                           "store credit?")
+    path = f"/api/v1/approvals/{request.pk}/decision"
+    empty = post(client, "reviewer", path, {"decision": "respond", "output": {"answer": ""}})
+    assert empty.status_code == 400 and "output.answer" in empty.json()["error"]
+    ok = post(client, "reviewer", path, {"decision": "respond",
+                                         "output": {"answer": "store credit"}})
+    assert ok.status_code == 200, ok.content
+    run = ended(run)
+    assert run.status == "succeeded", run.error
+    output = run.tasks.get(key="decide").output
+    assert output["answer"] == "Refund order ORD-1042 as store credit."
+    assert output["tool_results"]["ask_human"] == {"answer": "store credit"}
+    result = replay(run)
+    assert result.ok, result.summary()
