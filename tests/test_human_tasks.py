@@ -276,3 +276,24 @@ def test_an_agent_asks_a_person_and_sees_the_answer(asking: Process, client: Any
     assert output["tool_results"]["ask_human"] == {"answer": "store credit"}
     result = replay(run)
     assert result.ok, result.summary()
+
+
+def test_a_rejected_question_goes_back_to_the_agent_and_a_rejected_task_fails() -> None:
+    from orchestration import rules
+
+    def resume(reason: str, action: str) -> rules.Resume:
+        return rules.apply_resolution(task_waiting=True, reason=reason,
+                                      resolution={"action": action, "note": "no"},
+                                      agent_step_budget=lambda: None)
+
+    assert resume("question", "reject").action == "requeue"
+    assert resume("question", "respond").action == "requeue"
+    assert resume("human_task", "respond").action == "requeue"
+    assert resume("human_task", "reject") == rules.Resume("fail",
+                                                          error="stopped by a reviewer: no")
+    denied = rules.gate_from_question("rejected", {"question": "?"}, None, "no", "r1")
+    assert (denied.action, denied.message) == ("deny", "no")
+    allowed = rules.gate_from_question("responded", {"question": "?", "answer": "made up"},
+                                       {"answer": "yes"}, "", "r1")
+    assert allowed.action == "allow" and allowed.arguments == {"question": "?", "answer": "yes"}
+    assert rules.gate_from_question("pending", {}, None, "", "r1").action == "wait"
