@@ -111,10 +111,11 @@ def request_open(
     policy_version: PolicyVersion | None = None,
     run_started_by: AbstractBaseUser | None = None,
     context: dict[str, Any] | None = None,
-    group: str = "",
+    group_name: str = "",
 ) -> ApprovalRequest:
     """Open a request (call inside the transaction of the state change that needs it). Without
-    a policy it goes to ``group`` (a human task's), else to the default escalation group."""
+    a policy it goes to the group named ``group_name`` (a human task's), else to the default
+    escalation group."""
     if reason not in Reason.values:
         raise ApprovalError(f"unknown escalation reason {reason!r}")
     arguments = {} if arguments is None else arguments
@@ -123,7 +124,7 @@ def request_open(
         required = policy_version.required_approvals
         deadline = timezone.now() + timedelta(minutes=policy_version.deadline_minutes)
     else:
-        group, _ = Group.objects.get_or_create(name=group or DEFAULT_ESCALATION_GROUP)
+        group, _ = Group.objects.get_or_create(name=group_name or DEFAULT_ESCALATION_GROUP)
         required = 1
         deadline = timezone.now() + DEFAULT_DEADLINE
     with transaction.atomic():

@@ -391,6 +391,6 @@ def open_escalation(*, run_id: str, task_key: str, escalation: Mapping[str, Any]
         run_id=run_id, task_key=task_key, call_key=escalation.get("call_key", ""),
         tool=escalation.get("tool", ""), arguments=escalation.get("arguments") or {},
         reason=reason, detail=escalation.get("detail", ""), requested_by=actor,
-        run_started_by=run.created_by, group=escalation.get("group", ""),
+        run_started_by=run.created_by, group_name=escalation.get("group", ""),
         context={"task": task_key, **(escalation.get("context") or {})},
     )
