@@ -6,8 +6,10 @@ only asked with the state of the task's newest request, read from the database."
 
 from __future__ import annotations
 
+from django.contrib.auth.models import Group
+
 from approvals.models import ApprovalRequest, Reason
-from orchestration.engine.human import call_key, human_outcome
+from orchestration.engine.human import call_key, human_outcome, no_group
 from orchestration.engine.runner import Outcome, TaskContext
 
 
@@ -16,6 +18,8 @@ def run_human_task(ctx: TaskContext) -> Outcome:
                                               reason=Reason.HUMAN_TASK)
                .order_by("-created_at").only("status", "resolution").first())
     if request is None:
+        if not Group.objects.filter(name=ctx.spec.executor_ref).exists():
+            return no_group(ctx)
         return human_outcome(ctx, status=None)
     resolution = request.resolution or {}
     return human_outcome(ctx, status=request.status, output=resolution.get("output"),

@@ -297,3 +297,35 @@ def test_a_rejected_question_goes_back_to_the_agent_and_a_rejected_task_fails() 
                                        {"answer": "yes"}, "", "r1")
     assert allowed.action == "allow" and allowed.arguments == {"question": "?", "answer": "yes"}
     assert rules.gate_from_question("pending", {}, None, "", "r1").action == "wait"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_task_for_a_group_that_does_not_exist_asks_for_the_configuration_to_be_fixed(
+        runner: None, demo: None, client: Any, people: dict[str, User]) -> None:
+    import copy
+
+    from django.contrib.auth.models import Group
+
+    plan = copy.deepcopy(PLAN)
+    plan["tasks"][1]["executor"]["ref"] = "auditors"
+    process = Process.objects.create(slug="vendor-review", name="Vendor review",
+                                     pattern=Process.Pattern.HYBRID)
+    services.process_publish(process=process, plan=plan, input_schema={"type": "object"})
+    grants.grant_plan_tools(process, by=None)
+    run, request = waiting_run(client)
+    assert request.reason == "configuration_error" and "'auditors'" in request.detail
+    assert not Group.objects.filter(name="auditors").exists()  # never made up on the fly
+
+    Group.objects.create(name="auditors").user_set.add(people["reviewer2"])
+    approvals.request_decide(request_id=request.pk, user=people["reviewer"],
+                             decision="approve")
+    task = wait_for(lambda: ApprovalRequest.objects.filter(
+        run_id=run.pk, reason="human_task", status="pending").first(), timeout=60,
+        what="the human task's request")
+    assert task.decider_group.name == "auditors"
+    approvals.request_decide(request_id=task.pk, user=people["reviewer2"], decision="respond",
+                             output={"tier": "high", "summary": "unknown bank"})
+    run = ended(run)
+    assert run.status == "succeeded" and run.result["tier"] == "high"
+    result = replay(run)
+    assert result.ok, result.summary()

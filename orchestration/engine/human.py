@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from orchestration.engine.runner import Outcome, TaskContext
+from orchestration.engine.runner import Outcome, TaskContext, stopped_outcome
 from orchestration.engine.states import TaskStatus
 
 HUMAN_TASK = "human_task"
@@ -51,6 +51,16 @@ def brief(ctx: TaskContext) -> dict[str, Any]:
 def waiting_reason(ctx: TaskContext) -> str:
     return (f"human_task: waiting for {ctx.spec.executor_ref} to do "
             f"{ctx.spec.title or ctx.spec.key!r}")
+
+
+def no_group(ctx: TaskContext, error: str = "") -> Outcome:
+    """The task names a group that does not exist: nobody could ever do it, so a person must
+    fix the configuration (an escalation opens); ``error`` is the recorded reason in replay."""
+    reason = error or (f"configuration_error: the human task {ctx.spec.key!r} is for group "
+                       f"{ctx.spec.executor_ref!r}, which does not exist; create it with the "
+                       "people who do this task, then let the task go on")
+    return stopped_outcome(reason, key=f"{ctx.run_id}:{ctx.spec.key}:configuration:"
+                                       f"{ctx.attempt}")
 
 
 def human_outcome(ctx: TaskContext, *, status: str | None, output: Any = None,

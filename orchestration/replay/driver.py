@@ -14,7 +14,7 @@ from orchestration.engine.agent import AgentSpec, run_agent
 from orchestration.engine.contracts import ToolContract
 from orchestration.engine.errors import EngineError
 from orchestration.engine.gate import StoreLog, ToolGate, contract_lookup
-from orchestration.engine.human import HUMAN_TASK, call_key, human_outcome
+from orchestration.engine.human import HUMAN_TASK, call_key, human_outcome, no_group
 from orchestration.engine.plan import Plan, parse_plan
 from orchestration.engine.runner import (
     Outcome,
@@ -127,6 +127,9 @@ class Replay:
         the task's request (its recorded response applied when the original received it)."""
         request = self.state.latest(call_key(ctx), HUMAN_TASK)
         if request is None:
+            end = self.ledger.end(ctx.spec.key, ctx.attempt)
+            if end.startswith("configuration_error"):  # its group did not exist then
+                return no_group(ctx, end)
             return human_outcome(ctx, status=None)
         return human_outcome(ctx, status=request.status, output=request.output,
                              note=request.note)
@@ -183,6 +186,10 @@ class Replay:
                                                              "raise": todo.budget})
         self.store.requeue_task(self.run_id, request.task,
                                 reason=f"approval {request.id} {request.status}")
+        # As production's resume does: the run resumes before the task runs again (a task
+        # that waits again at once, e.g. a human task after its group was created, makes the
+        # run wait a second time).
+        advance(self.store, self.run_id)
 
     def run(self) -> str:
         for _ in range(MAX_ITERATIONS):
