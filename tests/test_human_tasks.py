@@ -39,6 +39,7 @@ PLAN = {
                   "email": "$input.email"}},
         {"key": "review", "title": "Assess the vendor's risk",
          "executor": {"type": "human", "ref": "reviewer"}, "depends_on": ["validate"],
+         "args": {"vendor": "$tasks.validate.name", "country": "$input.country"},
          "spec": "Read the application and <b>choose</b> a risk tier.",
          "acceptance": ["a tier is chosen", "the summary says why"],
          "output_schema": OUTPUT_SCHEMA},
@@ -98,6 +99,7 @@ def test_a_human_task_waits_for_its_group_with_what_the_person_needs(
     assert context["output_schema"] == OUTPUT_SCHEMA
     assert context["run_input"] == VENDOR_INPUT
     assert "vendor_ref" in context["inputs"]["validate"]
+    assert context["args"] == {"vendor": "Northwind Traders", "country": "DE"}
     body = json.loads(client.get(f"/api/v1/runs/{run.pk}",
                                  HTTP_AUTHORIZATION=bearer("operator")).content)
     assert body["waiting_on"][0]["reason"] == "human_task"
@@ -179,6 +181,7 @@ def test_a_person_completes_the_task_on_the_review_page(
     assert 'type="checkbox"' in page and 'name="out.urgent"' in page
     assert '<textarea id="field-summary" name="out.summary"' in page
     assert 'class="required"' in page and "a tier is chosen" in page
+    assert 'id="task-args"' in page and "Northwind Traders" in page
     assert "&lt;b&gt;choose&lt;/b&gt;" in page and "<b>choose</b>" not in page
     assert " style=" not in page and "<script>" not in page
 

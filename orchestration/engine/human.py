@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from orchestration.engine.errors import EngineError
+from orchestration.engine.refs import resolve
 from orchestration.engine.runner import Outcome, TaskContext, stopped_outcome
 from orchestration.engine.states import TaskStatus
 
@@ -39,9 +41,15 @@ def summary(value: Any, limit: int = SUMMARY_CHARS) -> str:
 
 
 def brief(ctx: TaskContext) -> dict[str, Any]:
-    """What the person needs to do the task (the request's context)."""
+    """What the person needs to do the task (the request's context): with the task's ``args``
+    resolved (``$input...``, ``$tasks...``) when the plan gives any."""
     spec = ctx.spec
-    return {"title": spec.title or spec.key, "spec": spec.spec,
+    try:
+        args = resolve(dict(spec.args), run_input=ctx.run_input, outputs=ctx.dep_outputs,
+                       strict=False) if spec.args else {}
+    except EngineError:
+        args = {}
+    return {"args": args,"title": spec.title or spec.key, "spec": spec.spec,
             "acceptance": list(spec.acceptance), "output_schema": dict(spec.output_schema),
             "group": spec.executor_ref, "run_input": ctx.run_input,
             "inputs": {key: summary(ctx.dep_outputs[key]) for key in spec.depends_on
