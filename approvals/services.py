@@ -16,7 +16,7 @@ from django.core.exceptions import ObjectDoesNotExist, ValidationError
 from django.db import transaction
 from django.utils import timezone
 
-from approvals import rules
+from approvals import responses, rules
 from approvals.models import ApprovalRequest, Decision, Policy, PolicyVersion, Reason
 from approvals.signals import approval_resolved
 from audit import config, hygiene, ledger
@@ -111,8 +111,11 @@ def request_open(
     policy_version: PolicyVersion | None = None,
     run_started_by: AbstractBaseUser | None = None,
     context: dict[str, Any] | None = None,
+    group_name: str = "",
 ) -> ApprovalRequest:
-    """Open a request (call inside the transaction of the state change that needs it)."""
+    """Open a request (call inside the transaction of the state change that needs it). Without
+    a policy it goes to the group named ``group_name`` (a human task's), else to the default
+    escalation group."""
     if reason not in Reason.values:
         raise ApprovalError(f"unknown escalation reason {reason!r}")
     arguments = {} if arguments is None else arguments
@@ -121,7 +124,7 @@ def request_open(
         required = policy_version.required_approvals
         deadline = timezone.now() + timedelta(minutes=policy_version.deadline_minutes)
     else:
-        group, _ = Group.objects.get_or_create(name=DEFAULT_ESCALATION_GROUP)
+        group, _ = Group.objects.get_or_create(name=group_name or DEFAULT_ESCALATION_GROUP)
         required = 1
         deadline = timezone.now() + DEFAULT_DEADLINE
     with transaction.atomic():
@@ -214,7 +217,10 @@ def request_decide(
     note: str = "",
     budget: Any = None,
     expected_digest: str | None = None,
+    output: Any = None,
 ) -> ApprovalRequest:
+    """Record one person's decision; resolve the request once it is decided. ``respond``
+    answers a task for a person or an agent's question with ``output``."""
     if decision not in Decision.Kind.values:
         raise ApprovalError(f"decision must be one of {', '.join(Decision.Kind.values)}")
     try:
@@ -222,6 +228,7 @@ def request_decide(
         hygiene.check(arguments, "arguments")
         hygiene.check(budget, "budget")
         hygiene.check(note, "note")
+        hygiene.check(output, "output")
     except hygiene.Refused as exc:
         raise ApprovalError(str(exc)) from None
     with transaction.atomic():
@@ -274,14 +281,16 @@ def request_decide(
                                      "instead")
         elif decision == Decision.Kind.RAISE_BUDGET:
             clean_budget = _parse_budget(budget)
+        _check_response(request, decision, output)
 
         Decision.objects.create(request=request, decider=user, kind=decision,
                                 arguments_digest=bound, arguments=new_arguments, note=note,
                                 budget=clean_budget)
-        ledger.append(request.run_id, "approval.decision", {
-            "request": str(request.pk), "decision": decision, "arguments_digest": bound,
-            "arguments": new_arguments, "note": note, "budget": clean_budget,
-        }, actor=actor_of(user))
+        recorded = {"request": str(request.pk), "decision": decision, "arguments_digest": bound,
+                    "arguments": new_arguments, "note": note, "budget": clean_budget}
+        if decision == Decision.Kind.RESPOND:
+            recorded["output"] = output
+        ledger.append(request.run_id, "approval.decision", recorded, actor=actor_of(user))
 
         if new_arguments is not None:
             if upgrade is not None:
@@ -307,11 +316,34 @@ def request_decide(
         elif decision == Decision.Kind.STOP:
             request.status = Status.STOPPED
             resolution = {"action": "stop", "note": note}
+        elif decision == Decision.Kind.RESPOND:
+            request.status = Status.RESPONDED
+            resolution = {"action": "respond", "output": output}
         if resolution is not None:
             _resolve(request, resolution, actor=actor_of(user))
         else:
             request.save(update_fields=["arguments", "arguments_digest"])
     return request
+
+
+def _check_response(request: ApprovalRequest, decision: str, output: Any) -> None:
+    """A task for a person or an agent's question is answered (respond), rejected or stopped;
+    only they are answered, and only with an output their schema accepts."""
+    respondable = request.reason in responses.RESPONDABLE
+    if decision == Decision.Kind.RESPOND:
+        if not respondable:
+            raise ApprovalError("only a task for a person or an agent's question can be "
+                                "responded to")
+        if output is None:
+            raise ApprovalError('respond needs "output": an object')
+        found = responses.problems(responses.schema_for(request.reason, request.context),
+                                   output)
+        if found:
+            raise ApprovalError(f"the output does not match what the task asks for: "
+                                f"{responses.describe(found)}")
+    elif respondable and decision not in (Decision.Kind.REJECT, Decision.Kind.STOP):
+        raise ApprovalError(f"this request ({request.get_reason_display()}) is answered "
+                            "with respond, or rejected, or its run stopped")
 
 
 def _risk_class(request: ApprovalRequest) -> str:

@@ -1,4 +1,6 @@
-"""The review queue: pending requests for the signed-in reviewer, and their decisions."""
+"""The review queue: pending requests for the signed-in reviewer, and their decisions. A task
+for a person or an agent's question is answered here with a form generated from the schema of
+the answer (console/response_form.py)."""
 
 from __future__ import annotations
 
@@ -12,10 +14,12 @@ from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
 
+from approvals import responses
 from approvals import services as approvals
 from approvals.models import ApprovalRequest
 from audit import hygiene
 from audit.models import Event
+from console import response_form
 from console.access import get_run_for_user
 
 
@@ -56,7 +60,7 @@ def detail(request: HttpRequest, request_id: Any) -> HttpResponse:
 
 
 def _render_detail(request: HttpRequest, approval: ApprovalRequest, *, error: str = "",
-                   status: int = 200) -> HttpResponse:
+                   status: int = 200, fields: list[Any] | None = None) -> HttpResponse:
     """The request, its decisions and trace; after a refused decision, the reviewer's own input
     comes back with the error, so nothing typed is lost."""
     trace = list(Event.objects.filter(chain=approval.run_id, data__task=approval.task_key)
@@ -67,6 +71,11 @@ def _render_detail(request: HttpRequest, approval: ApprovalRequest, *, error: st
     form = {"note": "", "arguments": arguments_json, "tokens": "", "cost": "", "steps": ""}
     if error:
         form.update({k: request.POST.get(k, v) for k, v in form.items()})
+    respondable = approval.reason in responses.RESPONDABLE
+    if respondable and fields is None:
+        schema = responses.schema_for(approval.reason, approval.context)
+        fields = (response_form.parse(schema, request.POST)[1] if error
+                  else response_form.initial(schema))
     return render(request, "console/approval_detail.html", {
         "approval": approval,
         "decisions": decisions,
@@ -79,6 +88,9 @@ def _render_detail(request: HttpRequest, approval: ApprovalRequest, *, error: st
         "arguments_json": arguments_json,
         "form": form,
         "error": error,
+        "respondable": respondable,
+        "brief": approval.context if respondable else {},
+        "fields": fields or [],
     }, status=status)
 
 
@@ -88,8 +100,17 @@ def decide(request: HttpRequest, request_id: Any) -> HttpResponse:
     approval = _request_for(request.user, request_id)
     decision = request.POST.get("decision", "")
     arguments = None
+    output: Any = None
     budget: dict[str, Any] | None = None
     try:
+        if decision == "respond":
+            schema = responses.schema_for(approval.reason, approval.context)
+            output, fields, general = response_form.parse(schema, request.POST)
+            if output is None:
+                # Each problem next to its field; what the person typed stays in the form.
+                return _render_detail(
+                    request, approval, status=400, fields=fields,
+                    error="; ".join(general) or "some fields need attention (see below)")
         if decision == "edit":
             try:
                 # Strict: NaN, Infinity, a NUL, a lone surrogate or deep nesting is refused
@@ -117,7 +138,7 @@ def decide(request: HttpRequest, request_id: Any) -> HttpResponse:
         decided = approvals.request_decide(
             request_id=approval.pk, user=request.user, decision=decision, arguments=arguments,
             note=request.POST.get("note", "")[:2000], budget=budget,
-            expected_digest=request.POST.get("arguments_digest") or None)
+            expected_digest=request.POST.get("arguments_digest") or None, output=output)
     except approvals.ApprovalError as exc:
         approval.refresh_from_db()
         return _render_detail(request, approval, error=str(exc), status=exc.status)

@@ -303,6 +303,29 @@ def decide_refund(requested: float, order: dict[str, Any],
     return {"approve": approve, "amount": float(requested), "reason": reason}
 
 
+# ---- people --------------------------------------------------------------------------------
+
+@registry.tool(
+    "ask_human",
+    input_schema={
+        "type": _OBJ, "additionalProperties": False, "required": ["question"],
+        "properties": {
+            "question": {"type": "string", "minLength": 1, "maxLength": 4000},
+            # Filled in by the gate with the person's answer (orchestration/rules.py); an
+            # answer the agent wrote itself is replaced.
+            "answer": {"type": "string", "maxLength": 20000},
+        },
+    },
+    output_schema={
+        "type": _OBJ, "required": ["answer"], "properties": {"answer": {"type": "string"}},
+    },
+)
+def ask_human(question: str, answer: str = "") -> dict[str, Any]:
+    """Ask a person a question and wait for the answer (the run waits until someone from the
+    reviewers responds). Give only the question."""
+    return {"answer": answer}
+
+
 # ---- risky: code execution, only ever inside the sandbox ---------------------------------
 
 @registry.tool(

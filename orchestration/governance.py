@@ -288,6 +288,8 @@ class DjangoGovernor:
         return next((r for r in self._requests if r.reason in reasons), None)
 
     def gate(self, tool: Any, arguments: Mapping[str, Any], key: str) -> Gate:
+        if tool.name == rules.ASK_HUMAN:
+            return self._question(tool, arguments, key)
         request = self._latest(key, [Reason.SENSITIVE_ACTION])
         if request is not None:
             return rules.gate_from_request(request.status, request.arguments,
@@ -307,6 +309,27 @@ class DjangoGovernor:
                 run_started_by=self.run.created_by,
                 context=self._context(tool),
             )
+        self._requests_key = None
+        return Gate("wait", message=str(request.pk))
+
+    def _question(self, tool: Any, arguments: Mapping[str, Any], key: str) -> Gate:
+        """An agent asks a person (``ask_human``): the call waits on a ``question`` request
+        to the reviewers, and goes through with the answer once someone responds."""
+        request = self._latest(key, [Reason.QUESTION])
+        if request is not None:
+            resolution = request.resolution or {}
+            return rules.gate_from_question(request.status, arguments, resolution.get("output"),
+                                            str(resolution.get("note") or ""), str(request.pk))
+        question = str(arguments.get("question", ""))
+        with transaction.atomic():
+            request = approvals.request_open(
+                run_id=self.run_id, task_key=self.task_key, call_key=key, tool=tool.name,
+                arguments=dict(arguments), reason=Reason.QUESTION,
+                detail=f"{self.agent or self.actor} asks: {question[:200]}",
+                requested_by=self.actor, run_started_by=self.run.created_by,
+                context={"question": question, "agent": self.agent or self.actor,
+                         "task": self.task_key, "run_input": self.run.input,
+                         "process": self.process})
         self._requests_key = None
         return Gate("wait", message=str(request.pk))
 
@@ -375,5 +398,6 @@ def open_escalation(*, run_id: str, task_key: str, escalation: Mapping[str, Any]
         run_id=run_id, task_key=task_key, call_key=escalation.get("call_key", ""),
         tool=escalation.get("tool", ""), arguments=escalation.get("arguments") or {},
         reason=reason, detail=escalation.get("detail", ""), requested_by=actor,
-        run_started_by=run.created_by, context={"task": task_key},
+        run_started_by=run.created_by, group_name=escalation.get("group", ""),
+        context={"task": task_key, **(escalation.get("context") or {})},
     )

@@ -26,6 +26,12 @@ QC_MISMATCH = "qc_mismatch"
 LOW_CONFIDENCE = "low_confidence"
 # Escalations of a task's checks: a rejection sends the work back with the note.
 QC_REASONS = (QC_MISMATCH, LOW_CONFIDENCE)
+QUESTION = "question"
+RESPONDED = "responded"
+# The builtin tool an agent asks a person with (orchestration/builtin_tools.py).
+ASK_HUMAN = "ask_human"
+# A resolution's action when a person answered a task or a question (approvals' "respond").
+RESPOND = "respond"
 # The steps a "proceed" on an exhausted step budget adds when the agent is gone.
 DEFAULT_STEP_RAISE = 5
 
@@ -54,6 +60,19 @@ def qc_from_request(status: str | None, note: str) -> tuple[str, str]:
     return "rework", note
 
 
+def gate_from_question(status: str, arguments: Mapping[str, Any], output: Any, note: str,
+                       request_id: str) -> Gate:
+    """The gate for an agent's ``ask_human`` call that already has its question request: a
+    response lets the call through with the person's answer in place of any the agent wrote,
+    pending waits, anything else denies it with the reviewer's note."""
+    if status == RESPONDED:
+        answer = output.get("answer", "") if isinstance(output, Mapping) else ""
+        return Gate("allow", arguments={**dict(arguments), "answer": str(answer)})
+    if status == PENDING:
+        return Gate("wait", message=request_id)
+    return Gate("deny", message=note or f"request {status}")
+
+
 def outcome_from_request(status: str | None) -> str:
     """For a call of unknown outcome: "rerun", "reject", or "" while undecided (or unasked)."""
     if status is None or status == PENDING:
@@ -69,8 +88,9 @@ class Resume:
     """What a resolved request does to its task.
 
     ``action``: "cancel" (stop the run), "nothing" (the task no longer waits), "fail" (with
-    ``error``) or "requeue" (after raising the budget by ``budget``, when given; ``reset_crashes``
-    when a person chose to try a task that kept losing its worker again)."""
+    ``error``) or "requeue" (also after a person's answer; after raising the budget by
+    ``budget``, when given; ``reset_crashes`` when a person chose to try a task that kept
+    losing its worker again)."""
 
     action: str
     error: str = ""
@@ -95,8 +115,14 @@ def apply_resolution(*, task_waiting: bool, reason: str, resolution: Mapping[str
     elif action == "proceed" and reason == STEP_BUDGET_EXHAUSTED:
         steps = agent_step_budget()
         budget = {"steps": steps if steps is not None else DEFAULT_STEP_RAISE}
-    elif action == "reject" and reason not in (SENSITIVE_ACTION, *QC_REASONS):
+    elif action == "reject" and reason not in (SENSITIVE_ACTION, QUESTION, *QC_REASONS):
+        # (A rejected call or question does not end the task: its agent is told, with the
+        # note, when the task runs again; rejected checks send the work back with the note.)
         return Resume("fail", error=f"stopped by a reviewer: {resolution.get('note', '')}")
+    elif action == RESPOND:
+        # The task runs again and finds the answer under its call key: a human task's
+        # executor hands it on, an agent's ask_human call returns it.
+        return Resume("requeue")
     return Resume("requeue", budget=budget, reset_crashes=reason == POISON_TASK)
 
 

@@ -41,11 +41,18 @@ class ApprovalOut(Schema):
     changes: list[dict[str, Any]] = Field(
         default_factory=list,
         description='what edits changed: [{"field": "amount", "from": 500, "to": 80}]')
+    brief: dict[str, Any] | None = Field(
+        default=None, description="a task for a person or an agent's question: what the person "
+        "needs (title, spec, acceptance, output_schema, run_input, inputs; or the question)")
+    response: Any = Field(default=None, description="the output a person responded with")
 
 
 class DecisionIn(Schema):
-    decision: str = Field(description="approve | reject | edit | raise_budget | stop")
+    decision: str = Field(description="approve | reject | edit | raise_budget | stop | respond")
     arguments: dict[str, Any] | None = None
+    output: dict[str, Any] | None = Field(
+        default=None, description="respond: the answer to a task for a person (matching its "
+        'output schema) or to an agent\'s question ({"answer": "..."})')
     arguments_digest: str | None = Field(
         default=None, description="the digest you saw; the decision is refused if it changed")
     note: str = Field(default="", max_length=2000)
@@ -101,7 +108,7 @@ def decide_approval(request: HttpRequest, request_id: str, payload: DecisionIn,
             approval = approval_services.request_decide(
                 request_id=request_id, user=request.user, decision=payload.decision,
                 arguments=payload.arguments, note=payload.note, budget=payload.budget,
-                expected_digest=payload.arguments_digest)
+                expected_digest=payload.arguments_digest, output=payload.output)
         except approval_services.ApprovalError as exc:
             return Status(exc.status, {"error": str(exc)})
         return Status(200, approval_out(approval))

@@ -7,6 +7,7 @@ from typing import Any
 
 from approvals import services as approval_services
 from approvals.models import ApprovalRequest
+from approvals.responses import RESPONDABLE
 from audit.models import Event
 from console.access import can_cancel, can_start, get_run_for_user
 from console.plan_graph import nodes_of, plan_svg
@@ -148,4 +149,6 @@ def approval_out(request: ApprovalRequest) -> dict[str, Any]:
                       for d in decisions],
         "original_arguments": original,
         "changes": approval_services.arguments_changes(original, request.arguments),
+        "brief": (request.context or {}) if request.reason in RESPONDABLE else None,
+        "response": (request.resolution or {}).get("output"),
     }

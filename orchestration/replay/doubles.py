@@ -49,6 +49,7 @@ class Request:
     status: str = "pending"
     arguments: Any = None
     note: str = ""
+    output: Any = None  # a person's response (human tasks, questions)
 
 
 @dataclass(slots=True)
@@ -266,6 +267,15 @@ class ReplayGovernor:
                                   self._recorded_in_attempt(a for a, _ in outcomes))
 
     def gate(self, tool: Any, arguments: Mapping[str, Any], key: str) -> Gate:
+        if tool.name == rules.ASK_HUMAN:  # the same rule as the live governor's
+            asked = self.state.latest(key, Reason.QUESTION)
+            if asked is None:
+                asked = self.state.open_request(task=self.task, call_key=key,
+                                                reason=Reason.QUESTION, tool=tool.name,
+                                                arguments=dict(arguments), policy=None)
+                return Gate("wait", message=asked.id)
+            return rules.gate_from_question(asked.status, arguments, asked.output, asked.note,
+                                            asked.id)
         request = self.state.latest(key, Reason.SENSITIVE_ACTION)
         if request is not None:
             return rules.gate_from_request(request.status, request.arguments, request.note,

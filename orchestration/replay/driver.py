@@ -14,6 +14,7 @@ from orchestration.engine.agent import AgentSpec, run_agent
 from orchestration.engine.contracts import ToolContract
 from orchestration.engine.errors import EngineError
 from orchestration.engine.gate import StoreLog, ToolGate, contract_lookup
+from orchestration.engine.human import HUMAN_TASK, call_key, human_outcome, no_group
 from orchestration.engine.plan import Plan, parse_plan
 from orchestration.engine.runner import (
     Outcome,
@@ -71,7 +72,7 @@ class Replay:
                 self.unusable[row.slug] = (f"tool {row.slug!r} has a schema that is not valid "
                                            f"JSON Schema: {exc.message}")
         self.executors = {"tool": self._tool, "function": self._tool, "agent": self._agent,
-                          "audit": self._audit}
+                          "audit": self._audit, "human": self._human}
 
     @property
     def pending(self) -> list[Recorded]:
@@ -142,6 +143,18 @@ class Replay:
         verifier.recorded = log.journal().checks
         return check_run(ctx, verifier)
 
+    def _human(self, ctx: TaskContext) -> Outcome:
+        """A person's task: the same rule as production's, asked with the replay's twin of
+        the task's request (its recorded response applied when the original received it)."""
+        request = self.state.latest(call_key(ctx), HUMAN_TASK)
+        if request is None:
+            end = self.ledger.end(ctx.spec.key, ctx.attempt)
+            if end.startswith("configuration_error"):  # its group did not exist then
+                return no_group(ctx, end)
+            return human_outcome(ctx, status=None)
+        return human_outcome(ctx, status=request.status, output=request.output,
+                             note=request.note)
+
     # people's decisions, when the original run received them ---------------------------
     def _due(self, stimulus: Recorded) -> bool:
         return self.stimuli.due(stimulus)
@@ -170,6 +183,8 @@ class Replay:
         request.note = resolution.get("note", "")
         if "arguments" in resolution:
             request.arguments = resolution["arguments"]
+        if "output" in resolution:
+            request.output = resolution["output"]
         task = snapshot.tasks.get(request.task)
 
         def agent_steps() -> int | None:
@@ -192,7 +207,10 @@ class Replay:
                                                              "raise": todo.budget})
         self.store.requeue_task(self.run_id, request.task,
                                 reason=f"approval {request.id} {request.status}")
-        advance(self.store, self.run_id)  # as production's resume does, in the same step
+        # As production's resume does: the run resumes before the task runs again (a task
+        # that waits again at once, e.g. a human task after its group was created, makes the
+        # run wait a second time).
+        advance(self.store, self.run_id)
 
     def run(self) -> str:
         for _ in range(MAX_ITERATIONS):
