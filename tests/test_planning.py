@@ -1,0 +1,214 @@
+"""Planned runs: a planner agent proposes the run's tasks, the plan is validated (and re-planned
+when it is not), the design gate asks a reviewer when the process says so, and replay
+reproduces the run from the ledger. Runs on the worker of each mode."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from django.contrib.auth.models import User
+
+from approvals import services as approvals
+from approvals.models import ApprovalRequest
+from audit.models import Event
+from console.models import ApiToken
+from orchestration import services
+from orchestration.models import Agent, Process, Run
+from tests.conftest import wait_for
+
+REFUND = {"order_id": "ORD-1042", "amount": 40, "reason": "damaged",
+          "customer_email": "kim@example.com"}
+INPUT_SCHEMA = {"type": "object", "required": ["order_id", "customer_email"]}
+
+GOOD = {"tasks": [
+    {"key": "investigate", "title": "Investigate the request",
+     "executor": {"type": "agent", "ref": "refund-investigator"},
+     "tools": ["lookup_order", "lookup_refund_policy"], "budget": {"cost": "0.5"}},
+    {"key": "notify_customer", "executor": {"type": "agent", "ref": "customer-comms"},
+     "depends_on": ["investigate"], "budget": {"cost": "0.5"}},
+], "result": {"message_id": "$tasks.notify_customer.tool_results.send_customer_email.message_id"}}
+# An executor that does not exist, and a tool the agent was not granted.
+BAD = {"tasks": [
+    {"key": "investigate", "executor": {"type": "agent", "ref": "refund-investigator"},
+     "tools": ["issue_refund"]},
+    {"key": "pay", "executor": {"type": "agent", "ref": "ghost"}, "depends_on": ["investigate"]},
+]}
+
+
+def turn(plan: dict[str, Any], fence: str = "json") -> dict[str, Any]:
+    body = json.dumps(plan, indent=1)
+    return {"text": f"Here is the plan.\n```{fence}\n{body}\n```", "tokens_in": 300,
+            "tokens_out": 120}
+
+
+def planned_process(script: list[dict[str, Any]], gate: dict[str, Any] | None = None,
+                    slug: str = "planned-refund") -> Process:
+    identity, _ = User.objects.get_or_create(username=f"agent-planner-{slug}")
+    Agent.objects.update_or_create(
+        slug=f"planner-{slug}",
+        defaults={"name": "Planner", "user": identity, "provider": "scripted",
+                  "model_name": "scripted-demo", "instructions": "You plan refund handling.",
+                  "model_params": {"script": script}, "step_budget": 3})
+    process = Process.objects.create(slug=slug, name="Planned refund", pattern="hybrid")
+    plan: dict[str, Any] = {"planning": {
+        "agent": f"planner-{slug}",
+        "goal": "Handle the refund request for order {{input.order_id}} ({{input.reason}}).",
+        "constraints": {"max_tasks": 4, "max_cost": 5}}}
+    if gate is not None:
+        plan["design_gate"] = gate
+    services.process_publish(process=process, plan=plan, input_schema=INPUT_SCHEMA)
+    return process
+
+
+def start(process: Process) -> Run:
+    return services.run_create(process=process, input=dict(REFUND),
+                               user=User.objects.get(username="operator"))
+
+
+def settled(run: Run, timeout: float = 60) -> Run:
+    def done() -> Any:
+        row = Run.objects.get(pk=run.pk)
+        return row if row.status in ("succeeded", "failed", "cancelled", "waiting",
+                                     "awaiting_plan_approval") else None
+
+    return wait_for(done, timeout=timeout, what=f"run {run.pk} to settle")
+
+
+def finished(run: Run, timeout: float = 60) -> Run:
+    """The run once it ended (after a decision, which a worker applies)."""
+    return wait_for(lambda: Run.objects.filter(
+        pk=run.pk, status__in=["succeeded", "failed", "cancelled"]).first(), timeout=timeout,
+        what=f"run {run.pk} to end")
+
+
+def kinds(run: Run, prefix: str = "plan.") -> list[str]:
+    return list(Event.objects.filter(chain=run.pk, kind__startswith=prefix).order_by("seq")
+                .values_list("kind", flat=True))
+
+
+def pending(run: Run) -> ApprovalRequest:
+    return ApprovalRequest.objects.get(run_id=run.pk, status="pending")
+
+
+def decide(request: ApprovalRequest, decision: str, **kw: Any) -> ApprovalRequest:
+    return approvals.request_decide(request_id=request.pk, decision=decision,
+                                    user=User.objects.get(username="reviewer"), **kw)
+
+
+@pytest.fixture
+def planned(runner: None, demo: None) -> None:
+    """The worker, with the demo's agents and tools seeded."""
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_planned_run_goes_from_its_goal_to_success(planned: None, client: Any) -> None:
+    # The gate's threshold is above the estimate (1.0): the plan runs at once.
+    run = settled(start(planned_process([turn(GOOD)], gate={"cost_over": 2})))
+    assert run.status == "succeeded", run.error
+    assert kinds(run) == ["plan.proposed", "plan.validated"]
+    assert run.plan_version == 1 and [t["key"] for t in run.plan["tasks"]] == [
+        "investigate", "notify_customer"]
+    assert list(run.tasks.values_list("key", "status")) == [
+        ("investigate", "succeeded"), ("notify_customer", "succeeded")]
+    states = [(e["from"], e["to"]) for e in Event.objects.filter(
+        chain=run.pk, kind="run.state").order_by("seq").values_list("data", flat=True)]
+    assert states[:3] == [("pending", "planning"), ("planning", "queued"), ("queued", "running")]
+    # The planner's call counts against the run like any model call.
+    assert run.tokens_in >= 300 + 300 and run.steps >= 1
+    proposed = Event.objects.get(chain=run.pk, kind="plan.proposed").data
+    assert proposed["version"] == 1 and proposed["tokens_in"] == 300
+
+    token = ApiToken.issue(User.objects.get(username="operator"))[1]
+    body = client.get(f"/api/v1/runs/{run.pk}", HTTP_AUTHORIZATION=f"Bearer {token}").json()
+    assert body["phase"] == "done"
+    assert body["plan"]["version"] == 1
+    assert [t["key"] for t in body["plan"]["plan"]["tasks"]] == ["investigate",
+                                                                 "notify_customer"]
+    page = client.get(f"/runs/{run.pk}/", HTTP_AUTHORIZATION=f"Bearer {token}")
+    assert page.status_code in (200, 302)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_invalid_plan_goes_back_to_the_planner_with_its_errors(planned: None) -> None:
+    run = settled(start(planned_process([turn(BAD), turn(GOOD, fence="yaml")])))
+    assert run.status == "succeeded", run.error
+    assert kinds(run) == ["plan.proposed", "plan.rejected", "plan.proposed", "plan.validated"]
+    rejected = Event.objects.get(chain=run.pk, kind="plan.rejected").data
+    assert rejected["version"] == 1
+    assert any("ghost" in e for e in rejected["errors"])
+    assert any("issue_refund" in e for e in rejected["errors"])
+    assert run.plan_version == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_planner_that_never_finds_a_valid_plan_escalates(planned: None) -> None:
+    run = settled(start(planned_process([turn(BAD)] * 3)))
+    assert run.status == "awaiting_plan_approval"
+    assert kinds(run) == ["plan.proposed", "plan.rejected"] * 3
+    request = pending(run)
+    assert request.reason == "plan_invalid"
+    assert "ghost" in request.detail
+    assert not run.tasks.exists()
+    decide(request, "stop", note="give up")
+    run = wait_for(lambda: Run.objects.filter(pk=run.pk, status="cancelled").first(),
+                   what="the run to be cancelled")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_design_gate_waits_for_a_reviewer_who_approves(planned: None) -> None:
+    run = settled(start(planned_process([turn(GOOD)], gate={"tools": ["send_customer_email"]})))
+    assert run.status == "awaiting_plan_approval"
+    assert not run.tasks.exists()
+    request = pending(run)
+    assert request.reason == "plan_review"
+    assert request.decider_group.name == "reviewer"
+    assert request.context["plan"]["tasks"][0]["key"] == "investigate"
+    assert request.context["estimate"] == "1.0"
+    assert request.context["validation"] == {"valid": True, "errors": []}
+    decide(request, "approve")
+    run = finished(run)
+    assert run.status == "succeeded", run.error
+    assert kinds(run) == ["plan.proposed", "plan.validated", "plan.approved"]
+    approved = Event.objects.get(chain=run.pk, kind="plan.approved")
+    assert approved.data["by"] == "reviewer" and approved.data["version"] == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_reviewer_edits_the_plan_and_an_invalid_edit_changes_nothing(planned: None) -> None:
+    run = settled(start(planned_process([turn(GOOD)], gate={"always": True})))
+    request = pending(run)
+    with pytest.raises(approvals.ApprovalError, match="ghost"):
+        decide(request, "edit", arguments=BAD)
+    request.refresh_from_db()
+    assert request.status == "pending" and request.arguments["tasks"][1]["key"] == (
+        "notify_customer")
+    only_investigate = {"tasks": GOOD["tasks"][:1]}
+    decide(request, "edit", arguments=only_investigate)
+    run = finished(run)
+    assert run.status == "succeeded", run.error
+    assert kinds(run) == ["plan.proposed", "plan.validated", "plan.edited", "plan.validated",
+                          "plan.approved"]
+    assert run.plan_version == 2
+    assert list(run.tasks.values_list("key", flat=True)) == ["investigate"]
+    edited = Event.objects.get(chain=run.pk, kind="plan.edited").data
+    assert edited["by"] == "reviewer" and edited["plan"] == only_investigate
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_rejected_plan_is_planned_again_with_the_reviewers_note(planned: None) -> None:
+    second = {"tasks": GOOD["tasks"][:1]}
+    run = settled(start(planned_process([turn(GOOD), turn(second)], gate={"always": True})))
+    decide(pending(run), "reject", note="do not email the customer yet")
+    run = wait_for(lambda: Run.objects.filter(pk=run.pk, status="awaiting_plan_approval",
+                                              plan_version=2).first(), what="a second plan")
+    feedback = Event.objects.get(chain=run.pk, kind="plan.feedback").data
+    assert feedback["note"] == "do not email the customer yet"
+    assert [r.status for r in ApprovalRequest.objects.filter(run_id=run.pk)
+            .order_by("created_at")] == ["rejected", "pending"]
+    decide(pending(run), "approve")
+    run = finished(run)
+    assert run.status == "succeeded", run.error
+    assert kinds(run) == ["plan.proposed", "plan.validated", "plan.feedback", "plan.proposed",
+                          "plan.validated", "plan.approved"]
