@@ -214,3 +214,27 @@ def test_a_rejected_plan_is_planned_again_with_the_reviewers_note(planned: None)
     assert run.status == "succeeded", run.error
     assert kinds(run) == ["plan.proposed", "plan.validated", "plan.feedback", "plan.proposed",
                           "plan.validated", "plan.approved"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_replay_reproduces_a_planned_run_from_its_ledger(planned: None) -> None:
+    from orchestration.replay import replay
+
+    run = settled(start(planned_process([turn(BAD), turn(GOOD), turn(GOOD)],
+                                        gate={"always": True})))
+    decide(pending(run), "reject", note="try again")
+    run = wait_for(lambda: Run.objects.filter(pk=run.pk, status="awaiting_plan_approval",
+                                              plan_version=3).first(), what="a third plan")
+    decide(pending(run), "approve")
+    run = finished(run)
+    assert run.status == "succeeded", run.error
+    result = replay(run)
+    assert result.ok, result.summary()
+    planned_events = Event.objects.filter(chain=run.pk, kind__startswith="plan.").count()
+    assert result.compared > planned_events
+
+    edited = settled(start(planned_process([turn(GOOD)], gate={"always": True},
+                                           slug="planned-edit")))
+    decide(pending(edited), "edit", arguments={"tasks": GOOD["tasks"][:1]})
+    edited = finished(edited)
+    assert replay(edited).ok, replay(edited).summary()
