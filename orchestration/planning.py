@@ -31,13 +31,14 @@ from orchestration.engine import planner
 from orchestration.engine.governance import Usage
 from orchestration.engine.llm import ModelRequest, ProviderError
 from orchestration.engine.plan import Plan
+from orchestration.engine.redaction import redact
 from orchestration.engine.states import RunStatus, TaskStatus
 from orchestration.models import Agent, ModelPrice, Run, Task, Tool
 from orchestration.plans import plan_for_id, plan_of
 from orchestration.retry import persist
 from orchestration.rules import PlanDecision
 from orchestration.store import DjangoRunStore
-from orchestration.tooling import granted_to
+from orchestration.tooling import granted_to, secrets
 
 log = logging.getLogger("switchboard.planning")
 
@@ -57,10 +58,12 @@ def last_version(events: list[tuple[str, dict[str, Any]]]) -> int:
 # ---- validation ----------------------------------------------------------------------------
 
 
-def check(data: Any, planning: Mapping[str, Any]) -> tuple[Plan | None, list[str], list[str]]:
+def check(data: Any, planning: Mapping[str, Any], *, process_user: Any = None,
+          ) -> tuple[Plan | None, list[str], list[str]]:
     """Validate a proposed plan: (the plan or None, errors, the tools it may use). Executors
     must exist (agents by slug, tools by slug, people's groups by name), an agent task may name
-    only tools granted to its agent, and the plan must keep the process's constraints."""
+    only tools granted to its agent, a tool step only tools granted to the process's service
+    identity (``process_user``, its id), and the plan must keep the process's constraints."""
     plan, errors = planner.proposal(data)
     if plan is None:
         return None, errors, []
@@ -90,6 +93,8 @@ def check(data: Any, planning: Mapping[str, Any]) -> tuple[Plan | None, list[str
         elif kind in ("tool", "function"):
             if ref not in tools:
                 errors.append(f"task {task.key!r}: there is no tool {ref!r}")
+            elif process_user is None or not granted_to(process_user, tools)(ref):
+                errors.append(f"task {task.key!r}: the process is not granted the tool {ref!r}")
             used.add(ref)
         elif kind == "human" and ref not in groups:
             errors.append(f"task {task.key!r}: there is no group {ref!r} of people")
@@ -97,12 +102,18 @@ def check(data: Any, planning: Mapping[str, Any]) -> tuple[Plan | None, list[str
     return (None if errors else plan), errors, sorted(used)
 
 
+def check_for(run_id: Any, data: Any) -> tuple[Plan | None, list[str], list[str]]:
+    """``check`` a plan for this run: its process's constraints and service identity."""
+    version_id, user_id = Run.objects.filter(pk=run_id).values_list(
+        "process_version_id", "process_version__process__service_user_id").get()
+    return check(data, plan_for_id(version_id).planning, process_user=user_id)
+
+
 def edit_problem(request: ApprovalRequest, arguments: Any) -> str:
     """approvals' check of a reviewer's edited plan: "" when it would be accepted."""
-    run = Run.objects.filter(pk=request.run_id).only("process_version_id").first()
-    if run is None:
+    if not Run.objects.filter(pk=request.run_id).exists():
         return "the run no longer exists"
-    _, errors, _ = check(arguments, plan_for_id(run.process_version_id).planning)
+    _, errors, _ = check_for(request.run_id, arguments)
     return "; ".join(errors)
 
 
@@ -168,18 +179,19 @@ def _turn(store: DjangoRunStore, run_id: str) -> bool:
             return False
         governance.settle(run_id, "", worst, actual)
         version = last_version(now) + 1
-        data = {"version": version, "agent": agent.slug, "response": response.to_dict(),
+        data = {"version": version, "agent": agent.slug,
+                "response": redact(response.to_dict(), secrets()),
                 "tokens_in": actual.tokens_in, "tokens_out": actual.tokens_out,
                 "cost": str(actual.cost)}
         _append(run_id, planner.PROPOSED, data, actor=f"agent:{agent.slug}")
         try:
-            proposed: Any = planner.extract(response.text)
+            proposed: Any = planner.extract(data["response"]["text"])
         except Exception as exc:  # noqa: BLE001 - any unreadable reply is the planner's error
             proposed = None
             parse_error = str(exc)
         else:
             parse_error = ""
-        plan, errors, used = check(proposed, planning) if proposed is not None else (
+        plan, errors, used = check_for(run_id, proposed) if proposed is not None else (
             None, [parse_error or "the reply holds no plan"], [])
         if plan is None:
             _append(run_id, planner.REJECTED, {"version": version, "errors": errors})
@@ -274,7 +286,6 @@ def resume(run: Run, request: ApprovalRequest, todo: PlanDecision, user: Any) ->
             return
         events = history(run_id)
         person = user.get_username() if user is not None else ""
-        planning = plan_for_id(run.process_version_id).planning
         if todo.action == "accept" and run.plan_version:
             plan = plan_of(run)
             _append(run_id, planner.APPROVED, {"version": run.plan_version, "by": person,
@@ -287,7 +298,7 @@ def resume(run: Run, request: ApprovalRequest, todo: PlanDecision, user: Any) ->
             _append(run_id, planner.EDITED, {"version": version, "plan": todo.plan,
                                              "by": person, "request": str(request.pk)},
                     actor=actor_of(user))
-            plan, errors, _ = check(todo.plan, planning)
+            plan, errors, _ = check_for(run_id, todo.plan)
             if plan is not None:
                 _append(run_id, planner.VALIDATED, {"version": version,
                                                     "estimate": str(planner.estimate(plan))})

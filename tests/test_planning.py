@@ -159,7 +159,7 @@ def test_a_planner_that_never_finds_a_valid_plan_escalates(planned: None) -> Non
 
 
 @pytest.mark.django_db(transaction=True)
-def test_the_design_gate_waits_for_a_reviewer_who_approves(planned: None) -> None:
+def test_the_design_gate_waits_for_a_reviewer_who_approves(planned: None, client: Any) -> None:
     run = settled(start(planned_process([turn(GOOD)], gate={"tools": ["send_customer_email"]})))
     assert run.status == "awaiting_plan_approval"
     assert not run.tasks.exists()
@@ -169,6 +169,11 @@ def test_the_design_gate_waits_for_a_reviewer_who_approves(planned: None) -> Non
     assert request.context["plan"]["tasks"][0]["key"] == "investigate"
     assert request.context["estimate"] == "1.0"
     assert request.context["validation"] == {"valid": True, "errors": []}
+    token = ApiToken.issue(User.objects.get(username="operator"))[1]
+    body = client.get(f"/api/v1/runs/{run.pk}", HTTP_AUTHORIZATION=f"Bearer {token}").json()
+    assert body["phase"] == "plan_review" and body["plan"]["version"] == 1
+    assert body["waiting_on"] == [{"kind": "approval", "task": "", "reason": "plan_review",
+                                   "id": str(request.pk)}]
     decide(request, "approve")
     run = finished(run)
     assert run.status == "succeeded", run.error
@@ -238,3 +243,47 @@ def test_replay_reproduces_a_planned_run_from_its_ledger(planned: None) -> None:
     decide(pending(edited), "edit", arguments={"tasks": GOOD["tasks"][:1]})
     edited = finished(edited)
     assert replay(edited).ok, replay(edited).summary()
+
+
+@pytest.mark.django_db
+def test_a_resumed_planner_does_not_ask_again_for_a_turn_the_ledger_holds(demo: None) -> None:
+    """A worker lost after a turn was recorded: the next one reads the conversation back from
+    the ledger, so the model is asked for the second turn, not the first again."""
+    from audit import ledger
+    from orchestration import planning
+
+    run = start(planned_process([turn(BAD), turn(GOOD)]))  # not committed: no worker runs it
+    Run.objects.filter(pk=run.pk).update(status="planning")
+    ledger.append(run.pk, "plan.proposed", {"version": 1, "agent": "planner-planned-refund",
+                                            "response": {"text": turn(BAD)["text"]}},
+                  actor="agent:planner-planned-refund")
+    ledger.append(run.pk, "plan.rejected", {"version": 1, "errors": ["no agent 'ghost'"]},
+                  actor="system")
+    planning.plan_run(str(run.pk))
+    run.refresh_from_db()
+    assert run.status == "queued" and run.plan_version == 2
+    assert kinds(run) == ["plan.proposed", "plan.rejected", "plan.proposed", "plan.validated"]
+    assert run.tokens_in == 300 and run.steps == 1  # one call: the second turn's
+
+
+@pytest.mark.django_db
+def test_tool_steps_need_the_process_grant_and_the_planner_counts_against_the_budget(
+        demo: None) -> None:
+    from orchestration import planning
+
+    process = planned_process([turn(GOOD)])
+    run = start(process)
+    step = {"tasks": [{"key": "look", "executor": {"type": "tool", "ref": "lookup_order"},
+                       "args": {"order_id": "$input.order_id"}}]}
+    _, errors, _ = planning.check_for(run.pk, step)
+    assert errors == ["task 'look': the process is not granted the tool 'lookup_order'"]
+    _, errors, _ = planning.check_for(run.pk, {"tasks": [
+        {"key": "ask", "executor": {"type": "human", "ref": "nobody"}}]})
+    assert errors == ["task 'ask': there is no group 'nobody' of people"]
+
+    Run.objects.filter(pk=run.pk).update(budget_tokens=100)
+    planning.plan_run(str(run.pk))
+    run.refresh_from_db()
+    assert run.status == "awaiting_plan_approval" and run.tokens_in == 0
+    request = pending(run)
+    assert request.reason == "plan_invalid" and "budget_exhausted" in request.detail

@@ -55,7 +55,7 @@ class PlanReplay:
         self._record(planner.PROPOSED, {"version": self.version, "response": response})
         try:
             proposed: Any = planner.extract(str(response.get("text", "")))
-            plan, errors, used = planning.check(proposed, self.planning)
+            plan, errors, used = planning.check_for(self.run_id, proposed)
         except PlanError as exc:
             proposed, plan, errors, used = None, None, [str(exc)], []
         if plan is None:
@@ -104,7 +104,7 @@ class PlanReplay:
         if todo.action == "edit":
             self.version += 1
             self._record(planner.EDITED, {"version": self.version, "plan": todo.plan})
-            plan, errors, _ = planning.check(todo.plan, self.planning)
+            plan, errors, _ = planning.check_for(self.run_id, todo.plan)
             if plan is not None:
                 self._record(planner.VALIDATED, {"version": self.version,
                                                  "estimate": str(planner.estimate(plan))})
