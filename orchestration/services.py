@@ -211,6 +211,9 @@ def run_fork(*, run: Run, step: int, user: AbstractBaseUser | None) -> Run:
     if version is None:
         raise ServiceError(f"process {process.slug!r} has no published version")
     plan = plan_for(version)
+    if plan.planning:
+        raise ForkInvalid("runs of a planned process plan their own tasks; forking one from a "
+                          "step is not supported")
     if isinstance(step, bool) or not isinstance(step, int) or not 1 <= step <= len(plan.tasks):
         raise ForkInvalid(f"step must be a task position from 1 to {len(plan.tasks)}, "
                           f"not {step!r}")

@@ -287,3 +287,28 @@ def test_tool_steps_need_the_process_grant_and_the_planner_counts_against_the_bu
     assert run.status == "awaiting_plan_approval" and run.tokens_in == 0
     request = pending(run)
     assert request.reason == "plan_invalid" and "budget_exhausted" in request.detail
+
+
+def test_a_plan_is_either_fixed_or_planned_and_the_rules_know_the_reasons() -> None:
+    from approvals.models import Reason
+    from orchestration import rules
+    from orchestration.engine.errors import PlanError
+    from orchestration.engine.plan import parse_plan
+
+    planned = parse_plan({"planning": {"agent": "p", "goal": "g", "constraints": {"max_tasks": 2}},
+                          "design_gate": {"cost_over": 3, "tools": ["issue_refund"]}})
+    assert planned.tasks == () and planned.planning["agent"] == "p"
+    assert planned.design_gate == {"cost_over": 3, "tools": ["issue_refund"]}
+    with pytest.raises(PlanError):
+        parse_plan({**GOOD, "planning": {"agent": "p", "goal": "g"}})
+    with pytest.raises(PlanError):
+        parse_plan({"planning": {"agent": "p", "goal": "g", "constraints": {"max_tasks": 0}}})
+    with pytest.raises(PlanError):
+        parse_plan({"design_gate": {"always": True}})
+    assert (rules.PLAN_REVIEW, rules.PLAN_INVALID) == (Reason.PLAN_REVIEW, Reason.PLAN_INVALID)
+    assert rules.plan_resolution(reason="plan_review", status="approved",
+                                 resolution={"action": "proceed"}).action == "accept"
+    assert rules.plan_resolution(reason="plan_invalid", status="approved",
+                                 resolution={"action": "proceed"}).action == "replan"
+    assert rules.plan_resolution(reason="plan_review", status="rejected", resolution={
+        "action": "reject", "note": "no"}) == rules.PlanDecision("replan", note="no")

@@ -36,7 +36,7 @@ CHECK_SCHEMA: dict[str, Any] = {
 PLAN_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "type": "object",
-    "anyOf": [{"required": ["tasks"]}, {"required": ["planning"]}],
+    "oneOf": [{"required": ["tasks"]}, {"required": ["planning"]}],  # a fixed plan, or planned
     "additionalProperties": False,
     "properties": {
         # A planned process: a planner agent proposes the tasks of each run (PLANNING_SCHEMA).
