@@ -183,11 +183,20 @@ def test_the_design_gate_waits_for_a_reviewer_who_approves(planned: None, client
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_reviewer_edits_the_plan_and_an_invalid_edit_changes_nothing(planned: None) -> None:
+def test_a_reviewer_edits_the_plan_and_an_invalid_edit_changes_nothing(planned: None,
+                                                                      client: Any) -> None:
     run = settled(start(planned_process([turn(GOOD)], gate={"always": True})))
     request = pending(run)
     with pytest.raises(approvals.ApprovalError, match="ghost"):
         decide(request, "edit", arguments=BAD)
+    # On the review page, the refused edit comes back with its error and what was typed.
+    client.force_login(User.objects.get(username="reviewer"))
+    assert "Edited plan" in client.get(f"/review/{request.pk}/").content.decode()
+    typed = json.dumps(BAD)
+    page = client.post(f"/review/{request.pk}/decide", {"decision": "edit", "arguments": typed})
+    assert page.status_code == 400
+    assert "there is no agent" in page.content.decode()
+    assert "ghost" in page.content.decode() and "issue_refund" in page.content.decode()
     request.refresh_from_db()
     assert request.status == "pending" and request.arguments["tasks"][1]["key"] == (
         "notify_customer")
