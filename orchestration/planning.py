@@ -222,10 +222,15 @@ def _append(run_id: Any, kind: str, data: dict[str, Any], actor: str = "system")
 
 
 def _executors() -> str:
-    agents = ", ".join(Agent.objects.filter(status=Agent.Status.ACTIVE)
-                       .order_by("slug").values_list("slug", flat=True))
-    tools = ", ".join(Tool.objects.order_by("slug").values_list("slug", flat=True))
-    return f"Agents: {agents or 'none'}.\nTools: {tools or 'none'}."
+    """What the planner may use: the active agents with the tools each is granted, the tools."""
+    tools = {t.slug: t for t in Tool.objects.all()}
+    lines = ["Agents (an agent task may use only the tools listed with its agent):"]
+    for agent in Agent.objects.filter(status=Agent.Status.ACTIVE).order_by("slug"):
+        granted = granted_to(agent.user_id, tools)
+        names = ", ".join(n for n in sorted(tools) if granted(n)) or "none"
+        lines.append(f"- {agent.slug} ({agent.name}): tools {names}")
+    lines.append(f"Tools: {', '.join(sorted(tools)) or 'none'}.")
+    return "\n".join(lines)
 
 
 def _escalate(store: DjangoRunStore, run: Run, version: int, errors: list[str],

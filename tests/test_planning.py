@@ -321,3 +321,33 @@ def test_a_plan_is_either_fixed_or_planned_and_the_rules_know_the_reasons() -> N
                                  resolution={"action": "proceed"}).action == "replan"
     assert rules.plan_resolution(reason="plan_review", status="rejected", resolution={
         "action": "reject", "note": "no"}) == rules.PlanDecision("replan", note="no")
+
+
+def test_the_planner_reads_its_plan_out_of_a_reply_and_the_gate_names_its_reasons() -> None:
+    from orchestration.engine import planner
+    from orchestration.engine.plan import parse_plan
+
+    assert planner.extract("```yaml\ntasks:\n  - key: a\n    executor: {type: tool, ref: t}\n```"
+                           ) == {"tasks": [{"key": "a", "executor": {"type": "tool", "ref": "t"}}]}
+    assert planner.extract(json.dumps(GOOD)) == GOOD
+    with pytest.raises(Exception, match="neither valid JSON nor valid YAML|no plan"):
+        planner.extract("I cannot plan this: [")
+    assert planner.fill_goal("Refund {{input.order_id}} ({{ input.missing }})",
+                             {"order_id": "ORD-1"}) == "Refund ORD-1 ()"
+    plan = parse_plan(GOOD)
+    assert str(planner.estimate(plan)) == "1.0"
+    assert planner.gate_reasons({"cost_over": 0.5, "tools": ["send_customer_email", "x"]}, plan,
+                                ["send_customer_email"]) == [
+        "the estimated cost 1.0 is over 0.5", "the plan uses send_customer_email"]
+    assert planner.gate_reasons({"cost_over": 2}, plan, []) == []
+    assert planner.within(plan, {"max_tasks": 1, "max_cost": 0.5}) == [
+        "the plan has 2 tasks; at most 1 are allowed",
+        "the tasks' budgets add up to 1.0; at most 0.5 is allowed"]
+    history = [("plan.proposed", {}), ("plan.rejected", {}), ("plan.feedback", {}),
+               ("plan.proposed", {})]
+    assert planner.turns_left(3, history) == 2
+    messages = planner.conversation("Plan well.", "Goal: x", [
+        ("plan.proposed", {"response": {"text": "v1"}}),
+        ("plan.rejected", {"errors": ["bad"]}), ("plan.feedback", {"note": "smaller"})])
+    assert [m.role for m in messages] == ["system", "user", "assistant", "user", "user"]
+    assert "bad" in messages[3].content and "smaller" in messages[4].content
