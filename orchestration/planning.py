@@ -28,6 +28,7 @@ from audit.ledger import actor_of
 from audit.models import Event
 from orchestration import governance, outbox, run_lock
 from orchestration.engine import planner
+from orchestration.engine.errors import PlanError
 from orchestration.engine.governance import Usage
 from orchestration.engine.llm import ModelRequest, ProviderError
 from orchestration.engine.plan import Plan
@@ -124,7 +125,7 @@ def plan_run(run_id: str) -> None:
     """Have the run's planner propose plans until one is accepted, goes to people, or the run
     stops; called by a worker, never inside a transaction."""
     store = DjangoRunStore()
-    while persist(lambda: _turn(store, run_id), what=f"plan {run_id}"):
+    while _turn(store, run_id):
         pass
 
 
@@ -141,7 +142,9 @@ def _begin(store: DjangoRunStore, run_id: str) -> tuple[Run, list[Any]] | None:
 
 
 def _turn(store: DjangoRunStore, run_id: str) -> bool:
-    begun = _begin(store, run_id)
+    """One planner turn; True when the planner should be asked again. Its two steps are
+    retried through database errors on their own: the model call between them never is."""
+    begun = persist(lambda: _begin(store, run_id), what=f"plan {run_id}")
     if begun is None:
         return False
     run, events = begun
@@ -172,9 +175,17 @@ def _turn(store: DjangoRunStore, run_id: str) -> bool:
     actual = Usage(steps=1, tokens_in=response.tokens_in, tokens_out=response.tokens_out,
                    cost=price.cost(response.tokens_in, response.tokens_out) if price
                    else Decimal("0"))
+    return persist(lambda: _record(store, run, agent, len(events), response, worst, actual),
+                   what=f"plan {run_id}")
+
+
+def _record(store: DjangoRunStore, run: Run, agent: Agent, seen: int, response: Any,
+            worst: Usage, actual: Usage) -> bool:
+    """Record a planner turn and apply its verdict, under the run's lock."""
+    run_id = str(run.pk)
     with transaction.atomic(), run_lock.locked(run_id) as snapshot:
         now = history(run_id)
-        if snapshot.status != RunStatus.PLANNING or len(now) != len(events):
+        if snapshot.status != RunStatus.PLANNING or len(now) != seen:
             governance.release(run_id, "", worst)  # stopped, or another worker's turn landed
             return False
         governance.settle(run_id, "", worst, actual)
@@ -186,7 +197,7 @@ def _turn(store: DjangoRunStore, run_id: str) -> bool:
         _append(run_id, planner.PROPOSED, data, actor=f"agent:{agent.slug}")
         try:
             proposed: Any = planner.extract(data["response"]["text"])
-        except Exception as exc:  # noqa: BLE001 - any unreadable reply is the planner's error
+        except PlanError as exc:
             proposed = None
             parse_error = str(exc)
         else:
