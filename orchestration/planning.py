@@ -246,6 +246,8 @@ def _executors() -> str:
 
 def _escalate(store: DjangoRunStore, run: Run, version: int, errors: list[str],
               proposed: Any) -> None:
+    log.info("run %s: no valid plan (v%s), people decide: %s", run.pk, version,
+             "; ".join(errors))
     store.set_run_status(str(run.pk), RunStatus.AWAITING_PLAN_APPROVAL,
                          reason="plan_invalid: the planner found no valid plan")
     approvals.request_open(
@@ -286,6 +288,7 @@ def _accept(store: DjangoRunStore, run: Run, plan: Plan, version: int) -> None:
              status=TaskStatus.PENDING)
         for i, t in enumerate(plan.tasks))
     store.set_run_status(str(run.pk), RunStatus.QUEUED, reason=f"plan v{version} accepted")
+    log.info("run %s: plan v%s accepted with %d tasks", run.pk, version, len(plan.tasks))
     outbox.emit("advance", run.pk)
 
 

@@ -351,3 +351,13 @@ def test_the_planner_reads_its_plan_out_of_a_reply_and_the_gate_names_its_reason
         ("plan.rejected", {"errors": ["bad"]}), ("plan.feedback", {"note": "smaller"})])
     assert [m.role for m in messages] == ["system", "user", "assistant", "user", "user"]
     assert "bad" in messages[3].content and "smaller" in messages[4].content
+
+
+@pytest.mark.django_db(transaction=True)
+def test_cancelling_a_run_under_plan_review_cancels_its_request(planned: None) -> None:
+    run = settled(start(planned_process([turn(GOOD)], gate={"always": True})))
+    request = pending(run)
+    run = services.run_cancel(run=run, user=User.objects.get(username="operator"))
+    assert run.status == "cancelled"
+    request.refresh_from_db()
+    assert request.status == "cancelled" and not run.tasks.exists()
