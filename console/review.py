@@ -86,6 +86,8 @@ def _render_detail(request: HttpRequest, approval: ApprovalRequest, *, error: st
         "trace": trace,
         "why_not": approvals.can_decide(request.user, approval),
         "arguments_json": arguments_json,
+        # What a reviewer may edit: a proposed action's arguments, a plan under review.
+        "editable": approval.reason in ("sensitive_action", "plan_review", "plan_invalid"),
         "form": form,
         "error": error,
         "respondable": respondable,

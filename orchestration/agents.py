@@ -16,7 +16,7 @@ from orchestration.engine.states import TaskStatus
 from orchestration.engine.verify import Verifier, check_run
 from orchestration.governance import DjangoGovernor
 from orchestration.models import Agent, ModelPrice, Task, Tool
-from orchestration.plans import plan_for_id
+from orchestration.plans import plan_of
 from orchestration.store import DjangoRunStore
 from orchestration.tooling import CredentialMissing, contracts, credential, granted_to, secrets
 
@@ -116,7 +116,7 @@ def _verifier(ctx: TaskContext, task: Task, log: StoreLog, governor: DjangoGover
               auditor_slug: str = "") -> Verifier | Outcome:
     """The checks of the task's answer: its sentinel checks, and QC by the plan's auditor when
     the task has acceptance criteria."""
-    settings = plan_for_id(task.run.process_version_id).verification
+    settings = plan_of(task.run).verification
     auditor: Agent | None = None
     model: Model | None = None
     slug = auditor_slug or settings.auditor

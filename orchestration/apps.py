@@ -10,9 +10,10 @@ class OrchestrationConfig(AppConfig):
 
     def ready(self) -> None:
         from approvals.signals import approval_resolved
-        from orchestration import handlers, metrics, tasks
+        from orchestration import handlers, metrics, planning, tasks
 
         metrics.install()
+        planning.register()
 
         tasks.route_topics()
         approval_resolved.connect(handlers.on_approval_resolved,

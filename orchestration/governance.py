@@ -119,7 +119,8 @@ def reserve(run_id: str, task_key: str, worst: Usage, *, run: Run | None = None)
             _relaxed_commit()
             if not _execute(_RESERVE_RUN, params):
                 raise _Refused(_why_run(run_id, worst))
-            if not _execute(_RESERVE_TASK, params):
+            # No task key: a call of the run itself (its planner's), against the run's budgets.
+            if task_key and not _execute(_RESERVE_TASK, params):
                 raise _Refused(_why_task(run_id, task_key, worst))
     except _Refused as refused:
         metrics.refused(str(refused))
@@ -151,7 +152,8 @@ def settle(run_id: str, task_key: str, reserved: Usage | None, actual: Usage) ->
         "now": connection.ops.adapt_datetimefield_value(timezone.now()),
     }
     _execute(_SETTLE_RUN, params)
-    _execute(_SETTLE_TASK, params)
+    if task_key:
+        _execute(_SETTLE_TASK, params)
 
 
 def release_held(run_id: str, task_key: str) -> Usage:

@@ -179,6 +179,10 @@ class Run(models.Model):
                                     related_name="forks")
     fork_point = models.PositiveIntegerField(
         null=True, blank=True, help_text="the origin's task position (1-based) the fork ran from")
+    # A planned run's current plan (orchestration/planning.py) and its version: 0 = the run
+    # follows its process version's plan.
+    plan = models.JSONField(null=True, blank=True)
+    plan_version = models.PositiveIntegerField(default=0)
     # Caps (null = none), copied from the process version and raised by reviewers.
     budget_tokens = models.PositiveBigIntegerField(null=True, blank=True)
     budget_cost = models.DecimalField(max_digits=14, decimal_places=6, null=True, blank=True)

@@ -133,3 +133,35 @@ def over_cap(cap: Any, used: Any, reserved: Any, needed: Any) -> bool:
     """Whether a worst case of ``needed`` does not fit a cap (None = no cap) next to what is
     used and reserved. The reservation's SQL checks the same inequality on the locked row."""
     return cap is not None and used + reserved + needed > cap
+
+
+# ---- a reviewer's decision on a plan (orchestration/planning.py) -------------------------
+
+# approvals.models.Reason values of the design gate
+PLAN_REVIEW = "plan_review"
+PLAN_INVALID = "plan_invalid"
+PLAN_REASONS = (PLAN_REVIEW, PLAN_INVALID)
+
+
+@dataclass(frozen=True, slots=True)
+class PlanDecision:
+    """What a resolved plan request does to its run: "cancel", "accept" the plan under review,
+    "edit" (accept ``plan``, the reviewer's, once it validates) or "replan" (the planner plans
+    again, told ``note``)."""
+
+    action: str
+    plan: Any = None
+    note: str = ""
+
+
+def plan_resolution(*, reason: str, status: str, resolution: Mapping[str, Any]) -> PlanDecision:
+    action = resolution.get("action")
+    if action == "stop":
+        return PlanDecision("cancel")
+    if status == EDITED and isinstance(resolution.get("arguments"), Mapping):
+        return PlanDecision("edit", plan=dict(resolution["arguments"]))
+    if action == "proceed" and reason == PLAN_REVIEW:
+        return PlanDecision("accept")
+    # A rejection (or an expiry) sends the note back to the planner; "proceed" on a run that
+    # has no valid plan lets the planner try again.
+    return PlanDecision("replan", note=str(resolution.get("note") or ""))

@@ -15,7 +15,7 @@ from django.db import connection, transaction
 from audit import ledger
 from orchestration.engine.store import RunSnapshot, TaskSnapshot
 from orchestration.models import Run
-from orchestration.plans import plan_for_id
+from orchestration.plans import plan_of_run
 from orchestration.sql import loads, uuid_param
 
 # The run whose row this thread's open transaction holds (see ``locked``), with its task rows
@@ -32,14 +32,14 @@ _prefetched: dict[tuple[str, str], tuple[Any, Any, dict[str, Any]]] = {}
 # that waited behind another would see the tasks as they were before that step committed.
 LOCK_RUN_SQL = (
     "SELECT r.status, r.input, r.cancel_requested, r.process_version_id, v.hydration_limit,"
-    " h.seq, h.head_hash"
+    " h.seq, h.head_hash, r.plan_version"
     " FROM orchestration_run r JOIN orchestration_processversion v ON v.id = r.process_version_id"
     " JOIN audit_chainhead h ON h.chain = r.id"
     " WHERE r.id = %s{lock}")
 # Every run has a chain head (run_create writes it); this is for one that does not.
 LOCK_BARE_RUN_SQL = (
     "SELECT r.status, r.input, r.cancel_requested, r.process_version_id, v.hydration_limit,"
-    " NULL, NULL"
+    " NULL, NULL, r.plan_version"
     " FROM orchestration_run r JOIN orchestration_processversion v ON v.id = r.process_version_id"
     " WHERE r.id = %s{lock}")
 # The run's tasks: one row per task.
@@ -106,7 +106,7 @@ def locked(run_id: str) -> Iterator[RunSnapshot]:
             cursor.execute(TASKS_SQL, [uuid_param(run_id)])
             fetched = cursor.fetchall()
         status, run_input, cancel_requested, version_id, hydration_limit = row[:5]
-        head_seq, head_hash = row[5:7]
+        head_seq, head_hash, plan_version = row[5:8]
         if head_seq is not None:
             ledger.prime_head(uuid.UUID(str(run_id)), head_seq, head_hash)
         tasks = {row[0]: TaskSnapshot(key=row[0], status=row[1], attempts=row[2],
@@ -115,7 +115,7 @@ def locked(run_id: str) -> Iterator[RunSnapshot]:
         snapshot = RunSnapshot(
             run_id=str(run_id),
             status=status,
-            plan=plan_for_id(version_id),
+            plan=plan_of_run(run_id, version_id, plan_version),
             input=loads(run_input),
             hydration_limit=hydration_limit,
             tasks=tasks,
@@ -134,11 +134,11 @@ def prefetch(state: Locked, run_id: str, key: str) -> None:
     """Keep a claimed task's inputs as the lock's snapshot has them, for ``take_prefetched``."""
     snap = state.snapshot
     deps = snap.plan.by_key()[key].depends_on
-    _prefetched[(str(run_id), key)] = (state.version, snap.input, {
+    _prefetched[(str(run_id), key)] = (snap.plan, snap.input, {
         dep: copy.deepcopy(snap.tasks[dep].output) for dep in deps})
 
 
 def take_prefetched(run_id: str, key: str) -> tuple[Any, Any, dict[str, Any]] | None:
-    """(process version id, run input, dependencies' outputs) of a task claimed under a run
-    lock in this process, once."""
+    """(the run's plan, run input, dependencies' outputs) of a task claimed under a run lock
+    in this process, once."""
     return _prefetched.pop((str(run_id), key), None)

@@ -19,7 +19,7 @@ from audit import config as config_audit
 from audit import hygiene, ledger
 from audit.ledger import actor_of
 from jsonkit import schema_problems
-from orchestration import outbox, rules
+from orchestration import outbox, planning, rules
 from orchestration.engine import runner
 from orchestration.engine.errors import PlanError
 from orchestration.engine.plan import parse_plan
@@ -211,6 +211,9 @@ def run_fork(*, run: Run, step: int, user: AbstractBaseUser | None) -> Run:
     if version is None:
         raise ServiceError(f"process {process.slug!r} has no published version")
     plan = plan_for(version)
+    if plan.planning:
+        raise ForkInvalid("runs of a planned process plan their own tasks; forking one from a "
+                          "step is not supported")
     if isinstance(step, bool) or not isinstance(step, int) or not 1 <= step <= len(plan.tasks):
         raise ForkInvalid(f"step must be a task position from 1 to {len(plan.tasks)}, "
                           f"not {step!r}")
@@ -262,6 +265,14 @@ def resume_after_decision(request: ApprovalRequest, *, message_id: int | None = 
             return
         decider = request.decisions.select_related("decider").order_by("-created_at").first()
         user = decider.decider if decider else None
+        if request.reason in rules.PLAN_REASONS:  # a plan under review (orchestration/planning.py)
+            decided = rules.plan_resolution(reason=request.reason, status=request.status,
+                                            resolution=request.resolution or {})
+            if decided.action == "cancel":
+                run_cancel(run=run, user=user)
+            else:
+                planning.resume(run, request, decided, user)
+            return
         task = Task.objects.filter(run_id=run.pk, key=request.task_key).first()
 
         def agent_steps() -> int | None:

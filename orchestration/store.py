@@ -33,7 +33,7 @@ from orchestration.engine.states import (
 )
 from orchestration.engine.store import RunSnapshot, TaskSnapshot
 from orchestration.models import Task
-from orchestration.plans import plan_for_id
+from orchestration.plans import plan_of_run
 from orchestration.retry import persist, retrying
 from orchestration.run_lock import TASK_SQL, TASKS_SQL, Locked, held_run, lock_run
 from orchestration.sql import (
@@ -257,12 +257,13 @@ class DjangoRunStore:
     ) -> tuple[TaskSpec, Mapping[str, Any], dict[str, Any]]:
         prefetched = run_lock.take_prefetched(run_id, key)
         if prefetched is not None:
-            version_id, run_input = prefetched[0], prefetched[1]
+            plan, run_input = prefetched[0], prefetched[1]
         else:
-            run_input, version_id = fetch_one(
-                "SELECT input, process_version_id FROM orchestration_run WHERE id = %s",
-                [uuid_param(run_id)])
-        spec = plan_for_id(version_id).by_key()[key]
+            run_input, version_id, plan_version = fetch_one(
+                "SELECT input, process_version_id, plan_version FROM orchestration_run"
+                " WHERE id = %s", [uuid_param(run_id)])
+            plan = plan_of_run(run_id, version_id, plan_version)
+        spec = plan.by_key()[key]
         outputs: dict[str, Any] = {}
         if prefetched is not None and prefetched[2] is not None:
             outputs = prefetched[2]

@@ -99,7 +99,7 @@ def _unheld_work() -> int:
     in_flight = Task.objects.filter(run_id=OuterRef("pk"),
                                     status__in=[TaskStatus.QUEUED, TaskStatus.RUNNING])
     idle = list(Run.objects.filter(
-        status__in=[RunStatus.PENDING, RunStatus.QUEUED, RunStatus.RUNNING],
+        status__in=[RunStatus.PENDING, RunStatus.PLANNING, RunStatus.QUEUED, RunStatus.RUNNING],
         updated_at__lt=cutoff)
         .filter(~Exists(in_flight), ~Exists(Outbox.objects.filter(run_id=OuterRef("pk"))))
         .values_list("pk", flat=True)[:_BATCH])

@@ -16,11 +16,11 @@ from django.db import transaction
 
 import logcontext
 from audit import ledger
-from orchestration import leases, outbox
+from orchestration import leases, outbox, planning
 from orchestration.engine import runner, tracing
 from orchestration.engine.errors import LeaseLost
 from orchestration.engine.runner import AdvanceResult, Outcome
-from orchestration.engine.states import TaskStatus
+from orchestration.engine.states import RunStatus, TaskStatus
 from orchestration.engine.store import TaskSnapshot
 from orchestration.executors import executors
 from orchestration.models import Run
@@ -29,6 +29,8 @@ from orchestration.sql import deferred_writes
 from orchestration.store import DjangoRunStore
 
 log = logging.getLogger("switchboard.work")
+# Statuses a scheduling step leaves only a planned run in: it has no accepted plan yet.
+PLANNING = (RunStatus.PENDING, RunStatus.PLANNING)
 
 
 def _dispatch(run_id: str, result: AdvanceResult) -> None:
@@ -56,6 +58,9 @@ def advance(run_id: str, message_id: int | None = None) -> None:
             return result
 
     result = persist(step, what=f"advance {run_id}")
+    if isinstance(result, AdvanceResult) and result.status in PLANNING:
+        planning.plan_run(run_id)  # a planned run without a plan: its planner's turns
+        return
     if isinstance(result, TaskSnapshot):
         run_chain(store, run_id, result)
     elif result is not None and result.claimed:

@@ -64,6 +64,11 @@ class TaskOut(Schema):
     attempts: int
 
 
+class PlanOut(Schema):
+    version: int = Field(description="the run's plan version (0: its process version's plan)")
+    plan: dict[str, Any]
+
+
 class RunOut(Schema):
     id: uuid.UUID
     process: str
@@ -77,6 +82,9 @@ class RunOut(Schema):
     tasks: list[TaskOut]
     created_at: datetime
     finished_at: datetime | None = None
+    phase: str = Field(default="production",
+                       description="planning | plan_review | production | verifying | done")
+    plan: PlanOut | None = None
 
 
 class RunIn(Schema):

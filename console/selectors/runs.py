@@ -12,8 +12,10 @@ from audit.models import Event
 from console.access import can_cancel, can_start, get_run_for_user
 from console.plan_graph import nodes_of, plan_svg
 from console.selectors.waiting import people_waited_on, run_waiting_on
+from orchestration import planning
 from orchestration.engine.states import RUN_TERMINAL, TASK_TERMINAL, RunStatus, TaskStatus
 from orchestration.models import Run
+from orchestration.plans import plan_of
 
 # Ledger kinds shown as a step of a task's trace, with what each step carries.
 _TRACE_KINDS = ("model.", "tool.", "approval.", "budget.", "task.", "sentinel.", "qc.")
@@ -104,7 +106,39 @@ def run_page(user: Any, run_id: Any) -> dict[str, Any]:
             may_fork and run.status in (RunStatus.FAILED, RunStatus.CANCELLED)) else None,
         "waits": waits,
         "waiting_on": people_waited_on(waits),
+        "plan": plan_view(run, events),
     }
+
+
+def plan_view(run: Run, events: list[Event]) -> dict[str, Any] | None:
+    """A planned run's plan for its page: the current version's tasks, and every version with
+    what became of it (None for a run of a fixed plan)."""
+    plan = plan_of(run)
+    if not run.plan_version and not plan.planning:
+        return None
+    versions: dict[int, dict[str, Any]] = {}
+    for e in events:
+        if not e.kind.startswith("plan.") or "version" not in e.data:
+            continue
+        item = versions.setdefault(int(e.data["version"]), {
+            "version": int(e.data["version"]), "source": "", "verdict": "", "errors": [],
+            "by": ""})
+        if e.kind == "plan.proposed":
+            item["source"] = f"planner ({e.data.get('agent', '')})"
+        elif e.kind == "plan.edited":
+            item["source"] = f"edited by {e.data.get('by', '')}"
+        elif e.kind == "plan.validated":
+            item["verdict"] = "valid"
+        elif e.kind == "plan.rejected":
+            item["verdict"], item["errors"] = "invalid", list(e.data.get("errors") or [])
+        elif e.kind == "plan.approved":
+            item["verdict"], item["by"] = "approved", e.data.get("by", "")
+    return {"phase": planning.phase(run), "version": run.plan_version,
+            "tasks": [] if plan.planning else [
+                {"key": t.key, "title": t.title, "executor": f"{t.executor_type}: "
+                 f"{t.executor_ref}", "depends_on": ", ".join(t.depends_on),
+                 "cost": t.budget.get("cost", "")} for t in plan.tasks],
+            "versions": [versions[v] for v in sorted(versions)]}
 
 
 def run_out(run: Run) -> dict[str, Any]:
@@ -126,6 +160,8 @@ def run_out(run: Run) -> dict[str, Any]:
                    "executor": f"{t.executor_type}:{t.executor_ref}"} for t in tasks],
         "created_at": run.created_at,
         "finished_at": run.finished_at,
+        "phase": planning.phase(run),
+        "plan": {"version": run.plan_version, "plan": plan_of(run).to_dict()},
     }
 
 

@@ -36,9 +36,13 @@ CHECK_SCHEMA: dict[str, Any] = {
 PLAN_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "type": "object",
-    "required": ["tasks"],
+    "oneOf": [{"required": ["tasks"]}, {"required": ["planning"]}],  # a fixed plan, or planned
     "additionalProperties": False,
     "properties": {
+        # A planned process: a planner agent proposes the tasks of each run (PLANNING_SCHEMA).
+        "planning": {"$ref": "#/$defs/planning"},
+        # When a proposed plan needs a person's approval before it runs.
+        "design_gate": {"$ref": "#/$defs/design_gate"},
         "tasks": {
             "type": "array",
             "minItems": 1,
@@ -114,6 +118,34 @@ PLAN_SCHEMA: dict[str, Any] = {
 # The task the engine adds for a plan's ``run_check``: it depends on every other task.
 RUN_CHECK_KEY = "verify_run"
 AUDIT = "audit"
+PLAN_SCHEMA["$defs"] = {
+    "planning": {
+        "type": "object",
+        "required": ["agent", "goal"],
+        "additionalProperties": False,
+        "properties": {
+            "agent": {"type": "string", "minLength": 1},
+            "goal": {"type": "string", "minLength": 1},
+            "constraints": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "max_tasks": {"type": "integer", "minimum": 1},
+                    "max_cost": {"type": "number", "minimum": 0},
+                },
+            },
+        },
+    },
+    "design_gate": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "always": {"type": "boolean"},
+            "cost_over": {"type": "number", "minimum": 0},
+            "tools": {"type": "array", "items": {"type": "string"}, "uniqueItems": True},
+        },
+    },
+}
 _PLAN_VALIDATOR = jsonschema.Draft202012Validator(PLAN_SCHEMA)
 
 
@@ -149,6 +181,9 @@ class Plan:
     result: Mapping[str, Any] = field(default_factory=dict)
     result_schema: Mapping[str, Any] = field(default_factory=dict)
     verification: Verification = field(default_factory=Verification)
+    # A planned process's planner settings and design gate (empty for a plan of tasks).
+    planning: Mapping[str, Any] = field(default_factory=dict)
+    design_gate: Mapping[str, Any] = field(default_factory=dict)
 
     def by_key(self) -> dict[str, TaskSpec]:
         return {t.key: t for t in self.tasks}
@@ -198,6 +233,10 @@ class Plan:
             data["tasks"] = [t for t in tasks if t["key"] != RUN_CHECK_KEY]
             data["run_check"] = {"auditor": check.executor_ref, "goal": check.spec,
                                  "acceptance": list(check.acceptance)}
+        if self.planning:
+            data["planning"] = dict(self.planning)
+        if self.design_gate:
+            data["design_gate"] = dict(self.design_gate)
         return data
 
 
@@ -236,7 +275,7 @@ def parse_plan(source: str | Mapping[str, Any]) -> Plan:
             tools=tuple(t["tools"]) if "tools" in t else None,
             checks=tuple(t.get("checks", ())),
         )
-        for t in data["tasks"]
+        for t in data.get("tasks", ())
     )
     _check_graph(tasks)
     for name, schema in [("result_schema", data.get("result_schema")),
@@ -253,7 +292,8 @@ def parse_plan(source: str | Mapping[str, Any]) -> Plan:
     if "run_check" in data:
         tasks = (*tasks, _run_check(data["run_check"], tasks, verification))
     return Plan(tasks=tasks, result=data.get("result", {}),
-                result_schema=data.get("result_schema", {}), verification=verification)
+                result_schema=data.get("result_schema", {}), verification=verification,
+                planning=data.get("planning", {}), design_gate=data.get("design_gate", {}))
 
 
 def _run_check(check: Mapping[str, Any], tasks: tuple[TaskSpec, ...],

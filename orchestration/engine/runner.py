@@ -166,6 +166,8 @@ def _schedule(store: RunStore, run: RunSnapshot, take: int) -> AdvanceResult:
     if run.cancel_requested:
         _cancel(store, run)
         return AdvanceResult([], RunStatus.CANCELLED)
+    if run.plan.planning:
+        return AdvanceResult([], status)  # no plan accepted yet: the planner's (planning.py)
     if status in (RunStatus.PENDING, RunStatus.QUEUED):
         if status == RunStatus.PENDING:
             store.set_run_status(run_id, RunStatus.QUEUED)

@@ -40,8 +40,9 @@ _RUN_NEXT: dict[RunStatus, frozenset[RunStatus]] = {
     RunStatus.PLANNING: frozenset(
         {RunStatus.AWAITING_PLAN_APPROVAL, RunStatus.QUEUED, RunStatus.FAILED, RunStatus.CANCELLED}
     ),
+    # A reviewer's rejection sends the run back to its planner (a new plan version).
     RunStatus.AWAITING_PLAN_APPROVAL: frozenset(
-        {RunStatus.QUEUED, RunStatus.FAILED, RunStatus.CANCELLED}
+        {RunStatus.QUEUED, RunStatus.PLANNING, RunStatus.FAILED, RunStatus.CANCELLED}
     ),
     RunStatus.QUEUED: frozenset({RunStatus.RUNNING, RunStatus.FAILED, RunStatus.CANCELLED}),
     RunStatus.RUNNING: frozenset(

@@ -67,6 +67,12 @@ _TOOL_KINDS = ("tool.failed", "tool.refused", "tool.rejected", "tool.denied",
                "tool.interrupted")
 
 
+# What each planning event decides: compared in the run's "plan" stream.
+_PLAN_FIELDS = {"plan.proposed": ("version", "response"), "plan.validated": ("version", "estimate"),
+                "plan.rejected": ("version", "errors"), "plan.feedback": ("note",),
+                "plan.edited": ("version", "plan"), "plan.approved": ("version",)}
+
+
 def project(kind: str, data: Mapping[str, Any]) -> tuple[str, dict[str, Any]] | None:
     """The stream and the decision or state an event records, without timings and ids of
     people; None for an event that is not compared."""
@@ -78,6 +84,8 @@ def project(kind: str, data: Mapping[str, Any]) -> tuple[str, dict[str, Any]] | 
         return "run", item
     if kind == "run.cancel_requested":
         return "run", {"kind": kind}
+    if kind in _PLAN_FIELDS:  # a planned run's planning (orchestration/planning.py)
+        return "plan", {"kind": kind, **{f: data.get(f) for f in _PLAN_FIELDS[kind]}}
     task = data.get("task")
     if not task or data.get("reused_from"):
         return None

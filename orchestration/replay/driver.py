@@ -24,7 +24,7 @@ from orchestration.engine.runner import (
     run_contract_task,
     stopped_outcome,
 )
-from orchestration.engine.states import RUN_TERMINAL, TaskStatus
+from orchestration.engine.states import RUN_TERMINAL, RunStatus, TaskStatus
 from orchestration.engine.verify import Verifier, check_run
 from orchestration.models import Agent, Run, Tool
 from orchestration.replay.comparison import Recorded, ReplayResult, compare
@@ -38,6 +38,7 @@ from orchestration.replay.doubles import (
     recorded_contract,
 )
 from orchestration.replay.ledger import Ledger, Stimuli, ledger_of
+from orchestration.replay.planning import PlanReplay
 from orchestration.services import KILL_SWITCH_RELEASED
 
 MAX_ITERATIONS = 10_000
@@ -73,6 +74,8 @@ class Replay:
                                            f"JSON Schema: {exc.message}")
         self.executors = {"tool": self._tool, "function": self._tool, "agent": self._agent,
                           "audit": self._audit, "human": self._human}
+        # A planned run plans first, from its planner's recorded turns.
+        self.planner = PlanReplay(run_id, plan, self.store, self.state) if plan.planning else None
 
     @property
     def pending(self) -> list[Recorded]:
@@ -185,6 +188,9 @@ class Replay:
             request.arguments = resolution["arguments"]
         if "output" in resolution:
             request.output = resolution["output"]
+        if request.reason in rules.PLAN_REASONS and self.planner is not None:
+            self.planner.resolve(request, resolution)
+            return
         task = snapshot.tasks.get(request.task)
 
         def agent_steps() -> int | None:
@@ -217,6 +223,13 @@ class Replay:
             for stimulus in list(self.pending):
                 if self._due(stimulus):
                     self._apply(stimulus)
+            if self.planner is not None:
+                snapshot = self.store.runs[self.run_id].snapshot
+                if (snapshot.status in (RunStatus.PENDING, RunStatus.PLANNING)
+                        and not snapshot.cancel_requested):
+                    self.planner.turn()
+                    continue
+                self.plan = self.planner.accepted or self.plan
             with self.store.locked(self.run_id) as snapshot:
                 queued = [t.key for t in self.plan.tasks
                           if snapshot.tasks[t.key].status == TaskStatus.QUEUED]
