@@ -86,10 +86,32 @@ def _seed(value: Any) -> str:
     return "" if _is_int(value) else "must be a whole number"
 
 
-def _turn_problems(index: int, turn: Any) -> list[str]:
-    where = f"script turn {index}"
+def _variant_problems(where: str, variants: Any) -> list[str]:
+    """A turn of variants: a non-empty list of turns, each but the last with a ``when`` path
+    (the first whose path is true in the request is used)."""
+    if not isinstance(variants, list) or not variants:
+        return [f"{where}: variants must be a non-empty list of turns"]
+    problems = []
+    for n, variant in enumerate(variants, 1):
+        here = f"{where} variant {n}"
+        if not isinstance(variant, dict):
+            problems.append(f"{here} must be an object like {_TURN_EXAMPLE}")
+            continue
+        when = variant.get("when")
+        if when is not None and (not isinstance(when, str) or not when.strip()):
+            problems.append(f'{here}: when must be a path such as "input.flag"')
+        problems += _turn_problems(here, {k: v for k, v in variant.items() if k != "when"})
+    return problems
+
+
+def _turn_problems(index: int | str, turn: Any) -> list[str]:
+    where = f"script turn {index}" if isinstance(index, int) else index
     if not isinstance(turn, dict):
         return [f"{where} must be an object like {_TURN_EXAMPLE}"]
+    if "variants" in turn:
+        extra = [key for key in turn if key != "variants"]
+        return ([f"{where}: a turn with variants has no other keys (found {extra[0]!r})"]
+                if extra else _variant_problems(where, turn["variants"]))
     problems = [f"{where} has unknown key {key!r} (allowed: {', '.join(_TURN_KEYS)})"
                 for key in turn if key not in _TURN_KEYS]
     if turn.get("text") is not None and not isinstance(turn["text"], str):

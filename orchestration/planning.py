@@ -273,7 +273,7 @@ def _settle_plan(store: DjangoRunStore, run: Run, plan: Plan, version: int,
     """A validated plan becomes the run's: it runs at once, or waits for the design gate."""
     Run.objects.filter(pk=run.pk).update(plan=plan.to_dict(), plan_version=version)
     gate = plan_for_id(run.process_version_id).design_gate
-    reasons = planner.gate_reasons(gate, plan, used)
+    reasons = planner.gate_reasons(gate, plan, used, run.input)
     if not reasons:
         _accept(store, run, plan, version)
         return

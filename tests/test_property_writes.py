@@ -369,6 +369,9 @@ PAGES: dict[str, Page] = {
     "agents/<slug:slug>/": Page("operator", lambda w: f"agents/{w.agent}/", reads=True),
     "tools/": Page("operator", lambda w: "tools/", reads=True),
     "analytics/": Page("operator", lambda w: "analytics/", reads=True),
+    "runs/": Page("operator", lambda w: "runs/", lambda w: st.just({
+        "status": "running", "q": "ORD", "since": "2020-01-01", "order": "oldest"}),
+                  method="GET", reads=True),
     "review/": Page("reviewer", lambda w: "review/", reads=True),
     "review/<uuid:request_id>/": Page("reviewer", lambda w: f"review/{w.request.pk}/",
                                       reads=True),
@@ -409,6 +412,8 @@ API_WRITES: dict[tuple[str, str], Operation] = {
 # they are sent (past the once-a-minute stamp authentication leaves on the token).
 API_READS: dict[tuple[str, str], Operation] = {
     ("GET", "/processes"): Operation("operator", lambda w: "/processes"),
+    ("GET", "/runs"): Operation("operator", lambda w: "/runs", lambda w: st.just(
+        {"status": "running", "q": "ORD", "until": "2999-01-01", "limit": "5"})),
     ("GET", "/runs/{run_id}"): Operation("operator", lambda w: f"/runs/{w.active.pk}"),
     ("GET", "/runs/{run_id}/events"): Operation(
         "operator", lambda w: f"/runs/{w.active.pk}/events",

@@ -67,6 +67,28 @@ PROCESSES: list[dict[str, Any]] = [
         "example": {"customer_email": "kim@example.com", "order_id": "ORD-1042",
                     "message": "Where is my order?"},
     },
+    {
+        "slug": "contract-review",
+        "name": "Contract review",
+        "pattern": "autonomous_frontend",
+        "description": "A planner splits a contract review into clause checks by specialists "
+                       "and a legal sign-off by a person; large contracts' plans are reviewed "
+                       "first.",
+        "input_schema": {
+            "type": "object", "additionalProperties": False,
+            "required": ["contract_text", "counterparty", "value"],
+            "properties": {
+                "contract_text": {"type": "string", "minLength": 1, "maxLength": 100000},
+                "counterparty": {"type": "string", "minLength": 1, "maxLength": 200},
+                "value": {"type": "number", "minimum": 0},
+                "force_low_confidence": {"type": "boolean"},
+            },
+        },
+        "example": {"contract_text": "9.1 Liability is limited to the fees paid in the 12 "
+                                     "months before the claim. 14.2 Either party may end this "
+                                     "agreement with 90 days' written notice.",
+                    "counterparty": "Northwind Traders", "value": 25000},
+    },
 ]
 
 
@@ -182,4 +204,98 @@ POLICIES: list[dict[str, Any]] = [
     {"slug": "refund-over-1000", "name": "Refunds over 1000", "tool": "issue_refund",
      "conditions": [{"arg": "amount", "op": ">", "value": 1000}], "required": 2,
      "deadline_minutes": 240, "on_expiry": "escalate"},
+]
+
+
+# contract-review: the planner, two clause specialists and their auditor. The planner's first
+# proposal gives a specialist a tool it is not granted (validation sends it back); the auditor
+# fails the liability check's first answer (one rework), and answers with low confidence on
+# the termination check when the run's input sets "force_low_confidence".
+def _facts(summary: str, **facts: str) -> str:
+    lines = "".join(f'{k} = "{v}"\n' for k, v in facts.items())
+    return f'```toml\nsummary = "{summary}"\nopen_questions = []\n\n[key_facts]\n{lines}```'
+
+
+CLAUSE = {"type": "object", "required": ["clause", "risk"],
+          "properties": {"clause": {"type": "string", "minLength": 1},
+                         "risk": {"enum": ["low", "medium", "high"]}}}
+CONTRACT_TASKS: list[dict[str, Any]] = [
+    {"key": "liability", "title": "Check the liability clause",
+     "executor": {"type": "agent", "ref": "clause-liability"}, "tools": [],
+     "spec": "Quote the liability clause and state the cap on liability.",
+     "acceptance": ["The liability clause is quoted", "The cap on liability is stated"],
+     "output_schema": CLAUSE, "budget": {"cost": "0.2"}},
+    {"key": "termination", "title": "Check the termination clause",
+     "executor": {"type": "agent", "ref": "clause-termination"}, "tools": [],
+     "spec": "Quote the termination clause and state the notice period.",
+     "acceptance": ["The termination clause is quoted", "The notice period is stated"],
+     "output_schema": CLAUSE, "budget": {"cost": "0.2"}},
+    {"key": "legal_signoff", "title": "Legal sign-off",
+     "executor": {"type": "human", "ref": "reviewer"}, "depends_on": ["liability", "termination"],
+     "spec": "Read the clause checks and decide whether to sign the contract.",
+     "output_schema": {"type": "object", "required": ["decision"], "properties": {
+         "decision": {"enum": ["sign", "do not sign"]}, "comments": {"type": "string"}}}},
+]
+
+
+def _plan_turn(tasks: list[dict[str, Any]], note: str) -> dict[str, Any]:
+    import json
+
+    body = json.dumps({"tasks": tasks, "result": {
+        "signoff": "$tasks.legal_signoff.decision",
+        "comments": "$tasks.legal_signoff.comments"}}, indent=1)
+    return {"text": f"{note}\n```json\n{body}\n```", "tokens_in": 900, "tokens_out": 420}
+
+
+def _audit(criteria: list[tuple[str, bool, str]], confidence: float) -> dict[str, Any]:
+    import json
+
+    return {"text": json.dumps({"criteria": [
+        {"criterion": c, "pass": ok, "evidence": why} for c, ok, why in criteria],
+        "confidence": confidence}), "tokens_in": 640, "tokens_out": 90}
+
+
+_OVERREACH = [dict(CONTRACT_TASKS[0], tools=["lookup_order"]), *CONTRACT_TASKS[1:]]
+LIABILITY_QUOTED = ("The liability clause is quoted", True, "clause 9.1 is quoted")
+TERMINATION = [("The termination clause is quoted", True, "clause 14.2 is quoted"),
+               ("The notice period is stated", True, "90 days")]
+AGENTS += [
+    {"slug": "contract-planner", "name": "Contract planner",
+     "instructions": "You plan contract reviews: one task per clause to check, each done by "
+                     "the specialist for it, then a legal sign-off by a person.",
+     "tools": [],
+     "script": [_plan_turn(_OVERREACH, "A first plan."),
+                _plan_turn(CONTRACT_TASKS, "The plan, with no tools for the specialists.")]},
+    {"slug": "clause-liability", "name": "Liability clause specialist",
+     "instructions": "You read contracts' liability clauses and rate their risk.",
+     "tools": [],
+     "script": [
+         {"text": "Clause 9.1 limits liability.\n" + _facts(
+             "Liability is limited.", clause="9.1 Liability is limited", risk="low"),
+          "tokens_in": 700, "tokens_out": 80},
+         {"text": "Clause 9.1 caps liability at the fees of the prior 12 months.\n" + _facts(
+             "Liability is capped at 12 months of fees.",
+             clause="9.1 Liability is limited to the fees paid in the 12 months before the "
+                    "claim", cap="fees of the prior 12 months", risk="low"),
+          "tokens_in": 820, "tokens_out": 96}]},
+    {"slug": "clause-termination", "name": "Termination clause specialist",
+     "instructions": "You read contracts' termination clauses and rate their risk.",
+     "tools": [],
+     "script": [{"text": "Clause 14.2 allows termination on 90 days' notice.\n" + _facts(
+         "Either party may terminate on 90 days' notice.",
+         clause="14.2 Either party may end this agreement with 90 days' written notice",
+         notice="90 days", risk="medium"), "tokens_in": 700, "tokens_out": 90}]},
+    {"slug": "contract-auditor", "name": "Contract auditor",
+     "instructions": "You audit clause checks against their acceptance criteria and say how "
+                     "confident you are. You never take actions.",
+     "tools": [],
+     "script": [
+         {"variants": [
+             {"when": "task.liability", **_audit([LIABILITY_QUOTED, (
+                 "The cap on liability is stated", False,
+                 "the answer says liability is limited but not to what")], 0.9)},
+             {"when": "input.force_low_confidence", **_audit(TERMINATION, 0.45)},
+             _audit(TERMINATION, 0.9)]},
+         _audit([LIABILITY_QUOTED, ("The cap on liability is stated", True,
+                                    "fees of the prior 12 months")], 0.88)]},
 ]

@@ -143,6 +143,8 @@ PLAN_SCHEMA["$defs"] = {
             "always": {"type": "boolean"},
             "cost_over": {"type": "number", "minimum": 0},
             "tools": {"type": "array", "items": {"type": "string"}, "uniqueItems": True},
+            # A person reviews the plan when a number in the run's input is over its limit.
+            "input_over": {"type": "object", "additionalProperties": {"type": "number"}},
         },
     },
 }

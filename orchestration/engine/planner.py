@@ -140,9 +140,15 @@ def within(plan: Plan, constraints: Mapping[str, Any]) -> list[str]:
     return errors
 
 
-def gate_reasons(gate: Mapping[str, Any], plan: Plan, tools_used: Iterable[str]) -> list[str]:
+def gate_reasons(gate: Mapping[str, Any], plan: Plan, tools_used: Iterable[str],
+                 run_input: Any = None) -> list[str]:
     """Why the design gate wants a person to approve this plan (empty: it runs at once)."""
     reasons = []
+    for field, limit in (gate.get("input_over") or {}).items():
+        value = run_input.get(field) if isinstance(run_input, Mapping) else None
+        if (isinstance(value, int | float) and not isinstance(value, bool)
+                and Decimal(str(value)) > Decimal(str(limit))):
+            reasons.append(f"the run's {field} {value} is over {limit}")
     if gate.get("always"):
         reasons.append("the process has every plan reviewed")
     over = gate.get("cost_over")

@@ -348,7 +348,8 @@ class Verifier:
                                key=f"{self.run_id}:{self.spec.key}:qc:{round_}:budget")
             try:
                 response = self.auditor.complete(ModelRequest(
-                    messages=tuple(messages), variables={"input": self.run_input}))
+                    messages=tuple(messages),
+                    variables={"input": self.run_input, "task": {self.spec.key: True}}))
             except ProviderError as exc:
                 self.governor.release(worst)
                 return Judgement("escalate", [f"the auditor could not answer: {exc}"],

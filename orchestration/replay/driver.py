@@ -75,7 +75,8 @@ class Replay:
         self.executors = {"tool": self._tool, "function": self._tool, "agent": self._agent,
                           "audit": self._audit, "human": self._human}
         # A planned run plans first, from its planner's recorded turns.
-        self.planner = PlanReplay(run_id, plan, self.store, self.state) if plan.planning else None
+        self.planner = PlanReplay(run_id, plan, self.store, self.state,
+                                  run_input) if plan.planning else None
 
     @property
     def pending(self) -> list[Recorded]:

@@ -22,8 +22,9 @@ from orchestration.replay.doubles import ReplayStore, Request, State
 class PlanReplay:
     """The planning phase of one replayed run, on the replay's store."""
 
-    def __init__(self, run_id: str, plan: Plan, store: ReplayStore, state: State) -> None:
-        self.run_id, self.store, self.state = run_id, store, state
+    def __init__(self, run_id: str, plan: Plan, store: ReplayStore, state: State,
+                 run_input: Any = None) -> None:
+        self.run_id, self.store, self.state, self.run_input = run_id, store, state, run_input
         self.planning, self.gate = plan.planning, plan.design_gate
         self.turns: deque[Any] = deque(e.data.get("response") or {}
                                        for e in state.ledger.events
@@ -68,7 +69,7 @@ class PlanReplay:
         self._record(planner.VALIDATED, {"version": self.version,
                                          "estimate": str(planner.estimate(plan))})
         self.current = (plan, self.version)
-        reasons = planner.gate_reasons(self.gate, plan, used)
+        reasons = planner.gate_reasons(self.gate, plan, used, self.run_input)
         if not reasons:
             self._accept(plan, self.version)
             return
