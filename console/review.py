@@ -92,6 +92,9 @@ def _render_detail(request: HttpRequest, approval: ApprovalRequest, *, error: st
         "error": error,
         "respondable": respondable,
         "brief": approval.context if respondable else {},
+        # A task's failed or unsure checks: the reviewer accepts the answer or sends it back.
+        "checks": approval.context if approval.reason in ("qc_mismatch", "low_confidence")
+        else None,
         "fields": fields or [],
     }, status=status)
 

@@ -239,3 +239,30 @@ def test_a_run_whose_check_fails_waits_for_a_person_and_never_succeeds_on_its_ow
     run = settled(run, "failed")
     assert "The report is not usable" in run.error
     assert replay(run).ok, replay(run).summary()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_review_page_shows_the_checks_and_sends_the_work_back_with_a_note(
+        runner: None, demo: None, client: Any, people: dict[str, User]) -> None:
+    agent("reporter", [LOOKUP, answer("7"), answer("{{last.total|toml}}")], ["lookup_order"])
+    agent("auditor", [audit(False), audit(True)])
+    run = start({"acceptance": ["The total comes from the order system"]},
+                verification={"auditor": "auditor", "rework_limit": 0})
+    request = escalation(run)
+    assert request.context["attempt"] == 1 and request.context["key_facts"] == {"total": 7}
+    assert request.context["criteria"][0]["pass"] is False
+    client.force_login(people["reviewer"])
+    page = client.get(f"/review/{request.pk}/").content.decode()
+    assert "Accept the answer" in page and "Send back with the note" in page
+    assert "Raise budget" not in page
+    findings = page[page.index('id="qc-findings"'):]
+    assert "the total was made up" in findings[:findings.index("</ul>")]
+    assert 'id="qc-criteria"' in page and "confidence 0.9" in page
+    response = client.post(f"/review/{request.pk}/decide", {
+        "decision": "reject", "note": "Read the total from the order",
+        "arguments_digest": request.arguments_digest})
+    assert response.status_code in (302, 303)
+    run = settled(run, "succeeded")
+    rework = Event.objects.filter(chain=run.pk, kind="task.rework").last()
+    assert rework.data["findings"] == ["a reviewer sent the work back: Read the total from "
+                                       "the order"]

@@ -36,7 +36,7 @@ from orchestration.engine.redaction import redact
 from orchestration.engine.runner import Outcome, TaskContext, stopped_outcome
 from orchestration.engine.states import TaskStatus
 from orchestration.engine.tracing import agent_attributes, traced_complete
-from orchestration.engine.verify import Call, Verifier, key_facts
+from orchestration.engine.verify import Call, Verifier, escalated, key_facts
 
 
 @dataclass(slots=True)
@@ -190,7 +190,7 @@ def run_agent(
             if judged.action == "fail":
                 return Outcome(status=TaskStatus.FAILED, error=judged.error)
             if judged.action == "escalate":
-                return stopped_outcome(judged.detail(), key=judged.key)
+                return escalated(judged)
             verifier.rework(rework, judged.findings)
             rework += 1
             limit += agent.step_budget  # each rework round gets the agent's step budget

@@ -70,6 +70,8 @@ class Judgement:
     reason: str = ""
     key: str = ""
     error: str = ""
+    # For an escalation: what the reviewer needs (the answer, the audit, the attempt).
+    context: dict[str, Any] = field(default_factory=dict)
 
     def detail(self) -> str:
         return f"{self.reason}: " + "; ".join(self.findings)
@@ -232,6 +234,14 @@ def parse_audit(text: str, acceptance: Sequence[str]) -> Audit:
     return Audit(criteria, confidence)
 
 
+def escalated(judged: Judgement) -> Outcome:
+    """The waiting outcome of an escalated check, with what the reviewer needs to decide."""
+    outcome = stopped_outcome(judged.detail(), key=judged.key)
+    if outcome.escalation is not None:
+        outcome.escalation = {**outcome.escalation, "context": judged.context}
+    return outcome
+
+
 def check_run(ctx: TaskContext, verifier: Verifier) -> Outcome:
     """The run's own check (the plan's ``run_check`` task): the auditor reads every task's
     output against the goal's criteria. There is no agent to send it back to: a failure or a
@@ -244,7 +254,7 @@ def check_run(ctx: TaskContext, verifier: Verifier) -> Outcome:
     if judged.action == "pass":
         return Outcome(output={"verdict": "passed", "criteria": verifier.criteria})
     if judged.action == "escalate":
-        return stopped_outcome(judged.detail(), key=judged.key)
+        return escalated(judged)
     return Outcome(status=TaskStatus.FAILED,
                    error=judged.error or "the run's check failed: " + "; ".join(judged.findings))
 
@@ -269,6 +279,7 @@ class Verifier:
     pricing: Callable[[int, int], Decimal] = lambda i, o: Decimal("0")
     audits: list[tuple[str, ModelResponse]] = field(default_factory=list)
     criteria: list[dict[str, Any]] = field(default_factory=list)  # the last audit's verdicts
+    confidence: float | None = None  # and its confidence
 
     def _log(self, kind: str, round_: int, data: dict[str, Any], usage: Usage | None = None,
              reserved: Usage | None = None) -> None:
@@ -281,6 +292,15 @@ class Verifier:
         self._log("task.rework", round_, {"findings": findings, "attempt": round_ + 2})
 
     def check(self, output: Mapping[str, Any], calls: Sequence[Call], round_: int) -> Judgement:
+        judged = self._check(output, calls, round_)
+        if judged.action == "escalate":
+            judged.context = {"attempt": round_ + 1, "findings": judged.findings,
+                              "criteria": self.criteria, "confidence": self.confidence,
+                              "answer": output.get("answer", ""),
+                              "key_facts": key_facts(output)}
+        return judged
+
+    def _check(self, output: Mapping[str, Any], calls: Sequence[Call], round_: int) -> Judgement:
         escalation = f"{self.run_id}:{self.spec.key}:qc:{round_}"
         decision, note = self.decided(escalation)
         if decision:
@@ -366,5 +386,5 @@ class Verifier:
                             cost=cost), reserved=worst)
         self.audits.append((prompt, response))
         audit = parse_audit(response.text, self.spec.acceptance)
-        self.criteria = audit.criteria
+        self.criteria, self.confidence = audit.criteria, audit.confidence
         return audit
