@@ -119,7 +119,7 @@ def test_it_lists_the_demo_processes(api: Any) -> None:
     assert response.status_code == 200
     body = response.json()
     assert sorted(p["slug"] for p in body) == sorted(spec["slug"] for spec in demo_data.PROCESSES)
-    assert len(body) == 3
+    assert len(body) == 4
     for item in body:
         assert set(item) == {"slug", "name", "pattern", "version"}
         spec = next(s for s in demo_data.PROCESSES if s["slug"] == item["slug"])
@@ -370,7 +370,7 @@ def test_it_seeds_the_demo_data_idempotently(demo: None) -> None:
         assert ProcessVersion.objects.filter(process=process).count() == 1, spec["slug"]
         assert process.current_version is not None
         assert process.current_version.number == 1
-    assert Process.objects.count() == 3
+    assert Process.objects.count() == 4
     users = sorted(User.objects.values_list("username", flat=True))
     assert users == users_before
     # The four people; the rest are the service accounts of the demo agents and processes.
