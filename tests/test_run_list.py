@@ -87,7 +87,8 @@ def test_the_api_pages_with_a_cursor_without_gaps_or_repeats(client: Any, people
 @pytest.mark.django_db
 @pytest.mark.parametrize("query, field", [
     ("?status=finished", "status"), ("?cursor=not-a-cursor", "cursor"),
-    ("?order=sideways", "order"), ("?since=2026-02-01&until=2026-01-01", "since")])
+    ("?order=sideways", "order"), ("?since=2026-02-01&until=2026-01-01", "since"),
+    ("?q=ORD%00", "q"), ("?starter=op%00", "starter")])
 def test_a_bad_filter_gets_a_clear_error(client: Any, people: dict, query: str,
                                          field: str) -> None:
     response = api(client, people["reviewer"])(query)

@@ -16,6 +16,7 @@ from django.db.models import Count, Q, QuerySet, TextField
 from django.db.models.functions import Cast
 from django.utils import timezone
 
+from audit import hygiene
 from console.access import visible_runs
 from orchestration.engine.states import RunStatus
 from orchestration.models import Run
@@ -42,6 +43,11 @@ class RunFilter:
     limit: int = DEFAULT_LIMIT
 
     def check(self) -> RunFilter:
+        for name in ("process", "starter", "q", "cursor", "order"):
+            try:  # a NUL or a lone surrogate cannot go into a query
+                hygiene.check(getattr(self, name), name)
+            except hygiene.Refused as exc:
+                raise FilterError(f"{name}: {exc}") from None
         unknown = [s for s in self.status if s not in STATUSES]
         if unknown:
             raise FilterError(f"status: unknown status {unknown[0]!r} (one of "
