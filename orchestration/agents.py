@@ -6,7 +6,7 @@ from __future__ import annotations
 from decimal import Decimal
 
 from orchestration.config_checks import agent_problems
-from orchestration.engine.agent import AgentSpec, run_agent
+from orchestration.engine.agent import AgentSpec, no_cost, run_agent
 from orchestration.engine.gate import StoreLog
 from orchestration.engine.llm import Model, ProviderError, ScriptedModel
 from orchestration.engine.providers import AnthropicModel, OpenAICompatibleModel
@@ -135,8 +135,4 @@ def _verifier(ctx: TaskContext, task: Task, log: StoreLog, governor: DjangoGover
                     run_input=ctx.run_input, outputs=ctx.dep_outputs, record=log.record,
                     recorded={}, decided=governor.qc_decision, governor=governor,
                     auditor=model, auditor_slug=auditor.slug if auditor else "",
-                    pricing=_pricing(auditor) if auditor else _no_cost)
-
-
-def _no_cost(tokens_in: int, tokens_out: int) -> Decimal:
-    return Decimal("0")
+                    pricing=_pricing(auditor) if auditor else no_cost)

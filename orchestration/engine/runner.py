@@ -18,7 +18,7 @@ from orchestration.engine.contracts import ToolContract, ToolRegistry
 from orchestration.engine.errors import EngineError
 from orchestration.engine.gate import StoreLog, ToolGate
 from orchestration.engine.governance import Governor, Ungoverned
-from orchestration.engine.plan import AUDIT, TaskSpec
+from orchestration.engine.plan import AUDIT, RUN_CHECK_KEY, TaskSpec
 from orchestration.engine.redaction import redact
 from orchestration.engine.refs import resolve
 from orchestration.engine.states import (
@@ -245,6 +245,8 @@ def _schedule(store: RunStore, run: RunSnapshot, take: int) -> AdvanceResult:
 
 def _verifying(run: RunSnapshot) -> bool:
     """Whether all that is left of the run is its own check (the plan's ``run_check``)."""
+    if RUN_CHECK_KEY not in run.tasks:
+        return False  # most plans have none: no walk over the tasks on every step
     specs = run.plan.by_key()
     left = [k for k, t in run.tasks.items() if t.status != TaskStatus.SUCCEEDED]
     return bool(left) and all(specs[k].executor_type == AUDIT and t.status in TASK_ACTIVE

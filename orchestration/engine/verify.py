@@ -358,6 +358,7 @@ class Verifier:
         messages.append(Message("user", prompt))
         if recorded is not None:
             response = ModelResponse.from_dict(recorded["response"])
+            audit = parse_audit(response.text, self.spec.acceptance)
         else:
             worst_in = sum(len(m.content) for m in messages) // 3 + 64
             worst = Usage(tokens_in=worst_in, tokens_out=1024,
@@ -385,6 +386,5 @@ class Verifier:
                 usage=Usage(tokens_in=response.tokens_in, tokens_out=response.tokens_out,
                             cost=cost), reserved=worst)
         self.audits.append((prompt, response))
-        audit = parse_audit(response.text, self.spec.acceptance)
         self.criteria, self.confidence = audit.criteria, audit.confidence
         return audit
