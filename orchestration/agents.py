@@ -7,7 +7,8 @@ from decimal import Decimal
 
 from orchestration.config_checks import agent_problems
 from orchestration.engine.agent import AgentSpec, no_cost, run_agent
-from orchestration.engine.gate import StoreLog
+from orchestration.engine.delegation import Delegator
+from orchestration.engine.gate import Journal, StoreLog
 from orchestration.engine.llm import Model, ProviderError, ScriptedModel
 from orchestration.engine.providers import AnthropicModel, OpenAICompatibleModel
 from orchestration.engine.redaction import redact
@@ -92,9 +93,16 @@ def run_agent_task(ctx: TaskContext) -> Outcome:
     verifier = _verifier(ctx, task, log, governor)
     if isinstance(verifier, Outcome):
         return verifier
+    delegator = None
+    if ctx.spec.delegates:
+        store = DjangoRunStore()
+        delegator = Delegator(store=store, run_id=ctx.run_id, spec=ctx.spec,
+                              plan=store.delegations(ctx.run_id, ctx.spec.key)[0], log=log,
+                              journal=Journal(), governor=governor,
+                              actor=f"agent:{agent.slug}", secrets=secrets())
     return run_agent(ctx, spec, model, tools, log, granted=granted_to(agent.user_id, rows),
                      pricing=_pricing(agent), secrets=secrets(), governor=governor,
-                     unusable=unusable, verifier=verifier)
+                     unusable=unusable, verifier=verifier, delegator=delegator)
 
 
 def run_audit_task(ctx: TaskContext) -> Outcome:

@@ -70,6 +70,7 @@ def check(data: Any, planning: Mapping[str, Any], *, process_user: Any = None,
         return None, errors, []
     tools = {t.slug: t for t in Tool.objects.all()}
     refs = {t.executor_ref for t in plan.tasks if t.executor_type == "agent"}
+    refs |= {slug for t in plan.tasks for slug in t.delegates}
     agents = {a.slug: a for a in Agent.objects.filter(slug__in=refs).select_related("user")}
     groups = set(Group.objects.filter(name__in={t.executor_ref for t in plan.tasks})
                  .values_list("name", flat=True))
@@ -91,6 +92,11 @@ def check(data: Any, planning: Mapping[str, Any], *, process_user: Any = None,
                     errors.append(f"task {task.key!r}: agent {ref!r} is not granted the "
                                   f"tool {name!r}")
             used.update(names)
+            for slug in task.delegates:
+                callee = agents.get(slug)
+                if callee is None or callee.status != Agent.Status.ACTIVE:
+                    errors.append(f"task {task.key!r}: there is no active agent {slug!r} to "
+                                  "delegate to")
         elif kind in ("tool", "function"):
             if ref not in tools:
                 errors.append(f"task {task.key!r}: there is no tool {ref!r}")
@@ -105,7 +111,7 @@ def check(data: Any, planning: Mapping[str, Any], *, process_user: Any = None,
 
 # What the process says about verifying its runs; a proposed plan runs under it, whatever the
 # proposal says (a planner cannot weaken the checks its work is held to).
-GOVERNED = ("verification", "run_check", "result_schema")
+GOVERNED = ("verification", "run_check", "result_schema", "delegation")
 
 
 def check_for(run_id: Any, data: Any) -> tuple[Plan | None, list[str], list[str]]:

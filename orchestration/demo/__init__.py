@@ -155,20 +155,40 @@ AGENTS: list[dict[str, Any]] = [
     {
         "slug": "frontdesk",
         "name": "Front desk",
-        "instructions": "You answer customers' questions about their orders. Look up what you "
-                        "need, then reply by email.",
-        "tools": ["lookup_order", "send_customer_email"],
+        "instructions": "You answer customers' questions about their orders. Hand the "
+                        "looking up to the order desk, then reply by email.",
+        "tools": ["send_customer_email"],
         "script": [
             {"tool_calls": [
-                {"name": "lookup_order", "arguments": {"order_id": "$input.order_id"}},
-            ], "tokens_in": 390, "tokens_out": 35},
+                {"name": "delegate_to_order-desk", "arguments": {
+                    "task": "Look up order {{input.order_id}} and report its status.",
+                    "context": "The customer wrote: {{input.message}}",
+                    "acceptance": ["The order's status comes from the order system"]}},
+            ], "tokens_in": 390, "tokens_out": 48},
             {"tool_calls": [
                 {"name": "send_customer_email", "arguments": {
                     "to": "$input.customer_email", "subject": "About order {{input.order_id}}",
-                    "body": "Your order {{last.order_id}} is {{last.status}}."}},
+                    "body": "Your order {{last.key_facts.order_id}} is "
+                            "{{last.key_facts.status}}."}},
             ], "tokens_in": 520, "tokens_out": 64},
             {"text": "I told the customer that order {{input.order_id}} is delivered.",
              "tokens_in": 610, "tokens_out": 22},
+        ],
+    },
+    {
+        "slug": "order-desk",
+        "name": "Order desk",
+        "instructions": "You look orders up for the front desk and report what you found. "
+                        "You never write to customers.",
+        "tools": ["lookup_order"],
+        "script": [
+            {"tool_calls": [
+                {"name": "lookup_order", "arguments": {"order_id": "$input.order_id"}},
+            ], "tokens_in": 260, "tokens_out": 30},
+            {"text": "Order {{last.order_id}} is {{last.status}}.\n```toml\nsummary = "
+                     "\"The order system has the order.\"\nopen_questions = []\n\n"
+                     "[key_facts]\norder_id = {{last.order_id|toml}}\n"
+                     "status = {{last.status|toml}}\n```", "tokens_in": 330, "tokens_out": 40},
         ],
     },
 ]

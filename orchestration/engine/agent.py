@@ -13,7 +13,9 @@ from decimal import Decimal
 from typing import Any
 
 from hashchain import canonical_json
+from orchestration.engine import delegation
 from orchestration.engine.contracts import ToolContract
+from orchestration.engine.delegation import Delegator
 from orchestration.engine.gate import StepLog, ToolGate, contract_lookup
 from orchestration.engine.governance import Governor, Ungoverned, Usage
 from orchestration.engine.handoff import (
@@ -94,12 +96,15 @@ def run_agent(
     unusable: Mapping[str, str] | None = None,
     watch_grant: bool = True,
     verifier: Verifier | None = None,
+    delegator: Delegator | None = None,
 ) -> Outcome:
     """Run one agent task. ``tools`` are the contracts offered to the model; ``unusable``
     names tools whose configuration is broken (a call to one escalates
     ``configuration_error``, the others keep working). A ``verifier`` checks the final answer
     (engine/verify.py): findings go back to the model as the next message, and the task gets
-    another step budget for the rework."""
+    another step budget for the rework. A ``delegator`` offers the task's handoff tools
+    (engine/delegation.py): a handoff call adds a task for another agent, and the task waits
+    until what it delegated has ended."""
     governor = governor or Ungoverned()
     actor = f"agent:{agent.slug}"
     agent_attributes(agent.slug)
@@ -114,6 +119,9 @@ def run_agent(
     messages.append(Message("user", prompt))
     specs = [ToolSpec(t.name, t.description, t.input_schema) for t in tools.values()]
     journal = log.journal()
+    if delegator is not None:
+        delegator.journal = journal
+        specs.extend(delegator.offered())
     gate = ToolGate(contracts=contract_lookup(tools, unusable or {}), log=log, journal=journal,
                     governor=governor, granted=granted, task=task, actor=actor, secrets=secrets,
                     watch_grant=watch_grant)
@@ -199,19 +207,33 @@ def run_agent(
                                     + "\nFix what they found and answer again."))
             continue
 
+        delegated = ""  # the first handoff of this turn still under way
         for index, call in enumerate(response.tool_calls):
             key = f"{ctx.run_id}:{task}:{step}:{index}"
-            verdict = gate.call(key, call.name, call.arguments)
+            handoff = delegator is not None and delegation.callee(call.name) is not None
+            if delegated and not handoff:
+                break  # the turn's other calls run once the delegated work has ended
+            if handoff:
+                assert delegator is not None
+                verdict = delegator.call(key, call.name, call.arguments)
+                if verdict.pause.startswith(delegation.WAITING + ":"):
+                    delegated = delegated or verdict.pause
+                    continue  # the turn's other handoffs are delegated at once
+            else:
+                verdict = gate.call(key, call.name, call.arguments)
             if verdict.pause:
                 return stopped_outcome(verdict.pause, key=key, tool=call.name,
                                        arguments=redact(call.arguments, secrets))
-            calls.append(Call(call.name, verdict.arguments, verdict.result,
-                              verdict.error if verdict.is_error else "", verdict.denied))
+            if not handoff:  # (a handoff is not a tool of the task's scope)
+                calls.append(Call(call.name, verdict.arguments, verdict.result,
+                                  verdict.error if verdict.is_error else "", verdict.denied))
             if not verdict.is_error:
                 tool_results[call.name] = verdict.result
             messages.append(Message("tool", verdict.content, tool_call_id=call.id,
                                     is_error=verdict.is_error))
 
+        if delegated:
+            return Outcome(status=TaskStatus.WAITING, error=delegated)
         if agent.token_budget is not None and tokens_used >= agent.token_budget:
             return stopped_outcome(
                 f"budget_exhausted: the agent loop used {tokens_used} tokens of its "

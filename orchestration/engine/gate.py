@@ -36,7 +36,8 @@ from orchestration.engine.redaction import redact
 from orchestration.engine.tracing import tool_span, tool_verdict
 
 # The ledger events a resume reads back (Journal.fold).
-JOURNAL_KINDS = ("model.called", "tool.intent", "tool.called", "tool.failed", "tool.denied")
+JOURNAL_KINDS = ("model.called", "tool.intent", "tool.called", "tool.failed", "tool.denied",
+                 "delegation.refused")
 # What the checks of an answer recorded (engine/verify.py), by kind and rework round.
 CHECK_KINDS = ("sentinel.passed", "sentinel.failed", "qc.checked", "qc.passed", "qc.failed",
                "task.rework")
@@ -63,7 +64,7 @@ class Journal:
             elif kind == "tool.called":
                 journal.results[data["idempotency_key"]] = {
                     "result": data["result"], "arguments": data.get("arguments")}
-            elif kind == "tool.failed":
+            elif kind in ("tool.failed", "delegation.refused"):
                 journal.results[data["idempotency_key"]] = {"error": data["error"]}
             elif kind == "tool.denied":
                 journal.results[data["idempotency_key"]] = {"error": data["error"],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import jsonschema
@@ -84,6 +84,13 @@ PLAN_SCHEMA: dict[str, Any] = {
                     # Sentinel: the tools the task may call (scope) and deterministic checks.
                     "tools": {"type": "array", "items": {"type": "string"}, "uniqueItems": True},
                     "checks": {"type": "array", "items": CHECK_SCHEMA},
+                    # Delegation: the agents this task's agent may hand work to (a handoff
+                    # tool each, engine/delegation.py).
+                    "delegates": {"type": "array", "uniqueItems": True,
+                                  "items": {"type": "string", "minLength": 1}},
+                    # Set by the engine on a task an agent delegated: who asked, and the call.
+                    "delegated_by": {"type": "string"},
+                    "call_key": {"type": "string"},
                 },
             },
         },
@@ -98,6 +105,23 @@ PLAN_SCHEMA: dict[str, Any] = {
                 "auditor": {"type": "string", "minLength": 1},
                 "rework_limit": {"type": "integer", "minimum": 0, "maximum": 10},
                 "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+            },
+        },
+        # Limits on delegation between agents, per run of the process.
+        "delegation": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "max_depth": {"type": "integer", "minimum": 1, "maximum": 5},
+                "max_fan_out": {"type": "integer", "minimum": 1, "maximum": 20},
+                "budget": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "tokens": {"type": "integer", "minimum": 1},
+                        "cost": {"type": ["number", "string"]},
+                    },
+                },
             },
         },
         # QC of the run as a whole: once every task succeeded the auditor checks the outputs
@@ -165,6 +189,9 @@ class TaskSpec:
     output_schema: Mapping[str, Any] = field(default_factory=dict)
     tools: tuple[str, ...] | None = None
     checks: tuple[Mapping[str, Any], ...] = ()
+    delegates: tuple[str, ...] = ()
+    delegated_by: str = ""
+    call_key: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,9 +213,17 @@ class Plan:
     # A planned process's planner settings and design gate (empty for a plan of tasks).
     planning: Mapping[str, Any] = field(default_factory=dict)
     design_gate: Mapping[str, Any] = field(default_factory=dict)
+    delegation: Mapping[str, Any] = field(default_factory=dict)
 
     def by_key(self) -> dict[str, TaskSpec]:
         return {t.key: t for t in self.tasks}
+
+    def with_task(self, task: TaskSpec) -> Plan:
+        """This plan with ``task`` added (a delegated task joins its run's plan)."""
+        tasks = list(self.tasks)
+        at = len(tasks) - 1 if tasks and tasks[-1].key == RUN_CHECK_KEY else len(tasks)
+        tasks.insert(at, task)  # the run's check stays last, as parse_plan puts it
+        return replace(self, tasks=tuple(tasks))
 
     def ready(self, statuses: Mapping[str, str]) -> list[str]:
         """Keys of pending tasks whose dependencies have all succeeded, in plan order."""
@@ -222,6 +257,11 @@ class Plan:
                 item["tools"] = list(t.tools)
             if t.checks:
                 item["checks"] = [dict(c) for c in t.checks]
+            if t.delegates:
+                item["delegates"] = list(t.delegates)
+            if t.delegated_by:
+                item["delegated_by"] = t.delegated_by
+                item["call_key"] = t.call_key
             tasks.append(item)
         data: dict[str, Any] = {"tasks": tasks, "result": dict(self.result)}
         if self.result_schema:
@@ -239,6 +279,8 @@ class Plan:
             data["planning"] = dict(self.planning)
         if self.design_gate:
             data["design_gate"] = dict(self.design_gate)
+        if self.delegation:
+            data["delegation"] = dict(self.delegation)
         return data
 
 
@@ -276,6 +318,9 @@ def parse_plan(source: str | Mapping[str, Any]) -> Plan:
             output_schema=t.get("output_schema", {}),
             tools=tuple(t["tools"]) if "tools" in t else None,
             checks=tuple(t.get("checks", ())),
+            delegates=tuple(t.get("delegates", ())),
+            delegated_by=t.get("delegated_by", ""),
+            call_key=t.get("call_key", ""),
         )
         for t in data.get("tasks", ())
     )
@@ -295,7 +340,8 @@ def parse_plan(source: str | Mapping[str, Any]) -> Plan:
         tasks = (*tasks, _run_check(data["run_check"], tasks, verification))
     return Plan(tasks=tasks, result=data.get("result", {}),
                 result_schema=data.get("result_schema", {}), verification=verification,
-                planning=data.get("planning", {}), design_gate=data.get("design_gate", {}))
+                planning=data.get("planning", {}), design_gate=data.get("design_gate", {}),
+                delegation=data.get("delegation", {}))
 
 
 def _run_check(check: Mapping[str, Any], tasks: tuple[TaskSpec, ...],
@@ -306,7 +352,8 @@ def _run_check(check: Mapping[str, Any], tasks: tuple[TaskSpec, ...],
     if any(t.key == RUN_CHECK_KEY for t in tasks):
         raise PlanError(f"task key {RUN_CHECK_KEY!r} is reserved for the run's check")
     return TaskSpec(key=RUN_CHECK_KEY, executor_type=AUDIT, executor_ref=auditor,
-                    depends_on=tuple(t.key for t in tasks), title="Verify the run",
+                    depends_on=tuple(t.key for t in tasks if not t.delegated_by),
+                    title="Verify the run",
                     spec=check.get("goal", ""), acceptance=tuple(check["acceptance"]))
 
 

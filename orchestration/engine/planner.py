@@ -122,6 +122,10 @@ def proposal(data: Mapping[str, Any]) -> tuple[Plan | None, list[str]]:
         return None, ["a proposed plan lists tasks; it cannot plan again or set a design gate"]
     if not data.get("tasks"):
         return None, ["the plan has no tasks"]
+    if any(isinstance(t, Mapping) and ("delegated_by" in t or "call_key" in t)
+           for t in data.get("tasks") or ()):
+        return None, ["delegated_by and call_key are set by the engine when an agent "
+                      "delegates; a plan cannot set them"]
     try:
         return parse_plan(data), []
     except PlanError as exc:

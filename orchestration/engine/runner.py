@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import jsonschema
 
 from jsonkit import schema_problems
+from orchestration.engine import delegation
 from orchestration.engine.contracts import ToolContract, ToolRegistry
 from orchestration.engine.errors import EngineError
 from orchestration.engine.gate import StoreLog, ToolGate
@@ -24,6 +25,7 @@ from orchestration.engine.refs import resolve
 from orchestration.engine.states import (
     RUN_TERMINAL,
     TASK_ACTIVE,
+    TASK_TERMINAL,
     RunStatus,
     TaskStatus,
 )
@@ -173,6 +175,12 @@ def _schedule(store: RunStore, run: RunSnapshot, take: int) -> AdvanceResult:
             store.set_run_status(run_id, RunStatus.QUEUED)
         store.set_run_status(run_id, RunStatus.RUNNING)
         status = RunStatus.RUNNING
+    # Callers whose delegated tasks have all ended go back to the queue (dispatched below).
+    woken = delegation.woken(run.plan, run.tasks) if status in (
+        RunStatus.RUNNING, RunStatus.WAITING, RunStatus.VERIFYING) else []
+    for key in woken:
+        store.requeue_task(run_id, key, reason=delegation.WOKEN)
+        run.tasks[key].status = TaskStatus.QUEUED
     statuses = run.statuses()
     if status == RunStatus.WAITING:
         # A person's decision put work back in the queue (or took it over): carry on.
@@ -185,7 +193,9 @@ def _schedule(store: RunStore, run: RunSnapshot, take: int) -> AdvanceResult:
     if status not in (RunStatus.RUNNING, RunStatus.VERIFYING):
         return AdvanceResult([], status)
 
-    failed = [k for k, s in statuses.items() if s == TaskStatus.FAILED]
+    # A delegated task's failure is its caller's to handle (the handoff call's error).
+    owned = delegation.owned(run.plan)
+    failed = [k for k, s in statuses.items() if s == TaskStatus.FAILED and k not in owned]
     if failed and not any(s in TASK_ACTIVE for s in statuses.values()):
         errors = "; ".join(f"{k}: {run.tasks[k].error}" for k in failed)
         for key, s in statuses.items():
@@ -197,7 +207,8 @@ def _schedule(store: RunStore, run: RunSnapshot, take: int) -> AdvanceResult:
     if failed:
         return AdvanceResult([], status)  # let active tasks land before failing the run
 
-    if all(s == TaskStatus.SUCCEEDED for s in statuses.values()):
+    if all(s == TaskStatus.SUCCEEDED or (k in owned and s in TASK_TERMINAL)
+           for k, s in statuses.items()):
         outputs = {k: t.output for k, t in run.tasks.items()}
         if run.plan.result:
             result = resolve(dict(run.plan.result), run_input=run.input, outputs=outputs,
@@ -240,7 +251,7 @@ def _schedule(store: RunStore, run: RunSnapshot, take: int) -> AdvanceResult:
                                                                 "run's check is under way")
         status = RunStatus.VERIFYING
     mine = {c.key for c in claimed}
-    return AdvanceResult([k for k in released if k not in mine], status, claimed)
+    return AdvanceResult([*woken, *(k for k in released if k not in mine)], status, claimed)
 
 
 def _verifying(run: RunSnapshot) -> bool:

@@ -10,10 +10,11 @@ import copy
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from hashchain import GENESIS, canonical_json, chain_hash
+from orchestration.engine.delegation import DELEGATED, Child, child_key, children, depth
 from orchestration.engine.plan import Plan, TaskSpec
 from orchestration.engine.states import TaskStatus, check_run_transition, check_task_transition
 
@@ -232,6 +233,33 @@ class MemoryStore:
             check_task_transition(task.status, TaskStatus.QUEUED)
             task.status = TaskStatus.QUEUED
             self.record(run_id, "task.requeued", {"task": key, "reason": reason})
+
+    def delegations(self, run_id: str, parent: str) -> tuple[Plan, dict[str, Any]]:
+        with self._lock:
+            snap = self.runs[run_id].snapshot
+            made = {}
+            for spec in children(snap.plan, parent):
+                task = snap.tasks[spec.key]
+                made[spec.call_key] = Child(spec.key, task.status, copy.deepcopy(task.output),
+                                            task.error)
+            return snap.plan, made
+
+    def delegate(self, run_id: str, parent: str, child: TaskSpec,
+                 budget: Mapping[str, Any]) -> TaskSpec:
+        """Add a delegated task (this store keeps no budgets: ``budget`` is recorded only)."""
+        with self._lock:
+            snap = self.runs[run_id].snapshot
+            for spec in children(snap.plan, parent):
+                if spec.call_key == child.call_key:
+                    return spec
+            child = replace(child, key=child_key(parent, set(snap.plan.by_key())))
+            snap.plan = snap.plan.with_task(child)
+            snap.tasks[child.key] = TaskSnapshot(key=child.key, status=TaskStatus.PENDING)
+            self.record(run_id, DELEGATED, {
+                "task": parent, "child": child.key, "agent": child.executor_ref,
+                "call": child.call_key, "depth": depth(snap.plan, child.key),
+                "budget": dict(budget)})
+            return child
 
     def record_step(self, run_id: str, kind: str, data: dict[str, Any], *, usage: Any,
                     reserved: Any = None, lease: str = "") -> None:

@@ -118,6 +118,12 @@ def project(kind: str, data: Mapping[str, Any]) -> tuple[str, dict[str, Any]] | 
         return stream, {"kind": kind, "reason": data.get("reason"), "tool": data.get("tool"),
                         "arguments_digest": data.get("arguments_digest"),
                         "policy": data.get("policy")}
+    if kind == "task.delegated":  # (the budget carved is the store's, not compared)
+        return stream, {"kind": kind, "child": data.get("child"), "agent": data.get("agent"),
+                        "call": data.get("call"), "depth": data.get("depth")}
+    if kind == "delegation.refused":
+        return stream, {"kind": kind, "tool": data.get("tool"),
+                        "call": data.get("idempotency_key"), "error": data.get("error")}
     if kind == "budget.raised":
         return stream, {"kind": kind, "raise": data.get("raise")}
     if kind in _CHECK_KINDS:  # the checks of a task's answer (engine/verify.py)

@@ -12,8 +12,9 @@ import jsonschema
 from orchestration import rules
 from orchestration.engine.agent import AgentSpec, run_agent
 from orchestration.engine.contracts import ToolContract
+from orchestration.engine.delegation import Delegator
 from orchestration.engine.errors import EngineError
-from orchestration.engine.gate import StoreLog, ToolGate, contract_lookup
+from orchestration.engine.gate import Journal, StoreLog, ToolGate, contract_lookup
 from orchestration.engine.human import HUMAN_TASK, call_key, human_outcome, no_group
 from orchestration.engine.plan import Plan, parse_plan
 from orchestration.engine.runner import (
@@ -126,9 +127,16 @@ class Replay:
         governor = ReplayGovernor(self.state, ctx, self.policies, self.risk)
         log = StoreLog(self.store, self.run_id, task)
         verifier = self._verifier(ctx, governor, log, self.plan.verification.auditor)
+        delegator = None
+        if ctx.spec.delegates:  # handoffs add tasks to the replay's plan, as production's did
+            delegator = Delegator(store=self.store, run_id=self.run_id, spec=ctx.spec,
+                                  plan=self.store.delegations(self.run_id, task)[0], log=log,
+                                  journal=Journal(), governor=governor,
+                                  actor=f"agent:{agent.slug}")
         return run_agent(ctx, spec, RecordedModel(self.ledger, task), self.tools, log,
                          granted=self._granted(task), governor=governor,
-                         unusable=self.unusable, watch_grant=False, verifier=verifier)
+                         unusable=self.unusable, watch_grant=False, verifier=verifier,
+                         delegator=delegator)
 
     def _verifier(self, ctx: TaskContext, governor: ReplayGovernor, log: StoreLog,
                   auditor: str) -> Verifier:
@@ -195,7 +203,8 @@ class Replay:
         task = snapshot.tasks.get(request.task)
 
         def agent_steps() -> int | None:
-            agent = self.agents.get(self.plan.by_key()[request.task].executor_ref)
+            plan = self.store.runs[self.run_id].snapshot.plan
+            agent = self.agents.get(plan.by_key()[request.task].executor_ref)
             return agent.step_budget if agent is not None else None
 
         # The same rule production's resume applies (orchestration/rules.py).
@@ -232,7 +241,8 @@ class Replay:
                     continue
                 self.plan = self.planner.accepted or self.plan
             with self.store.locked(self.run_id) as snapshot:
-                queued = [t.key for t in self.plan.tasks
+                # (the run's own plan: delegated tasks join it as they are delegated)
+                queued = [t.key for t in snapshot.plan.tasks
                           if snapshot.tasks[t.key].status == TaskStatus.QUEUED]
             if queued:
                 execute(self.store, self.run_id, queued[0], self.executors)
