@@ -23,6 +23,8 @@ class Node:
     status: str
     depends_on: tuple[str, ...]
     label: str = ""
+    # The task that delegated this one (engine/delegation.py): drawn as a dashed edge.
+    delegated_by: str = ""
 
 
 def _layers(nodes: Sequence[Node]) -> dict[str, int]:
@@ -34,7 +36,9 @@ def _layers(nodes: Sequence[Node]) -> dict[str, int]:
     def visit(key: str, seen: frozenset[str]) -> int:
         if key in depth:
             return depth[key]
-        deps = [d for d in by_key[key].depends_on if d in keys and d not in seen]
+        node = by_key[key]
+        deps = [d for d in (*node.depends_on, *filter(None, [node.delegated_by]))
+                if d in keys and d not in seen]
         depth[key] = 1 + max((visit(d, seen | {key}) for d in deps), default=-1)
         return depth[key]
 
@@ -79,6 +83,14 @@ def plan_svg(nodes: Iterable[Node], *, title: str = "Task graph") -> SafeString:
             mid = (sx + ex) // 2
             parts.append(f'<path class="plan-edge" d="M {sx} {sy} C {mid} {sy}, {mid} {ey}, '
                          f'{ex} {ey}" marker-end="url(#plan-arrow)"/>')
+        if n.delegated_by in place:
+            x1, y1 = place[n.delegated_by]
+            sx, sy, ex, ey = x1 + NODE_W, y1 + NODE_H // 2, x2, y2 + NODE_H // 2
+            mid = (sx + ex) // 2
+            parts.append(f'<path class="plan-edge plan-delegation" d="M {sx} {sy} C {mid} '
+                         f'{sy}, {mid} {ey}, {ex} {ey}" marker-end="url(#plan-arrow)">'
+                         f'<title>{escape(n.delegated_by)} delegated {escape(n.key)}</title>'
+                         '</path>')
     for n in nodes:
         x, y = place[n.key]
         status = escape(n.status)
@@ -93,7 +105,10 @@ def plan_svg(nodes: Iterable[Node], *, title: str = "Task graph") -> SafeString:
     return mark_safe("".join(parts))  # noqa: S308 - every interpolated text is escaped above
 
 
-def nodes_of(tasks: Iterable[Any]) -> list[Node]:
-    """Nodes from task rows (key, status, depends_on, executor_type, executor_ref)."""
+def nodes_of(tasks: Iterable[Any], delegated: dict[str, str] | None = None) -> list[Node]:
+    """Nodes from task rows (key, status, depends_on, executor_type, executor_ref);
+    ``delegated`` names the task that delegated each delegated task."""
+    delegated = delegated or {}
     return [Node(key=t.key, status=t.status, depends_on=tuple(t.depends_on or ()),
-                 label=f"{t.status} · {t.executor_type}") for t in tasks]
+                 label=f"{t.status} · {t.executor_type}",
+                 delegated_by=delegated.get(t.key, "")) for t in tasks]

@@ -24,6 +24,16 @@ def test_it_lays_tasks_out_in_layers_by_dependency_depth_with_one_edge_per_depen
     assert "<script" not in svg and "style=" not in svg
 
 
+def test_a_delegated_task_sits_after_its_caller_with_a_dashed_edge() -> None:
+    svg = str(plan_svg([Node("answer", "waiting", ()),
+                        Node("answer_d1", "running", (), delegated_by="answer")]))
+    xs = {key: int(x) for key, x in re.findall(
+        r'id="plan-node-(\w+)"><title>[^<]*</title><rect x="(\d+)"', svg)}
+    assert xs["answer"] < xs["answer_d1"]
+    assert svg.count('class="plan-edge plan-delegation"') == 1
+    assert "<title>answer delegated answer_d1</title>" in svg
+
+
 def test_it_escapes_every_label_and_survives_a_cycle_or_an_unknown_dependency() -> None:
     svg = str(plan_svg([Node("x", "pending", ("y", "ghost"), label="<img src=x onerror=1>"),
                         Node("y", "pending", ("x",))], title='"><script>alert(1)</script>'))

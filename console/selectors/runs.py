@@ -92,7 +92,7 @@ def run_page(user: Any, run_id: Any) -> dict[str, Any]:
         "events": events,
         "trace": _trace(events, tasks),
         "checks": checks_by_task(events),
-        "plan_svg": plan_svg(nodes_of(tasks), title="Task graph of this run"),
+        "plan_svg": plan_svg(nodes_of(tasks, _delegated(run)), title="Task graph of this run"),
         "progress": {"done": done, "total": len(tasks)},
         "gauges": [
             _gauge("Tokens", run.tokens_in + run.tokens_out, run.budget_tokens),
@@ -188,3 +188,10 @@ def approval_out(request: ApprovalRequest) -> dict[str, Any]:
         "brief": (request.context or {}) if request.reason in RESPONDABLE else None,
         "response": (request.resolution or {}).get("output"),
     }
+
+
+def _delegated(run: Any) -> dict[str, str]:
+    """Which task delegated each delegated task of the run (its plan says)."""
+    if not run.plan_version:
+        return {}
+    return {t.key: t.delegated_by for t in plan_of(run).tasks if t.delegated_by}
