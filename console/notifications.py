@@ -181,20 +181,26 @@ def _skip_reason(delivery: NotificationDelivery) -> str:
         if hook is None or not hook.active:
             return "the webhook was removed or switched off"
         return ""
-    user = delivery.user
+    user, request = delivery.user, delivery.notice.request
     if not settings.SWITCHBOARD_NOTIFY_EMAIL:
         return "email notifications are switched off"
-    if user is None or not user.is_active or not user.email:
-        return "the person is gone, inactive or has no email address"
+    if user is None or not user.email:
+        return "the person is gone or has no email address"
     if NotificationPreference.objects.filter(user=user, email=False).exists():
         return "the person opted out of email"
+    if request.status != ApprovalRequest.Status.PENDING:
+        return f"the request is {request.get_status_display()} already"
+    why_not = approvals.can_decide(user, request)
+    if why_not:
+        return f"the person may no longer decide it: {why_not}"
     return ""
 
 
 def _claim(delivery_id: str, message_id: int | None) -> _Attempt | None:
     with transaction.atomic():
         delivery = (NotificationDelivery.objects.select_for_update(of=("self",))
-                    .select_related("notice", "webhook", "user").filter(pk=delivery_id).first())
+                    .select_related("notice__request__decider_group", "webhook", "user")
+                    .filter(pk=delivery_id).first())
         if delivery is None or delivery.status != Status.PENDING:
             outbox.consume(message_id)  # done already: a duplicate
             return None

@@ -438,3 +438,26 @@ def test_admins_see_preferences_webhooks_and_the_delivery_log(
     log = client.get("/admin/console/notificationdelivery/").content.decode()
     assert "reviewer@switchboard.example" in log and receiver.url in log
     assert "reviewer2" in client.get("/admin/console/notificationpreference/").content.decode()
+
+
+@pytest.mark.django_db
+def test_an_admin_adds_a_webhook_and_the_ledger_never_sees_its_secret(
+        client: Any, people: dict[str, User]) -> None:
+    from audit.models import Event
+
+    client.force_login(people["admin"])
+    form = {"name": "ops", "url": "ftp://hooks.example.com/", "active": "on",
+            "events": ["approval.opened"], "secret": SECRET}
+    refused = client.post("/admin/console/notificationwebhook/add/", form)
+    assert refused.status_code == 200
+    assert "the scheme must be http or https" in refused.content.decode()
+    assert not NotificationWebhook.objects.exists()
+
+    added = client.post("/admin/console/notificationwebhook/add/",
+                        {**form, "url": "https://hooks.example.com/switchboard"})
+    assert added.status_code == 302
+    hook = NotificationWebhook.objects.get()
+    assert hook.events == ["approval.opened"] and hook.secret == SECRET
+    (event,) = Event.objects.filter(kind="config.notification_webhook.create")
+    assert event.data["new"]["url"] == "https://hooks.example.com/switchboard"
+    assert SECRET not in json.dumps(event.data)
