@@ -303,8 +303,8 @@ def _finish(attempt: _Attempt, message_id: int | None, ok: bool, code: int | Non
     with transaction.atomic():
         delivery = (NotificationDelivery.objects.select_for_update()
                     .filter(pk=attempt.delivery_id).first())
-        if delivery is None:
-            outbox.consume(message_id)
+        if delivery is None or delivery.status != Status.PENDING:
+            outbox.consume(message_id)  # a twin whose lease had run out finished it first
             return
         now = timezone.now()
         delivery.leased_until = None
