@@ -9,6 +9,7 @@ import uuid
 from urllib.parse import urlsplit
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import models
 from django.utils import timezone
 
@@ -148,8 +149,6 @@ class NotificationWebhook(models.Model):
         return self.name
 
     def clean(self) -> None:
-        from django.core.exceptions import ValidationError
-
         errors = {}
         problem = url_problem(self.url or "")
         if problem:
