@@ -19,7 +19,7 @@ from django.utils import timezone
 
 from approvals import responses, rules
 from approvals.models import ApprovalRequest, Decision, Policy, PolicyVersion, Reason
-from approvals.signals import approval_resolved
+from approvals.signals import approval_opened, approval_resolved
 from audit import config, hygiene, ledger
 from audit.ledger import actor_of
 from audit.models import Event
@@ -143,6 +143,7 @@ def request_open(
             "group": group.name, "required_approvals": required,
             "deadline": deadline.isoformat(), "detail": detail,
         }, actor=requested_by)
+        approval_opened.send(sender=ApprovalRequest, request=request)
     return request
 
 
@@ -503,6 +504,7 @@ def requests_expire(*, now: Any = None) -> int:
                     "group": version.escalation_group.name,
                     "deadline": request.deadline.isoformat(),
                 }, actor="system")
+                approval_opened.send(sender=ApprovalRequest, request=request)
             else:
                 request.status = Status.EXPIRED
                 _resolve(request, {"action": "reject",

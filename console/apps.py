@@ -1,5 +1,5 @@
-"""The console app: when Django is ready, live updates, sign-in auditing, socket access and
-housekeeping are connected to the signals they follow."""
+"""The console app: when Django is ready, live updates, sign-in auditing, socket access,
+housekeeping and reviewers' notifications are connected to the signals they follow."""
 
 from django.apps import AppConfig
 
@@ -30,3 +30,7 @@ class ConsoleConfig(AppConfig):
 
         # Deactivations, group and permission removals close or refresh the user's sockets.
         socket_access.connect()
+        from console import notifications, tasks
+
+        # Reviewers hear of requests opening and nearing their deadline (outbox topic notify).
+        notifications.connect(tasks.deliver_notification)

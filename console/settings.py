@@ -253,6 +253,68 @@ if SWITCHBOARD_MAX_BUDGET_RAISE_COST > 99_999_999:
     raise ImproperlyConfigured("SWITCHBOARD_MAX_BUDGET_RAISE_COST must be at most 99999999, "
                                "the largest budget the cost columns hold")
 
+# Notifications for reviewers (console/notifications.py): when an approval request opens for a
+# group, and once when its deadline nears, the group's members who may decide it get an email
+# (unless they opted out on their Notifications page) and every active webhook configured in the
+# admin gets a signed JSON POST. Both go through the outbox: a delivery that fails is tried
+# again after SWITCHBOARD_NOTIFY_RETRY_SECONDS, doubling each time (at most an hour), up to
+# SWITCHBOARD_NOTIFY_MAX_ATTEMPTS attempts, then recorded as failed in the admin's delivery log.
+# The deadline notice goes out when less than SWITCHBOARD_NOTIFY_DEADLINE_PERCENT of the time a
+# request was given remains. SWITCHBOARD_BASE_URL (scheme://host[:port]) is where the links in
+# notifications point. SWITCHBOARD_NOTIFY_EMAIL=false sends no email at all.
+SWITCHBOARD_BASE_URL = envorigins("SWITCHBOARD_BASE_URL", ["http://127.0.0.1:8000"])
+if len(SWITCHBOARD_BASE_URL) != 1:
+    raise ImproperlyConfigured("SWITCHBOARD_BASE_URL must be one origin, scheme://host[:port]")
+SWITCHBOARD_BASE_URL = SWITCHBOARD_BASE_URL[0]
+SWITCHBOARD_NOTIFY_EMAIL = envbool("SWITCHBOARD_NOTIFY_EMAIL", True)
+SWITCHBOARD_NOTIFY_DEADLINE_PERCENT = envint("SWITCHBOARD_NOTIFY_DEADLINE_PERCENT", 20,
+                                             minimum=1)
+if SWITCHBOARD_NOTIFY_DEADLINE_PERCENT > 99:
+    raise ImproperlyConfigured("SWITCHBOARD_NOTIFY_DEADLINE_PERCENT must be between 1 and 99")
+SWITCHBOARD_NOTIFY_MAX_ATTEMPTS = envint("SWITCHBOARD_NOTIFY_MAX_ATTEMPTS", 8, minimum=1)
+SWITCHBOARD_NOTIFY_RETRY_SECONDS = envint("SWITCHBOARD_NOTIFY_RETRY_SECONDS", 30, minimum=1)
+# A webhook must answer within this many seconds (redirects are not followed).
+SWITCHBOARD_WEBHOOK_TIMEOUT_SECONDS = envint("SWITCHBOARD_WEBHOOK_TIMEOUT_SECONDS", 10,
+                                             minimum=1)
+if SWITCHBOARD_WEBHOOK_TIMEOUT_SECONDS > 120:
+    raise ImproperlyConfigured("SWITCHBOARD_WEBHOOK_TIMEOUT_SECONDS must be at most 120")
+# Email (Django's MAILERS): SWITCHBOARD_EMAIL_BACKEND is smtp (the default when EMAIL_HOST is
+# set), console (the default otherwise: messages are written to the server's output), file (into
+# the directory EMAIL_FILE_PATH), locmem or dummy. SMTP reads EMAIL_HOST, EMAIL_PORT (25),
+# EMAIL_HOST_USER, EMAIL_HOST_PASSWORD and EMAIL_USE_TLS or EMAIL_USE_SSL; a server must answer
+# within EMAIL_TIMEOUT seconds (10). SWITCHBOARD_EMAIL_FROM is the sender.
+_EMAIL_BACKENDS = {"smtp": "django.core.mail.backends.smtp.EmailBackend",
+                   "console": "django.core.mail.backends.console.EmailBackend",
+                   "file": "django.core.mail.backends.filebased.EmailBackend",
+                   "locmem": "django.core.mail.backends.locmem.EmailBackend",
+                   "dummy": "django.core.mail.backends.dummy.EmailBackend"}
+_email_host = envstr("EMAIL_HOST", "").strip()
+_email_backend = envchoice("SWITCHBOARD_EMAIL_BACKEND", tuple(_EMAIL_BACKENDS),
+                           "smtp" if _email_host else "console")
+SWITCHBOARD_EMAIL_TIMEOUT_SECONDS = envint("EMAIL_TIMEOUT", 10, minimum=1)
+_email_options: dict[str, object] = {}
+if _email_backend == "smtp":
+    _email_options = {"host": _email_host or "localhost",
+                      "port": envint("EMAIL_PORT", 25, minimum=1),
+                      "username": envstr("EMAIL_HOST_USER", ""),
+                      "password": envstr("EMAIL_HOST_PASSWORD", ""),
+                      "use_tls": envbool("EMAIL_USE_TLS", False),
+                      "use_ssl": envbool("EMAIL_USE_SSL", False),
+                      "timeout": SWITCHBOARD_EMAIL_TIMEOUT_SECONDS}
+    if _email_options["use_tls"] and _email_options["use_ssl"]:
+        raise ImproperlyConfigured("set at most one of EMAIL_USE_TLS and EMAIL_USE_SSL")
+elif _email_backend == "file":
+    _email_options = {"file_path": envstr("EMAIL_FILE_PATH", "").strip()}
+    if not _email_options["file_path"]:
+        raise ImproperlyConfigured("SWITCHBOARD_EMAIL_BACKEND=file needs EMAIL_FILE_PATH, the "
+                                   "directory messages are written to")
+MAILERS = {"default": {"BACKEND": _EMAIL_BACKENDS[_email_backend], "OPTIONS": _email_options}}
+DEFAULT_FROM_EMAIL = envstr("SWITCHBOARD_EMAIL_FROM", "switchboard@localhost").strip()
+if "@" not in DEFAULT_FROM_EMAIL or any(c in DEFAULT_FROM_EMAIL for c in "\r\n"):
+    raise ImproperlyConfigured(f"SWITCHBOARD_EMAIL_FROM={DEFAULT_FROM_EMAIL!r} is not an email "
+                               "address")
+SERVER_EMAIL = DEFAULT_FROM_EMAIL
+
 # Prometheus metrics at /metrics (console/metrics.py). A scrape is answered only when it comes
 # from SWITCHBOARD_METRICS_ALLOW (addresses or networks, default loopback; "0.0.0.0/0,::/0"
 # for anywhere; empty turns /metrics off) and, when SWITCHBOARD_METRICS_TOKEN is set (16+

@@ -7,6 +7,7 @@ from django.urls import path
 from console import health, ledger_views, metrics, review, run_list_views, screens, views
 from console.api import api
 from console.auth_views import throttled
+from console.notification_views import notification_settings
 
 urlpatterns = [
     path("", views.dashboard, name="dashboard"),
@@ -27,6 +28,7 @@ urlpatterns = [
     path("review/", review.queue, name="review_queue"),
     path("review/<uuid:request_id>/", review.detail, name="approval_detail"),
     path("review/<uuid:request_id>/decide", review.decide, name="approval_decide"),
+    path("settings/notifications", notification_settings, name="notification_settings"),
     path("login/", throttled(auth_views.LoginView.as_view()), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     # Before admin.site.urls, so the admin's own sign-in shares the console's throttle.

@@ -49,6 +49,8 @@ PAGES: dict[tuple[str, str], set[str]] = {
     ("GET", "review/"): ALL,
     ("GET", "review/<uuid:request_id>/"): SEES_RUN,
     ("POST", "review/<uuid:request_id>/decide"): {"reviewer"},
+    ("GET", "settings/notifications"): ALL,  # each person's own preference
+    ("POST", "settings/notifications"): ALL,
     ("GET", "login/"): ALL,
     ("POST", "logout/"): ALL,
     ("GET", "admin/login/"): ALL,  # the admin's sign-in, routed through the sign-in throttle
