@@ -1,0 +1,196 @@
+"""Ledger write rate: hash-chained appends from concurrent runs against a plain batched insert.
+
+    .venv/bin/python benchmarks/ledger_rate.py              # 8 runs, 10 s, 5 events a step
+
+On a throwaway PostgreSQL database (created and dropped here), ``--runs`` threads, each with
+its own connection and its own run chain, append events for ``--seconds`` as a worker's steps
+do: each step is one transaction that appends ``--per-step`` events through
+``audit.ledger.append`` inside ``ledger.batched()`` (the chain head locked, every event
+canonicalised and hashed onto its chain, one multi-row INSERT, the head moved) and commits
+with ``synchronous_commit`` on. Then, in the same process and on the same table, the same
+number of rows (the same shape, hashed the same way, new chain ids) is written by
+``executemany`` on a plain psycopg connection (statements pipelined) in one transaction per
+1,000 rows, the batched insert a user would reach for. It prints events per second for both
+and their ratio; the target is at least 0.5 (``--check`` exits 1 when it is missed).
+``--per-step 1`` measures one event per commit.
+
+Options: ``--runs N``, ``--seconds S``, ``--per-step N``, ``--postgres-url`` (default
+``$BENCH_POSTGRES_URL`` or postgresql://postgres@127.0.0.1:5432/postgres), ``--check``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
+TARGET = 0.5
+DATA = {"task": "refund", "step": 0, "tokens_in": 320, "tokens_out": 70, "cost": "0.002010",
+        "response": {"text": "Checked the order; it was delivered. " * 4}}
+
+
+def appends(runs: int, seconds: float, per_step: int) -> dict[str, Any]:
+    from django.db import connection, transaction
+
+    from audit import ledger
+
+    counts = [0] * runs
+    errors: list[str] = []
+    start = threading.Barrier(runs + 1)
+    stop_at = [0.0]
+
+    def one(index: int) -> None:
+        chain = uuid.uuid4()
+        try:
+            with transaction.atomic():
+                ledger.start_chain(chain)
+            start.wait()
+            step = 0
+            while time.perf_counter() < stop_at[0]:
+                step += 1
+                with transaction.atomic(), ledger.batched():
+                    for n in range(per_step):
+                        ledger.append(chain, "model.called", {**DATA, "step": step * 10 + n},
+                                      actor="agent:bench")
+                counts[index] += per_step
+        except Exception as exc:  # noqa: BLE001 - reported with the figures
+            errors.append(f"{type(exc).__name__}: {exc}")
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(runs)]
+    for t in threads:
+        t.start()
+    stop_at[0] = time.perf_counter() + 3600  # set properly once every thread is ready
+    start.wait()
+    began = time.perf_counter()
+    stop_at[0] = began + seconds
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - began
+    total = sum(counts)
+    return {"events": total, "seconds": elapsed, "rate": total / elapsed, "errors": errors}
+
+
+def executemany(count: int, per_chain: int) -> dict[str, Any]:
+    """``count`` rows shaped like the appended ones, hashed the same way, loaded in
+    1,000-row transactions by ``executemany``."""
+    from django.db import connection
+    from django.utils import timezone
+
+    from hashchain import GENESIS, canonical_json, chain_hash
+
+    rows: list[list[Any]] = []
+    chain, seq, prev = uuid.uuid4(), 0, GENESIS
+    for n in range(count):
+        if seq == per_chain:
+            chain, seq, prev = uuid.uuid4(), 0, GENESIS
+        seq += 1
+        at = timezone.now()
+        data = {**DATA, "step": n}
+        body = canonical_json({"chain": str(chain), "seq": seq, "kind": "model.called",
+                               "at": at.isoformat(), "actor": "agent:bench", "data": data})
+        digest = chain_hash(prev, body)
+        rows.append([chain, seq, "model.called", at, "agent:bench", json.dumps(data), body,
+                     prev, digest])
+        prev = digest
+    sql = ("INSERT INTO audit_event (chain, seq, kind, at, actor, data, body, prev_hash, hash)"
+           " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)")
+    # psycopg's own connection (server-side binding; executemany pipelines the statements),
+    # not Django's cursor: the strongest plain baseline.
+    import psycopg
+
+    settings = connection.settings_dict
+    with psycopg.connect(dbname=settings["NAME"], user=settings["USER"] or None,
+                         host=settings["HOST"] or None, port=settings["PORT"] or None,
+                         password=settings["PASSWORD"] or None) as conn:
+        began = time.perf_counter()
+        for first in range(0, len(rows), 1000):
+            with conn.transaction(), conn.cursor() as cursor:
+                cursor.executemany(sql, rows[first:first + 1000])
+        elapsed = time.perf_counter() - began
+    return {"events": count, "seconds": elapsed, "rate": count / elapsed}
+
+
+def worker(args: argparse.Namespace) -> None:
+    sys.path.insert(0, str(ROOT))
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "console.settings")
+    os.environ.setdefault("SECRET_KEY", secrets.token_urlsafe(50))
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0, interactive=False)
+    appended = appends(args.runs, args.seconds, args.per_step)
+    per_chain = max(appended["events"] // max(args.runs, 1), 1)
+    loaded = executemany(max(appended["events"], 1), per_chain)
+    Path(args.out).write_text(json.dumps({"append": appended, "executemany": loaded}))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--per-step", type=int, default=5)
+    parser.add_argument("--postgres-url", default=os.environ.get("BENCH_POSTGRES_URL",
+                                                                 DEFAULT_PG))
+    parser.add_argument("--check", action="store_true")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.runs < 1 or args.seconds <= 0 or args.per_step < 1:
+        parser.error("--runs and --per-step must be at least 1 and --seconds above 0")
+    if args.worker:
+        worker(args)
+        return 0
+
+    from urllib.parse import urlsplit, urlunsplit
+
+    import psycopg
+
+    name = f"switchboard_bench_ledger_{os.getpid()}"
+    with psycopg.connect(args.postgres_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = urlunsplit(urlsplit(args.postgres_url)._replace(path=f"/{name}"))
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "result.json"
+            env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+            env.update(DATABASE_URL=url, DJANGO_SETTINGS_MODULE="console.settings")
+            subprocess.run([sys.executable, __file__, "--worker", "--runs", str(args.runs),
+                            "--seconds", str(args.seconds), "--per-step", str(args.per_step),
+                            "--out", str(out)], env=env, cwd=ROOT, check=True)
+            result = json.loads(out.read_text())
+    finally:
+        with psycopg.connect(args.postgres_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    app, bulk = result["append"], result["executemany"]
+    ratio = app["rate"] / bulk["rate"]
+    print(f"\nLedger write rate on PostgreSQL, {args.runs} concurrent runs, "
+          f"{args.per_step} events per committed step, {args.seconds:g} s:")
+    print(f"{'writer':<44} {'events':>8} {'seconds':>8} {'events/s':>9}")
+    print(f"{'ledger.append (hash-chained, per step)':<44} {app['events']:>8} "
+          f"{app['seconds']:>8.2f} {app['rate']:>9.0f}")
+    print(f"{'executemany, 1,000-row transactions':<44} {bulk['events']:>8} "
+          f"{bulk['seconds']:>8.2f} {bulk['rate']:>9.0f}")
+    if app["errors"]:
+        print(f"errors in the appending runs: {app['errors'][:3]}")
+    missed = ratio < TARGET or bool(app["errors"])
+    print(f"ratio {ratio:.2f}; target >= {TARGET}: {'MISSED' if missed else 'met'}")
+    return 1 if args.check and missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
