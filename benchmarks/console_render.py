@@ -6,14 +6,17 @@ Seeds a throwaway PostgreSQL database (created and dropped here) with the demo d
 ``--runs`` runs of the demo processes, five tasks each, spread over the last 14 days in every
 status, and ``--events`` ledger events with both hash chains computed as
 ``audit.ledger.append`` and ``seal`` do (``--verify`` runs ``audit_verify`` over the result).
-Then it renders, in process through Django's full middleware stack as a signed-in operator who
-may see every run, the dashboard ``--samples`` times and the run page of ``--samples``
-random runs, and prints milliseconds per render (p50, p95, max) and the queries each render made.
-The target is p95 under 150 ms for both.
+Events are written with COPY, so seeding takes minutes even at ``--runs 100000 --events
+5000000``. Then it renders, in process through Django's full middleware stack, ``--samples``
+times each: the dashboard, the runs list with a filter, the run page of random runs (as an
+operator who may see every run), the review queue with 500 pending requests (as a reviewer), the
+ledger page (as an admin), and the API's runs list and a run's events after a seq (with an
+operator's token). It prints milliseconds per request (p50, p95, max) and the queries each made.
+The targets: p95 at most 150 ms a page and 50 ms an API call.
 
 Options: ``--runs N``, ``--events N``, ``--samples N``, ``--verify``, ``--postgres-url`` (server
 to create the throwaway database on; default ``$BENCH_POSTGRES_URL`` or postgresql://postgres@127.0.0.1:5432/postgres),
-``--keep`` (leave the database for inspection), ``--check`` (exit 1 if a p95 is 150 ms or more).
+``--keep`` (leave the database for inspection), ``--check`` (exit 1 if a target is missed).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 TARGET_MS = 150.0
+API_TARGET_MS = 50.0
 STATUSES = ["succeeded"] * 16 + ["failed", "running", "running", "waiting"]
 TASKS = ["validate", "check_sanctions", "check_bank", "score", "approve"]
 
@@ -110,7 +114,7 @@ def seed(runs: int, events: int) -> list[str]:
                                       gseq=gseq, gprev_hash=ghash, ghash=gnext))
                     prev, ghash = digest, gnext
                 heads.append(ChainHead(chain=run.pk, seq=count, head_hash=prev))
-            Event.objects.bulk_create(rows, batch_size=2000)
+            _copy_events(rows)
             ChainHead.objects.bulk_create(heads)
             ChainHead.objects.filter(chain=GLOBAL_CHAIN).update(seq=gseq, head_hash=ghash)
         ids.extend(str(r.pk) for r in made)
@@ -125,18 +129,71 @@ def seed(runs: int, events: int) -> list[str]:
     return ids
 
 
+EVENT_COLUMNS = ("chain", "seq", "kind", "at", "actor", "data", "body", "prev_hash", "hash",
+                 "gseq", "gprev_hash", "ghash")
+
+
+def _copy_events(rows: list[Any]) -> None:
+    """Write events with COPY (PostgreSQL's bulk load): minutes for millions, not hours."""
+    from django.db import connection
+
+    sql = f"COPY audit_event ({', '.join(EVENT_COLUMNS)}) FROM STDIN"
+    with connection.cursor() as cursor, cursor.cursor.copy(sql) as copy:
+        for e in rows:
+            copy.write_row([e.chain, e.seq, e.kind, e.at, e.actor, json.dumps(e.data), e.body,
+                            e.prev_hash, e.hash, e.gseq, e.gprev_hash, e.ghash])
+
+
+def seed_requests(ids: list[str], count: int) -> None:
+    """Pending approval requests on ``count`` of the runs, for the review queue."""
+    from datetime import timedelta
+
+    from django.contrib.auth.models import Group, User
+    from django.utils import timezone
+
+    from approvals.models import ApprovalRequest
+
+    reviewers = Group.objects.get(name="reviewer")
+    operator = User.objects.get(username="operator")
+    now = timezone.now()
+    ApprovalRequest.objects.bulk_create([
+        ApprovalRequest(run_id=run, task_key="refund", call_key=f"{run}:refund:1:0",
+                        tool="issue_refund", arguments={"order_id": f"ORD-{n}", "amount": 250},
+                        reason="sensitive_action", detail="policy refund-over-100 v1 matched",
+                        decider_group=reviewers, requested_by="agent:refund-executor",
+                        run_started_by=operator, deadline=now + timedelta(hours=4),
+                        context={"run_input": {"order_id": f"ORD-{n}"}})
+        for n, run in enumerate(ids[:count])], batch_size=1000)
+
+
 def measure(ids: list[str], samples: int) -> dict[str, Any]:
     from django.contrib.auth.models import User
     from django.db import connection
     from django.test import Client
     from django.test.utils import CaptureQueriesContext
 
-    client = Client()
-    client.force_login(User.objects.get(username="operator"))
+    from console.models import ApiToken
+
+    clients = {}
+    for who in ("operator", "reviewer", "admin"):
+        clients[who] = Client()
+        clients[who].force_login(User.objects.get(username=who))
+    token = ApiToken.issue(User.objects.get(username="operator"))[1]
+    api = Client(HTTP_AUTHORIZATION=f"Bearer {token}")
     rng = random.Random(11)
-    paths = {"dashboard": lambda: "/", "run page": lambda: f"/runs/{rng.choice(ids)}/"}
+    # (client, path, target p95 in ms)
+    paths = {
+        "dashboard": (clients["operator"], lambda: "/", TARGET_MS),
+        "runs list": (clients["operator"], lambda: "/runs/?status=failed&q=ORD-12", TARGET_MS),
+        "run page": (clients["operator"], lambda: f"/runs/{rng.choice(ids)}/", TARGET_MS),
+        "review queue": (clients["reviewer"], lambda: "/review/", TARGET_MS),
+        "ledger page": (clients["admin"], lambda: "/ledger/", TARGET_MS),
+        "api runs": (api, lambda: "/api/v1/runs?status=failed&limit=50", API_TARGET_MS),
+        "api events": (api, lambda: f"/api/v1/runs/{rng.choice(ids)}/events?after=10",
+                       API_TARGET_MS),
+    }
     out: dict[str, Any] = {}
-    for name, path in paths.items():
+    for name, (client, path, target_ms) in paths.items():
         client.get(path())  # warm caches and connections
         times: list[float] = []
         queries: list[int] = []
@@ -147,10 +204,12 @@ def measure(ids: list[str], samples: int) -> dict[str, Any]:
                 response = client.get(target)
                 times.append((time.perf_counter() - started) * 1000)
             if response.status_code != 200:
-                raise RuntimeError(f"{target} answered {response.status_code}")
+                raise RuntimeError(f"{target} answered {response.status_code}: "
+                                   f"{response.content[:300]!r}")
             queries.append(len(captured.captured_queries))
         out[name] = {"p50_ms": statistics.median(times), "p95_ms": percentile(times, 0.95),
-                     "max_ms": max(times), "queries": max(queries), "samples": samples}
+                     "max_ms": max(times), "queries": max(queries), "samples": samples,
+                     "target_ms": target_ms}
     return out
 
 
@@ -171,6 +230,7 @@ def worker(args: argparse.Namespace) -> None:
     call_command("seed_demo", stdout=open(os.devnull, "w"))
     started = time.perf_counter()
     ids = seed(args.runs, args.events)
+    seed_requests(ids, min(args.runs, 500))
     seeded_s = time.perf_counter() - started
     if args.verify:
         call_command("audit_verify")
@@ -212,7 +272,9 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "result.json"
             env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
-            env.update(DATABASE_URL=url, DJANGO_SETTINGS_MODULE="console.settings")
+            # Django's test client calls itself "testserver".
+            env.update(DATABASE_URL=url, DJANGO_SETTINGS_MODULE="console.settings",
+                       ALLOWED_HOSTS="testserver")
             print(f"seeding {args.runs} runs and {args.events} events into {name} ...",
                   file=sys.stderr, flush=True)
             subprocess.run([sys.executable, __file__, "--worker", "--runs", str(args.runs),
@@ -227,13 +289,15 @@ def main() -> int:
     seeded = result.pop("seed")
     print(f"\nPostgreSQL with {seeded['runs']} runs and {seeded['events']} events "
           f"(seeded in {seeded['seconds']} s); server-side render, ms:")
-    print(f"{'page':<10} {'p50':>7} {'p95':>7} {'max':>7} {'queries':>8}")
+    print(f"{'page':<13} {'p50':>7} {'p95':>7} {'max':>7} {'queries':>8} {'target':>7}")
     missed = False
     for page, row in result.items():
-        print(f"{page:<10} {row['p50_ms']:>7.1f} {row['p95_ms']:>7.1f} {row['max_ms']:>7.1f} "
-              f"{row['queries']:>8}")
-        missed |= row["p95_ms"] >= TARGET_MS
-    print(f"target p95 < {TARGET_MS:.0f} ms: {'MISSED' if missed else 'met'}")
+        late = row["p95_ms"] > row["target_ms"]
+        print(f"{page:<13} {row['p50_ms']:>7.1f} {row['p95_ms']:>7.1f} {row['max_ms']:>7.1f} "
+              f"{row['queries']:>8} {row['target_ms']:>7.0f}{'  MISSED' if late else ''}")
+        missed |= late
+    print(f"targets (p95 <= {TARGET_MS:.0f} ms a page, {API_TARGET_MS:.0f} ms an API call): "
+          f"{'MISSED' if missed else 'met'}")
     return 1 if args.check and missed else 0
 
 
