@@ -200,6 +200,8 @@ def _field(name: str, prop: Any, parent: tuple[str, ...], required: bool, depth:
     elif (kind == "array" and isinstance(items, dict) and items.get("type") in SCALAR_TYPES
           and _scalar_enum(items) is None):
         item.widget = "list"
+    if "default" in prop and item.widget != "group":  # shown filled in, as the schema suggests
+        fill([item], {name: prop["default"]})
     return item
 
 
@@ -420,8 +422,8 @@ def read(schema: Any, fields: list[Field], posted: Mapping[str, str]) -> tuple[
     values and their errors."""
     data: dict[str, Any] = {}
     _read(fields, posted, data)
-    if any(item.error for item in walk(fields)):
-        return None, []
+    # On to the checks even when a field could not be read, so that every error shows at
+    # once; a field keeps the first error found for it.
     try:
         hygiene.check(data, "input")
     except hygiene.Refused as exc:

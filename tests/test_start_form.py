@@ -7,10 +7,12 @@ from __future__ import annotations
 import html
 import json
 import re
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from django.contrib.auth.models import User
+from django.template.loader import render_to_string
 from django.test import Client
 
 from audit.models import Event
@@ -101,6 +103,20 @@ def test_it_maps_each_kind_of_property_to_its_field() -> None:
     assert not fields["address.zip"].required and not fields["extra"].required
     assert fields["address.zip"].name == "in/address/zip"
     assert fields["address.zip"].attrs == {"pattern": "^[0-9]{5}$"}
+
+
+def test_it_shows_the_schemas_defaults_filled_in() -> None:
+    schema = {"type": "object", "properties": {
+        "region": {"enum": ["eu", "us"], "default": "us"},
+        "urgent": {"type": "boolean", "default": True},
+        "limit": {"type": "integer", "default": 10},
+        "who": {"type": "object", "properties": {"team": {"type": "string", "default": "ops"}}},
+        "tags": {"type": "array", "items": {"type": "string"}, "default": ["a", "b"]},
+        "plain": {"type": "string"}}}
+    fields = _by_path(start_form.fields_for(schema))
+    assert {k: (f.value, f.checked) for k, f in fields.items()} == {
+        "region": ("1", False), "urgent": ("", True), "limit": ("10", False), "who": ("", False),
+        "who.team": ("ops", False), "tags": ("a\nb", False), "plain": ("", False)}
 
 
 def test_it_edits_objects_nested_too_deep_and_schemas_without_properties_as_json() -> None:
@@ -249,6 +265,33 @@ def test_it_reports_an_error_no_field_holds_by_its_path() -> None:
     general = start_form.place(fields, [((), "must be an object"),
                                         (("ghost", "x"), "is not expected")])
     assert general == ["input must be an object", "ghost.x is not expected"]
+
+
+def test_it_renders_every_kind_of_field_with_its_errors() -> None:
+    fields = start_form.fields_for(RICH)
+    start_form.read(RICH, fields, {**GOOD, "in/address/city": "", "in/tags": "x\n<b>y</b>",
+                                   "in/lines": "[", "in/urgent": "on"})
+    text = render_to_string("console/dashboard.html#start_form", {"start": {
+        "process": SimpleNamespace(slug="rich", description=""), "fields": fields,
+        "has_example": False, "json_text": "{}", "errors": []}})
+    assert re.search(r'<fieldset id="start-address" class="field-group">\s*<legend>address '
+                     r'<abbr class="required"', text)
+    city = _tag(text, "start-address-city")
+    assert 'name="in/address/city"' in city and "required" in city
+    assert 'aria-invalid="true"' in city
+    assert re.search(r'id="start-address-city-error" role="alert">address.city is required<',
+                     text)
+    assert "(one per line)" in text and "x\n&lt;b&gt;y&lt;/b&gt;</textarea>" in text
+    assert re.search(r'id="start-lines-error" role="alert">lines is not valid JSON', text)
+    assert re.search(r'<textarea id="start-lines" name="in/lines" rows="3" spellcheck="false"'
+                     r'[^>]*>\n\[</textarea>', text)
+    assert 'type="email" id="start-contact"' in text
+    assert 'type="checkbox" id="start-urgent" name="in/urgent" checked' in text
+    assert '<option value="1" selected>services</option>' in text
+    assert '<option value="2">3</option>' in text
+    assert 'id="start-name-help">As on the invoice.</small>' in text
+    assert "Full name <abbr" in text
+    assert 'id="start-fill-example"' not in text  # no example, no button
 
 
 # --- the dashboard's start card -------------------------------------------------------------
