@@ -13,6 +13,7 @@ urlpatterns = [
     path("", views.dashboard, name="dashboard"),
     path("runs/", run_list_views.runs, name="run_list"),
     path("runs/start", views.run_start, name="run_start"),
+    path("runs/start/form", views.run_start_form, name="run_start_form"),
     path("runs/<uuid:run_id>/", views.run_detail, name="run_detail"),
     path("runs/<uuid:run_id>/cancel", views.run_cancel, name="run_cancel"),
     path("runs/<uuid:run_id>/replay", views.run_replay, name="run_replay"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import urlencode
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
@@ -13,6 +14,7 @@ from django.urls import reverse
 from django.views.decorators.http import require_POST
 
 from audit import hygiene
+from console import start_form
 from console.access import (
     can_cancel,
     can_replay,
@@ -27,51 +29,134 @@ from orchestration.engine.states import RunStatus
 from orchestration.models import Process
 
 
+def _start_card(process: Process | None, *, example: bool = False) -> dict[str, Any]:
+    """The start card for ``process``: its generated form, empty or showing its example, and
+    the JSON editor beside it."""
+    if process is None:
+        return {}
+    schema = process.current_version.input_schema if process.current_version else {}
+    fields = start_form.fields_for(schema)
+    sample = start_form.example_of(schema)
+    if example and sample is not None:
+        start_form.fill(fields, sample)
+    return {"process": process, "fields": fields, "has_example": sample is not None,
+            "json_text": json.dumps(sample, indent=1, ensure_ascii=False)
+            if example and sample is not None else "{}",
+            "json_open": not fields, "json_error": "", "errors": []}
+
+
+def _dashboard(request: HttpRequest, start: dict[str, Any] | None = None,
+               status: int = 200) -> HttpResponse:
+    """The dashboard; ``start`` is the start card's state after a refused start."""
+    processes = list(startable_processes(request.user))
+    if start is None:
+        wanted = request.GET.get("process", "")
+        chosen = next((p for p in processes if p.slug == wanted), processes[0] if processes
+                      else None)
+        start = _start_card(chosen, example=request.GET.get("example") == "1")
+    return render(request, "console/dashboard.html", {
+        "processes": processes,
+        "runs": visible_runs(request.user).order_by("-created_at")[:50],
+        "figures": dashboard_figures(request.user),
+        "start": start,
+    }, status=status)
+
+
 @login_required
 def dashboard(request: HttpRequest) -> HttpResponse:
-    runs = visible_runs(request.user).order_by("-created_at")[:50]
-    return render(request, "console/dashboard.html", {
-        "processes": startable_processes(request.user),
-        "runs": runs,
-        "figures": dashboard_figures(request.user),
-    })
+    return _dashboard(request)
 
 
-@login_required
-@require_POST
-def run_start(request: HttpRequest) -> HttpResponse:
-    slug = request.POST.get("process", "")
+def _startable(request: HttpRequest, slug: str) -> Process | HttpResponse:
+    """The process named ``slug`` if this person may start it, else the response to send."""
     if "\x00" in slug:
         # No slug holds one, and PostgreSQL would fail on it in the lookup below.
         raise Http404("no such process")
     process = get_object_or_404(Process.objects.select_related("current_version"), slug=slug)
     if not can_start(request.user, process):
         return HttpResponse("You may not start runs of this process.", status=403)
+    return process
+
+
+@login_required
+def run_start_form(request: HttpRequest) -> HttpResponse:
+    """The start card's form for a process (what the process select swaps in; the first one
+    this person may start when none is named), empty or with the process's example filled in.
+    Without htmx, the dashboard showing it."""
+    slug = request.GET.get("process")
+    example = request.GET.get("example") == "1"
+    if slug is None:
+        process: Process | HttpResponse | None = startable_processes(request.user).first()
+        if process is None:
+            raise Http404("no process to start")
+    else:
+        process = _startable(request, slug)
+    if isinstance(process, HttpResponse):
+        return process
+    if not getattr(request, "htmx", False):
+        query = urlencode({"process": process.slug, **({"example": "1"} if example else {})})
+        return HttpResponseRedirect(f"{reverse('dashboard')}?{query}#start")
+    return render(request, "console/dashboard.html#start_form",
+                  {"start": _start_card(process, example=example)})
+
+
+def _start_from_json(request: HttpRequest, process: Process, start: dict[str, Any]) -> Any:
+    """Start a run from the JSON editor; the run, or the start card's state with the error."""
     raw = request.POST.get("input", "").strip() or "{}"
-    error = ""
+    start.update(json_text=raw, json_open=True)
     try:
         # Strict: NaN, Infinity, a NUL, a lone surrogate or deep nesting is refused here, with
         # where it is, rather than failing in the database (or the parser's recursion).
         data: Any = hygiene.loads(raw, "input")
     except json.JSONDecodeError as exc:
-        error = f"Input is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})."
+        start["json_error"] = (f"Input is not valid JSON: {exc.msg} (line {exc.lineno}, "
+                               f"column {exc.colno}).")
     except hygiene.Refused as exc:
-        error = f"Input refused: {exc}."
+        start["json_error"] = f"Input refused: {exc}."
     else:
         try:
-            run = services.run_create(process=process, input=data, user=request.user)
+            return services.run_create(process=process, input=data, user=request.user)
         except services.ServiceError as exc:
-            error = str(exc)
-        else:
-            return redirect("run_detail", run_id=run.pk)
-    response = render(request, "console/dashboard.html", {
-        "processes": startable_processes(request.user),
-        "runs": visible_runs(request.user).order_by("-created_at")[:50],
-        "start_error": error,
-        "start_process": process.slug,
-        "start_input": raw,
-    }, status=400)
-    return response
+            start["json_error"] = str(exc)
+    return start
+
+
+def _start_from_fields(request: HttpRequest, process: Process, start: dict[str, Any]) -> Any:
+    """Start a run from the generated form; the run, or the start card's state with each
+    error next to its field and what was typed kept."""
+    schema = process.current_version.input_schema if process.current_version else {}
+    data, start["errors"] = start_form.read(schema, start["fields"], request.POST)
+    if data is None:
+        return start
+    start["json_text"] = json.dumps(data, indent=1, ensure_ascii=False)
+    try:
+        # The service checks the input against the schema again, and owns the decision.
+        return services.run_create(process=process, input=data, user=request.user)
+    except services.ServiceError as exc:
+        start["errors"] = [str(exc)]
+    return start
+
+
+@login_required
+@require_POST
+def run_start(request: HttpRequest) -> HttpResponse:
+    """Start a run from the generated form, or (with an ``input`` field) from the JSON editor.
+
+    Started: redirect to the run's page. Refused: the dashboard itself, figures and all,
+    with 400 and the form as it was posted, each error beside its field. Not a redirect: what
+    was typed (a contract's text, say) would have to travel through the session or the URL to
+    survive one, and a reload here re-posts input that is refused again, creating nothing."""
+    process = _startable(request, request.POST.get("process", ""))
+    if isinstance(process, HttpResponse):
+        return process
+    start = _start_card(process)
+    if "input" in request.POST:
+        outcome = _start_from_json(request, process, start)
+    else:
+        outcome = _start_from_fields(request, process, start)
+    if isinstance(outcome, dict):
+        return _dashboard(request, outcome, status=400)
+    return redirect("run_detail", run_id=outcome.pk)
 
 
 def _run_context(request: HttpRequest, run_id: Any) -> dict[str, Any]:

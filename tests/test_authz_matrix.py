@@ -34,6 +34,8 @@ PAGES: dict[tuple[str, str], set[str]] = {
     ("GET", ""): ALL,
     ("GET", "runs/"): ALL,  # each person's list holds only the runs they may see
     ("POST", "runs/start"): STARTS,
+    # The start form of the first process each may start (the outsider may start another).
+    ("GET", "runs/start/form"): STARTS | {"outsider"},
     ("GET", "runs/<uuid:run_id>/"): SEES_RUN,
     ("POST", "runs/<uuid:run_id>/cancel"): STARTS,
     ("POST", "runs/<uuid:run_id>/replay"): STARTS,

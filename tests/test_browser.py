@@ -148,10 +148,11 @@ class Watched:
 
 
 def _start_from_dashboard(op: Watched, process: str, data: dict[str, Any]) -> str:
-    op.page.goto(f"{op.base}/")
-    op.page.select_option("select[name=process]", process)
-    op.page.fill("textarea[name=input]", json.dumps(data))
-    op.page.click("form.start button[type=submit]")
+    """Start a run from the dashboard's JSON editor (behind "Advanced: edit as JSON")."""
+    op.page.goto(f"{op.base}/?process={process}")
+    op.page.click("#start-json summary")
+    op.page.fill("#start-json textarea[name=input]", json.dumps(data))
+    op.page.click("#start-json button[type=submit]")
     op.page.wait_for_url(f"{op.base}/runs/**")
     return op.page.url
 

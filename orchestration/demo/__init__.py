@@ -91,6 +91,11 @@ PROCESSES: list[dict[str, Any]] = [
     },
 ]
 
+# Each example is also its input schema's `examples` annotation (JSON Schema 2020-12): what the
+# console's start form offers to fill in.
+for _spec in PROCESSES:
+    _spec["input_schema"]["examples"] = [_spec["example"]]
+
 
 def plan(slug: str) -> dict[str, Any]:
     return yaml.safe_load((HERE / f"{slug}.yaml").read_text())
