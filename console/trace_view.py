@@ -11,6 +11,7 @@ from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.utils import timezone
+from django.utils.cache import patch_vary_headers
 
 from audit.models import Event
 from console.access import get_run_for_user
@@ -111,6 +112,10 @@ def _descendants(span: spans.Span) -> list[spans.Span]:
 def run_trace(request: HttpRequest, run_id: Any, span_id: str = "run") -> HttpResponse:
     context = _page(request, run_id, span_id)
     template = "console/run_trace.html"
-    if getattr(request, "htmx", False):
+    htmx = getattr(request, "htmx", None)
+    # A history restore (back after a span was opened in place) needs the whole page.
+    if htmx and not htmx.history_restore_request:
         template += "#trace_view"  # the waterfall with the span marked, and its detail
-    return render(request, template, context)
+    response = render(request, template, context)
+    patch_vary_headers(response, ["HX-Request"])  # the fragment and the page share a URL
+    return response

@@ -192,7 +192,7 @@ def _turn(store: DjangoRunStore, run_id: str) -> bool:
 
 
 def _record(store: DjangoRunStore, run: Run, agent: Agent, seen: int, response: Any,
-            worst: Usage, actual: Usage, messages: Any = ()) -> bool:
+            worst: Usage, actual: Usage, messages: Any) -> bool:
     """Record a planner turn and apply its verdict, under the run's lock (its conversation
     with it, beside the ledger)."""
     run_id = str(run.pk)

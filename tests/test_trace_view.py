@@ -195,6 +195,9 @@ def test_the_page_draws_the_waterfall_and_opens_a_span(refund: Run, client: Any)
     assert "<html" not in text and "trace-summary" not in text
     assert f'id="span-{model.id}" class="span span-model selected"' in text
     assert f'data-span="{model.id}"' in text
+    restored = client.get(f"/runs/{refund.pk}/trace/{model.id}", HTTP_HX_REQUEST="true",
+                          HTTP_HX_HISTORY_RESTORE_REQUEST="true").content.decode()
+    assert "<html" in restored and "trace-summary" in restored  # back button: the whole page
 
     decision = next(s for s in trace.rows() if s.kind == "decision")
     shown = client.get(f"/runs/{refund.pk}/trace/{decision.id}").content.decode()
@@ -281,3 +284,34 @@ def test_a_planned_run_shows_its_planning_phase_and_the_planners_conversation(
     body = client.get(f"/runs/{run.pk}/trace/{planner[0].id}").content.decode()
     assert "Handle the refund request for order ORD-1042" in body
     assert "Here is the plan." in body
+
+
+def test_the_agent_loop_hands_its_conversation_redacted_to_the_step_log() -> None:
+    from orchestration.engine.agent import AgentSpec, run_agent
+    from orchestration.engine.gate import Journal
+    from orchestration.engine.llm import ScriptedModel
+    from orchestration.engine.plan import TaskSpec
+    from orchestration.engine.runner import TaskContext
+
+    secret = "sk-live-0123456789abcdef"
+    kept: list[tuple[str, dict[str, Any], Any]] = []
+
+    class Log:
+        def journal(self) -> Journal:
+            return Journal.fold([(kind, data) for kind, data, _ in kept])
+
+        def record(self, kind: str, data: dict[str, Any], *, usage: Any, reserved: Any = None,
+                   transcript: list[dict[str, Any]] | None = None) -> None:
+            kept.append((kind, data, transcript))
+
+    context = TaskContext(run_id="run-1", spec=TaskSpec(key="t", executor_type="agent",
+                                                        executor_ref="a"),
+                          attempt=1, run_input={"note": f"the key is {secret}"}, dep_outputs={})
+    run_agent(context, AgentSpec("a", instructions="Be brief."),
+              ScriptedModel([{"text": "Done.", "tokens_in": 5, "tokens_out": 2}]), {}, Log(),
+              granted=lambda name: True, secrets=[secret])
+    [(kind, data, transcript)] = [k for k in kept if k[0] == "model.called"]
+    assert [m["role"] for m in transcript] == ["system", "user"]
+    assert transcript[0]["content"] == "Be brief."
+    assert secret not in repr(transcript) and "the key is [redacted]" in transcript[1]["content"]
+    assert transcripts.digest_of(transcript) != data["messages_digest"]  # digest of the original

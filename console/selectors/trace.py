@@ -267,10 +267,11 @@ def build(events: Sequence[Any], *, run_status: str = "", run_label: str = "this
                 actor=str(data.get("actor") or event.actor),
                 events=[e for e in (intent, event) if e is not None])))
         elif kind == "approval.requested":
-            subject = data.get("tool") or data.get("reason") or "approval"
+            tool, reason = data.get("tool"), str(data.get("reason") or "a decision")
             span = register(container(task).add(Span(
                 id=f"decision-{event.seq}", kind="decision",
-                label=f"approval of {subject}", start=at, status="pending", events=[event],
+                label=f"approval of {tool}" if tool else reason.replace("_", " "),
+                start=at, status="pending", events=[event],
                 detail={"request": data.get("request", ""), "decisions": []})))
             decisions[str(data.get("request", ""))] = span
         elif kind in ("approval.decision", "approval.resolved", "approval.expired"):

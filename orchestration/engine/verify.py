@@ -283,11 +283,14 @@ class Verifier:
     confidence: float | None = None  # and its confidence
 
     def _log(self, kind: str, round_: int, data: dict[str, Any], usage: Usage | None = None,
-             reserved: Usage | None = None, **transcript: Any) -> None:
+             reserved: Usage | None = None,
+             transcript: list[dict[str, Any]] | None = None) -> None:
         if (kind, round_) in self.recorded:
             return  # a resumed task: written before the worker was lost
+        # The auditor's conversation goes with its qc.checked, to be kept beside the ledger.
+        extra = {"transcript": transcript} if transcript is not None else {}
         self.record(kind, {"task": self.spec.key, "round": round_, **data},
-                    usage=usage or Usage(), reserved=reserved, **transcript)
+                    usage=usage or Usage(), reserved=reserved, **extra)
 
     def rework(self, round_: int, findings: list[str]) -> None:
         self._log("task.rework", round_, {"findings": findings, "attempt": round_ + 2})
@@ -385,9 +388,7 @@ class Verifier:
                 "confidence": audit.confidence, "tokens_in": response.tokens_in,
                 "tokens_out": response.tokens_out, "cost": str(cost)},
                 usage=Usage(tokens_in=response.tokens_in, tokens_out=response.tokens_out,
-                            cost=cost), reserved=worst,
-                # what it was shown is the run input and the task's (redacted) output
-                transcript=conversation(messages))
+                            cost=cost), reserved=worst, transcript=conversation(messages))
         self.audits.append((prompt, response))
         self.criteria, self.confidence = audit.criteria, audit.confidence
         return audit
