@@ -235,6 +235,14 @@ SWITCHBOARD_LEASE_SECONDS = envint("SWITCHBOARD_LEASE_SECONDS", 10, minimum=1)
 SWITCHBOARD_SWEEP_SECONDS = envint("SWITCHBOARD_SWEEP_SECONDS", 5, minimum=1)
 SWITCHBOARD_REDELIVER_SECONDS = envint("SWITCHBOARD_REDELIVER_SECONDS", 15, minimum=1)
 SWITCHBOARD_POISON_CRASHES = envint("SWITCHBOARD_POISON_CRASHES", 3, minimum=1)
+# Model conversations (the prompts sent, redacted) are kept beside the ledger for the trace
+# page for SWITCHBOARD_TRANSCRIPT_RETENTION_DAYS, then the sweep deletes their text; the ledger
+# keeps each one's digest and the model's answer, which is all a replay needs.
+SWITCHBOARD_TRANSCRIPT_RETENTION_DAYS = envint("SWITCHBOARD_TRANSCRIPT_RETENTION_DAYS", 30,
+                                               minimum=1)
+if SWITCHBOARD_TRANSCRIPT_RETENTION_DAYS > 36_500:
+    raise ImproperlyConfigured("SWITCHBOARD_TRANSCRIPT_RETENTION_DAYS must be at most 36500 "
+                               "(100 years)")
 # How long a worker keeps the work in hand through a database outage before giving it up to
 # the sweep.
 SWITCHBOARD_DB_RETRY_SECONDS = envint("SWITCHBOARD_DB_RETRY_SECONDS", 60, minimum=0)

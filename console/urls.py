@@ -4,7 +4,16 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from console import health, ledger_views, metrics, review, run_list_views, screens, views
+from console import (
+    health,
+    ledger_views,
+    metrics,
+    review,
+    run_list_views,
+    screens,
+    trace_view,
+    views,
+)
 from console.api import api
 from console.auth_views import throttled
 from console.notification_views import notification_settings
@@ -20,6 +29,8 @@ urlpatterns = [
     path("runs/<uuid:run_id>/replay/checks", views.run_replay_checks, name="run_replay_checks"),
     path("runs/<uuid:run_id>/fork", views.run_fork, name="run_fork"),
     path("runs/<uuid:run_id>/retry", views.run_retry, name="run_retry"),
+    path("runs/<uuid:run_id>/trace/", trace_view.run_trace, name="run_trace"),
+    path("runs/<uuid:run_id>/trace/<slug:span_id>", trace_view.run_trace, name="run_trace_span"),
     path("agents/", screens.agent_list, name="agent_list"),
     path("agents/<slug:slug>/", screens.agent_detail, name="agent_detail"),
     path("agents/<slug:slug>/retire", screens.agent_retire, name="agent_retire"),

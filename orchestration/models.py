@@ -416,3 +416,30 @@ class ReplayCheck(models.Model):
     @property
     def pending(self) -> bool:
         return self.status in (self.Status.QUEUED, self.Status.RUNNING)
+
+
+class Transcript(models.Model):
+    """The (redacted) conversation sent to a model for one recorded call, beside the ledger,
+    which holds only its digest; see orchestration/transcripts.py."""
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="transcripts")
+    # model.called (task, step), qc.checked (task, audit round), plan.proposed (version)
+    kind = models.CharField(max_length=64)
+    task = models.CharField(max_length=63, blank=True)
+    step = models.PositiveIntegerField()
+    messages_digest = models.CharField(max_length=64)
+    messages = models.JSONField(null=True, blank=True,
+                                help_text="the conversation; NULL once the retention expired")
+    recorded_at = models.DateTimeField()
+    expired_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["run", "task", "step"], name="transcript_run_task_step"),
+            # The sweep looks only at text still held.
+            models.Index(fields=["recorded_at"], condition=models.Q(expired_at__isnull=True),
+                         name="transcript_unexpired"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} of {self.run_id}/{self.task or 'plan'}#{self.step}"

@@ -26,7 +26,7 @@ from approvals.models import ApprovalRequest, Reason
 from audit import ledger
 from audit.ledger import actor_of
 from audit.models import Event
-from orchestration import governance, outbox, run_lock
+from orchestration import governance, outbox, run_lock, transcripts
 from orchestration.engine import planner
 from orchestration.engine.errors import PlanError
 from orchestration.engine.governance import Usage
@@ -34,6 +34,7 @@ from orchestration.engine.llm import ModelRequest, ProviderError
 from orchestration.engine.plan import Plan
 from orchestration.engine.redaction import redact
 from orchestration.engine.states import RunStatus, TaskStatus
+from orchestration.engine.transcript import conversation
 from orchestration.models import Agent, ModelPrice, Run, Task, Tool
 from orchestration.plans import plan_for_id, plan_of
 from orchestration.retry import persist
@@ -191,13 +192,15 @@ def _turn(store: DjangoRunStore, run_id: str) -> bool:
     actual = Usage(steps=1, tokens_in=response.tokens_in, tokens_out=response.tokens_out,
                    cost=price.cost(response.tokens_in, response.tokens_out) if price
                    else Decimal("0"))
-    return persist(lambda: _record(store, run, agent, len(events), response, worst, actual),
+    return persist(lambda: _record(store, run, agent, len(events), response, worst, actual,
+                                   messages),
                    what=f"plan {run_id}")
 
 
 def _record(store: DjangoRunStore, run: Run, agent: Agent, seen: int, response: Any,
-            worst: Usage, actual: Usage) -> bool:
-    """Record a planner turn and apply its verdict, under the run's lock."""
+            worst: Usage, actual: Usage, messages: Any) -> bool:
+    """Record a planner turn and apply its verdict, under the run's lock (its conversation
+    with it, beside the ledger)."""
     run_id = str(run.pk)
     with transaction.atomic(), run_lock.locked(run_id) as snapshot:
         now = history(run_id)
@@ -211,6 +214,8 @@ def _record(store: DjangoRunStore, run: Run, agent: Agent, seen: int, response: 
                 "tokens_in": actual.tokens_in, "tokens_out": actual.tokens_out,
                 "cost": str(actual.cost)}
         _append(run_id, planner.PROPOSED, data, actor=f"agent:{agent.slug}")
+        transcripts.keep(run_id, planner.PROPOSED, task="", step=version,
+                         messages=redact(conversation(messages), secrets()))
         try:
             proposed: Any = planner.extract(data["response"]["text"])
         except PlanError as exc:

@@ -21,7 +21,7 @@ from django.utils import timezone
 
 from audit import ledger
 from audit.models import Event
-from orchestration import governance, leases, metrics, outbox, run_lock
+from orchestration import governance, leases, metrics, outbox, run_lock, transcripts
 from orchestration.engine.delegation import DELEGATED, Child, child_key, children, depth
 from orchestration.engine.errors import LeaseLost
 from orchestration.engine.gate import CHECK_KINDS, JOURNAL_KINDS, Journal
@@ -470,12 +470,15 @@ class DjangoRunStore:
                      uuid_param(run_id), spec.delegated_by])
 
     def record_step(self, run_id: str, kind: str, data: dict[str, Any], *, usage: Any,
-                    reserved: Any = None, lease: str = "") -> None:
-        """Checkpoint one model or tool call and settle its reservation, atomically. The
-        call's result is in hand: a database that is briefly away is waited for (``persist``)
-        rather than the call made again."""
+                    reserved: Any = None, lease: str = "",
+                    transcript: list[dict[str, Any]] | None = None) -> None:
+        """Checkpoint one model or tool call and settle its reservation, atomically (a model
+        call's ``transcript`` in the same transaction). The call's result is in hand: a
+        database that is briefly away is waited for (``persist``) rather than the call made
+        again."""
         if transaction.get_connection().in_atomic_block:
-            self._record_step(run_id, kind, data, usage=usage, reserved=reserved, lease=lease)
+            self._record_step(run_id, kind, data, usage=usage, reserved=reserved, lease=lease,
+                              transcript=transcript)
             return
         tries = 0
 
@@ -484,7 +487,8 @@ class DjangoRunStore:
             tries += 1
             if tries > 1 and self._recorded(run_id, kind, data):
                 return  # the earlier try committed; only its answer was lost
-            self._record_step(run_id, kind, data, usage=usage, reserved=reserved, lease=lease)
+            self._record_step(run_id, kind, data, usage=usage, reserved=reserved, lease=lease,
+                              transcript=transcript)
 
         persist(attempt, what=f"record {kind} of {run_id}/{data.get('task', '')}")
 
@@ -503,13 +507,18 @@ class DjangoRunStore:
 
     @retrying
     def _record_step(self, run_id: str, kind: str, data: dict[str, Any], *, usage: Any,
-                     reserved: Any = None, lease: str = "") -> None:
+                     reserved: Any = None, lease: str = "",
+                     transcript: list[dict[str, Any]] | None = None) -> None:
         with transaction.atomic(savepoint=False):
             lock_run(run_id)
             if lease:
                 self._hold(run_id, data.get("task", ""), lease)
             ledger.append(uuid.UUID(str(run_id)), kind, data,
                           actor=data.get("actor", self.actor))
+            if transcript is not None:
+                transcripts.keep(run_id, kind, task=data.get("task", ""),
+                                 step=int(data.get("step", data.get("round", 0))),
+                                 digest=data.get("messages_digest", ""), messages=transcript)
             transaction.on_commit(functools.partial(metrics.on_step, run_id, kind, data, usage))
             if reserved is not None or not usage.is_zero():
                 governance.settle(run_id, data.get("task", ""), reserved, usage)

@@ -12,6 +12,7 @@ PostgreSQL advisory lock; a dead sweeper's lock goes with its connection) and th
   whose kill switch has been released (the release was interrupted);
 - enforces approval deadlines and seals committed ledger events into the global chain;
 - queues again replay checks whose worker was lost (orchestration/replay_jobs.py).
+- deletes the text of model conversations past their retention (orchestration/transcripts.py).
 """
 
 from __future__ import annotations
@@ -31,7 +32,15 @@ from django.utils import timezone
 from approvals import services as approvals
 from approvals.models import ApprovalRequest
 from audit import ledger
-from orchestration import heartbeat, kill_switches, metrics, outbox, replay_jobs, signals
+from orchestration import (
+    heartbeat,
+    kill_switches,
+    metrics,
+    outbox,
+    replay_jobs,
+    signals,
+    transcripts,
+)
 from orchestration.engine.states import RUN_TERMINAL, RunStatus, TaskStatus
 from orchestration.models import PAUSED, Outbox, Run, Task
 
@@ -53,6 +62,7 @@ def sweep_once() -> dict[str, int]:
         "expired": approvals.requests_expire(),
         "sealed": ledger.seal(),
         "replays": replay_jobs.recover(),
+        "transcripts_expired": transcripts.expire(),
     }
     for receiver, result in signals.swept.send_robust(sender=sweep_once):
         if isinstance(result, Exception):

@@ -29,7 +29,8 @@ class Log:
         self.events: list[tuple[str, dict[str, Any]]] = []
 
     def record(self, kind: str, data: dict[str, Any], *, usage: Usage,
-               reserved: Usage | None = None) -> None:
+               reserved: Usage | None = None,
+               transcript: list[dict[str, Any]] | None = None) -> None:
         self.events.append((kind, data))
 
     def journal(self) -> Journal:

@@ -38,6 +38,7 @@ from orchestration.engine.redaction import redact
 from orchestration.engine.runner import Outcome, TaskContext, stopped_outcome
 from orchestration.engine.states import TaskStatus
 from orchestration.engine.tracing import agent_attributes, traced_complete
+from orchestration.engine.transcript import conversation
 from orchestration.engine.verify import Call, Verifier, escalated, key_facts
 
 
@@ -173,7 +174,7 @@ def run_agent(
                  "cost": str(cost), "latency_ms": latency},
                 usage=Usage(steps=1, tokens_in=response.tokens_in,
                             tokens_out=response.tokens_out, cost=cost),
-                reserved=worst,
+                reserved=worst, transcript=redact(conversation(messages), secrets),
             )
         tokens_used += response.tokens_in + response.tokens_out
         messages.append(Message("assistant", response.text, tool_calls=list(response.tool_calls)))

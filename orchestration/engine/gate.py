@@ -78,8 +78,10 @@ class StepLog(Protocol):
     def journal(self) -> Journal: ...
 
     def record(self, kind: str, data: dict[str, Any], *, usage: Usage,
-               reserved: Usage | None = None) -> None:
-        """Checkpoint one step; settle its reservation against the real usage atomically."""
+               reserved: Usage | None = None,
+               transcript: list[dict[str, Any]] | None = None) -> None:
+        """Checkpoint one step; settle its reservation against the real usage atomically.
+        ``transcript`` is a model call's conversation, kept beside the ledger (not in it)."""
         ...
 
 
@@ -87,7 +89,8 @@ class StepStore(Protocol):
     def journal(self, run_id: str, key: str) -> Journal: ...
 
     def record_step(self, run_id: str, kind: str, data: dict[str, Any], *, usage: Usage,
-                    reserved: Usage | None = None, lease: str = "") -> None: ...
+                    reserved: Usage | None = None, lease: str = "",
+                    transcript: list[dict[str, Any]] | None = None) -> None: ...
 
 
 @dataclass(slots=True)
@@ -103,9 +106,10 @@ class StoreLog:
         return self.store.journal(self.run_id, self.key)
 
     def record(self, kind: str, data: dict[str, Any], *, usage: Usage,
-               reserved: Usage | None = None) -> None:
+               reserved: Usage | None = None,
+               transcript: list[dict[str, Any]] | None = None) -> None:
         self.store.record_step(self.run_id, kind, data, usage=usage, reserved=reserved,
-                               lease=self.lease)
+                               lease=self.lease, transcript=transcript)
 
 
 # Resolves a tool's name to its contract: None when no such tool exists, ConfigurationError

@@ -262,7 +262,9 @@ class MemoryStore:
             return child
 
     def record_step(self, run_id: str, kind: str, data: dict[str, Any], *, usage: Any,
-                    reserved: Any = None, lease: str = "") -> None:
+                    reserved: Any = None, lease: str = "",
+                    transcript: list[dict[str, Any]] | None = None) -> None:
+        """Transcripts are not kept in memory: nothing here reads them back."""
         with self._lock:
             self.record(run_id, kind, data, actor=data.get("actor", "system"))
             run = self.runs[run_id]

@@ -39,6 +39,7 @@ from orchestration.engine.llm import Message, Model, ModelRequest, ModelResponse
 from orchestration.engine.plan import TaskSpec, Verification
 from orchestration.engine.runner import Outcome, TaskContext, stopped_outcome
 from orchestration.engine.states import TaskStatus
+from orchestration.engine.transcript import conversation
 
 MISSING = object()
 _REF = re.compile(r"^\$(input|tasks|output|args)((?:\.[A-Za-z0-9_-]+)*)$")
@@ -282,11 +283,14 @@ class Verifier:
     confidence: float | None = None  # and its confidence
 
     def _log(self, kind: str, round_: int, data: dict[str, Any], usage: Usage | None = None,
-             reserved: Usage | None = None) -> None:
+             reserved: Usage | None = None,
+             transcript: list[dict[str, Any]] | None = None) -> None:
         if (kind, round_) in self.recorded:
             return  # a resumed task: written before the worker was lost
+        # The auditor's conversation goes with its qc.checked, to be kept beside the ledger.
+        extra = {"transcript": transcript} if transcript is not None else {}
         self.record(kind, {"task": self.spec.key, "round": round_, **data},
-                    usage=usage or Usage(), reserved=reserved)
+                    usage=usage or Usage(), reserved=reserved, **extra)
 
     def rework(self, round_: int, findings: list[str]) -> None:
         self._log("task.rework", round_, {"findings": findings, "attempt": round_ + 2})
@@ -384,7 +388,7 @@ class Verifier:
                 "confidence": audit.confidence, "tokens_in": response.tokens_in,
                 "tokens_out": response.tokens_out, "cost": str(cost)},
                 usage=Usage(tokens_in=response.tokens_in, tokens_out=response.tokens_out,
-                            cost=cost), reserved=worst)
+                            cost=cost), reserved=worst, transcript=conversation(messages))
         self.audits.append((prompt, response))
         self.criteria, self.confidence = audit.criteria, audit.confidence
         return audit
