@@ -112,6 +112,20 @@ def _shown(condition: Any) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
+def argument(condition: Any, arguments: Any) -> tuple[bool, Any]:
+    """(found, value): what the call has at the argument ``condition`` names, for saying why a
+    policy matched; (False, None) when the path is missing or the condition cannot be read."""
+    try:
+        node = arguments
+        for part in parse(condition).path:
+            if not isinstance(node, dict) or part not in node:
+                return False, None
+            node = node[part]
+    except ConditionInvalid:
+        return False, None
+    return True, node
+
+
 def holds(condition: Any, arguments: Any) -> bool:
     """Whether the call's ``arguments`` meet ``condition``; an unreadable condition holds
     (see the module's docstring)."""

@@ -18,6 +18,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from approvals import responses, rules
+from approvals.explain import counted_approvals, match_record
 from approvals.models import ApprovalRequest, Decision, Policy, PolicyVersion, Reason
 from approvals.signals import approval_opened, approval_resolved
 from audit import config, hygiene, ledger
@@ -128,13 +129,18 @@ def request_open(
         group, _ = Group.objects.get_or_create(name=group_name or DEFAULT_ESCALATION_GROUP)
         required = 1
         deadline = timezone.now() + DEFAULT_DEADLINE
+    context = dict(context or {})
+    if policy_version is not None:
+        # Why the policy matched, with the values the call had: the reviewer reads it, and a
+        # later edit (or a new policy version) must not change what the agent's call met.
+        context["policy_match"] = match_record(policy_version, arguments)
     with transaction.atomic():
         request = ApprovalRequest.objects.create(
             run_id=run_id, task_key=task_key, call_key=call_key, tool=tool,
             arguments=arguments, arguments_digest=digest(arguments), reason=reason,
             detail=detail, policy_version=policy_version, decider_group=group,
             required_approvals=required, requested_by=requested_by,
-            run_started_by=run_started_by, context=context or {}, deadline=deadline,
+            run_started_by=run_started_by, context=context, deadline=deadline,
         )
         ledger.append(uuid.UUID(str(run_id)), "approval.requested", {
             "request": str(request.pk), "task": task_key, "reason": reason, "tool": tool,
@@ -320,9 +326,8 @@ def request_decide(
             request.arguments_digest = bound
         resolution: dict[str, Any] | None = None
         if decision in (Decision.Kind.APPROVE, Decision.Kind.EDIT):
-            approvals = request.decisions.filter(
-                kind__in=[Decision.Kind.APPROVE, Decision.Kind.EDIT],
-                arguments_digest=request.arguments_digest).values("decider").distinct().count()
+            approvals = len(counted_approvals(list(request.decisions.all()),
+                                              request.arguments_digest))
             if approvals >= request.required_approvals:
                 request.status = Status.EDITED if decision == Decision.Kind.EDIT else (
                     Status.APPROVED)
@@ -414,8 +419,9 @@ def _upgrade(request: ApprovalRequest, version: PolicyVersion, *, before: Any, a
         # The new policy's clock starts when its requirement does: the further approvers it
         # asks for need its full deadline to be found.
         request.deadline = timezone.now() + timedelta(minutes=version.deadline_minutes)
+    request.context = {**(request.context or {}), "policy_match": match_record(version, after)}
     request.save(update_fields=["policy_version", "required_approvals", "decider_group",
-                                "deadline"])
+                                "deadline", "context"])
     ledger.append(request.run_id, "approval.upgraded", {
         "request": str(request.pk), "task": request.task_key, "arguments_digest": bound,
         "old": old,

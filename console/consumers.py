@@ -250,10 +250,10 @@ class ReviewConsumer(LiveConsumer):
         return [live.review_group(pk) for pk in group_ids]
 
     def render(self, user: Any) -> str | None:
-        from console.review import pending_rows
+        from console.review import queue_context
 
         if self.authorize(user) is None:  # in no group any more: no queue
             return None
         request = self.http_request(user)
-        return render_to_string("console/review_queue.html#queue",
-                                {"pending": pending_rows(user)}, request=request)
+        return render_to_string("console/review_queue.html#queue", queue_context(user),
+                                request=request)

@@ -41,6 +41,8 @@ urlpatterns = [
     path("review/<uuid:request_id>/", review.detail, name="approval_detail"),
     path("review/<uuid:request_id>/decide", review.decide, name="approval_decide"),
     path("settings/notifications", notification_settings, name="notification_settings"),
+    path("review/<uuid:request_id>/preview", review.preview, name="approval_preview"),
+    path("review/bulk", review.bulk_approve, name="review_bulk"),
     path("login/", throttled(auth_views.LoginView.as_view()), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     # Before admin.site.urls, so the admin's own sign-in shares the console's throttle.

@@ -53,6 +53,10 @@ PAGES: dict[tuple[str, str], set[str]] = {
     ("POST", "review/<uuid:request_id>/decide"): {"reviewer"},
     ("GET", "settings/notifications"): ALL,  # each person's own preference
     ("POST", "settings/notifications"): ALL,
+    ("POST", "review/<uuid:request_id>/preview"): SEES_RUN,
+    # Refused for everyone here (the cast's request is no proposed action), but only people who
+    # may decide it get past "no request you may decide".
+    ("POST", "review/bulk"): {"reviewer"},
     ("GET", "login/"): ALL,
     ("POST", "logout/"): ALL,
     ("GET", "admin/login/"): ALL,  # the admin's sign-in, routed through the sign-in throttle
@@ -175,6 +179,8 @@ def _body(route: str) -> dict[str, Any]:
         return {"process": "vendor-onboarding", "input": json.dumps(VENDOR)}
     if route.endswith("decide"):
         return {"decision": "reject", "note": "no"}
+    if route.endswith("preview"):
+        return {"arguments": "{}"}
     if route.endswith("fork"):
         return {"step": "1"}
     return {}
@@ -195,6 +201,13 @@ def test_it_enforces_the_page_matrix(cast: dict[str, Any], role: str, method: st
     allowed = role in PAGES[(method, route)]
     if route.endswith("decide"):
         assert _decided(cast) == allowed, (role, response.status_code)
+        return
+    if route == "review/bulk":
+        response = client.post(path, {"requests": str(cast["request"].pk), "confirm": "yes"})
+        assert response.status_code == 400 and not _decided(cast), role
+        unknown = "no request you may decide" in response.content.decode()
+        assert unknown != allowed, role
+        assert str(cast["run"].pk) not in response.content.decode()
         return
     if allowed:
         ready = route == "health/ready" and response.status_code == 503  # no worker here

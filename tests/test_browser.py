@@ -201,7 +201,7 @@ def test_it_updates_the_operators_page_when_a_reviewer_approves(
     row = reviewer.page.locator("#review-queue tbody tr", has_text="issue_refund")
     expect(row).to_have_count(1)
     reviewer.shot("review-queue")
-    reviewer.page.click("#review-queue a:has-text('Edit, raise budget, details')")
+    reviewer.page.click("#review-queue a:has-text('Edit, see details')")
     reviewer.page.wait_for_url(f"{server}/review/*/")
     reviewer.shot("approval-detail")
     reviewer.page.go_back()

@@ -353,12 +353,22 @@ BAD_FORMS = [
 ]
 
 
+def _spent_budget_request(starter: User) -> ApprovalRequest:
+    """A run's spent budget waiting on a reviewer: the review form offers a raise only here."""
+    from approvals import services as approvals
+
+    run = _open_request(starter).run_id
+    return approvals.request_open(run_id=run, task_key="refund", reason="budget_exhausted",
+                                  requested_by="system", run_started_by=starter)
+
+
 @pytest.mark.django_db
 @pytest.mark.parametrize("form, problem", [c[1:] for c in BAD_FORMS],
                          ids=[c[0] for c in BAD_FORMS])
 def test_it_refuses_a_bad_decision_on_the_review_form(client: Client, people: dict,
                                                       form: dict[str, str], problem: str) -> None:
-    request = _open_request(people["operator"])
+    request = (_spent_budget_request(people["operator"]) if form["decision"] == "raise_budget"
+               else _open_request(people["operator"]))
     page = _signed_in(client, people["reviewer"])
     before = _counts()
     response = page.post(f"/review/{request.pk}/decide",
@@ -372,7 +382,7 @@ def test_it_refuses_a_bad_decision_on_the_review_form(client: Client, people: di
 @pytest.mark.django_db
 def test_it_records_a_raise_within_the_ceilings_from_the_review_form(client: Client,
                                                                      people: dict) -> None:
-    request = _open_request(people["operator"])
+    request = _spent_budget_request(people["operator"])
     page = _signed_in(client, people["reviewer"])
     response = page.post(f"/review/{request.pk}/decide", {
         **_raise(tokens="10000000", steps="1000", cost="10000"),

@@ -350,6 +350,12 @@ PAGES: dict[str, Page] = {
     "review/<uuid:request_id>/decide": Page("reviewer",
                                             lambda w: f"review/{w.request.pk}/decide",
                                             _decision_form),
+    "review/<uuid:request_id>/preview": Page(
+        "reviewer", lambda w: f"review/{w.request.pk}/preview",
+        lambda w: st.just({"arguments": REFUND_CALL})),
+    "review/bulk": Page("reviewer", lambda w: "review/bulk", lambda w: st.just({
+        "requests": str(w.request.pk), "confirm": "yes", "note": "checked",
+        "arguments_digest": w.request.arguments_digest})),
     "login/": Page(None, lambda w: "login/", lambda w: st.just(
         {"username": "operator", "password": PASSWORD, "next": "/"})),
     "admin/login/": Page(None, lambda w: "admin/login/", lambda w: st.just(
