@@ -379,6 +379,14 @@ PAGES: dict[str, Page] = {
         "status": "running", "q": "ORD", "since": "2020-01-01", "order": "oldest"}),
                   method="GET", reads=True),
     "review/": Page("reviewer", lambda w: "review/", reads=True),
+    "runs/start/form": Page("operator", lambda w: "runs/start/form?process=refund-exception",
+                            reads=True),
+    "runs/<uuid:run_id>/trace/": Page("operator", lambda w: _active(w) + "trace/", reads=True),
+    "runs/<uuid:run_id>/trace/<slug:span_id>": Page(
+        "operator", lambda w: _active(w) + "trace/run", reads=True),
+    # Each person's own preference (a row of theirs, written on POST).
+    "settings/notifications": Page("operator", lambda w: "settings/notifications",
+                                   lambda w: st.just({"email": "on"})),
     "review/<uuid:request_id>/": Page("reviewer", lambda w: f"review/{w.request.pk}/",
                                       reads=True),
 }
