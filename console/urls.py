@@ -11,6 +11,7 @@ from console import (
     review,
     run_list_views,
     screens,
+    time_zone_views,
     trace_view,
     views,
 )
@@ -41,6 +42,7 @@ urlpatterns = [
     path("review/<uuid:request_id>/", review.detail, name="approval_detail"),
     path("review/<uuid:request_id>/decide", review.decide, name="approval_decide"),
     path("settings/notifications", notification_settings, name="notification_settings"),
+    path("settings/time-zone/", time_zone_views.time_zone_settings, name="time_zone_settings"),
     path("login/", throttled(auth_views.LoginView.as_view()), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     # Before admin.site.urls, so the admin's own sign-in shares the console's throttle.
