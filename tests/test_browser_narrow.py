@@ -43,8 +43,10 @@ def test_every_screen_fits_a_375_px_screen(
             ("/", "Start a run", "dashboard"),
             ("/runs/", "Runs", "runs"),
             (run_path, "Trace", "run-detail"),
+            (f"{run_path}trace/", "Waterfall", "run-trace"),
             ("/review/", "Review", "review-queue-operator"),
-            ("/settings/time-zone/", "Time zone", "time-zone")]:
+            ("/settings/time-zone/", "Time zone", "time-zone"),
+            ("/settings/notifications", "Notifications", "notifications")]:
         _no_sideways_scroll(op, path, heading, name)
 
     reviewer = Watched(browser.new_context(viewport=PHONE), server, "reviewer")
