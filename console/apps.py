@@ -34,3 +34,9 @@ class ConsoleConfig(AppConfig):
 
         # Reviewers hear of requests opening and nearing their deadline (outbox topic notify).
         notifications.connect(tasks.deliver_notification)
+        from django.contrib.auth.signals import user_logged_in
+
+        from console.time_zones import on_logged_in
+
+        # The person's time zone goes into the session at sign-in, so pages never query it.
+        user_logged_in.connect(on_logged_in, dispatch_uid="console.time_zones.login")

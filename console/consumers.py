@@ -19,8 +19,9 @@ from django.conf import settings
 from django.contrib.auth import get_user
 from django.http import Http404, HttpRequest
 from django.template.loader import render_to_string
+from django.utils import timezone
 
-from console import live
+from console import live, time_zones
 
 # Changes arriving within this window are shown with one render.
 DEBOUNCE_SECONDS = 0.15
@@ -77,7 +78,13 @@ class LiveConsumer(AsyncWebsocketConsumer):
 
     def _render(self) -> str | None:
         user = self.viewer()
-        return None if user is None else self.render(user)
+        if user is None:
+            return None
+        # In the reader's own zone, as their page was (console/time_zones.py). A socket's
+        # session is never saved, so nothing is written to it here.
+        zone = time_zones.preferred_zone(user, self.scope.get("session"), keep=False)
+        with timezone.override(zone or None):
+            return self.render(user)
 
     async def connect(self) -> None:
         live.bind_loop(asyncio.get_running_loop())

@@ -174,3 +174,16 @@ def envheader(name: str) -> tuple[str, str] | None:
         raise ImproperlyConfigured(
             f"{name}={raw!r} is not a header and its value, e.g. 'X-Forwarded-Proto: https'")
     return "HTTP_" + header.upper().replace("-", "_"), value
+
+
+def envtimezone(name: str, default: str) -> str:
+    """An IANA time zone name (``Europe/Paris``, ``UTC``), checked against the zone database."""
+    from console.time_zones import is_known_zone
+
+    raw = os.environ.get(name)
+    value = default if raw is None or raw.strip() == "" else raw.strip()
+    if not is_known_zone(value):
+        raise ImproperlyConfigured(
+            f"{name}={value!r} is not a time zone this machine knows; use an IANA name such "
+            "as UTC, Europe/Paris or America/New_York")
+    return value

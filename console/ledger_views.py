@@ -1,8 +1,10 @@
 """The ledger viewer: every event, newest first, filtered by run, actor, kind and time.
 
-Admins only (staff, superusers, members of the "admin" group). Pages go by id (keyset), so a
-page costs the same at the end of a ledger of millions of events as at its start. Not by gseq:
-the newest events have none until the sequencer seals them (audit.ledger.seal), seconds later."""
+Admins only (staff, superusers, members of the "admin" group). Pages of PAGE_SIZE go by id
+(keyset: ``before=<id>`` for older, ``after=<id>`` for newer), so a page costs the same two
+bounded queries at the end of a ledger of millions of events as at its start, and the links
+keep the filters. Not by gseq: the newest events have none until the sequencer seals them
+(audit.ledger.seal), seconds later; nor by seq, which counts within one chain only."""
 
 from __future__ import annotations
 
@@ -37,18 +39,21 @@ class LedgerFilter(forms.Form):
     until = forms.DateTimeField(required=False, label="Until",
                                 widget=forms.DateTimeInput(attrs={"type": "datetime-local"}))
     before = forms.IntegerField(required=False, min_value=1, widget=forms.HiddenInput)
+    after = forms.IntegerField(required=False, min_value=0, widget=forms.HiddenInput)
 
     def clean(self) -> dict[str, Any]:
         data = super().clean() or {}
         since, until = data.get("since"), data.get("until")
         if since and until and since >= until:
             raise forms.ValidationError("“From” must be earlier than “Until”.")
+        if data.get("before") is not None and data.get("after") is not None:
+            raise forms.ValidationError("A page is either before or after an event, not both.")
         return data
 
-    def events(self) -> QuerySet[Event]:
+    def matching(self) -> QuerySet[Event]:
+        """Every event the filters match, in no order and from no page."""
         data = self.cleaned_data
-        events = Event.objects.order_by("-id").only(
-            "chain", "seq", "gseq", "kind", "at", "actor", "data")
+        events = Event.objects.only("chain", "seq", "gseq", "kind", "at", "actor", "data")
         if data.get("run"):
             events = events.filter(chain=data["run"])
         if data.get("actor"):
@@ -59,9 +64,31 @@ class LedgerFilter(forms.Form):
             events = events.filter(at__gte=data["since"])
         if data.get("until"):
             events = events.filter(at__lt=data["until"])
-        if data.get("before"):
-            events = events.filter(id__lt=data["before"])
         return events
+
+    def page(self) -> tuple[list[Event], int | None, int | None]:
+        """This page's events, newest first, and the ids the older and newer pages start from
+        (None when there is none)."""
+        data = self.cleaned_data
+        events = self.matching()
+        before, after = data.get("before"), data.get("after")
+        if after is not None:
+            rows = list(events.filter(id__gt=after).order_by("id")[:PAGE_SIZE + 1])
+            has_newer = len(rows) > PAGE_SIZE
+            rows = rows[:PAGE_SIZE][::-1]
+            # An empty page past the newest event still leads back to the older ones.
+            older_from = rows[-1].pk if rows else after + 1
+            has_older = events.filter(id__lt=older_from).exists()
+            newer_from = rows[0].pk if rows else after
+        else:
+            rows = list((events.filter(id__lt=before) if before else events)
+                        .order_by("-id")[:PAGE_SIZE + 1])
+            has_older = len(rows) > PAGE_SIZE
+            rows = rows[:PAGE_SIZE]
+            older_from = rows[-1].pk if rows else 0
+            newer_from = rows[0].pk if rows else (before or 1) - 1
+            has_newer = bool(before) and events.filter(id__gt=newer_from).exists()
+        return rows, older_from if has_older else None, newer_from if has_newer else None
 
 
 @login_required
@@ -71,20 +98,21 @@ def ledger(request: HttpRequest) -> HttpResponse:
     form = LedgerFilter(request.GET)
     if not form.is_valid():
         return render(request, "console/ledger.html", {"form": form, "events": []}, status=400)
-    page = list(form.events()[:PAGE_SIZE + 1])
-    more = len(page) > PAGE_SIZE
-    page = page[:PAGE_SIZE]
-    older = None
-    if more:
+    page, older, newer = form.page()
+
+    def link(**cursor: int) -> str:
         query = request.GET.copy()
-        query["before"] = str(page[-1].pk)
-        older = query.urlencode()
-    newest = request.GET.copy()
-    newest.pop("before", None)
+        for key in ("before", "after"):
+            query.pop(key, None)
+        query.update({key: str(value) for key, value in cursor.items()})
+        return query.urlencode()
+
     return render(request, "console/ledger.html", {
         "form": form,
         "events": page,
-        "older": older,
-        "newest": newest.urlencode() if "before" in request.GET else None,
+        "older": link(before=older) if older is not None else None,
+        "newer": link(after=newer) if newer is not None else None,
+        "newest": link() if newer is not None else None,
+        "page_size": PAGE_SIZE,
         "config_chain": CONFIG_CHAIN,
     })

@@ -224,3 +224,14 @@ class NotificationDelivery(models.Model):
 
     def __str__(self) -> str:
         return f"{self.channel} to {self.address} ({self.status})"
+
+
+class TimeZonePreference(models.Model):
+    """The zone a person reads times in; without one, the project's TIME_ZONE."""
+
+    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE,
+                                related_name="time_zone_preference")
+    time_zone = models.CharField(max_length=64, help_text="an IANA name, e.g. Europe/Paris")
+
+    def __str__(self) -> str:
+        return f"{self.user}: {self.time_zone}"

@@ -97,8 +97,16 @@ def agent_retire(request: HttpRequest, slug: str) -> HttpResponse:
 
 @console_role_required
 def tool_list(request: HttpRequest) -> HttpResponse:
+    """One table row per tool (contract, limits, calls, the agents granted it); description and
+    schemas open on demand under it."""
     usage = tool_usage(timezone.now())
-    tools = [(tool, usage.get(tool.slug, {"total": 0, "today": 0}),
+    granted: dict[str, list[Agent]] = {}
+    agents = list(_agents())
+    by_agent = agent_grants(agents)
+    for agent in agents:
+        for tool in by_agent[agent.slug]:
+            granted.setdefault(tool.slug, []).append(agent)
+    tools = [(tool, usage.get(tool.slug, {"total": 0, "today": 0}), granted.get(tool.slug, []),
               json.dumps(tool.input_schema, indent=2, sort_keys=True, ensure_ascii=False),
               json.dumps(tool.output_schema, indent=2, sort_keys=True, ensure_ascii=False))
              for tool in Tool.objects.order_by("slug")]

@@ -19,6 +19,7 @@ from console.env import (
     envnetworks,
     envorigins,
     envstr,
+    envtimezone,
 )
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -112,6 +113,7 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "console.time_zones.time_zone_middleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django.middleware.csp.ContentSecurityPolicyMiddleware",
@@ -130,6 +132,8 @@ TEMPLATES = [
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
             ],
+            # {{ value|when }} on every page without a {% load %}.
+            "builtins": ["console.templatetags.times"],
         },
     },
 ]
@@ -164,7 +168,10 @@ LOGIN_REDIRECT_URL = "dashboard"
 LOGOUT_REDIRECT_URL = "login"
 
 LANGUAGE_CODE = "en-us"
-TIME_ZONE = "UTC"
+# TIME_ZONE=Europe/Paris: the zone pages show times in (an IANA name; an unknown one stops
+# start-up). Each person may choose their own at /settings/time-zone/. Stored times, the API and
+# the ledger stay in UTC.
+TIME_ZONE = envtimezone("TIME_ZONE", "UTC")
 USE_I18N = True
 USE_TZ = True
 

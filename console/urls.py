@@ -11,6 +11,7 @@ from console import (
     review,
     run_list_views,
     screens,
+    time_zone_views,
     trace_view,
     views,
 )
@@ -43,6 +44,7 @@ urlpatterns = [
     path("settings/notifications", notification_settings, name="notification_settings"),
     path("review/<uuid:request_id>/preview", review.preview, name="approval_preview"),
     path("review/bulk", review.bulk_approve, name="review_bulk"),
+    path("settings/time-zone/", time_zone_views.time_zone_settings, name="time_zone_settings"),
     path("login/", throttled(auth_views.LoginView.as_view()), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     # Before admin.site.urls, so the admin's own sign-in shares the console's throttle.

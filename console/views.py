@@ -11,7 +11,7 @@ from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
-from django.views.decorators.http import require_POST
+from django.views.decorators.http import require_http_methods, require_POST
 
 from audit import hygiene
 from console import start_form
@@ -196,21 +196,26 @@ def _replay_checks(request: HttpRequest, run: Any) -> dict[str, Any]:
 
 
 @login_required
-@require_POST
+@require_http_methods(["GET", "POST"])
 def run_replay(request: HttpRequest, run_id: Any) -> HttpResponse:
-    """Queue a replay of the run from its ledger (a worker does it), then back to its page,
-    which shows the check until its verdict is in. A check already under way is not doubled."""
+    """POST: queue a replay of the run from its ledger (a worker does it), then 303 to the run
+    page at that check's row, which shows it until its verdict is in; reloading that page asks
+    for nothing again. A check already under way is not doubled. GET (a bookmark, or a reload
+    of this address from history) queues nothing: it goes to the run page's replay checks."""
     from orchestration import replay_jobs
 
     run = get_run_for_user(request.user, run_id)
+    page = reverse("run_detail", args=[run.pk])
+    if request.method != "POST":
+        return HttpResponseRedirect(page + "#replay", status=303)
     if not can_replay(request.user, run):
         return HttpResponse("You may not start a replay check of this run.", status=403)
-    _check, created = replay_jobs.request_check(run, request.user)
+    check, created = replay_jobs.request_check(run, request.user)
     if created:
         messages.success(request, "Replay check queued.")
     else:
         messages.info(request, "A replay check of this run is already under way.")
-    return HttpResponseRedirect(reverse("run_detail", args=[run.pk]) + "#replay", status=303)
+    return HttpResponseRedirect(f"{page}#replay-check-{check.pk}", status=303)
 
 
 @login_required

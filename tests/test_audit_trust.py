@@ -497,7 +497,7 @@ def test_it_pages_through_the_ledger(admin_client: Client,
     second = admin_client.get(f"/ledger/?{older}")
     assert [e.pk for e in second.context["events"]] == ids[4:]
     assert second.context["older"] is None
-    assert "← Newest" in second.content.decode()
+    assert "« Newest" in second.content.decode() and "← Newer" in second.content.decode()
 
 
 def test_it_rejects_a_bad_filter(admin_client: Client) -> None:

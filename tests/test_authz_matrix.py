@@ -39,6 +39,7 @@ PAGES: dict[tuple[str, str], set[str]] = {
     ("GET", "runs/<uuid:run_id>/"): SEES_RUN,
     ("POST", "runs/<uuid:run_id>/cancel"): STARTS,
     ("POST", "runs/<uuid:run_id>/replay"): STARTS,
+    ("GET", "runs/<uuid:run_id>/replay"): SEES_RUN,  # back to the run page, queues nothing
     ("GET", "runs/<uuid:run_id>/replay/checks"): SEES_RUN,
     ("POST", "runs/<uuid:run_id>/fork"): STARTS,
     ("POST", "runs/<uuid:run_id>/retry"): STARTS,
@@ -57,6 +58,8 @@ PAGES: dict[tuple[str, str], set[str]] = {
     # Refused for everyone here (the cast's request is no proposed action), but only people who
     # may decide it get past "no request you may decide".
     ("POST", "review/bulk"): {"reviewer"},
+    ("GET", "settings/time-zone/"): ALL,  # each person's own
+    ("POST", "settings/time-zone/"): ALL,
     ("GET", "login/"): ALL,
     ("POST", "logout/"): ALL,
     ("GET", "admin/login/"): ALL,  # the admin's sign-in, routed through the sign-in throttle

@@ -361,6 +361,8 @@ PAGES: dict[str, Page] = {
     "admin/login/": Page(None, lambda w: "admin/login/", lambda w: st.just(
         {"username": "admin", "password": PASSWORD, "next": "/admin/"})),
     "logout/": Page("operator", lambda w: "logout/"),
+    "settings/time-zone/": Page("operator", lambda w: "settings/time-zone/", lambda w: (
+        st.sampled_from([{"time_zone": "Europe/Paris"}, {"time_zone": ""}]))),
     "ledger/": Page("admin", lambda w: "ledger/", lambda w: st.just({
         "run": str(w.active.pk), "actor": "user:operator", "kind": "run.", "before": "1000",
         "since": "2020-01-01T00:00", "until": "2999-01-01T00:00"}), method="GET", reads=True),

@@ -221,9 +221,13 @@ def test_it_shows_the_replay_verdict_on_the_run_page(runner: None, client: Any) 
     assert client.post(f"/runs/{run.pk}/replay").status_code == 403
     client.force_login(User.objects.get(username="operator"))
     assert b"Replay from the ledger" in client.get(f"/runs/{run.pk}/").content
-    assert client.get(f"/runs/{run.pk}/replay").status_code == 405
+    visit = client.get(f"/runs/{run.pk}/replay")  # a GET queues nothing
+    assert visit.status_code == 303 and visit["Location"] == f"/runs/{run.pk}/#replay"
+    assert not ReplayCheck.objects.filter(run=run).exists()
     queued = client.post(f"/runs/{run.pk}/replay")
-    assert queued.status_code == 303 and queued["Location"] == f"/runs/{run.pk}/#replay"
+    check = ReplayCheck.objects.get(run=run)
+    assert queued.status_code == 303
+    assert queued["Location"] == f"/runs/{run.pk}/#replay-check-{check.pk}"
     wait_for(lambda: ReplayCheck.objects.filter(run=run, status="matched").exists(),
              what="the replay check's verdict")
     page = client.get(queued["Location"])

@@ -48,12 +48,14 @@ def test_it_replays_in_a_worker_and_shows_the_verdict_on_the_run_page(
     client.force_login(User.objects.get(username="operator"))
     page = client.get(f"/runs/{run.pk}/")
     assert b"Replay from the ledger" in page.content and b"No replay checks yet" in page.content
-    assert client.get(f"/runs/{run.pk}/replay").status_code == 405
+    visit = client.get(f"/runs/{run.pk}/replay")  # a GET (a URL from history) queues nothing
+    assert visit.status_code == 303 and visit["Location"] == f"/runs/{run.pk}/#replay"
+    assert not ReplayCheck.objects.filter(run=run).exists()
 
     response = client.post(f"/runs/{run.pk}/replay")
     assert response.status_code == 303
-    assert response["Location"] == f"/runs/{run.pk}/#replay"
     check = ReplayCheck.objects.get(run=run)
+    assert response["Location"] == f"/runs/{run.pk}/#replay-check-{check.pk}"
     assert check.requested_by.username == "operator"
     check = finished(check.pk)
     assert check.status == "matched", check.summary

@@ -271,7 +271,7 @@ def test_it_renders_every_screen_after_real_runs(runner: None, people: dict[str,
     tools = pages["/tools/"].content.decode()
     lookup = tools[tools.index('id="tool-lookup_order"'):]
     # Two inquiries and the refund's investigation each look the order up once.
-    assert "3 today, 3 in total" in lookup[:lookup.index("</section>")]
+    assert '<td class="calls">3 / 3</td>' in lookup[:lookup.index("</tr>")]
     approval = ApprovalRequest.objects.get(run_id=refund.pk, status="pending")
     assert f'href="/review/{approval.pk}/"' in pages["/"].content.decode()
     assert "customer-inquiry" in pages["/analytics/"].content.decode()
