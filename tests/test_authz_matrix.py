@@ -41,6 +41,8 @@ PAGES: dict[tuple[str, str], set[str]] = {
     ("POST", "runs/<uuid:run_id>/replay"): STARTS,
     ("GET", "runs/<uuid:run_id>/replay"): SEES_RUN,  # back to the run page, queues nothing
     ("GET", "runs/<uuid:run_id>/replay/checks"): SEES_RUN,
+    ("GET", "runs/<uuid:run_id>/trace/"): SEES_RUN,
+    ("GET", "runs/<uuid:run_id>/trace/<slug:span_id>"): SEES_RUN,
     ("POST", "runs/<uuid:run_id>/fork"): STARTS,
     ("POST", "runs/<uuid:run_id>/retry"): STARTS,
     ("GET", "agents/"): CONSOLE,
@@ -174,7 +176,7 @@ def cast(demo: None) -> dict[str, Any]:
 def _path(route: str, cast: dict[str, Any]) -> str:
     return ("/" + route).replace("<uuid:run_id>", str(cast["run"].pk)).replace(
         "<uuid:request_id>", str(cast["request"].pk)).replace(
-        "<slug:slug>", cast["agent"].slug)
+        "<slug:slug>", cast["agent"].slug).replace("<slug:span_id>", "run")
 
 
 def _body(route: str) -> dict[str, Any]:
