@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import re
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -144,3 +145,19 @@ def test_it_hides_requests_from_people_who_may_neither_decide_nor_see_the_run(
     assert answer.status_code == 404
     request.refresh_from_db()
     assert request.status == "pending"
+
+
+def test_the_queue_shows_the_soonest_deadlines_a_page_at_a_time(people: dict) -> None:
+    """A backlog does not make the queue one endless page: the 50 soonest deadlines, and how
+    many wait in all."""
+    from console.review import QUEUE_ROWS
+
+    requests = [_open_request(people["operator"], amount=200 + i)
+                for i in range(QUEUE_ROWS + 3)]
+    ApprovalRequest.objects.filter(pk=requests[-1].pk).update(
+        deadline=requests[0].deadline - timedelta(hours=1))
+    page = browser(people["reviewer"]).get("/review/").content.decode()
+    rows = re.findall(r"<tr id=\"approval-([0-9a-f-]+)\">", page)
+    assert len(rows) == QUEUE_ROWS
+    assert rows[0] == str(requests[-1].pk)  # the soonest deadline comes first
+    assert f"of {QUEUE_ROWS + 3} waiting for you" in page
