@@ -212,7 +212,9 @@ def test_it_shows_one_of_two_approvals_with_who_and_when(people: dict) -> None:
     progress = re.search(r'<dd id="approval-progress">(.*?)</dd>', page, re.S).group(1)
     assert "<strong>1 of 2 approvals</strong>" in progress and "waiting for 1 more" in progress
     decision = Decision.objects.get(request=request)
-    assert f"reviewer: Approve at {decision.created_at:%Y-%m-%d %H:%M:%S} UTC" in progress
+    # (every time in the console's one format, in a <time> element carrying the UTC moment)
+    assert (f'reviewer: Approve at <time datetime="{decision.created_at:%Y-%m-%dT%H:%M:%S}Z">'
+            f"{decision.created_at:%Y-%m-%d %H:%M:%S} UTC</time>") in progress
     row = row_of(second.get("/review/").content.decode(), request)
     assert "1 of 2 approvals" in row and "reviewer," in row and 'value="approve"' in row
 
