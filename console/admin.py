@@ -54,7 +54,21 @@ class NotificationWebhookForm(forms.ModelForm):
     class Meta:
         model = NotificationWebhook
         fields = ["name", "url", "active", "events", "secret"]
-        widgets = {"secret": forms.PasswordInput(render_value=True)}
+        widgets = {"secret": forms.PasswordInput(render_value=False)}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # (a callable default would otherwise echo the value in a hidden "initial" input)
+        self.fields["secret"].show_hidden_initial = False
+        if self.instance.pk:  # the secret is never sent back to a browser: blank keeps it
+            self.fields["secret"].required = False
+            self.fields["secret"].help_text = "Leave blank to keep the current secret."
+
+    def clean_secret(self) -> str:
+        secret = self.cleaned_data.get("secret") or ""
+        if not secret and self.instance.pk:
+            return NotificationWebhook.objects.get(pk=self.instance.pk).secret
+        return secret
 
 
 @admin.register(NotificationWebhook)

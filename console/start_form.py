@@ -279,6 +279,9 @@ def _number(raw: str, integer: bool) -> int | float:
         raise ValueError("must be a whole number" if integer else "must be a number") from None
     if not value.is_finite():
         raise ValueError("must be a finite number")
+    if value and abs(value.adjusted()) > 300:
+        # (1e999999999 is 40 characters, and a billion digits as an int)
+        raise ValueError("is out of range")
     if value == value.to_integral_value():
         return int(value)
     if integer:

@@ -99,7 +99,8 @@ def run_agent_task(ctx: TaskContext) -> Outcome:
         delegator = Delegator(store=store, run_id=ctx.run_id, spec=ctx.spec,
                               plan=store.delegations(ctx.run_id, ctx.spec.key)[0], log=log,
                               journal=Journal(), governor=governor,
-                              actor=f"agent:{agent.slug}", secrets=secrets())
+                              actor=f"agent:{agent.slug}", secrets=secrets(),
+                              lease=ctx.lease)
     return run_agent(ctx, spec, model, tools, log, granted=granted_to(agent.user_id, rows),
                      pricing=_pricing(agent), secrets=secrets(), governor=governor,
                      unusable=unusable, verifier=verifier, delegator=delegator)

@@ -47,12 +47,14 @@ class DelegationRows:
 
     @retrying
     def delegate(self, run_id: str, parent: str, child: TaskSpec,
-                 budget: Mapping[str, Any]) -> TaskSpec:
+                 budget: Mapping[str, Any], *, lease: str = "") -> TaskSpec:
         """Add a delegated task to the run, under its lock: a new version of the run's plan
         holding it, its task row, and its budget carved from the caller's (what is left of
         it goes back when it ends). A call that delegated already gets its task back."""
         chain = uuid.UUID(str(run_id))
         with transaction.atomic(savepoint=False), run_lock.locked(run_id) as snapshot:
+            if lease:  # (DjangoRunStore's: a checkpoint refused once the caller was taken over)
+                self._hold(run_id, parent, lease)  # type: ignore[attr-defined]
             for spec in children(snapshot.plan, parent):
                 if spec.call_key == child.call_key:
                     return spec

@@ -41,6 +41,7 @@ from orchestration import (
     signals,
     transcripts,
 )
+from orchestration.engine import delegation
 from orchestration.engine.states import RUN_TERMINAL, RunStatus, TaskStatus
 from orchestration.models import PAUSED, Outbox, Run, Task
 
@@ -128,6 +129,9 @@ def _decided_waits() -> int:
         Task.objects.filter(status=TaskStatus.WAITING)
         .exclude(run__status__in=[s.value for s in RUN_TERMINAL])
         .exclude(error__startswith=f"{PAUSED}:")  # a kill switch's, not a decision's
+        # A caller waiting on what it delegated: its own scheduling step wakes it, and an
+        # earlier decision of its task must not be applied again (a budget raised twice).
+        .exclude(error__startswith=f"{delegation.WAITING}:")
         .filter(Exists(requests.exclude(status=ApprovalRequest.Status.PENDING)),
                 ~Exists(requests.filter(status=ApprovalRequest.Status.PENDING)),
                 ~Exists(Outbox.objects.filter(run_id=OuterRef("run_id"), topic="resume")))

@@ -21,6 +21,7 @@ from django.db import connection
 from django.utils import timezone
 
 from hashchain import canonical_json
+from orchestration.engine.redaction import redact
 from orchestration.models import Transcript
 from orchestration.sql import dt_param, uuid_param, write
 
@@ -41,8 +42,10 @@ def digest_of(messages: Sequence[Mapping[str, Any]]) -> str:
 
 def keep(run_id: Any, kind: str, *, task: str, step: int, messages: list[dict[str, Any]],
          digest: str = "") -> None:
-    """Keep a call's (already redacted) conversation. Called inside the transaction that
-    appends the call's ledger event, with the step's other writes (orchestration/sql.py)."""
+    """Keep a call's conversation, redacted (again: every caller's, whatever it passed).
+    Called inside the transaction that appends the call's ledger event, with the step's other
+    writes (orchestration/sql.py)."""
+    messages = redact(messages, [v for v in settings.SWITCHBOARD_CREDENTIALS.values() if v])
     field = Transcript._meta.get_field("messages")
     write(_INSERT, [uuid_param(run_id), kind, task, step, digest or digest_of(messages),
                     field.get_db_prep_save(messages, connection), dt_param(timezone.now())])
@@ -77,7 +80,10 @@ def for_run(run_id: Any, keys: Iterable[tuple[str, str, int]]) -> dict[tuple[str
     if not wanted:
         return found
     tasks = {task for _kind, task, _step in wanted}
-    rows = Transcript.objects.filter(run_id=uuid.UUID(str(run_id)), task__in=tasks).order_by("id")
+    rows = Transcript.objects.filter(
+        run_id=uuid.UUID(str(run_id)), task__in=tasks,
+        kind__in={kind for kind, _task, _step in wanted},
+        step__in={step for _kind, _task, step in wanted}).order_by("id")
     for row in rows:
         key = (row.kind, row.task, row.step)
         if key in wanted:

@@ -180,3 +180,15 @@ def test_a_handoff_delegates_once_however_often_its_worker_retries(limited: Proc
     assert list(made) == [f"{run.pk}:lead:1:0"] and made[f"{run.pk}:lead:1:0"].key == "lead_d1"
     assert Run.objects.get(pk=run.pk).plan_version == 1
     assert Decimal(0) == Task.objects.get(run=run, key="lead").used_cost
+
+
+def test_a_handoff_asking_for_more_tokens_than_a_budget_can_hold_is_refused() -> None:
+    from orchestration.engine.delegation import MAX_TOKENS, refusal
+    from orchestration.engine.plan import parse_plan
+
+    plan = parse_plan({"tasks": [{"key": "lead", "executor": {"type": "agent", "ref": "lead"},
+                                  "delegates": ["helper"]}]})
+    lead = plan.by_key()["lead"]
+    assert refusal(plan, lead, "helper", {"task": "x", "tokens": MAX_TOKENS}) == ""
+    why = refusal(plan, lead, "helper", {"task": "x", "tokens": 10 ** 20})
+    assert why.startswith("delegation refused: the arguments are invalid at tokens")

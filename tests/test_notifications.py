@@ -461,3 +461,20 @@ def test_an_admin_adds_a_webhook_and_the_ledger_never_sees_its_secret(
     (event,) = Event.objects.filter(kind="config.notification_webhook.create")
     assert event.data["new"]["url"] == "https://hooks.example.com/switchboard"
     assert SECRET not in json.dumps(event.data)
+
+
+@pytest.mark.django_db
+def test_the_admin_never_sends_a_webhooks_secret_back_and_blank_keeps_it(
+        client: Any, people: dict[str, User]) -> None:
+    client.force_login(people["admin"])
+    form = {"name": "ops", "url": "https://hooks.example.com/switchboard", "active": "on",
+            "events": ["approval.opened"], "secret": SECRET}
+    assert client.post("/admin/console/notificationwebhook/add/", form).status_code == 302
+    hook = NotificationWebhook.objects.get()
+    page = client.get(f"/admin/console/notificationwebhook/{hook.pk}/change/").content.decode()
+    assert SECRET not in page
+    kept = client.post(f"/admin/console/notificationwebhook/{hook.pk}/change/",
+                       {**form, "name": "ops2", "secret": ""})
+    assert kept.status_code == 302
+    hook.refresh_from_db()
+    assert hook.name == "ops2" and hook.secret == SECRET

@@ -219,6 +219,30 @@ def test_the_sweep_resumes_a_decided_request_whose_resume_message_was_lost(
 
 
 @pytest.mark.django_db
+def test_the_sweep_leaves_a_caller_waiting_on_what_it_delegated(
+        broker: Broker, people: dict[str, Any],
+        django_capture_on_commit_callbacks: Any) -> None:
+    """A task whose earlier call was decided and which now waits on a task it delegated is
+    not stuck: resuming it for the old decision would apply that decision again."""
+    from approvals import services as approvals
+    from tests.test_approvals import _open_request
+
+    request = _open_request(people["operator"])
+    Task.objects.filter(run_id=request.run_id, key="refund").update(status="waiting")
+    with django_capture_on_commit_callbacks(execute=True):
+        approvals.request_decide(request_id=request.pk, user=people["reviewer"],
+                                 decision="approve")
+    broker.take("resume")
+    Outbox.objects.filter(topic="resume").delete()
+    Task.objects.filter(run_id=request.run_id, key="refund").update(
+        status="waiting", error="delegated: waiting on refund_d1 (helper)")
+
+    with django_capture_on_commit_callbacks(execute=True):
+        assert sweep.sweep_once()["resumed"] == 0
+    assert broker.take("resume") == []
+
+
+@pytest.mark.django_db
 def test_a_plan_level_tool_that_is_not_idempotent_is_never_called_twice(
         broker: Broker, operator: Any, monkeypatch: pytest.MonkeyPatch,
         django_capture_on_commit_callbacks: Any) -> None:

@@ -456,3 +456,10 @@ def test_the_demo_examples_are_in_the_published_schemas(demo: None) -> None:
         assert version is not None
         assert start_form.example_of(version.input_schema) == spec["example"]
         assert json.loads(json.dumps(version.input_schema))["examples"] == [spec["example"]]
+
+
+@pytest.mark.parametrize("typed", ["1e999999999", "-1E400", "1e-999999"])
+def test_a_number_with_a_huge_exponent_is_refused_before_it_is_expanded(typed: str) -> None:
+    with pytest.raises(ValueError, match="out of range"):
+        start_form._number(typed, False)
+    assert start_form._number("2.5e3", True) == 2500

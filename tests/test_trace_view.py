@@ -121,6 +121,23 @@ def test_it_keeps_each_model_calls_conversation_with_its_ledger_event(refund: Ru
 
 
 @pytest.mark.django_db
+def test_every_kept_conversation_is_redacted_whoever_keeps_it(settings: Any,
+                                                             demo: None) -> None:
+    """The auditor's prompt holds tool results as they came back: a credential in one is
+    redacted when it is kept, as the agent loop's and the planner's are."""
+    from django.db import transaction
+
+    settings.SWITCHBOARD_CREDENTIALS = {"crm": "sk-live-0123456789abcdef"}
+    process = Process.objects.get(slug="refund-exception")
+    run = Run.objects.create(process_version=process.current_version, input={})
+    with transaction.atomic():
+        transcripts.keep(run.pk, "qc.checked", task="t", step=1, messages=[
+            {"role": "user", "content": "the tool said: token sk-live-0123456789abcdef"}])
+    kept = Transcript.objects.get(run=run)
+    assert "sk-live-0123456789abcdef" not in str(kept.messages)
+    assert kept.messages[0]["content"].startswith("the tool said: token ")
+
+
 def test_the_sweep_deletes_conversations_past_their_retention(settings: Any, demo: None) -> None:
     settings.SWITCHBOARD_TRANSCRIPT_RETENTION_DAYS = 30
     process = Process.objects.get(slug="refund-exception")

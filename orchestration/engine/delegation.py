@@ -44,6 +44,8 @@ DELEGATED = "task.delegated"
 DEFAULT_DEPTH = 1
 DEFAULT_FAN_OUT = 3
 MAX_KEY = 63
+# The most tokens a handoff call may ask for (a model's number must fit the budget column).
+MAX_TOKENS = 100_000_000
 
 INPUT_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -58,7 +60,7 @@ INPUT_SCHEMA: dict[str, Any] = {
         "acceptance": {"type": "array", "maxItems": 10,
                        "items": {"type": "string", "minLength": 1, "maxLength": 500},
                        "description": "Criteria the delegate's answer must meet."},
-        "tokens": {"type": "integer", "minimum": 1,
+        "tokens": {"type": "integer", "minimum": 1, "maximum": MAX_TOKENS,
                    "description": "Tokens to give the delegate from your own budget."},
     },
 }
@@ -211,10 +213,11 @@ class DelegationStore(Protocol):
         ...
 
     def delegate(self, run_id: str, parent: str, child: TaskSpec,
-                 budget: Mapping[str, Any]) -> TaskSpec:
+                 budget: Mapping[str, Any], *, lease: str = "") -> TaskSpec:
         """Add ``child`` to the run (its plan, its task, its budget carved from the
         caller's), under the run's lock; a call that delegated already gets its task back.
-        Returns the task as added."""
+        Returns the task as added. Raises LeaseLost when ``lease`` is given and the caller
+        no longer holds it (another worker took the caller over)."""
         ...
 
 
@@ -231,6 +234,8 @@ class Delegator:
     governor: Governor
     actor: str
     secrets: Sequence[str] = ()
+    # The caller's lease: a worker that lost it must not delegate (or carve a budget).
+    lease: str = ""
 
     def offered(self) -> list[ToolSpec]:
         return offered(self.plan, self.spec)
@@ -257,7 +262,7 @@ class Delegator:
                 return Verdict(why, True)
             spec = self.store.delegate(
                 self.run_id, self.spec.key, child_spec(plan, self.spec, slug, arguments, key),
-                requested(arguments, Limits.of(plan)))
+                requested(arguments, Limits.of(plan)), lease=self.lease)
             return Verdict(pause=f"{WAITING}: waiting on {spec.key} ({slug})")
         if child.status not in TASK_TERMINAL:
             return Verdict(pause=f"{WAITING}: waiting on {child.key} ({slug})")

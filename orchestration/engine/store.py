@@ -245,7 +245,7 @@ class MemoryStore:
             return snap.plan, made
 
     def delegate(self, run_id: str, parent: str, child: TaskSpec,
-                 budget: Mapping[str, Any]) -> TaskSpec:
+                 budget: Mapping[str, Any], *, lease: str = "") -> TaskSpec:
         """Add a delegated task (this store keeps no budgets: ``budget`` is recorded only)."""
         with self._lock:
             snap = self.runs[run_id].snapshot
