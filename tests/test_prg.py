@@ -105,7 +105,8 @@ def test_a_decision_redirects_to_the_queue(people: dict[str, User]) -> None:
     decided = client.post(f"/review/{request.pk}/decide", {
         "decision": "reject", "note": "no", "arguments_digest": request.arguments_digest})
     assert decided["Location"] == "/review/"
-    assert "Decision recorded." in followed(client, decided)
+    # The queue says what the decision did (console/review_context.py's confirmation).
+    assert "Rejected issue_refund" in followed(client, decided)
 
 
 def test_saving_a_time_zone_redirects_to_the_settings_page(operator: User) -> None:
