@@ -203,6 +203,9 @@ class Run(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
+        # The runs list: newest first, and by status (its counts, a status filter).
+        indexes = [models.Index(fields=["-created_at", "-id"], name="run_newest"),
+                   models.Index(fields=["status", "-created_at"], name="run_status_newest")]
 
     def __str__(self) -> str:
         return f"run {self.id}"
