@@ -27,7 +27,6 @@ import os
 import random
 import secrets
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -259,33 +258,15 @@ def main() -> int:
         worker(args)
         return 0
 
-    import tempfile
-    from urllib.parse import urlsplit, urlunsplit
+    from throwaway import run_worker
 
-    import psycopg
-
-    name = f"switchboard_bench_render_{os.getpid()}"
-    with psycopg.connect(args.postgres_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = urlunsplit(urlsplit(args.postgres_url)._replace(path=f"/{name}"))
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "result.json"
-            env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
-            # Django's test client calls itself "testserver".
-            env.update(DATABASE_URL=url, DJANGO_SETTINGS_MODULE="console.settings",
-                       ALLOWED_HOSTS="testserver")
-            print(f"seeding {args.runs} runs and {args.events} events into {name} ...",
-                  file=sys.stderr, flush=True)
-            subprocess.run([sys.executable, __file__, "--worker", "--runs", str(args.runs),
-                            "--events", str(args.events), "--samples", str(args.samples),
-                            "--out", str(out), *(["--verify"] if args.verify else [])],
-                           env=env, cwd=ROOT, check=True)
-            result = json.loads(out.read_text())
-    finally:
-        if not args.keep:
-            with psycopg.connect(args.postgres_url, autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    result = run_worker(
+        __file__, ["--runs", str(args.runs), "--events", str(args.events), "--samples",
+                   str(args.samples), *(["--verify"] if args.verify else [])],
+        postgres_url=args.postgres_url, prefix="switchboard_bench_render", keep=args.keep,
+        # Django's test client calls itself "testserver".
+        env={"ALLOWED_HOSTS": "testserver"},
+        announce=f"seeding {args.runs} runs and {args.events} events into {{name}} ...")
     seeded = result.pop("seed")
     print(f"\nPostgreSQL with {seeded['runs']} runs and {seeded['events']} events "
           f"(seeded in {seeded['seconds']} s); server-side render, ms:")

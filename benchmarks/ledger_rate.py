@@ -24,9 +24,7 @@ import argparse
 import json
 import os
 import secrets
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -156,26 +154,11 @@ def main() -> int:
         worker(args)
         return 0
 
-    from urllib.parse import urlsplit, urlunsplit
+    from throwaway import run_worker
 
-    import psycopg
-
-    name = f"switchboard_bench_ledger_{os.getpid()}"
-    with psycopg.connect(args.postgres_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = urlunsplit(urlsplit(args.postgres_url)._replace(path=f"/{name}"))
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "result.json"
-            env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
-            env.update(DATABASE_URL=url, DJANGO_SETTINGS_MODULE="console.settings")
-            subprocess.run([sys.executable, __file__, "--worker", "--runs", str(args.runs),
-                            "--seconds", str(args.seconds), "--per-step", str(args.per_step),
-                            "--out", str(out)], env=env, cwd=ROOT, check=True)
-            result = json.loads(out.read_text())
-    finally:
-        with psycopg.connect(args.postgres_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    result = run_worker(__file__, ["--runs", str(args.runs), "--seconds", str(args.seconds),
+                                   "--per-step", str(args.per_step)],
+                        postgres_url=args.postgres_url, prefix="switchboard_bench_ledger")
     app, bulk = result["append"], result["executemany"]
     ratio = app["rate"] / bulk["rate"]
     print(f"\nLedger write rate on PostgreSQL, {args.runs} concurrent runs, "

@@ -95,9 +95,8 @@ def run_agent_task(ctx: TaskContext) -> Outcome:
         return verifier
     delegator = None
     if ctx.spec.delegates:
-        store = DjangoRunStore()
-        delegator = Delegator(store=store, run_id=ctx.run_id, spec=ctx.spec,
-                              plan=store.delegations(ctx.run_id, ctx.spec.key)[0], log=log,
+        delegator = Delegator(store=DjangoRunStore(), run_id=ctx.run_id, spec=ctx.spec,
+                              plan=plan_of(task.run), log=log,
                               journal=Journal(), governor=governor,
                               actor=f"agent:{agent.slug}", secrets=secrets(),
                               lease=ctx.lease)

@@ -33,6 +33,16 @@ CHECK_SCHEMA: dict[str, Any] = {
     },
 }
 
+# A task's own budget (and the default one of a task an agent delegates).
+BUDGET_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "tokens": {"type": "integer", "minimum": 1},
+        "cost": {"type": ["number", "string"]},
+    },
+}
+
 PLAN_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "type": "object",
@@ -70,14 +80,7 @@ PLAN_SCHEMA: dict[str, Any] = {
                     "args": {"type": "object"},
                     "spec": {"type": "string"},
                     "acceptance": {"type": "array", "items": {"type": "string"}},
-                    "budget": {
-                        "type": "object",
-                        "additionalProperties": False,
-                        "properties": {
-                            "tokens": {"type": "integer", "minimum": 1},
-                            "cost": {"type": ["number", "string"]},
-                        },
-                    },
+                    "budget": BUDGET_SCHEMA,
                     # What the task hands on must match (agent tasks: the handoff's key_facts;
                     # human tasks: the submitted answer).
                     "output_schema": {"type": "object"},
@@ -114,14 +117,7 @@ PLAN_SCHEMA: dict[str, Any] = {
             "properties": {
                 "max_depth": {"type": "integer", "minimum": 1, "maximum": 5},
                 "max_fan_out": {"type": "integer", "minimum": 1, "maximum": 20},
-                "budget": {
-                    "type": "object",
-                    "additionalProperties": False,
-                    "properties": {
-                        "tokens": {"type": "integer", "minimum": 1},
-                        "cost": {"type": ["number", "string"]},
-                    },
-                },
+                "budget": BUDGET_SCHEMA,  # a delegated task's, when its call asks for none
             },
         },
         # QC of the run as a whole: once every task succeeded the auditor checks the outputs

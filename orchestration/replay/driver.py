@@ -130,7 +130,7 @@ class Replay:
         delegator = None
         if ctx.spec.delegates:  # handoffs add tasks to the replay's plan, as production's did
             delegator = Delegator(store=self.store, run_id=self.run_id, spec=ctx.spec,
-                                  plan=self.store.delegations(self.run_id, task)[0], log=log,
+                                  plan=self.store.runs[self.run_id].snapshot.plan, log=log,
                                   journal=Journal(), governor=governor,
                                   actor=f"agent:{agent.slug}")
         return run_agent(ctx, spec, RecordedModel(self.ledger, task), self.tools, log,
