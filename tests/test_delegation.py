@@ -192,3 +192,22 @@ def test_a_handoff_asking_for_more_tokens_than_a_budget_can_hold_is_refused() ->
     assert refusal(plan, lead, "helper", {"task": "x", "tokens": MAX_TOKENS}) == ""
     why = refusal(plan, lead, "helper", {"task": "x", "tokens": 10 ** 20})
     assert why.startswith("delegation refused: the arguments are invalid at tokens")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_runs_each_delegate_once_and_finish(runner: None, api: Any) -> None:
+    """Six front-desk runs at once: each delegates exactly one lookup, every caller is woken,
+    and each run replays as it ran."""
+    ids = []
+    for n in range(6):
+        created = api.post("/api/v1/runs", {"process": "customer-inquiry",
+                                            "input": {**INQUIRY, "order_id": f"ORD-20{n}"}})
+        assert created.status_code == 201, created.content
+        ids.append(created.json()["id"])
+    for run_id in ids:
+        run = wait_for_run(run_id, timeout=120)
+        assert run.status == "succeeded", run.error
+        assert [d["child"] for d in kinds(run, "task.delegated")] == ["answer_d1"]
+        assert Task.objects.filter(run=run).count() == 3
+        result = replay(Run.objects.get(pk=run.pk))
+        assert result.ok, result.summary()
