@@ -167,6 +167,13 @@ class Replay:
         return human_outcome(ctx, status=request.status, output=request.output,
                              note=request.note)
 
+    def _ended_at(self, key: str) -> float:
+        """Production ran tasks side by side; the replay runs one at a time, each in the order
+        the original's attempts ended (plan order for ties and for attempts that never ended),
+        so a task that waited while another still ran waits here while that one is queued."""
+        attempt = self.store.runs[self.run_id].snapshot.tasks[key].attempts + 1
+        return self.ledger.ended_at.get((key, attempt), float("inf"))
+
     # people's decisions, when the original run received them ---------------------------
     def _due(self, stimulus: Recorded) -> bool:
         return self.stimuli.due(stimulus)
@@ -245,7 +252,13 @@ class Replay:
                 queued = [t.key for t in snapshot.plan.tasks
                           if snapshot.tasks[t.key].status == TaskStatus.QUEUED]
             if queued:
-                execute(self.store, self.run_id, queued[0], self.executors)
+                execute(self.store, self.run_id, min(queued, key=self._ended_at),
+                        self.executors)
+                # A decision the original received while this task ran is applied before the
+                # run's state is settled, as production's resume did alongside it.
+                for stimulus in list(self.pending):
+                    if self._due(stimulus):
+                        self._apply(stimulus)
                 advance(self.store, self.run_id)
                 continue
             result = advance(self.store, self.run_id)

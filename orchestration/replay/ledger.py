@@ -26,6 +26,7 @@ class Ledger:
         self.requests: dict[str, deque[dict[str, Any]]] = defaultdict(deque)
         self.refused: dict[str, deque[str]] = defaultdict(deque)
         self.ends: dict[tuple[str, int], str] = {}
+        self.ended_at: dict[tuple[str, int], int] = {}  # the seq that ended each attempt
         self.stimuli: list[Recorded] = []
         self.before: list[dict[str, int]] = []  # per stimulus: compared events per stream
         self.reused: dict[str, Any] = {}
@@ -40,6 +41,7 @@ class Ledger:
                 self.reused[task] = data.get("output")
             elif e.kind in ("task.succeeded", "task.failed", "task.waiting", "task.cancelled"):
                 self.ends[(task, attempt[task])] = data.get("error", "")
+                self.ended_at.setdefault((task, attempt[task]), e.seq)
             elif e.kind == "model.called":
                 self.turns[(task, int(data["step"]))] = (attempt[task], data["response"])
                 self.models[task] = (data.get("provider", ""), data.get("model", ""))
