@@ -30,6 +30,9 @@ class Reason(models.TextChoices):
     QUESTION = "question", "an agent's question"
 
 
+# Requests a reviewer may answer by raising the budget: only a spent budget is helped by more.
+BUDGET_REASONS = (Reason.BUDGET_EXHAUSTED, Reason.STEP_BUDGET_EXHAUSTED)
+
 class Policy(models.Model):
     slug = models.SlugField(unique=True)
     name = models.CharField(max_length=200)

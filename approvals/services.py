@@ -19,7 +19,14 @@ from django.utils import timezone
 
 from approvals import responses, rules
 from approvals.explain import counted_approvals, match_record
-from approvals.models import ApprovalRequest, Decision, Policy, PolicyVersion, Reason
+from approvals.models import (
+    BUDGET_REASONS,
+    ApprovalRequest,
+    Decision,
+    Policy,
+    PolicyVersion,
+    Reason,
+)
 from approvals.signals import approval_opened, approval_resolved
 from audit import config, hygiene, ledger
 from audit.ledger import actor_of
@@ -306,6 +313,10 @@ def request_decide(
                                      f"members of {group.name!r} may decide; reject with a note "
                                      "instead")
         elif decision == Decision.Kind.RAISE_BUDGET:
+            if request.reason not in BUDGET_REASONS:
+                raise ApprovalError(f"raising the budget does not help a request for "
+                                    f"{request.get_reason_display()}; approve, reject or stop "
+                                    "the run")
             clean_budget = _parse_budget(budget)
         _check_response(request, decision, output)
 

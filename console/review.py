@@ -24,7 +24,7 @@ from django.views.decorators.http import require_POST
 
 from approvals import responses
 from approvals import services as approvals
-from approvals.models import ApprovalRequest, Decision, Reason
+from approvals.models import BUDGET_REASONS, ApprovalRequest, Decision
 from audit import hygiene
 from audit.models import Event
 from console import response_form
@@ -33,8 +33,6 @@ from console.review_bulk import bulk_approve as bulk_approve  # routed with the 
 from console.review_bulk import bulk_groups
 from console.review_context import annotate, change_rows, confirmation
 
-# Requests whose budget a reviewer can raise (orchestration/rules.py apply_resolution).
-BUDGET_REASONS = (Reason.BUDGET_EXHAUSTED, Reason.STEP_BUDGET_EXHAUSTED)
 # How long the queue keeps confirming a reviewer's own decisions.
 RECENT = timedelta(minutes=15)
 
@@ -195,10 +193,6 @@ def decide(request: HttpRequest, request_id: Any) -> HttpResponse:
         if decision == "edit":
             arguments = _edited_arguments(request)
         if decision == "raise_budget":
-            if approval.reason not in BUDGET_REASONS:
-                raise approvals.ApprovalError(
-                    f"raising the budget does not help a request for "
-                    f"{approval.get_reason_display()}; approve, reject or stop the run")
             budget = {}
             for key in ("tokens", "steps"):
                 raw = request.POST.get(key, "").strip()

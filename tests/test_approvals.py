@@ -360,8 +360,10 @@ class _on_commit_runs:
         transaction.on_commit = self._orig  # type: ignore[assignment]
 
 
-def _open_request(starter: User, amount: float = 500) -> ApprovalRequest:
-    """A refund run parked on its approval, without a worker (non-transactional tests)."""
+def _open_request(starter: User, amount: float = 500,
+                  reason: str = "sensitive_action") -> ApprovalRequest:
+    """A refund run parked on its approval (or, with ``reason``, on another escalation of the
+    same call), without a worker (non-transactional tests)."""
     assign_perm("orchestration.start_run", starter, Process.objects.get(slug="refund-exception"))
     run = services.run_create(process=Process.objects.get(slug="refund-exception"),
                               input={**REFUND, "amount": amount}, user=starter)
@@ -372,6 +374,6 @@ def _open_request(starter: User, amount: float = 500) -> ApprovalRequest:
                            arguments={"order_id": "ORD-1042", "amount": amount})
     return approvals.request_open(
         run_id=run.pk, task_key="refund", call_key=f"{run.pk}:refund:1:0", tool="issue_refund",
-        arguments={"order_id": "ORD-1042", "amount": amount}, reason="sensitive_action",
+        arguments={"order_id": "ORD-1042", "amount": amount}, reason=reason,
         policy_version=version, requested_by="agent:refund-executor", run_started_by=starter,
         context={"input_schema": Tool.objects.get(slug="issue_refund").input_schema})

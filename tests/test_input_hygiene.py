@@ -220,7 +220,9 @@ BAD_DECISIONS = [
                          ids=[c[0] for c in BAD_DECISIONS])
 def test_it_refuses_a_bad_decision_on_the_api(client: Client, people: dict, body: str,
                                               problem: str) -> None:
-    request = _open_request(people["operator"])
+    # A raise is only for a spent budget; the other decisions are about a proposed action.
+    reason = "budget_exhausted" if "raise_budget" in body else "sensitive_action"
+    request = _open_request(people["operator"], reason=reason)
     post = _api(client, people["reviewer"])
     before = _counts()
     response = post(f"/api/v1/approvals/{request.pk}/decision", body)
@@ -236,7 +238,7 @@ def test_it_refuses_a_bad_decision_on_the_api(client: Client, people: dict, body
                          ids=["at-the-ceilings", "float-cost", "finest-cost"])
 def test_it_accepts_a_raise_up_to_the_ceilings(client: Client, people: dict,
                                                budget: dict[str, Any]) -> None:
-    request = _open_request(people["operator"])
+    request = _open_request(people["operator"], reason="budget_exhausted")
     post = _api(client, people["reviewer"])
     response = post(f"/api/v1/approvals/{request.pk}/decision",
                     json.dumps({"decision": "raise_budget", "budget": budget}))
@@ -245,10 +247,27 @@ def test_it_accepts_a_raise_up_to_the_ceilings(client: Client, people: dict,
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize("reason", ["sensitive_action", "quota_exhausted", "low_confidence"])
+def test_it_refuses_a_raise_for_a_request_a_budget_does_not_help(client: Client, people: dict,
+                                                                 reason: str) -> None:
+    """The API holds the same rule as the review page: a raise answers only a spent budget,
+    so it can never stand in for the approval of a proposed action."""
+    request = _open_request(people["operator"], reason=reason)
+    before = _counts()
+    refused = _api(client, people["reviewer"])(
+        f"/api/v1/approvals/{request.pk}/decision",
+        '{"decision": "raise_budget", "budget": {"tokens": 100}}')
+    _assert_refused_by_api(refused, "raising the budget does not help")
+    assert _counts() == before
+    request.refresh_from_db()
+    assert request.status == ApprovalRequest.Status.PENDING
+
+
+@pytest.mark.django_db
 def test_it_takes_the_raise_ceiling_from_the_settings(client: Client, people: dict,
                                                       settings: Any) -> None:
     settings.SWITCHBOARD_MAX_BUDGET_RAISE_TOKENS = 100
-    request = _open_request(people["operator"])
+    request = _open_request(people["operator"], reason="step_budget_exhausted")
     post = _api(client, people["reviewer"])
     path = f"/api/v1/approvals/{request.pk}/decision"
     refused = post(path, '{"decision": "raise_budget", "budget": {"tokens": 101}}')
