@@ -33,6 +33,7 @@ class Ledger:
         self.audits: dict[str, list[dict[str, Any]]] = defaultdict(list)  # the auditor's turns
         attempt: dict[str, int] = defaultdict(int)
         counts: dict[str, int] = defaultdict(int)
+        resumes: dict[str, int] = {}  # request id -> the index of its resolution's stimulus
         for e in events:
             data, task = e.data, e.data.get("task", "")
             if e.kind == "task.started":
@@ -65,12 +66,27 @@ class Ledger:
                     e.kind == "task.requeued" and data.get("reason") == KILL_SWITCH_RELEASED):
                 self.stimuli.append(e)
                 self.before.append(dict(counts))
+                if e.kind == "approval.resolved":
+                    resumes[str(data.get("request", ""))] = len(self.before) - 1
+            elif e.kind == "task.requeued" and (
+                    index := resumes.pop(_resumed_request(data), None)) is not None:
+                # The resume that requeued the task is a transaction of its own: the run may
+                # have moved on (say, to waiting) between the decision and it, so the replay
+                # applies the decision where the original resumed.
+                self.before[index] = dict(counts)
             stream = comparison.stream_of(e.kind, data)
             if stream is not None:
                 counts[stream] += 1
 
     def end(self, task: str, attempt: int) -> str:
         return self.ends.get((task, attempt), "")
+
+
+def _resumed_request(data: dict[str, Any]) -> str:
+    """The request whose resolution a ``task.requeued`` carries out ("approval <id> <status>",
+    orchestration/services.py), or ""."""
+    words = str(data.get("reason", "")).split(" ")
+    return words[1] if len(words) == 3 and words[0] == "approval" else ""
 
 
 class Stimuli:
