@@ -466,6 +466,72 @@ def test_kill_9_of_workers_and_pool_children_loses_and_doubles_nothing(cluster: 
     _conclude(verdict)
 
 
+def inquiry_payload(i: int, key: str) -> dict[str, Any]:
+    return {"process": "customer-inquiry",
+            "input": {"customer_email": "kim@example.com", "order_id": "ORD-1042",
+                      "message": key}}
+
+
+@pytest.mark.distributed
+def test_kill_9_while_agents_delegate_hands_off_and_emails_once(cluster: Cluster) -> None:
+    """The front desk hands the lookup to the order desk: workers killed around the handoff
+    must leave one delegated task per run, its budget carved once, and one email."""
+    verdict = _scenario("kill -9, delegating runs")
+    assert cluster.workers is not None
+    rng = random.Random(SEED + 1)
+    kills: list[str] = []
+    try:
+        with Watcher(cluster.db) as watcher:
+            burst = Burst(cluster.operator, 24, 0.3, "D", inquiry_payload)
+            time.sleep(0.5)
+            for _ in range(10):
+                kills.append(cluster.workers.kill_random(rng))
+                time.sleep(rng.uniform(0.3, 1.2))
+            fault_end = time.monotonic()
+            verdict.result.faults = len(kills)
+            calls = burst.join()
+            _check_answers(verdict, calls)
+            _check_one_run_per_key(verdict, cluster.db, calls, "message")
+            statuses = _wait_for_end(verdict, watcher, fault_end)
+            _check_workers_alive(verdict, cluster)
+            _check_waiting_on_people(verdict, cluster.db, statuses, PERSON_REASONS)
+    finally:
+        cluster.heal()
+    events, tasks = cluster.db.events(), cluster.db.tasks()
+    normal = {"classify": 1, "answer": 2, "answer_d1": 1}  # the caller runs again after
+    hit = 0
+    for run_id in verdict.run_ids:
+        ledger = events.get(run_id, [])
+        hit += any(_started(ledger, key) > n for key, n in normal.items())
+        handoffs = [d for _, k, d in ledger if k == "task.delegated"]
+        children = sorted(k for (r, k), _ in tasks.items() if r == run_id and "_d" in k)
+        emails = sum(1 for _, k, d in ledger
+                     if k == "tool.called" and d.get("tool") == "send_customer_email")
+        if len(handoffs) > 1 or len(children) > 1:
+            verdict.result.duplicates += max(len(handoffs), len(children)) - 1
+            verdict.fail(f"run {run_id[:8]}: {len(handoffs)} task.delegated, delegated tasks "
+                         f"{children} (one handoff, retried, must delegate once)")
+        if emails > 1:
+            verdict.result.duplicates += emails - 1
+            verdict.fail(f"run {run_id[:8]}: send_customer_email called {emails} times")
+        if statuses.get(run_id) == "succeeded" and (len(handoffs), children, emails) != (
+                1, ["answer_d1"], 1):
+            verdict.fail(f"run {run_id[:8]} succeeded with {len(handoffs)} handoffs, "
+                         f"delegated tasks {children} and {emails} emails")
+        for (r, key), row in tasks.items():
+            if r == run_id and row["attempts"] > _started(ledger, key):
+                verdict.fail(f"run {run_id[:8]}: {key} has {row['attempts']} attempts, the "
+                             f"ledger shows {_started(ledger, key)} task.started")
+        if statuses.get(run_id) == "failed":
+            verdict.fail(f"run {run_id[:8]} failed ({_describe_tasks(cluster.db, run_id)})")
+    _check_ledger(verdict, cluster.env)
+    _dump_runs(verdict, cluster.db)
+    (LOGS / "kills-delegating.txt").write_text(f"seed {SEED + 1}\n" + "\n".join(kills) + "\n")
+    print(f"\nkill -9 while delegating: {hit} of {len(verdict.run_ids)} runs had a task "
+          "started again after a kill")
+    _conclude(verdict)
+
+
 @pytest.mark.distributed
 def test_redis_killed_and_restarted_mid_burst_loses_nothing(cluster: Cluster) -> None:
     verdict = _scenario("redis kill -9 + restart")
