@@ -124,7 +124,9 @@ def seed(runs: int, events: int) -> list[str]:
     with connection.cursor() as cursor:
         cursor.execute("UPDATE orchestration_run SET created_at = now() - random() * "
                        "interval '14 days', finished_at = now()")
-        cursor.execute("ANALYZE")
+        # What autovacuum does to a live database: statistics, and a visibility map that lets
+        # the index-only scans (the runs list's counts) skip the heap after the bulk writes.
+        cursor.execute("VACUUM ANALYZE")
     return ids
 
 
