@@ -165,12 +165,19 @@ def test_exact_scan_refuses_collections_over_its_limit(collection: Any, admin_us
     import numpy as np
 
     from knowledge import index
+    from knowledge.models import Chunk
     from knowledge.services import ingest
 
     ingest(collection, title="Returns", text="\n\n".join(PARAGRAPHS), by=admin_user)
     vector = np.zeros(256, dtype=np.float32)
     vector[0] = 1.0
-    assert len(index._scan(collection.pk, vector, 5)) == 3
+    first = {pk for pk, _ in index._scan(collection.pk, vector, 5)}
+    assert len(first) == 3
+    # A new version changes what the scan reads, though the number of live chunks is the same.
+    ingest(collection, title="Returns", text="\n\n".join([*PARAGRAPHS[:2], "Changed."]),
+           by=admin_user)
+    live = set(Chunk.objects.filter(retired_at__isnull=True).values_list("pk", flat=True))
+    assert {pk for pk, _ in index._scan(collection.pk, vector, 5)} == live != first
     settings.SWITCHBOARD_KNOWLEDGE_SCAN_LIMIT = 2
     with pytest.raises(index.ScanLimitExceeded, match="install the pgvector extension"):
         index._scan(collection.pk, vector, 5)
