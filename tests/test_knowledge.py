@@ -110,6 +110,8 @@ def test_reposting_the_same_text_is_a_no_op(collection: Any, admin_user: Any) ->
 
 
 def test_delete_removes_everything_and_logs(collection: Any, admin_user: Any) -> None:
+    from django.db import connection
+
     from knowledge.models import Chunk, Document, DocumentVersion
     from knowledge.services import delete_document, ingest, search
 
@@ -121,6 +123,11 @@ def test_delete_removes_everything_and_logs(collection: Any, admin_user: Any) ->
     assert not DocumentVersion.objects.exists() and not Chunk.objects.exists()
     for mode in ("text", "vector", "hybrid"):
         assert search(collection, "refunds payment method", mode=mode) == []
+    if connection.vendor == "sqlite":
+        with connection.cursor() as cursor:
+            for table in ("knowledge_fts", "knowledge_vec_256"):
+                cursor.execute(f"SELECT count(*) FROM {table}")
+                assert cursor.fetchone()[0] == 0, table
     [event] = _config_events("config.knowledge_deleted")
     assert event.data["document"] == str(document_id) and event.data["chunks"] == 3
     assert event.data["versions"] == 2
@@ -379,3 +386,50 @@ def test_openai_embedder_needs_a_key(monkeypatch: Any) -> None:
     monkeypatch.delenv("SWITCHBOARD_EMBEDDINGS_API_KEY", raising=False)
     with pytest.raises(ValueError, match="SWITCHBOARD_EMBEDDINGS_API_KEY"):
         OpenAIEmbedder(base_url="http://127.0.0.1:9/v1").embed(["x"])
+
+
+def test_local_model_loads_with_the_network_blocked(tmp_path: Any) -> None:
+    """The shipped model needs no download: loading and embedding in a fresh process whose
+    sockets refuse to connect, with Hugging Face offline and an empty home directory."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    script = (
+        "import socket\n"
+        "def refuse(*a, **k): raise OSError('network blocked')\n"
+        "socket.socket.connect = refuse\n"
+        "socket.create_connection = refuse\n"
+        "from knowledge.embeddings import LocalEmbedder\n"
+        "v = LocalEmbedder().embed(['refund within thirty days'])\n"
+        "print(v.shape[1], round(float((v ** 2).sum()), 3))\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path),
+           "XDG_CACHE_HOME": str(tmp_path / "cache"), "HF_HOME": str(tmp_path / "hf")}
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["256", "1.0"]
+    assert not any(tmp_path.iterdir())  # nothing cached or downloaded
+
+
+def test_admin_lists_collections_and_deletes_documents_through_the_service(
+        client: Any, collection: Any) -> None:
+    from django.contrib.auth.models import User
+
+    from knowledge.models import Chunk
+    from knowledge.services import ingest
+
+    root = User.objects.create_superuser("root", password="x")
+    client.force_login(root)
+    document = ingest(collection, title="Returns", text=PARAGRAPHS[0], by=root).document
+    assert client.get("/admin/knowledge/collection/").status_code == 200
+    assert client.get(f"/admin/knowledge/collection/{collection.pk}/change/").status_code == 200
+    page = client.get(f"/admin/knowledge/document/{document.pk}/change/")
+    assert page.status_code == 200 and b"Returns" in page.content
+    response = client.post(f"/admin/knowledge/document/{document.pk}/delete/", {"post": "yes"})
+    assert response.status_code == 302
+    assert not Chunk.objects.exists()
+    [event] = _config_events("config.knowledge_deleted")
+    assert event.actor == "user:root"
