@@ -13,7 +13,7 @@ from decimal import Decimal
 from typing import Any
 
 import numpy as np
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.db.models import QuerySet
 from django.utils import timezone
 
@@ -97,44 +97,67 @@ def ingest(collection: Collection, *, title: str, text: str, by: Any,
     are embedded, the rest retire and leave the indexes. Posting the current text again
     changes nothing and returns the current version with ``embedded=0``."""
     title, text = _clean_input(title, text)
-    content_hash = sha256(text)
     pieces = chunk_text(text, collection.chunk_size, collection.chunk_overlap)
     embedder = embedder_for(collection)
     known = _live_hashes(collection, title)
-    vectors = _embed(embedder, title, [p for p in pieces if sha256(p) not in known])
+    post = _Post(collection=collection, title=title, text=text, by=by, source_url=source_url,
+                 pieces=pieces, embedder=embedder,
+                 vectors=_embed(embedder, title, [p for p in pieces if sha256(p) not in known]))
+    try:
+        return _write(post)
+    except IntegrityError:
+        # Another request created the document first: now it exists, so lock and version it.
+        return _write(post)
+
+
+@dataclass
+class _Post:
+    collection: Collection
+    title: str
+    text: str
+    by: Any
+    source_url: str
+    pieces: list[str]
+    embedder: Embedder
+    vectors: dict[str, np.ndarray]
+
+
+def _write(post: _Post) -> IngestResult:
+    content_hash = sha256(post.text)
     with transaction.atomic():
         document = (Document.objects.select_for_update()
-                    .filter(collection=collection, title=title).first())
-        current = (document.versions.filter(number=document.version).first()
-                   if document is not None else None)
-        if document is not None and current is not None and current.content_hash == content_hash:
-            live = document.chunks.filter(retired_at__isnull=True).count()
-            return IngestResult(document, current, embedded=0, reused=live, retired=0)
+                    .filter(collection=post.collection, title=post.title).first())
+        if document is not None:
+            current = document.versions.filter(number=document.version).first()
+            if current is not None and current.content_hash == content_hash:
+                live = document.chunks.filter(retired_at__isnull=True).count()
+                return IngestResult(document, current, embedded=0, reused=live, retired=0)
         created = document is None
         if document is None:
-            document = Document.objects.create(collection=collection, title=title,
-                                               source_url=source_url or "")
+            document = Document.objects.create(collection=post.collection, title=post.title,
+                                               source_url=post.source_url or "")
         version = DocumentVersion.objects.create(
-            document=document, number=document.version + 1, text=text,
-            content_hash=content_hash, created_by=by if getattr(by, "pk", None) else None)
-        embedded, reused, retired = _apply(collection, document, version, pieces, vectors,
-                                           embedder)
+            document=document, number=document.version + 1, text=post.text,
+            content_hash=content_hash,
+            created_by=post.by if getattr(post.by, "pk", None) else None)
+        embedded, reused, retired = _apply(post.collection, document, version, post.pieces,
+                                           post.vectors, post.embedder)
         document.version = version.number
-        if source_url:
-            document.source_url = source_url
+        document.source_url = post.source_url or document.source_url
         document.save(update_fields=["version", "source_url", "updated_at"])
-        tokens, cost = embedder.cost([_indexed_text(title, p) for p in pieces
-                                      if sha256(p) in vectors]) if embedded else (0, Decimal(0))
-        ledger.append(CONFIG_CHAIN,
-                      "config.knowledge_ingested" if created else "config.knowledge_updated",
-                      {"model": "knowledge.document", "object": title,
-                       "collection": collection.slug, "document": str(document.pk),
-                       "title": title, "version": version.number,
-                       "content_hash": content_hash, "source_url": document.source_url,
-                       "chunks": {"embedded": embedded, "reused": reused, "retired": retired},
-                       "embedder": embedder.name, "embedding_tokens": tokens,
-                       "embedding_cost": str(cost)},
-                      actor=actor_of(by))
+        fresh = [_indexed_text(post.title, p) for p in dict.fromkeys(post.pieces)
+                 if sha256(p) in post.vectors]
+        tokens, cost = post.embedder.cost(fresh) if embedded else (0, Decimal(0))
+        ledger.append(
+            CONFIG_CHAIN, "config.knowledge_ingested" if created else "config.knowledge_updated",
+            {"model": "knowledge.document", "object": post.title,
+             "collection": post.collection.slug, "document": str(document.pk),
+             "title": post.title, "version": version.number, "content_hash": content_hash,
+             "source_url": document.source_url,
+             "chunks": {"embedded": embedded, "reused": reused, "retired": retired},
+             "embedder": post.embedder.name, "embedding_tokens": tokens,
+             "embedding_cost": str(cost)},
+            actor=actor_of(post.by))
     return IngestResult(document, version, embedded=embedded, reused=reused, retired=retired)
 
 
