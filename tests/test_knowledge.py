@@ -433,3 +433,39 @@ def test_admin_lists_collections_and_deletes_documents_through_the_service(
     assert not Chunk.objects.exists()
     [event] = _config_events("config.knowledge_deleted")
     assert event.actor == "user:root"
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_concurrent_first_post_of_the_same_title_is_not_an_error(monkeypatch: Any) -> None:
+    """Another connection commits the same new title between this ingest's look-up and its
+    insert: the unique violation is retried and finds that document. (PostgreSQL only: on
+    SQLite the first writer holds the database's write lock, so the race cannot happen.)"""
+    from django.db import connections
+
+    from knowledge import services
+    from knowledge.models import Collection, Document
+
+    collection = Collection.objects.create(slug="race", name="Race")
+    create = Document.objects.create
+    raced: list[Any] = []
+
+    def create_after_a_rival(**kwargs: Any) -> Any:
+        if not raced and threading.current_thread() is threading.main_thread():
+            def rival() -> None:
+                try:
+                    raced.append(services.ingest(collection, title="Returns",
+                                                 text=PARAGRAPHS[0], by=None))
+                finally:
+                    connections.close_all()
+            thread = threading.Thread(target=rival)
+            thread.start()
+            thread.join(timeout=60)
+        return create(**kwargs)
+
+    monkeypatch.setattr(Document.objects, "create", create_after_a_rival)
+    result = services.ingest(collection, title="Returns", text=PARAGRAPHS[0], by=None)
+    assert raced and raced[0].version.number == 1
+    assert result.document.pk == raced[0].document.pk
+    assert (result.version.number, result.embedded) == (1, 0)
+    assert Document.objects.count() == 1
