@@ -224,7 +224,9 @@ def text_search(collection_id: uuid.UUID, query: str, limit: int) -> list[tuple[
                            [match, _key(collection_id), limit])
             return [(uuid.UUID(row[0]), -float(row[1])) for row in cursor.fetchall()]
         tsquery = " | ".join(re.sub(r"[^\w]", "", t) for t in terms)
-        cursor.execute("SELECT id, ts_rank(tsv, q) AS rank FROM knowledge_chunk, "
+        # Normalisation 1 divides by 1 + log(length), as bm25 weighs length: without it, many
+        # one-word matches tie and their order (and the evaluation's text recall) is arbitrary.
+        cursor.execute("SELECT id, ts_rank(tsv, q, 1) AS rank FROM knowledge_chunk, "
                        "to_tsquery('english', %s) AS q WHERE collection_id = %s "
                        "AND retired_at IS NULL AND tsv @@ q ORDER BY rank DESC, id LIMIT %s",
                        [tsquery, collection_id, limit])
