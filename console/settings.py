@@ -101,6 +101,7 @@ INSTALLED_APPS = [
     "audit",
     "approvals",
     "orchestration",
+    "knowledge",
     "console",
 ]
 
@@ -253,6 +254,9 @@ if SWITCHBOARD_TRANSCRIPT_RETENTION_DAYS > 36_500:
 # How long a worker keeps the work in hand through a database outage before giving it up to
 # the sweep.
 SWITCHBOARD_DB_RETRY_SECONDS = envint("SWITCHBOARD_DB_RETRY_SECONDS", 60, minimum=0)
+# The knowledge base's exact vector scan (PostgreSQL without pgvector) reads at most this many
+# live chunks of a collection; beyond it search asks the administrator to install pgvector.
+SWITCHBOARD_KNOWLEDGE_SCAN_LIMIT = envint("SWITCHBOARD_KNOWLEDGE_SCAN_LIMIT", 50_000, minimum=1)
 
 # The most one raise_budget decision may add (approvals/services.py): a reviewer's typo or a
 # hostile client cannot hand a run an unbounded budget, nor one the budget columns cannot hold

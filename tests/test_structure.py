@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tests.conftest import ROOT
 
-APPS = ("orchestration", "approvals", "audit", "console")
+APPS = ("orchestration", "approvals", "audit", "console", "knowledge")
 MAX_LINES = 450
 
 # Private names still imported across modules, each being removed on its own: once it is,
