@@ -58,8 +58,11 @@ def _load_through_c_api(raw: Any, path: str) -> None:
     enabling extension loading for the C API only and disabling it again afterwards."""
     import _sqlite3
 
-    if sys.implementation.name != "cpython":
-        raise RuntimeError("no enable_load_extension and not CPython")
+    # The handle is the first field after the object header of pysqlite_Connection in the
+    # CPython releases checked here (3.12, 3.13); elsewhere the exact scan serves instead.
+    if sys.implementation.name != "cpython" or sys.version_info[:2] not in ((3, 12), (3, 13)):
+        raise RuntimeError("no enable_load_extension, and not a CPython whose connection "
+                           "layout is known")
     lib = ctypes.CDLL(_sqlite3.__file__)
     handle = ctypes.c_void_p.from_address(id(raw) + object.__basicsize__).value
     db = ctypes.c_void_p(handle)
