@@ -203,8 +203,7 @@ class Run(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
-        # The runs list: newest first, and by status (a status filter); its counts by status
-        # of the runs a person may see, read from the index alone.
+        # The runs list: newest first, by status, and its counts read from an index alone.
         indexes = [models.Index(fields=["-created_at", "-id"], name="run_newest"),
                    models.Index(fields=["status", "-created_at"], name="run_status_newest"),
                    models.Index(fields=["status", "process_version", "created_by"],
