@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.csp import CSP
@@ -257,6 +258,15 @@ SWITCHBOARD_DB_RETRY_SECONDS = envint("SWITCHBOARD_DB_RETRY_SECONDS", 60, minimu
 # The knowledge base's exact vector scan (PostgreSQL without pgvector) reads at most this many
 # live chunks of a collection; beyond it search asks the administrator to install pgvector.
 SWITCHBOARD_KNOWLEDGE_SCAN_LIMIT = envint("SWITCHBOARD_KNOWLEDGE_SCAN_LIMIT", 50_000, minimum=1)
+# Collections whose embedder is "openai": any OpenAI-compatible /embeddings endpoint (empty:
+# the SDK's default), and the model asked; the key is the credential "embeddings".
+SWITCHBOARD_EMBEDDINGS_BASE_URL = envstr("SWITCHBOARD_EMBEDDINGS_BASE_URL", "").strip()
+if SWITCHBOARD_EMBEDDINGS_BASE_URL and urlsplit(
+        SWITCHBOARD_EMBEDDINGS_BASE_URL).scheme not in ("http", "https"):
+    raise ImproperlyConfigured("SWITCHBOARD_EMBEDDINGS_BASE_URL must be an http:// or https:// "
+                               "URL, e.g. https://api.openai.com/v1")
+SWITCHBOARD_EMBEDDINGS_MODEL = (envstr("SWITCHBOARD_EMBEDDINGS_MODEL", "").strip()
+                                or "text-embedding-3-small")
 
 # The most one raise_budget decision may add (approvals/services.py): a reviewer's typo or a
 # hostile client cannot hand a run an unbounded budget, nor one the budget columns cannot hold

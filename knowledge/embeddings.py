@@ -10,7 +10,6 @@ Face, so it is pointed at the package directory with downloads disabled. Loaded 
 from __future__ import annotations
 
 import math
-import os
 import threading
 from collections.abc import Callable, Sequence
 from decimal import Decimal
@@ -78,14 +77,10 @@ class LocalEmbedder:
         return tokens, Decimal(0)
 
 
-def _setting(name: str, default: str = "") -> str:
-    return str(getattr(settings, name, None) or os.environ.get(name) or default)
-
-
 class OpenAIEmbedder:
     """Any OpenAI-compatible ``/embeddings`` endpoint, configured by
-    SWITCHBOARD_EMBEDDINGS_BASE_URL, SWITCHBOARD_EMBEDDINGS_MODEL and
-    SWITCHBOARD_EMBEDDINGS_API_KEY (settings or environment). Its cost is priced like model
+    SWITCHBOARD_EMBEDDINGS_BASE_URL and SWITCHBOARD_EMBEDDINGS_MODEL, its key the credential
+    ``embeddings`` (SWITCHBOARD_CREDENTIAL_EMBEDDINGS, never logged). Its cost is priced like model
     calls, from the ModelPrice of provider ``openai`` and the model's name (input tokens)."""
 
     BATCH = 128
@@ -93,9 +88,9 @@ class OpenAIEmbedder:
     def __init__(self, *, base_url: str | None = None, model: str | None = None,
                  api_key: str | None = None, dims: int | None = None,
                  timeout_s: float = 30.0) -> None:
-        self.base_url = base_url or _setting("SWITCHBOARD_EMBEDDINGS_BASE_URL") or None
-        self.model = model or _setting("SWITCHBOARD_EMBEDDINGS_MODEL", "text-embedding-3-small")
-        self.api_key = api_key or _setting("SWITCHBOARD_EMBEDDINGS_API_KEY")
+        self.base_url = base_url or settings.SWITCHBOARD_EMBEDDINGS_BASE_URL or None
+        self.model = model or settings.SWITCHBOARD_EMBEDDINGS_MODEL
+        self.api_key = api_key or settings.SWITCHBOARD_CREDENTIALS.get("embeddings", "")
         self.timeout_s = timeout_s
         self.name = "openai"
         self._dims = dims
@@ -110,7 +105,8 @@ class OpenAIEmbedder:
         import openai
 
         if not self.api_key:
-            raise ValueError("the openai embedder needs SWITCHBOARD_EMBEDDINGS_API_KEY")
+            raise ValueError("the openai embedder needs its key: set "
+                             "SWITCHBOARD_CREDENTIAL_EMBEDDINGS")
         return openai.OpenAI(api_key=self.api_key, base_url=self.base_url,
                              timeout=self.timeout_s, max_retries=1)
 

@@ -348,7 +348,7 @@ def embeddings_server() -> Iterator[str]:
 
 
 def test_openai_embedder_against_a_local_server(embeddings_server: str, db: Any,
-                                                monkeypatch: Any) -> None:
+                                                settings: Any) -> None:
     from decimal import Decimal
 
     import numpy as np
@@ -358,9 +358,10 @@ def test_openai_embedder_against_a_local_server(embeddings_server: str, db: Any,
     from knowledge.services import ingest, search
     from orchestration.models import ModelPrice
 
-    monkeypatch.setenv("SWITCHBOARD_EMBEDDINGS_BASE_URL", embeddings_server)
-    monkeypatch.setenv("SWITCHBOARD_EMBEDDINGS_MODEL", "tiny-embed")
-    monkeypatch.setenv("SWITCHBOARD_EMBEDDINGS_API_KEY", "emb-key-123")
+    settings.SWITCHBOARD_EMBEDDINGS_BASE_URL = embeddings_server
+    settings.SWITCHBOARD_EMBEDDINGS_MODEL = "tiny-embed"
+    settings.SWITCHBOARD_CREDENTIALS = {**settings.SWITCHBOARD_CREDENTIALS,
+                                        "embeddings": "emb-key-123"}
     embedder = OpenAIEmbedder()
     vectors = embedder.embed(["aaaa", "dddd"])
     assert vectors.shape == (2, 4) and embedder.dims == 4
@@ -380,11 +381,12 @@ def test_openai_embedder_against_a_local_server(embeddings_server: str, db: Any,
     assert "dddd" in hits[0].text
 
 
-def test_openai_embedder_needs_a_key(monkeypatch: Any) -> None:
+def test_openai_embedder_needs_a_key(settings: Any) -> None:
     from knowledge.embeddings import OpenAIEmbedder
 
-    monkeypatch.delenv("SWITCHBOARD_EMBEDDINGS_API_KEY", raising=False)
-    with pytest.raises(ValueError, match="SWITCHBOARD_EMBEDDINGS_API_KEY"):
+    settings.SWITCHBOARD_CREDENTIALS = {k: v for k, v in settings.SWITCHBOARD_CREDENTIALS.items()
+                                        if k != "embeddings"}
+    with pytest.raises(ValueError, match="SWITCHBOARD_CREDENTIAL_EMBEDDINGS"):
         OpenAIEmbedder(base_url="http://127.0.0.1:9/v1").embed(["x"])
 
 
@@ -469,3 +471,22 @@ def test_a_concurrent_first_post_of_the_same_title_is_not_an_error(monkeypatch: 
     assert result.document.pk == raced[0].document.pk
     assert (result.version.number, result.embedded) == (1, 0)
     assert Document.objects.count() == 1
+
+
+@pytest.mark.parametrize("name, value", [("SWITCHBOARD_EMBEDDINGS_BASE_URL", "ftp://x/v1"),
+                                         ("SWITCHBOARD_EMBEDDINGS_BASE_URL", "api.example"),
+                                         ("SWITCHBOARD_KNOWLEDGE_SCAN_LIMIT", "0"),
+                                         ("SWITCHBOARD_KNOWLEDGE_SCAN_LIMIT", "many")])
+def test_it_refuses_a_bad_knowledge_setting_at_start_up(name: str, value: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {**os.environ, name: value, "DJANGO_SETTINGS_MODULE": "tests.settings"}
+    env.pop("DATABASE_URL", None)
+    env.pop("REDIS_URL", None)
+    done = subprocess.run([sys.executable, "-c", "import django; django.setup()"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and name in done.stderr
