@@ -252,12 +252,17 @@ class Replay:
                 queued = [t.key for t in snapshot.plan.tasks
                           if snapshot.tasks[t.key].status == TaskStatus.QUEUED]
             if queued:
+                asked = set(self.state.requests)
                 execute(self.store, self.run_id, min(queued, key=self._ended_at),
                         self.executors)
                 # A decision the original received while this task ran is applied before the
-                # run's state is settled, as production's resume did alongside it.
+                # run's state is settled, as production's resume did alongside it. Not one on
+                # a request this task just raised: production settles the run's state in the
+                # transaction that records the task's end and its request, before anyone can
+                # see the request, let alone decide it.
+                raised = set(self.state.requests) - asked
                 for stimulus in list(self.pending):
-                    if self._due(stimulus):
+                    if self._due(stimulus) and stimulus.data.get("request") not in raised:
                         self._apply(stimulus)
                 advance(self.store, self.run_id)
                 continue
