@@ -57,9 +57,13 @@ class KnowledgeRefused(Exception):
 
 
 def identity_of(caller: str) -> Any:
-    """The user id behind an acting identity (``agent:<slug>``, ``process:<slug>``)."""
-    from orchestration.models import Agent, Process
+    """The user id behind an acting identity (``agent:<slug>``, ``process:<slug>``). The
+    models come from the app registry: the tool that calls this is imported by the models'
+    own checks (config_checks), so an import here would close a cycle."""
+    from django.apps import apps
 
+    Agent, Process = apps.get_model("orchestration", "Agent"), apps.get_model(  # noqa: N806
+        "orchestration", "Process")
     kind, _, slug = caller.partition(":")
     if kind == "agent":
         return Agent.objects.filter(slug=slug).values_list("user_id", flat=True).first()
@@ -139,12 +143,3 @@ def plan_problems(plan: Plan, readers: Mapping[str, Any]) -> list[str]:
                      for slug in found.unreadable(user_id, task.knowledge) if slug not in missing]
     return problems
 
-
-def agent_readers(plan: Plan) -> dict[str, Any]:
-    """The user ids of the agents of the plan's tasks that declare knowledge."""
-    from orchestration.models import Agent
-
-    slugs = {t.executor_ref for t in plan.tasks if t.knowledge}
-    if not slugs:
-        return {}
-    return dict(Agent.objects.filter(slug__in=slugs).values_list("slug", "user_id"))

@@ -113,7 +113,9 @@ def process_validate(*, plan: dict[str, Any], input_schema: dict[str, Any],
         parsed = parse_plan(plan)
     except PlanError as exc:
         raise ServiceError(str(exc)) from None
-    problems = retrieval.plan_problems(parsed, retrieval.agent_readers(parsed))
+    readers = dict(Agent.objects.filter(slug__in={t.executor_ref for t in parsed.tasks
+                                                  if t.knowledge}).values_list("slug", "user_id"))
+    problems = retrieval.plan_problems(parsed, readers)
     if problems:
         raise ServiceError("; ".join(problems))
     try:

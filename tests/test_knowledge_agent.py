@@ -194,6 +194,15 @@ def test_a_task_gets_its_knowledge_just_in_time_and_replay_reads_it_back(
     prompt = Transcript.objects.get(run_id=run.pk, task="work", step=1).messages
     user = next(m["content"] for m in prompt if m["role"] == "user")
     assert chunk["citation"] in user and "Refunds are accepted within 30 days" in user
+    # The trace shows what the prompt was given, as a span of the task.
+    viewer = Client()
+    viewer.force_login(User.objects.get(username="operator"))
+    seq = Event.objects.get(chain=run.pk, kind="knowledge.retrieved").seq
+    trace = viewer.get(f"/runs/{run.pk}/trace/").content.decode()
+    assert f'knowledge-{seq}' in trace and "knowledge: refund-policy" in trace
+    span = viewer.get(f"/runs/{run.pk}/trace/knowledge-{seq}").content.decode()
+    assert chunk["chunk_id"] in span and "Refunds are accepted within 30 days" in span
+    assert viewer.get(f"/runs/{run.pk}/").status_code == 200
 
     # The replay gives the prompt the recorded chunks: even with the policy gone it matches.
     Document.objects.get(collection__slug="refund-policy").delete()
