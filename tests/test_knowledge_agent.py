@@ -256,3 +256,22 @@ def test_a_read_grant_revoked_after_publishing_escalates_the_task(runner: None,
     assert task.error.startswith("configuration_error: task 'work': its agent 'late-reader' "
                                  "may not read the knowledge collection(s) refund-policy")
     assert not events(run, "knowledge.retrieved") and not events(run, "model.called")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_searches_count_against_the_tools_quota_per_run(runner: None, api: Any) -> None:
+    assert Tool.objects.get(slug="search_knowledge").quota_per_run == 10  # the demo's
+    Tool.objects.filter(slug="search_knowledge").update(quota_per_run=2)
+    search = {"name": "search_knowledge", "arguments": {"collection": "refund-policy",
+                                                        "query": "refund window"}}
+    reader = _agent("eager-reader", [{"tool_calls": [search]}] * 3 + [{"text": "Done."}],
+                    ("search_knowledge",))
+    assign_perm("knowledge.read_collection", reader.user,
+                Collection.objects.get(slug="refund-policy"))
+    _process("eager", {"agent": "eager-reader", "spec": "Search a lot."})
+    run = wait_for_run(api.post("/api/v1/runs", {"process": "eager", "input": {}}).json()["id"],
+                       timeout=60)
+    assert run.status == "waiting"
+    assert len([c for c in events(run, "tool.called") if c["tool"] == "search_knowledge"]) == 2
+    assert Task.objects.get(run=run, key="work").error.startswith(
+        "quota_exhausted: search_knowledge may be called 2 times")

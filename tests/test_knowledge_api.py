@@ -111,7 +111,7 @@ def test_search_answers_with_scores_and_ids(as_: Any) -> None:
 BAD_SEARCHES = [
     ({}, "q"), ({"q": ""}, "q"), ({"q": "x" * 1001}, "q"), ({"q": "refund", "k": "0"}, "k"),
     ({"q": "refund", "k": "21"}, "k"), ({"q": "refund", "k": "many"}, "k"),
-    ({"q": "nul\x00"}, "q"),
+    ({"q": "nul\x00"}, "q"), ({"q": "   "}, "q: the query is empty"),
 ]
 
 

@@ -167,7 +167,10 @@ def search_collection(request: HttpRequest, slug: str, query: Query[SearchQuery]
         hygiene.check(query.q, "q")
     except hygiene.Refused as exc:
         return Status(400, {"error": f"invalid request: {exc}"})
-    hits = services.search(collection, query.q, query.k)
+    try:
+        hits = services.search(collection, query.q, query.k)
+    except ValueError as exc:  # e.g. a query of spaces only
+        return Status(400, {"error": f"invalid request: q: {exc}"})
     results = [{"chunk_id": str(h.chunk_id), "document_id": str(h.document_id),
                 "title": h.title, "version": h.version, "ordinal": h.ordinal, "text": h.text,
                 "score": round(float(h.score), 6)} for h in hits]
