@@ -257,6 +257,11 @@ SWITCHBOARD_DB_RETRY_SECONDS = envint("SWITCHBOARD_DB_RETRY_SECONDS", 60, minimu
 # The knowledge base's exact vector scan (PostgreSQL without pgvector) reads at most this many
 # live chunks of a collection; beyond it search asks the administrator to install pgvector.
 SWITCHBOARD_KNOWLEDGE_SCAN_LIMIT = envint("SWITCHBOARD_KNOWLEDGE_SCAN_LIMIT", 50_000, minimum=1)
+# Hosts a document may be fetched from by URL although they resolve to a private or loopback
+# address (an intranet wiki); every other host must resolve to public addresses only
+# (knowledge/url_fetch.py). Empty by default.
+SWITCHBOARD_KNOWLEDGE_FETCH_ALLOWED_HOSTS = envlist("SWITCHBOARD_KNOWLEDGE_FETCH_ALLOWED_HOSTS",
+                                                    [])
 
 # The most one raise_budget decision may add (approvals/services.py): a reviewer's typo or a
 # hostile client cannot hand a run an unbounded budget, nor one the budget columns cannot hold

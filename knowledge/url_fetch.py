@@ -7,8 +7,8 @@ link-local, multicast, reserved or unspecified address: no cloud metadata servic
 port on the server), the connection goes to the very address that was checked (a DNS answer
 that changes between the check and the connection cannot move it inside), redirects are
 followed by hand and checked the same way, and the body is read up to a size limit within a
-timeout. ``SWITCHBOARD_KNOWLEDGE_FETCH_ALLOWED_HOSTS`` (a setting, empty by default) names
-hosts exempt from the address check: tests serving a page on loopback."""
+timeout. ``SWITCHBOARD_KNOWLEDGE_FETCH_ALLOWED_HOSTS`` (empty by default) names hosts exempt
+from the address check: an intranet wiki, or tests serving a page on loopback."""
 
 from __future__ import annotations
 
@@ -38,8 +38,7 @@ class Fetched:
 def _allowed_hosts() -> set[str]:
     from django.conf import settings
 
-    return {h.lower() for h in getattr(settings, "SWITCHBOARD_KNOWLEDGE_FETCH_ALLOWED_HOSTS",
-                                       ())}
+    return {h.lower() for h in settings.SWITCHBOARD_KNOWLEDGE_FETCH_ALLOWED_HOSTS}
 
 
 def _refusal(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
