@@ -17,7 +17,9 @@ import ctypes
 import logging
 import re
 import sys
+import threading
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +27,7 @@ import numpy as np
 from django.conf import settings
 from django.db import connection
 
-from knowledge.embeddings import from_blob, to_blob
+from knowledge.embeddings import to_blob
 
 log = logging.getLogger(__name__)
 
@@ -218,13 +220,15 @@ def text_search(collection_id: uuid.UUID, query: str, limit: int) -> list[tuple[
             match = " OR ".join('"' + t.replace('"', "") + '"' for t in terms)
             cursor.execute("SELECT chunk_id, bm25(knowledge_fts) FROM knowledge_fts "
                            "WHERE knowledge_fts MATCH %s AND collection_id = %s "
-                           "ORDER BY bm25(knowledge_fts) LIMIT %s",
+                           "ORDER BY bm25(knowledge_fts), chunk_id LIMIT %s",
                            [match, _key(collection_id), limit])
             return [(uuid.UUID(row[0]), -float(row[1])) for row in cursor.fetchall()]
         tsquery = " | ".join(re.sub(r"[^\w]", "", t) for t in terms)
-        cursor.execute("SELECT id, ts_rank(tsv, q) AS rank FROM knowledge_chunk, "
+        # Normalisation 1 divides by 1 + log(length), as bm25 weighs length: without it, many
+        # one-word matches tie and their order (and the evaluation's text recall) is arbitrary.
+        cursor.execute("SELECT id, ts_rank(tsv, q, 1) AS rank FROM knowledge_chunk, "
                        "to_tsquery('english', %s) AS q WHERE collection_id = %s "
-                       "AND retired_at IS NULL AND tsv @@ q ORDER BY rank DESC LIMIT %s",
+                       "AND retired_at IS NULL AND tsv @@ q ORDER BY rank DESC, id LIMIT %s",
                        [tsquery, collection_id, limit])
         return [(row[0], float(row[1])) for row in cursor.fetchall()]
 
@@ -252,24 +256,57 @@ def vector_search(collection_id: uuid.UUID, vector: np.ndarray,
     return _scan(collection_id, vector, limit)
 
 
-def _scan(collection_id: uuid.UUID, vector: np.ndarray,
-          limit: int) -> list[tuple[uuid.UUID, float]]:
-    from knowledge.models import Chunk
+_scan_lock = threading.Lock()
+# collection id -> (stamp, chunk ids, matrix): the last few collections scanned, reloaded when
+# their stamp (live chunks, documents, latest document change) moves.
+_scan_cache: OrderedDict[uuid.UUID, tuple[tuple[Any, ...], list[uuid.UUID], np.ndarray]] = \
+    OrderedDict()
+_SCAN_CACHE_COLLECTIONS = 4
 
-    live = Chunk.objects.filter(collection_id=collection_id, retired_at__isnull=True,
-                                dims=int(vector.shape[0]))
+
+def _matrix(collection_id: uuid.UUID, dims: int) -> tuple[list[uuid.UUID], np.ndarray]:
+    """The collection's live chunk ids and embeddings, one row each, cached per process.
+
+    Every ingest and new version saves its document (moving ``updated_at``) and a delete
+    lowers the document count, so the stamp changes whenever the live chunks do."""
+    from django.db.models import Count, Max
+
+    from knowledge.models import Chunk, Document
+
+    live = Chunk.objects.filter(collection_id=collection_id, retired_at__isnull=True, dims=dims)
+    count = live.count()
     cap = scan_limit()
-    if live.count() > cap:
+    if count > cap:
         raise ScanLimitExceeded(
             f"this collection has more than {cap} live chunks, the limit of the exact vector "
             "scan (SWITCHBOARD_KNOWLEDGE_SCAN_LIMIT): install the pgvector extension in "
             "PostgreSQL (CREATE EXTENSION vector) for indexed vector search")
-    ids, blobs = [], []
+    docs = Document.objects.filter(collection_id=collection_id).aggregate(
+        n=Count("id"), latest=Max("updated_at"))
+    stamp = (count, dims, docs["n"], docs["latest"])
+    with _scan_lock:
+        cached = _scan_cache.get(collection_id)
+        if cached is not None and cached[0] == stamp:
+            _scan_cache.move_to_end(collection_id)
+            return cached[1], cached[2]
+    ids: list[uuid.UUID] = []
+    blobs: list[bytes] = []
     for chunk_id, blob in live.values_list("id", "embedding").iterator(chunk_size=2000):
         ids.append(chunk_id)
-        blobs.append(from_blob(blob))
+        blobs.append(bytes(blob))
+    matrix = np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(ids), dims)
+    with _scan_lock:
+        _scan_cache[collection_id] = (stamp, ids, matrix)
+        while len(_scan_cache) > _SCAN_CACHE_COLLECTIONS:
+            _scan_cache.popitem(last=False)
+    return ids, matrix
+
+
+def _scan(collection_id: uuid.UUID, vector: np.ndarray,
+          limit: int) -> list[tuple[uuid.UUID, float]]:
+    ids, matrix = _matrix(collection_id, int(vector.shape[0]))
     if not ids:
         return []
-    scores = np.vstack(blobs) @ vector.astype(np.float32)
-    order = np.argsort(-scores)[:limit]
+    scores = matrix @ vector.astype(np.float32)
+    order = np.argsort(-scores, kind="stable")[:limit]
     return [(ids[i], float(scores[i])) for i in order]
