@@ -267,6 +267,11 @@ if SWITCHBOARD_EMBEDDINGS_BASE_URL and urlsplit(
                                "URL, e.g. https://api.openai.com/v1")
 SWITCHBOARD_EMBEDDINGS_MODEL = (envstr("SWITCHBOARD_EMBEDDINGS_MODEL", "").strip()
                                 or "text-embedding-3-small")
+# Hosts a document may be fetched from by URL although they resolve to a private or loopback
+# address (an intranet wiki); every other host must resolve to public addresses only
+# (knowledge/url_fetch.py). Empty by default.
+SWITCHBOARD_KNOWLEDGE_FETCH_ALLOWED_HOSTS = envlist("SWITCHBOARD_KNOWLEDGE_FETCH_ALLOWED_HOSTS",
+                                                    [])
 
 # The most one raise_budget decision may add (approvals/services.py): a reviewer's typo or a
 # hostile client cannot hand a run an unbounded budget, nor one the budget columns cannot hold

@@ -67,6 +67,10 @@ def _detail(run: Any, span: spans.Span) -> dict[str, Any]:
     elif span.kind == "tool":
         done = span.events[-1]
         done_data = done.data if isinstance(done.data, dict) else {}
+        if done.kind == "knowledge.retrieved":  # the chunks a task's prompt was given
+            done_data = {"tool": "knowledge (just in time)", "result": done_data.get("chunks"),
+                         "arguments": {k: done_data.get(k) for k in ("collections", "query",
+                                                                     "budget_tokens")}}
         detail["tool"] = done_data.get("tool", "")
         detail["arguments"] = spans.fields(done_data.get("arguments"))
         if "result" in done_data:

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+from orchestration import retrieval
 from orchestration.config_checks import agent_problems
 from orchestration.engine.agent import AgentSpec, no_cost, run_agent
 from orchestration.engine.delegation import Delegator
+from orchestration.engine.errors import ConfigurationError
 from orchestration.engine.gate import Journal, StoreLog
+from orchestration.engine.knowledge import knowledge_for
 from orchestration.engine.llm import Model, ProviderError, ScriptedModel
 from orchestration.engine.providers import AnthropicModel, OpenAICompatibleModel
 from orchestration.engine.redaction import redact
@@ -100,9 +103,15 @@ def run_agent_task(ctx: TaskContext) -> Outcome:
                               journal=Journal(), governor=governor,
                               actor=f"agent:{agent.slug}", secrets=secrets(),
                               lease=ctx.lease)
+    try:
+        knowledge = knowledge_for(ctx, log, lambda: retrieval.task_chunks(ctx, agent.user_id),
+                                  actor=f"agent:{agent.slug}")
+    except ConfigurationError as exc:
+        return stopped_outcome(f"configuration_error: {exc}", key=key)
     return run_agent(ctx, spec, model, tools, log, granted=granted_to(agent.user_id, rows),
                      pricing=_pricing(agent), secrets=secrets(), governor=governor,
-                     unusable=unusable, verifier=verifier, delegator=delegator)
+                     unusable=unusable, verifier=verifier, delegator=delegator,
+                     knowledge=knowledge)
 
 
 def run_audit_task(ctx: TaskContext) -> Outcome:

@@ -303,6 +303,50 @@ def decide_refund(requested: float, order: dict[str, Any],
     return {"approve": approve, "amount": float(requested), "reason": reason}
 
 
+# ---- knowledge -----------------------------------------------------------------------------
+
+_HIT = {
+    "type": _OBJ,
+    "required": ["chunk_id", "document_id", "title", "version", "ordinal", "text", "score",
+                 "citation"],
+    "properties": {
+        "chunk_id": {"type": "string"}, "document_id": {"type": "string"},
+        "title": {"type": "string"}, "version": {"type": "integer"},
+        "ordinal": {"type": "integer"}, "text": {"type": "string"},
+        "score": {"type": "number"}, "citation": {"type": "string"},
+    },
+}
+
+
+@registry.tool(
+    "search_knowledge",
+    input_schema={
+        "type": _OBJ, "additionalProperties": False, "required": ["collection", "query"],
+        "properties": {
+            "collection": {"type": "string", "pattern": "^[-a-zA-Z0-9_]{1,50}$"},
+            "query": {"type": "string", "minLength": 1, "maxLength": 1000},
+            "k": {"type": "integer", "minimum": 1, "maximum": 20, "default": 5},
+        },
+    },
+    output_schema={
+        "type": _OBJ, "required": ["collection", "results"],
+        "properties": {"collection": {"type": "string"},
+                       "results": {"type": "array", "items": _HIT}},
+    },
+    timeout_s=30.0,
+)
+def search_knowledge(collection: str, query: str, k: int = 5, *,
+                     caller: str = "") -> dict[str, Any]:
+    """Search a knowledge collection (by its slug) for the passages that best answer a query.
+    Each result has the passage's text, its document's title and version, a score, and a
+    citation id: cite the passages you rely on by their citation ids."""
+    # Django-side (the collection's grants are the caller's); read at call time, so the
+    # tools stay importable without Django configured.
+    from orchestration.retrieval import search_as
+
+    return search_as(caller, collection, query, k)
+
+
 # ---- people --------------------------------------------------------------------------------
 
 @registry.tool(

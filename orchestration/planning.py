@@ -26,7 +26,7 @@ from approvals.models import ApprovalRequest, Reason
 from audit import ledger
 from audit.ledger import actor_of
 from audit.models import Event
-from orchestration import governance, outbox, run_lock, transcripts
+from orchestration import governance, outbox, retrieval, run_lock, transcripts
 from orchestration.engine import planner
 from orchestration.engine.errors import PlanError
 from orchestration.engine.governance import Usage
@@ -106,6 +106,8 @@ def check(data: Any, planning: Mapping[str, Any], *, process_user: Any = None,
             used.add(ref)
         elif kind == "human" and ref not in groups:
             errors.append(f"task {task.key!r}: there is no group {ref!r} of people")
+    errors.extend(retrieval.plan_problems(plan, {slug: a.user_id for slug, a in agents.items()
+                                                 if a.status == Agent.Status.ACTIVE}))
     errors.extend(planner.within(plan, planning.get("constraints") or {}))
     return (None if errors else plan), errors, sorted(used)
 

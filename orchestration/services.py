@@ -19,7 +19,7 @@ from audit import config as config_audit
 from audit import hygiene, ledger
 from audit.ledger import actor_of
 from jsonkit import schema_problems
-from orchestration import outbox, planning, rules
+from orchestration import outbox, planning, retrieval, rules
 from orchestration.engine import runner
 from orchestration.engine.errors import PlanError
 from orchestration.engine.plan import parse_plan
@@ -110,9 +110,14 @@ def process_validate(*, plan: dict[str, Any], input_schema: dict[str, Any],
                      hydration_limit: int = 3, budgets: dict[str, Any] | None = None) -> None:
     """Raise ServiceError unless these could be published as a process version."""
     try:
-        parse_plan(plan)
+        parsed = parse_plan(plan)
     except PlanError as exc:
         raise ServiceError(str(exc)) from None
+    readers = dict(Agent.objects.filter(slug__in={t.executor_ref for t in parsed.tasks
+                                                  if t.knowledge}).values_list("slug", "user_id"))
+    problems = retrieval.plan_problems(parsed, readers)
+    if problems:
+        raise ServiceError("; ".join(problems))
     try:
         jsonschema.Draft202012Validator.check_schema(input_schema)
     except jsonschema.SchemaError as exc:

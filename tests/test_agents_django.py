@@ -53,7 +53,7 @@ def one_task_process(slug: str, agent: Agent) -> Process:
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("slug, data, model_calls, tool_calls", [
     ("refund-exception", REFUND, 6, 4),
-    ("customer-inquiry", INQUIRY, 5, 4),
+    ("customer-inquiry", INQUIRY, 5, 5),  # its front desk also searches the refund policy
 ])
 def test_it_runs_the_agent_demo_processes_offline_with_usage_and_cost(
     runner: None, api: Any, slug: str, data: dict, model_calls: int, tool_calls: int

@@ -17,6 +17,7 @@ from approvals import services as approvals
 from approvals.models import Decision
 from console.api import api
 from console.models import ApiToken
+from knowledge.models import Document
 from orchestration import services
 from orchestration.models import Agent, Process, ReplayCheck
 
@@ -85,6 +86,12 @@ API: dict[tuple[str, str], set[str]] = {
     ("GET", "/approvals"): ALL,
     ("GET", "/approvals/{request_id}"): SEES_RUN,
     ("POST", "/approvals/{request_id}/decision"): {"reviewer"},
+    # The demo's refund-policy collection: read by the operator and admin groups, written by
+    # the admin group; everyone's list holds only what they may read.
+    ("GET", "/knowledge"): ALL,
+    ("GET", "/knowledge/{slug}/search"): {"owner", "teammate", "admin"},
+    ("POST", "/knowledge/{slug}/documents"): {"admin"},
+    ("DELETE", "/knowledge/{slug}/documents/{document_id}"): {"admin"},
 }
 API_PUBLIC = {"openapi.json", ""}  # the schema and the API root need no object access
 # Websocket routes: who may subscribe. A new route cannot appear without a rule.
@@ -170,7 +177,8 @@ def cast(demo: None) -> dict[str, Any]:
                                      detail="budget spent", run_started_by=owner)
     check = ReplayCheck.objects.create(run=run, requested_by=owner, status="matched")
     return {"people": people, "run": run, "request": request,
-            "agent": Agent.objects.first(), "check": check}
+            "agent": Agent.objects.first(), "check": check,
+            "document": Document.objects.get(collection__slug="refund-policy")}
 
 
 def _path(route: str, cast: dict[str, Any]) -> str:
@@ -236,14 +244,18 @@ def test_it_keeps_the_admin_to_staff(cast: dict[str, Any], role: str) -> None:
 
 
 def _api_path(path: str, cast: dict[str, Any]) -> str:
-    return "/api/v1" + path.replace("{run_id}", str(cast["run"].pk)).replace(
+    url = "/api/v1" + path.replace("{run_id}", str(cast["run"].pk)).replace(
         "{request_id}", str(cast["request"].pk)).replace("{check_id}", str(cast["check"].pk))
+    url = url.replace("{slug}", "refund-policy").replace("{document_id}",
+                                                        str(cast["document"].pk))
+    return url + ("?q=refund" if path.endswith("/search") else "")
 
 
 API_BODIES: dict[str, Callable[[], dict[str, Any]]] = {
     "/runs": lambda: {"process": "vendor-onboarding", "input": VENDOR},
     "/runs/{run_id}/fork": lambda: {"step": 1},
     "/approvals/{request_id}/decision": lambda: {"decision": "reject", "note": "no"},
+    "/knowledge/{slug}/documents": lambda: {"title": "Matrix", "text": "A note."},
 }
 
 
@@ -254,10 +266,10 @@ def test_it_enforces_the_api_matrix(client: Client, cast: dict[str, Any], role: 
     token = ApiToken.issue(cast["people"][role])[1]
     url = _api_path(path, cast)
     headers = {"HTTP_AUTHORIZATION": f"Bearer {token}"}
-    if method == "POST":
+    if method in ("POST", "DELETE"):
         body = API_BODIES.get(path, dict)()
-        response = client.post(url, json.dumps(body), content_type="application/json",
-                               **headers)
+        response = client.generic(method, url, json.dumps(body),
+                                  content_type="application/json", **headers)
     else:
         response = client.get(url, **headers)
     allowed = role in API[(method, path)]
@@ -274,8 +286,8 @@ def test_it_enforces_the_api_matrix(client: Client, cast: dict[str, Any], role: 
 def test_it_refuses_the_api_without_a_token(client: Client, cast: dict[str, Any], method: str,
                                             path: str) -> None:
     url = _api_path(path, cast)
-    response = client.post(url, "{}", content_type="application/json") if method == "POST" \
-        else client.get(url)
+    response = client.get(url) if method == "GET" else client.generic(
+        method, url, "{}", content_type="application/json")
     assert response.status_code == 401
 
 

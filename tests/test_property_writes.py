@@ -421,7 +421,18 @@ API_WRITES: dict[tuple[str, str], Operation] = {
                                                  lambda w: f"/runs/{w.cancelled.pk}/replay"),
     ("POST", "/approvals/{request_id}/decision"): Operation(
         "reviewer", lambda w: f"/approvals/{w.request.pk}/decision", _decision_body),
+    ("POST", "/knowledge/{slug}/documents"): Operation(
+        "admin", lambda w: "/knowledge/refund-policy/documents",
+        lambda w: st.just({"title": "Returns", "text": "Returns are free within 30 days."})),
+    ("DELETE", "/knowledge/{slug}/documents/{document_id}"): Operation(
+        "admin", lambda w: f"/knowledge/refund-policy/documents/{_policy_document()}"),
 }
+
+
+def _policy_document() -> str:
+    from knowledge.models import Document
+
+    return str(Document.objects.get(collection__slug="refund-policy").pk)
 
 
 # The API's reads: their query parameters are input too. They must write nothing, whatever
@@ -441,6 +452,10 @@ API_READS: dict[tuple[str, str], Operation] = {
                                                   lambda w: f"/approvals/{w.request.pk}"),
     ("GET", "/runs/{run_id}/replay/{check_id}"): Operation(
         "operator", lambda w: f"/runs/{w.cancelled.pk}/replay/{w.check.pk}"),
+    ("GET", "/knowledge"): Operation("operator", lambda w: "/knowledge"),
+    ("GET", "/knowledge/{slug}/search"): Operation(
+        "operator", lambda w: "/knowledge/refund-policy/search",
+        lambda w: st.just({"q": "refund window", "k": "3"})),
 }
 
 

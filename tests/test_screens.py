@@ -116,7 +116,7 @@ def test_it_shows_the_scorecard_on_the_agents_page(dataset: dict[str, Run],
     row = page[page.index('id="agent-frontdesk"'):]
     row = row[:row.index("</tr>")]
     cells = [re.sub(r"<[^>]+>", "", c).strip() for c in re.findall(r"<td>(.*?)</td>", row, re.S)]
-    assert "send_customer_email" in cells
+    assert "search_knowledge, send_customer_email" in cells
     assert cells[-7:-1] == ["3", "3", "66.7%", "1 (33.3%)", "2.0", "0.3000"]
 
 

@@ -14,7 +14,7 @@ from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 from ninja.security import HttpBearer
 
-from console.api import approvals, runs
+from console.api import approvals, knowledge, runs
 from console.api.common import RENDERER
 from console.idempotency import KEY_HEADER
 from console.middleware import request_id_of
@@ -45,7 +45,8 @@ class SwitchboardAPI(NinjaAPI):
 api = SwitchboardAPI(
     title="Switchboard API",
     version="1",
-    description="Start governed agent runs, read their state, usage and ledger.",
+    description="Start governed agent runs, read their state, usage and ledger; read, "
+                "search and update the knowledge base agents cite.",
     auth=BearerToken(),
     urls_namespace="api",
     openapi_url="/openapi.json",
@@ -115,3 +116,4 @@ def _server_error(request: HttpRequest, exc: Exception) -> HttpResponse:
 
 api.add_router("", runs.router)
 api.add_router("", approvals.router)
+api.add_router("", knowledge.router)

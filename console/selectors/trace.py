@@ -266,6 +266,12 @@ def build(events: Sequence[Any], *, run_status: str = "", run_label: str = "this
                 start=start, end=at, status=TOOL_STATUS[kind],
                 actor=str(data.get("actor") or event.actor),
                 events=[e for e in (intent, event) if e is not None])))
+        elif kind == "knowledge.retrieved":  # a task's just-in-time knowledge, as a call
+            register(container(task).add(Span(
+                id=f"knowledge-{event.seq}", kind="tool",
+                label="knowledge: " + ", ".join(map(str, data.get("collections") or [])),
+                start=at, end=at, status="succeeded",
+                actor=str(data.get("actor") or event.actor), events=[event])))
         elif kind == "approval.requested":
             tool, reason = data.get("tool"), str(data.get("reason") or "a decision")
             span = register(container(task).add(Span(

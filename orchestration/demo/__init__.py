@@ -101,6 +101,18 @@ def plan(slug: str) -> dict[str, Any]:
     return yaml.safe_load((HERE / f"{slug}.yaml").read_text())
 
 
+# The knowledge base's demo collection: the refund policy the front desk answers from
+# (created by the knowledge app when seed_demo runs; a new version of the document changes the
+# front desk's next answer).
+KNOWLEDGE_SLUG = "refund-policy"
+REFUND_POLICY_TITLE = "Refund policy"
+REFUND_POLICY = (
+    "Refunds are accepted within 30 days of delivery for any reason, and within 60 days for "
+    "damaged or defective items. Refunds up to 100 EUR are paid without review; larger refunds "
+    "need a reviewer's approval, and refunds over 1000 EUR need two. A refund goes back to the "
+    "original payment method within 5 working days of its approval. Orders that were never "
+    "delivered are refunded in full once the carrier confirms the loss.")
+
 # Scripted agents: deterministic turns, so the demo runs offline. Token counts are what a real
 # model of this size would report for these prompts; the price table turns them into cost.
 AGENTS: list[dict[str, Any]] = [
@@ -160,11 +172,16 @@ AGENTS: list[dict[str, Any]] = [
     {
         "slug": "frontdesk",
         "name": "Front desk",
-        "instructions": "You answer customers' questions about their orders. Hand the "
-                        "looking up to the order desk, then reply by email.",
-        "tools": ["send_customer_email"],
+        "instructions": "You answer customers' questions about their orders. Read the "
+                        "refund policy in the knowledge base (search_knowledge, collection "
+                        "refund-policy), hand the looking up to the order desk, then reply by "
+                        "email. Cite the policy passage you rely on by its citation id.",
+        "tools": ["send_customer_email", "search_knowledge"],
         "script": [
             {"tool_calls": [
+                {"name": "search_knowledge", "arguments": {
+                    "collection": KNOWLEDGE_SLUG, "query": "refund policy {{input.message}}",
+                    "k": 3}},
                 {"name": "delegate_to_order-desk", "arguments": {
                     "task": "Look up order {{input.order_id}} and report its status.",
                     "context": "The customer wrote: {{input.message}}",
@@ -176,8 +193,14 @@ AGENTS: list[dict[str, Any]] = [
                     "body": "Your order {{last.key_facts.order_id}} is "
                             "{{last.key_facts.status}}."}},
             ], "tokens_in": 520, "tokens_out": 64},
-            {"text": "I told the customer that order {{input.order_id}} is delivered.",
-             "tokens_in": 610, "tokens_out": 22},
+            # The answer quotes the policy passage the search found, so a new version of
+            # the policy document changes the next run's answer, and cites it.
+            {"text": "I told the customer that order {{input.order_id}} is delivered. Our "
+                     "refund policy says: {{tools.search_knowledge.results.0.text|sentence}} "
+                     "{{tools.search_knowledge.results.0.citation}}\n```toml\nsummary = "
+                     "\"The customer was told the order's status.\"\nopen_questions = []\n"
+                     "citations = [{{tools.search_knowledge.results.0.citation|toml}}]\n```",
+             "tokens_in": 610, "tokens_out": 40},
         ],
     },
     {

@@ -26,6 +26,7 @@ from orchestration.engine.handoff import (
     parse_envelope,
     summarise,
 )
+from orchestration.engine.knowledge import prompt_section
 from orchestration.engine.llm import (
     Message,
     Model,
@@ -59,8 +60,9 @@ def no_cost(tokens_in: int, tokens_out: int) -> Decimal:
     return Decimal("0")
 
 
-def build_prompt(ctx: TaskContext) -> str:
-    """Just-in-time context: the task's own spec, the run input and its inputs' envelopes."""
+def build_prompt(ctx: TaskContext, knowledge: Sequence[Mapping[str, Any]] = ()) -> str:
+    """Just-in-time context: the task's own spec, the run input, its inputs' envelopes and,
+    when its plan entry declares collections, their best chunks for the spec."""
     spec = ctx.spec
     parts = [f"Task: {spec.title or spec.key}"]
     if spec.spec:
@@ -72,6 +74,8 @@ def build_prompt(ctx: TaskContext) -> str:
     for dep in spec.depends_on:
         envelope = envelope_for_output(dep, ctx.dep_outputs.get(dep))
         parts.append(f"Handoff from {dep} (TOML):\n{envelope.to_toml()}")
+    if spec.knowledge:
+        parts.append(prompt_section(knowledge))
     parts.append("Finish with your answer. You may end it with a ```toml block holding your "
                  "handoff: summary, key_facts, artefacts, open_questions.")
     return "\n\n".join(parts)
@@ -98,6 +102,7 @@ def run_agent(
     watch_grant: bool = True,
     verifier: Verifier | None = None,
     delegator: Delegator | None = None,
+    knowledge: Sequence[Mapping[str, Any]] = (),
 ) -> Outcome:
     """Run one agent task. ``tools`` are the contracts offered to the model; ``unusable``
     names tools whose configuration is broken (a call to one escalates
@@ -105,13 +110,14 @@ def run_agent(
     (engine/verify.py): findings go back to the model as the next message, and the task gets
     another step budget for the rework. A ``delegator`` offers the task's handoff tools
     (engine/delegation.py): a handoff call adds a task for another agent, and the task waits
-    until what it delegated has ended."""
+    until what it delegated has ended. ``knowledge`` are the chunks its prompt is given
+    (engine/knowledge.py), already checkpointed."""
     governor = governor or Ungoverned()
     actor = f"agent:{agent.slug}"
     agent_attributes(agent.slug)
     task = ctx.spec.key
     try:
-        prompt = build_prompt(ctx)
+        prompt = build_prompt(ctx, knowledge)
     except HandoffError as exc:
         return Outcome(status=TaskStatus.FAILED, error=f"malformed handoff: {exc}")
     messages: list[Message] = []

@@ -61,10 +61,12 @@ class ToolContract:
     _out: jsonschema.Draft202012Validator | None = None
     _takes_key: bool = False
     _takes_cancel: bool = False
+    _takes_caller: bool = False
 
     def __post_init__(self) -> None:
         self._takes_key = _accepts_keyword(self.fn, "idempotency_key")
         self._takes_cancel = _accepts_keyword(self.fn, "cancel")
+        self._takes_caller = _accepts_keyword(self.fn, "caller")
         jsonschema.Draft202012Validator.check_schema(self.input_schema)
         jsonschema.Draft202012Validator.check_schema(self.output_schema)
         self._in = jsonschema.Draft202012Validator(self.input_schema)
@@ -85,7 +87,8 @@ class ToolContract:
             raise ToolOutputInvalid(f"{self.name} returned output that breaks its schema: {detail}")
 
     def call(self, args: Mapping[str, Any], *, timeout_s: float | None = None,
-             idempotency_key: str | None = None, stop: StopCheck | None = None) -> Any:
+             idempotency_key: str | None = None, stop: StopCheck | None = None,
+             caller: str | None = None) -> Any:
         """Validate, run with a timeout, verify. Never repairs arguments.
 
         Only the gate may call this. ``idempotency_key`` reaches implementations that take an
@@ -95,7 +98,12 @@ class ToolContract:
         does. Either way an implementation that takes a ``cancel`` keyword gets a
         ``threading.Event`` that is set then, so it can kill its subprocess (the sandbox does);
         one that does not is abandoned in its thread, its result discarded (an HTTP tool's
-        request is bounded by its own timeout, which httpx enforces)."""
+        request is bounded by its own timeout, which httpx enforces).
+
+        ``caller`` (the acting identity the gate checked, e.g. ``agent:frontdesk``) reaches
+        implementations that take a ``caller`` keyword, for a tool whose own data has grants
+        of its own (search_knowledge's collections). It is set after the arguments, so a
+        model can never name someone else: the input schemas refuse unknown keys anyway."""
         if not _gate_open.get():
             raise UngatedCall(f"{self.name} was called outside the gate; every side effect "
                               "goes through orchestration.engine.gate")
@@ -104,6 +112,8 @@ class ToolContract:
         kwargs = dict(args)
         if idempotency_key is not None and self._takes_key:
             kwargs["idempotency_key"] = idempotency_key
+        if self._takes_caller:
+            kwargs["caller"] = caller or ""
         try:
             if limit is None and stop is None:
                 result = self.fn(**kwargs)

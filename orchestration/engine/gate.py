@@ -37,7 +37,7 @@ from orchestration.engine.tracing import tool_span, tool_verdict
 
 # The ledger events a resume reads back (Journal.fold).
 JOURNAL_KINDS = ("model.called", "tool.intent", "tool.called", "tool.failed", "tool.denied",
-                 "delegation.refused")
+                 "delegation.refused", "knowledge.retrieved")
 # What the checks of an answer recorded (engine/verify.py), by kind and rework round.
 CHECK_KINDS = ("sentinel.passed", "sentinel.failed", "qc.checked", "qc.passed", "qc.failed",
                "task.rework")
@@ -51,6 +51,8 @@ class Journal:
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
     intents: set[str] = field(default_factory=set)
     checks: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
+    # The chunks a task's prompt was given (engine/knowledge.py), once retrieved.
+    knowledge: list[dict[str, Any]] | None = None
 
     @classmethod
     def fold(cls, events: Iterable[tuple[str, Mapping[str, Any]]]) -> Journal:
@@ -69,6 +71,8 @@ class Journal:
             elif kind == "tool.denied":
                 journal.results[data["idempotency_key"]] = {"error": data["error"],
                                                              "denied": True}
+            elif kind == "knowledge.retrieved":
+                journal.knowledge = list(data.get("chunks") or [])
             elif kind in CHECK_KINDS:
                 journal.checks[(kind, int(data.get("round", 0)))] = dict(data)
         return journal
@@ -267,7 +271,8 @@ class ToolGate:
         spent = Usage(steps=self.steps, tool_calls=1, cost=contract.cost_per_call)
         try:
             with opened_by_gate():
-                result = contract.call(arguments, idempotency_key=key, stop=stop)
+                result = contract.call(arguments, idempotency_key=key, stop=stop,
+                                       caller=self.actor)
         except (ToolTimeout, ToolStopped) as exc:
             latency = round((time.perf_counter() - started) * 1000, 3)
             error = redact(str(exc), self.secrets)

@@ -33,6 +33,9 @@ ENVELOPE_SCHEMA: dict[str, Any] = {
         },
         "artefacts": {"type": "array", "items": {"type": "string"}},
         "open_questions": {"type": "array", "items": {"type": "string"}},
+        # What the answer rests on: knowledge chunks' citation ids (engine/knowledge.py).
+        "citations": {"type": "array", "items": {"type": "string", "maxLength": 200},
+                      "maxItems": 50},
     },
 }
 _VALIDATOR = jsonschema.Draft202012Validator(ENVELOPE_SCHEMA)
@@ -49,6 +52,7 @@ class Envelope:
     key_facts: dict[str, Any] = field(default_factory=dict)
     artefacts: list[str] = field(default_factory=list)
     open_questions: list[str] = field(default_factory=list)
+    citations: list[str] = field(default_factory=list)
 
     def to_toml(self) -> str:
         data: dict[str, Any] = {"summary": self.summary}
@@ -58,6 +62,8 @@ class Envelope:
             data["artefacts"] = self.artefacts
         if self.open_questions:
             data["open_questions"] = self.open_questions
+        if self.citations:
+            data["citations"] = self.citations
         text = tomli_w.dumps(data)
         parse_envelope(text)  # never hand on what the receiver would reject
         return text
@@ -74,7 +80,8 @@ def parse_envelope(text: str, *, source: str = "handoff") -> Envelope:
                            f"{problems[0].message}")
     return Envelope(summary=data["summary"], key_facts=dict(data.get("key_facts", {})),
                     artefacts=list(data.get("artefacts", [])),
-                    open_questions=list(data.get("open_questions", [])))
+                    open_questions=list(data.get("open_questions", [])),
+                    citations=list(data.get("citations", [])))
 
 
 def extract_block(text: str) -> str | None:

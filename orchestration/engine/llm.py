@@ -106,9 +106,11 @@ class ScriptedModel(Model):
     An argument that is exactly ``$input.<path>``, ``$tasks.<dep>.<path>`` or ``$last.<path>``
     takes that value (the run input, a dependency's output as its handoff reads, with
     ``key_facts``; the last tool result in the conversation); ``{{input.path}}``,
-    ``{{tasks.<dep>.path}}`` and ``{{last.path}}``
-    inside any string are filled in as text, and ``{{input.path|toml}}`` as a TOML value (quoted
-    and escaped), for handoff envelopes.
+    ``{{tasks.<dep>.path}}``, ``{{last.path}}`` and ``{{tools.<name>.path}}`` (the latest
+    result of that tool in the conversation; a list's items by index, ``results.0.text``)
+    inside any string are filled in as text, ``{{input.path|toml}}`` as a TOML value (quoted
+    and escaped), for handoff envelopes, and ``{{...|sentence}}`` as the text's first
+    sentence (a scripted agent quoting what a search found).
     """
 
     provider = "scripted"
@@ -128,6 +130,7 @@ class ScriptedModel(Model):
             if m.role == "tool":
                 last = parse_arguments(m.content)
                 break
+        results = _results_by_tool(request.messages)
         run_input = request.variables.get("input", {})
         tasks = request.variables.get("tasks", {})
         calls = []
@@ -135,9 +138,9 @@ class ScriptedModel(Model):
             for i, call in enumerate(turn.get("tool_calls", [])):
                 args = _resolve_last(
                     resolve(call.get("arguments", {}), run_input=run_input, outputs=tasks), last)
-                args = _interpolate(args, run_input, last, tasks)
+                args = _interpolate(args, run_input, last, tasks, results)
                 calls.append(ToolCall(id=f"call_{index}_{i}", name=call["name"], arguments=args))
-            text = _interpolate(turn.get("text", ""), run_input, last, tasks)
+            text = _interpolate(turn.get("text", ""), run_input, last, tasks, results)
         except EngineError as exc:
             raise ProviderError(f"scripted turn {index + 1}: {exc}") from None
         prompt_chars = sum(len(m.content) for m in request.messages)
@@ -167,7 +170,24 @@ def _variant(turn: Mapping[str, Any], variables: Mapping[str, Any]) -> Mapping[s
 
 
 _PLACEHOLDER = re.compile(
-    r"\{\{\s*(input|last|tasks)((?:\.[A-Za-z0-9_]+)*)\s*(\|\s*toml\s*)?\}\}")
+    r"\{\{\s*(input|last|tasks|tools)((?:\.[A-Za-z0-9_-]+)*)\s*(?:\|\s*(toml|sentence)\s*)?\}\}")
+_SENTENCE = re.compile(r"(.+?[.!?])(?=\s|$)", re.DOTALL)
+
+
+def _results_by_tool(messages: Sequence[Message]) -> dict[str, Any]:
+    """Each tool's latest successful result in the conversation, by the tool's name."""
+    names = {c.id: c.name for m in messages if m.role == "assistant" for c in m.tool_calls}
+    found: dict[str, Any] = {}
+    for m in messages:
+        if m.role == "tool" and not m.is_error and m.tool_call_id in names:
+            found[names[m.tool_call_id]] = parse_arguments(m.content)
+    return found
+
+
+def _first_sentence(value: Any) -> str:
+    text = " ".join(str("" if value is None else value).split())
+    match = _SENTENCE.match(text)
+    return match.group(1) if match else text
 
 
 def _toml_value(value: Any) -> str:
@@ -183,17 +203,23 @@ def _toml_value(value: Any) -> str:
         return tomli_w.dumps({"v": str(value)}).split("=", 1)[1].strip()
 
 
-def _interpolate(value: Any, run_input: Any, last: Any, tasks: Any = None) -> Any:
-    """Fill ``{{input.path}}``, ``{{last.path}}`` and ``{{tasks.<dep>.path}}`` placeholders
-    inside strings."""
-    roots = {"input": run_input, "last": last, "tasks": tasks or {}}
+def _interpolate(value: Any, run_input: Any, last: Any, tasks: Any = None,
+                 results: Any = None) -> Any:
+    """Fill ``{{input.path}}``, ``{{last.path}}``, ``{{tasks.<dep>.path}}`` and
+    ``{{tools.<name>.path}}`` placeholders inside strings."""
+    roots = {"input": run_input, "last": last, "tasks": tasks or {}, "tools": results or {}}
 
     def fill(match: re.Match[str]) -> str:
         node: Any = roots[match.group(1)]
         for part in filter(None, match.group(2).split(".")):
-            node = node.get(part) if isinstance(node, Mapping) else None
-        if match.group(3):
+            if isinstance(node, list) and part.isdigit():
+                node = node[int(part)] if int(part) < len(node) else None
+            else:
+                node = node.get(part) if isinstance(node, Mapping) else None
+        if match.group(3) == "toml":
             return _toml_value(node)
+        if match.group(3) == "sentence":
+            return _first_sentence(node)
         return "" if node is None else str(node)
 
     return map_strings(value, lambda text: _PLACEHOLDER.sub(fill, text))

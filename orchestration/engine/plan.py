@@ -14,6 +14,8 @@ from jsonkit import schema_problems
 from orchestration.engine.errors import PlanError
 
 EXECUTOR_TYPES = ("tool", "function", "agent", "human")
+SLUG = "^[-a-zA-Z0-9_]{1,50}$"  # a knowledge collection's slug
+KNOWLEDGE_TOKENS = 800  # a task's knowledge budget unless it names one
 
 # A sentinel check: ``require`` a value to be present and not empty, ``equal`` two values, or
 # that a text ``contains`` a value. Values are references: ``$input.<path>``,
@@ -91,6 +93,11 @@ PLAN_SCHEMA: dict[str, Any] = {
                     # tool each, engine/delegation.py).
                     "delegates": {"type": "array", "uniqueItems": True,
                                   "items": {"type": "string", "minLength": 1}},
+                    # Just-in-time knowledge (engine/knowledge.py): the collections whose best
+                    # chunks for the spec go into an agent task's prompt, within a budget.
+                    "knowledge": {"type": "array", "uniqueItems": True, "maxItems": 10,
+                                  "items": {"type": "string", "pattern": SLUG}},
+                    "knowledge_tokens": {"type": "integer", "minimum": 50, "maximum": 20000},
                     # Set by the engine on a task an agent delegated: who asked, and the call.
                     "delegated_by": {"type": "string"},
                     "call_key": {"type": "string"},
@@ -188,6 +195,8 @@ class TaskSpec:
     delegates: tuple[str, ...] = ()
     delegated_by: str = ""
     call_key: str = ""
+    knowledge: tuple[str, ...] = ()
+    knowledge_tokens: int = KNOWLEDGE_TOKENS
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,6 +264,9 @@ class Plan:
                 item["checks"] = [dict(c) for c in t.checks]
             if t.delegates:
                 item["delegates"] = list(t.delegates)
+            if t.knowledge:
+                item["knowledge"] = list(t.knowledge)
+                item["knowledge_tokens"] = t.knowledge_tokens
             if t.delegated_by:
                 item["delegated_by"] = t.delegated_by
                 item["call_key"] = t.call_key
@@ -317,10 +329,15 @@ def parse_plan(source: str | Mapping[str, Any]) -> Plan:
             delegates=tuple(t.get("delegates", ())),
             delegated_by=t.get("delegated_by", ""),
             call_key=t.get("call_key", ""),
+            knowledge=tuple(t.get("knowledge", ())),
+            knowledge_tokens=t.get("knowledge_tokens", KNOWLEDGE_TOKENS),
         )
         for t in data.get("tasks", ())
     )
     _check_graph(tasks)
+    for t in tasks:
+        if t.knowledge and t.executor_type != "agent":
+            raise PlanError(f"task {t.key!r}: only an agent task takes knowledge")
     for name, schema in [("result_schema", data.get("result_schema")),
                          *((f"task {t.key!r} output_schema", t.output_schema) for t in tasks)]:
         if schema:

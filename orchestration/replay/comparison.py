@@ -124,6 +124,10 @@ def project(kind: str, data: Mapping[str, Any]) -> tuple[str, dict[str, Any]] | 
     if kind == "delegation.refused":
         return stream, {"kind": kind, "tool": data.get("tool"),
                         "call": data.get("idempotency_key"), "error": data.get("error")}
+    if kind == "knowledge.retrieved":  # a task's just-in-time knowledge (engine/knowledge.py)
+        return stream, {"kind": kind, "collections": data.get("collections"),
+                        "chunks": [c.get("chunk_id") for c in data.get("chunks") or ()
+                                   if isinstance(c, dict)]}
     if kind == "budget.raised":
         return stream, {"kind": kind, "raise": data.get("raise")}
     if kind in _CHECK_KINDS:  # the checks of a task's answer (engine/verify.py)

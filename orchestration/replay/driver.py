@@ -16,6 +16,7 @@ from orchestration.engine.delegation import Delegator
 from orchestration.engine.errors import EngineError
 from orchestration.engine.gate import Journal, StoreLog, ToolGate, contract_lookup
 from orchestration.engine.human import HUMAN_TASK, call_key, human_outcome, no_group
+from orchestration.engine.knowledge import knowledge_for
 from orchestration.engine.plan import Plan, parse_plan
 from orchestration.engine.runner import (
     Outcome,
@@ -30,6 +31,7 @@ from orchestration.engine.verify import Verifier, check_run
 from orchestration.models import Agent, Run, Tool
 from orchestration.replay.comparison import Recorded, ReplayResult, compare
 from orchestration.replay.doubles import (
+    NotRecorded,
     RecordedAuditor,
     RecordedModel,
     ReplayGovernor,
@@ -133,10 +135,22 @@ class Replay:
                                   plan=self.store.runs[self.run_id].snapshot.plan, log=log,
                                   journal=Journal(), governor=governor,
                                   actor=f"agent:{agent.slug}")
+        try:  # the chunks the original gave the prompt: a replay never searches
+            knowledge = knowledge_for(ctx, log, lambda: self._knowledge(task),
+                                      actor=f"agent:{agent.slug}")
+        except NotRecorded as exc:
+            return Outcome(status=TaskStatus.FAILED, error=str(exc))
         return run_agent(ctx, spec, RecordedModel(self.ledger, task), self.tools, log,
                          granted=self._granted(task), governor=governor,
                          unusable=self.unusable, watch_grant=False, verifier=verifier,
-                         delegator=delegator)
+                         delegator=delegator, knowledge=knowledge)
+
+    def _knowledge(self, task: str) -> dict[str, Any]:
+        recorded = self.ledger.knowledge.get(task)
+        if recorded is None:
+            raise NotRecorded(f"replay: the ledger holds no knowledge retrieved for task {task}; "
+                              "a replay never searches")
+        return recorded
 
     def _verifier(self, ctx: TaskContext, governor: ReplayGovernor, log: StoreLog,
                   auditor: str) -> Verifier:

@@ -31,6 +31,7 @@ class Ledger:
         self.before: list[dict[str, int]] = []  # per stimulus: compared events per stream
         self.reused: dict[str, Any] = {}
         self.audits: dict[str, list[dict[str, Any]]] = defaultdict(list)  # the auditor's turns
+        self.knowledge: dict[str, dict[str, Any]] = {}  # what each task's prompt was given
         attempt: dict[str, int] = defaultdict(int)
         counts: dict[str, int] = defaultdict(int)
         resumes: dict[str, int] = {}  # request id -> the index of its resolution's stimulus
@@ -56,6 +57,8 @@ class Ledger:
                 self.results[data["idempotency_key"]].append(
                     (attempt[task], {"interrupted": data.get("error", ""),
                                      "stopped": bool(data.get("stopped"))}))
+            elif e.kind == "knowledge.retrieved":
+                self.knowledge.setdefault(task, data)
             elif e.kind == "qc.checked":
                 self.audits[task].append(data["response"])
             elif e.kind == "tool.refused":

@@ -15,6 +15,7 @@ from approvals.services import policy_publish
 from orchestration import demo, grants, services
 from orchestration.builtin_tools import registry
 from orchestration.models import Agent, ModelPrice, Process, Tool
+from orchestration.signals import demo_seeded
 
 # Model permissions of each role. The operator role may start (and so see and cancel) runs of
 # every process; a person outside it gets per-process `start_run` object permissions instead.
@@ -37,6 +38,8 @@ PEOPLE = [
 RISK = {"issue_refund": "financial", "run_python": "compliance", "send_customer_email": "write",
         "create_vendor_record": "write", "notify_procurement": "write",
         "check_sanctions": "compliance"}
+# Calls per run: a search is cheap, but an agent looping on it is not.
+QUOTA_PER_RUN = {"search_knowledge": 10}
 
 
 def _perm(label: str) -> Permission:
@@ -79,6 +82,7 @@ class Command(BaseCommand):
                     "idempotent": contract.idempotent,
                     "risk_class": RISK.get(name, "read"),
                     "cost_per_call": Decimal("0.0010") if name == "check_sanctions" else Decimal(0),
+                    "quota_per_run": QUOTA_PER_RUN.get(name),
                 },
             )
 
@@ -132,6 +136,9 @@ class Command(BaseCommand):
             current = policy.current_version
             if current is None or any(getattr(current, k) != v for k, v in fields.items()):
                 policy_publish(policy=policy, **fields)
+
+        # The knowledge base's demo data (its app listens: orchestration does not import it).
+        demo_seeded.send(sender=self.__class__, admins=admins)
 
         self.stdout.write("Demo data is ready. Sign in at http://127.0.0.1:8000/ as:")
         for username, role, _ in PEOPLE:
