@@ -1,5 +1,5 @@
-"""The layers point one way: console → orchestration → approvals → audit, and the engine and
-the shared helpers (hashchain, jsonkit, logcontext) depend on no Django app at all. A
+"""The layers point one way: console → knowledge → orchestration → approvals → audit, and the
+engine and the shared helpers (hashchain, jsonkit, logcontext) depend on no Django app at all. A
 module-level or a function-local import against the arrows fails here with the file and line."""
 
 from __future__ import annotations
@@ -11,10 +11,13 @@ import pytest
 
 from tests.conftest import ROOT
 
-PROJECT = ("console", "orchestration", "approvals", "audit", "hashchain", "jsonkit", "logcontext")
+PROJECT = ("console", "knowledge", "orchestration", "approvals", "audit", "hashchain", "jsonkit",
+           "logcontext")
 # What each layer may import from the project (besides itself).
 ALLOWED: dict[str, set[str]] = {
-    "console": {"orchestration", "approvals", "audit", "hashchain", "jsonkit", "logcontext"},
+    "console": {"knowledge", "orchestration", "approvals", "audit", "hashchain", "jsonkit",
+                "logcontext"},
+    "knowledge": {"orchestration", "approvals", "audit", "hashchain", "jsonkit", "logcontext"},
     "orchestration": {"approvals", "audit", "hashchain", "jsonkit", "logcontext"},
     "approvals": {"audit", "hashchain", "jsonkit", "logcontext"},
     "audit": {"hashchain", "jsonkit", "logcontext"},
