@@ -161,8 +161,18 @@ def test_an_outsider_cannot_probe_and_a_reader_cannot_write(as_: Any) -> None:
 
 
 BAD_DOCUMENTS = [
-    ({"title": "Both", "text": "a", "url": "https://example.com/"}, "exactly one of text or url"),
-    ({"title": "Neither"}, "exactly one of text or url"),
+    ({"title": "Both", "text": "a", "url": "https://example.com/"},
+     "exactly one of text, url or file"),
+    ({"title": "Neither"}, "exactly one of text, url or file"),
+    ({"title": "F", "file": "aGk=", "text": "a", "media_type": "text/plain"},
+     "exactly one of text, url or file"),
+    ({"title": "F", "file": "aGk="}, "media_type goes with file"),
+    ({"title": "F", "text": "a", "media_type": "text/plain"}, "media_type goes with file"),
+    ({"title": "F", "file": "aGk=", "media_type": "image/png"}, "media_type must be one of"),
+    ({"title": "F", "file": "not base64!", "media_type": "text/plain"}, "file:"),
+    ({"title": "F", "file": "/w==", "media_type": "text/plain"}, "not valid UTF-8"),
+    ({"title": "F", "file": "JVBERi0xLjQKZ2FyYmFnZQ==", "media_type": "application/pdf"},
+     "file:"),
     ({"title": "", "text": "a"}, "title"),
     ({"title": "T", "text": ""}, "text"),
     ({"title": "T", "text": "nul \x00 inside"}, "text"),
@@ -180,6 +190,31 @@ def test_a_bad_document_says_why_and_writes_nothing(as_: Any) -> None:
         assert response.status_code == 400, (body, response.content)
         assert problem in response.json()["error"], (body, response.json())
     assert Document.objects.count() == before
+
+
+def test_an_admin_uploads_html_and_pdf_files(as_: Any) -> None:
+    """Uploaded files go through the same extractors as fetched ones: HTML loses its markup
+    and scripts, a PDF gives its text; both are then searchable and cited like any text."""
+    import base64
+
+    from tests.test_knowledge import _tiny_pdf
+
+    admin = as_("admin")
+    html = (b"<html><head><script>alert(1)</script></head><body><h1>Returns</h1>"
+            b"<p>Opened software cannot be returned after 14 days.</p></body></html>")
+    created = admin.post(DOCS, {"title": "Software returns", "media_type": "text/html",
+                                "file": base64.b64encode(html).decode()})
+    assert created.status_code == 201, created.content
+    [text] = Document.objects.get(pk=created.json()["id"]).versions.values_list("text",
+                                                                                flat=True)
+    assert "Opened software cannot be returned" in text and "alert" not in text
+    pdf = admin.post(DOCS, {"title": "Gift cards", "media_type": "application/pdf",
+                            "file": base64.b64encode(_tiny_pdf(
+                                "Gift cards are never refunded in cash.")).decode()})
+    assert pdf.status_code == 201, pdf.content
+    found = admin.get(f"{BASE}/refund-policy/search", q="gift cards refunded in cash", k=3)
+    top = found.json()["results"][0]
+    assert top["title"] == "Gift cards" and "never refunded in cash" in top["text"]
 
 
 def test_a_retried_add_with_the_same_key_is_done_once(as_: Any) -> None:

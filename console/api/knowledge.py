@@ -1,5 +1,6 @@
 """The API's operations on the knowledge base: the collections you may read, adding a document
-(or a new version of one: the same title) from text or from a URL, searching, deleting.
+(or a new version of one: the same title) from text, an uploaded file or a URL, searching,
+deleting.
 
 The same permission model as everywhere: a collection you may not read answers 404 at every
 operation, so its existence cannot be probed; one you may read but not write answers 403 on
@@ -7,6 +8,8 @@ the writes."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import uuid
 from typing import Any
 
@@ -19,7 +22,9 @@ from pydantic import Field, model_validator
 from audit import hygiene
 from console.api.common import ErrorOut, IdempotencyHeader, ServerErrorOut, once, refused
 from knowledge import services
-from knowledge.extract import extract
+from knowledge.extract import MAX_BYTES as EXTRACT_MAX_BYTES
+from knowledge.extract import SUPPORTED, extract
+from knowledge.index import ScanLimitExceeded
 from knowledge.models import Collection
 from knowledge.url_fetch import FetchRefused, fetch
 from orchestration.engine.knowledge import citation
@@ -27,6 +32,7 @@ from orchestration.engine.knowledge import citation
 router = Router(tags=["knowledge"])
 
 MAX_TEXT = 2_000_000  # characters of one document's text
+FILE_B64_MAX = 4 * ((EXTRACT_MAX_BYTES + 2) // 3)  # an uploaded file, base64
 SLUG_PATTERN = "^[-a-zA-Z0-9_]{1,50}$"
 
 
@@ -49,10 +55,20 @@ class DocumentIn(Schema):
                                         "PDF or text); private and loopback addresses are "
                                         "refused")
 
+    file: str | None = Field(None, min_length=1, max_length=FILE_B64_MAX,
+                             description="an uploaded file, base64-encoded (at most 20 MB "
+                                         "decoded), with its media_type")
+    media_type: str | None = Field(None, description="the uploaded file's type: "
+                                                     + ", ".join(SUPPORTED))
+
     @model_validator(mode="after")
     def _one_source(self) -> DocumentIn:
-        if (self.text is None) == (self.url is None):
-            raise ValueError("send exactly one of text or url")
+        if sum(v is not None for v in (self.text, self.url, self.file)) != 1:
+            raise ValueError("send exactly one of text, url or file")
+        if (self.file is None) != (self.media_type is None):
+            raise ValueError("media_type goes with file, and only with it")
+        if self.media_type is not None and self.media_type not in SUPPORTED:
+            raise ValueError(f"media_type must be one of {', '.join(SUPPORTED)}")
         return self
 
 
@@ -126,6 +142,13 @@ def add_document(request: HttpRequest, slug: str, payload: DocumentIn,
 
     def action() -> Status[Any]:
         text, source_url = payload.text or "", ""
+        if payload.file is not None:
+            try:
+                data = base64.b64decode(payload.file, validate=True)
+                text = extract(data, payload.media_type or "")
+                hygiene.check(text, "file")
+            except (binascii.Error, ValueError, hygiene.Refused) as exc:
+                return Status(400, {"error": f"invalid request: file: {_message(exc) or exc}"})
         if payload.url is not None:
             try:
                 fetched = fetch(payload.url)
@@ -159,7 +182,8 @@ def _message(exc: Exception) -> str:
     return str(exc)
 
 
-@router.get("/knowledge/{slug}/search", response={200: SearchOut, 400: ErrorOut, 404: ErrorOut},
+@router.get("/knowledge/{slug}/search",
+            response={200: SearchOut, 400: ErrorOut, 404: ErrorOut, 422: ErrorOut},
             summary="Search a knowledge collection (hybrid: vectors and full text)")
 def search_collection(request: HttpRequest, slug: str, query: Query[SearchQuery]) -> Any:
     collection = _readable(request.user, slug)
@@ -171,6 +195,8 @@ def search_collection(request: HttpRequest, slug: str, query: Query[SearchQuery]
         hits = services.search(collection, query.q, query.k)
     except ValueError as exc:  # e.g. a query of spaces only
         return Status(400, {"error": f"invalid request: q: {exc}"})
+    except ScanLimitExceeded as exc:  # no pgvector and too many chunks to scan exactly
+        return Status(422, {"error": str(exc)})
     results = [{"chunk_id": str(h.chunk_id), "document_id": str(h.document_id),
                 "title": h.title, "version": h.version, "ordinal": h.ordinal, "text": h.text,
                 "score": round(float(h.score), 6)} for h in hits]
