@@ -327,3 +327,18 @@ def test_the_operations_are_in_the_openapi_schema(client: Client, db: Any) -> No
     post = paths[f"{BASE}/{{slug}}/documents"]["post"]
     assert {"201", "403", "404", "422"} <= set(post["responses"])
     assert any(p["name"] == "Idempotency-Key" for p in post["parameters"])
+
+
+def test_a_collection_past_the_scan_limit_says_to_install_pgvector(as_: Any,
+                                                                  settings: Any) -> None:
+    from django.db import connection
+
+    from knowledge import index
+
+    if connection.vendor != "postgresql" or index._has_pgvector():
+        pytest.skip("the exact scan serves PostgreSQL without pgvector (the distributed pass)")
+    assert as_("admin").post(DOCS, {"title": "Vouchers", "text": "Vouchers last a year."}
+                             ).status_code == 201  # two live chunks, one over the limit
+    settings.SWITCHBOARD_KNOWLEDGE_SCAN_LIMIT = 1
+    refused = as_("operator").get(f"{BASE}/refund-policy/search", q="refund")
+    assert refused.status_code == 422 and "pgvector" in refused.json()["error"]
