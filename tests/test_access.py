@@ -8,10 +8,12 @@ from typing import Any
 
 import pytest
 from django.contrib.auth.models import Group, User
+from django.contrib.contenttypes.models import ContentType
 from django.core.management import CommandError, call_command
 from django.db import transaction
 from django.test import Client
 from django.utils import timezone
+from guardian.models import UserObjectPermission
 
 from approvals.models import ApprovalRequest, Policy
 from approvals.services import policy_publish
@@ -86,8 +88,11 @@ def test_it_grants_demo_agents_only_their_tools(demo: None) -> None:
 
 
 def test_it_stops_a_retired_agents_grants_at_once(demo: None, operator: User) -> None:
-    agent = Agent.objects.exclude(user__userobjectpermission=None).first()
-    tool = Tool.objects.get(slug=agent.user.userobjectpermission_set.first().content_object.slug)
+    # An agent holding a tool (demo agents also hold read grants on a knowledge collection).
+    granted = UserObjectPermission.objects.filter(
+        content_type=ContentType.objects.get_for_model(Tool), user__agent_identity__isnull=False)
+    grant = granted.order_by("user__agent_identity__slug").first()
+    agent, tool = grant.user.agent_identity, grant.content_object
     holds = grant_checker(agent.user_id)
     assert holds(tool)
     grants.agent_retire(agent=agent, by=operator)
