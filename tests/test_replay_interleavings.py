@@ -262,3 +262,26 @@ def test_a_ledger_no_production_run_could_have_written_does_not_replay(
         assert not result.ok, name
         assert result.divergence is not None and result.divergence.stream == stream, (
             name, result.summary())
+
+
+def test_a_budget_raise_is_due_where_the_resume_requeued_less_its_own_raise() -> None:
+    """The resume writes budget.raised in the waiting task's stream and then requeues it; the
+    replay writes that budget.raised itself when it applies the decision, so the decision must
+    not wait for it (it would never come due while another task still runs)."""
+    from orchestration.replay.comparison import Recorded
+    from orchestration.replay.ledger import Ledger
+
+    events = [
+        Recorded(1, "run.state", {"from": "queued", "to": "running"}),
+        Recorded(2, "task.started", {"task": "a", "attempt": 1}),
+        Recorded(3, "task.waiting", {"task": "a", "error": "budget_exhausted: spent"}),
+        Recorded(4, "task.started", {"task": "b", "attempt": 1}),
+        Recorded(5, "approval.resolved", {"request": "r1", "status": "budget_raised",
+                                          "resolution": {"action": "raise_budget",
+                                                         "budget": {"tokens": 5}}}),
+        Recorded(6, "model.called", {"task": "b", "step": 1, "response": {}}),
+        Recorded(7, "budget.raised", {"task": "a", "raise": {"tokens": 5}}),
+        Recorded(8, "task.requeued", {"task": "a", "reason": "approval r1 budget_raised"}),
+    ]
+    [before] = Ledger(events).before
+    assert before == {"run": 1, "task a": 2, "task b": 2}

@@ -75,8 +75,13 @@ class Ledger:
                     index := resumes.pop(_resumed_request(data), None)) is not None:
                 # The resume that requeued the task is a transaction of its own: the run may
                 # have moved on (say, to waiting) between the decision and it, so the replay
-                # applies the decision where the original resumed.
-                self.before[index] = dict(counts)
+                # applies the decision where the original resumed. The waiting task's own
+                # stream stays as it was at the decision: what the resume wrote there before
+                # the requeue (a budget.raised) the replay writes when it applies it.
+                before = dict(counts)
+                own = f"task {data.get('task', '')}"
+                before[own] = self.before[index].get(own, 0)
+                self.before[index] = before
             stream = comparison.stream_of(e.kind, data)
             if stream is not None:
                 counts[stream] += 1
