@@ -32,15 +32,18 @@ def _html(data: bytes) -> str:
 
 def _pdf(data: bytes) -> str:
     from pypdf import PdfReader
-    from pypdf.errors import PdfReadError
 
     try:
         reader = PdfReader(io.BytesIO(data))
         if reader.is_encrypted:
             raise ValueError("the PDF is encrypted")
         pages = [page.extract_text() or "" for page in reader.pages]
-    except (PdfReadError, OSError, KeyError, TypeError) as exc:
-        raise ValueError(f"the PDF could not be read ({exc})") from None
+    except ValueError:
+        raise
+    except Exception as exc:  # an untrusted file: pypdf fails in many ways
+        # PyPdfError (LimitReachedError, ParseError, ...) and the odd KeyError or IndexError a
+        # malformed file raises are all "not readable", never a server error.
+        raise ValueError(f"the PDF could not be read ({type(exc).__name__})") from None
     return "\n\n".join(p.strip() for p in pages if p.strip())
 
 

@@ -217,6 +217,15 @@ def test_an_admin_uploads_html_and_pdf_files(as_: Any) -> None:
     assert top["title"] == "Gift cards" and "never refunded in cash" in top["text"]
 
 
+def test_a_body_over_the_upload_limit_is_413_not_a_server_error(as_: Any,
+                                                                settings: Any) -> None:
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 10_000
+    before = Document.objects.count()
+    refused = as_("admin").post(DOCS, {"title": "Big", "text": "x" * 20_000})
+    assert refused.status_code == 413 and "larger than 10000 bytes" in refused.json()["error"]
+    assert Document.objects.count() == before
+
+
 def test_a_retried_add_with_the_same_key_is_done_once(as_: Any) -> None:
     admin = as_("admin")
     body = {"title": "Warranty", "text": "Two years on everything."}

@@ -8,6 +8,8 @@ from typing import Any
 
 import kombu.exceptions
 import redis.exceptions
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from django.db import InterfaceError, OperationalError
 from django.http import Http404, HttpRequest, HttpResponse
 from ninja import NinjaAPI
@@ -101,6 +103,13 @@ def _unavailable(request: HttpRequest, exc: Exception) -> HttpResponse:
 
 for _exc_class in UNAVAILABLE:
     api.add_exception_handler(_exc_class, _unavailable)
+
+
+@api.exception_handler(RequestDataTooBig)
+def _too_big(request: HttpRequest, exc: RequestDataTooBig) -> HttpResponse:
+    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+    return api.create_response(request, {"error": f"the request body is larger than {limit} "
+                                                  "bytes; nothing was done"}, status=413)
 
 
 @api.exception_handler(Exception)

@@ -22,7 +22,6 @@ from pydantic import Field, model_validator
 from audit import hygiene
 from console.api.common import ErrorOut, IdempotencyHeader, ServerErrorOut, once, refused
 from knowledge import services
-from knowledge.extract import MAX_BYTES as EXTRACT_MAX_BYTES
 from knowledge.extract import SUPPORTED, extract
 from knowledge.index import ScanLimitExceeded
 from knowledge.models import Collection
@@ -32,7 +31,9 @@ from orchestration.engine.knowledge import citation
 router = Router(tags=["knowledge"])
 
 MAX_TEXT = 2_000_000  # characters of one document's text
-FILE_B64_MAX = 4 * ((EXTRACT_MAX_BYTES + 2) // 3)  # an uploaded file, base64
+# An uploaded file, base64, within the request body Django accepts (DATA_UPLOAD_MAX_MEMORY_SIZE,
+# 2.5 MB by default; a larger body is answered 413): about 1.5 MB decoded.
+FILE_B64_MAX = 2_000_000
 SLUG_PATTERN = "^[-a-zA-Z0-9_]{1,50}$"
 
 
@@ -56,8 +57,9 @@ class DocumentIn(Schema):
                                         "refused")
 
     file: str | None = Field(None, min_length=1, max_length=FILE_B64_MAX,
-                             description="an uploaded file, base64-encoded (at most 20 MB "
-                                         "decoded), with its media_type")
+                             description="an uploaded file, base64-encoded (at most 2,000,000 "
+                                         "characters, about 1.5 MB decoded), with its "
+                                         "media_type")
     media_type: str | None = Field(None, description="the uploaded file's type: "
                                                      + ", ".join(SUPPORTED))
 
