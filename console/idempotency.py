@@ -38,8 +38,8 @@ KEY_TTL = timedelta(hours=24)
 KEY_PATTERN = r"^[\x20-\x7E]{1,200}$"
 REPLAYED_HEADER = "Idempotent-Replayed"
 
-__all__ = ["KEY_HEADER", "KEY_PATTERN", "KEY_TTL", "idempotency_keys_purge", "perform_once",
-           "request_digest"]
+__all__ = ["KEY_HEADER", "KEY_PATTERN", "KEY_TTL", "answered", "idempotency_keys_purge",
+           "perform_once", "request_digest"]
 
 
 def request_digest(request: HttpRequest) -> str:
@@ -97,6 +97,17 @@ def perform_once(request: HttpRequest, key: str | None, action: Callable[[], Sta
         record.response_body = response.content.decode()
         record.save(update_fields=["response_status", "response_body"])
     return response
+
+
+def answered(request: HttpRequest, key: str | None, *,
+             content_type: str) -> Status[Any] | HttpResponse | None:
+    """The stored answer when ``key`` already completed a request of this user (or the 422 for
+    a different request under it); None otherwise. For an action whose slow preparation runs
+    before ``perform_once``: a retry is answered without preparing again."""
+    if key is None or not IdempotencyKey.objects.filter(
+            user=request.user, key=key, response_status__isnull=False).exists():
+        return None
+    return _replay(request.user, key, request_digest(request), content_type)
 
 
 def _replay(user: Any, key: str, digest: str, content_type: str) -> Status[Any] | HttpResponse:

@@ -96,13 +96,25 @@ def ingest(collection: Collection, *, title: str, text: str, by: Any,
     Chunks whose text is unchanged stay live (their ordinal follows the new version), new texts
     are embedded, the rest retire and leave the indexes. Posting the current text again
     changes nothing and returns the current version with ``embedded=0``."""
+    return write(prepare(collection, title=title, text=text, by=by, source_url=source_url))
+
+
+def prepare(collection: Collection, *, title: str, text: str, by: Any,
+            source_url: str = "") -> Prepared:
+    """The slow half of an ingest, outside any transaction: checks, chunks, and embeds the
+    chunk texts the document does not hold yet (ValueError for bad input)."""
     title, text = _clean_input(title, text)
     pieces = chunk_text(text, collection.chunk_size, collection.chunk_overlap)
     embedder = embedder_for(collection)
     known = _live_hashes(collection, title)
-    post = _Post(collection=collection, title=title, text=text, by=by, source_url=source_url,
-                 pieces=pieces, embedder=embedder,
-                 vectors=_embed(embedder, title, [p for p in pieces if sha256(p) not in known]))
+    return Prepared(collection=collection, title=title, text=text, by=by,
+                    source_url=source_url, pieces=pieces, embedder=embedder,
+                    vectors=_embed(embedder, title,
+                                   [p for p in pieces if sha256(p) not in known]))
+
+
+def write(post: Prepared) -> IngestResult:
+    """The quick half, in one transaction: the version, its chunks, indexes and ledger event."""
     try:
         return _write(post)
     except IntegrityError:
@@ -111,7 +123,7 @@ def ingest(collection: Collection, *, title: str, text: str, by: Any,
 
 
 @dataclass
-class _Post:
+class Prepared:
     collection: Collection
     title: str
     text: str
@@ -122,7 +134,7 @@ class _Post:
     vectors: dict[str, np.ndarray]
 
 
-def _write(post: _Post) -> IngestResult:
+def _write(post: Prepared) -> IngestResult:
     content_hash = sha256(post.text)
     with transaction.atomic():
         document = (Document.objects.select_for_update()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import time
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
@@ -88,6 +89,9 @@ def _checked(url: str) -> tuple[str, str, str]:
 def fetch(url: str, *, max_bytes: int = MAX_BYTES, timeout_s: float = TIMEOUT_S) -> Fetched:
     """The body and media type at ``url``; FetchRefused with the reason otherwise."""
     current = url
+    # httpx's timeout bounds each read; this bounds the whole fetch (a server trickling one
+    # byte every few seconds included).
+    deadline = time.monotonic() + timeout_s
     with httpx.Client(timeout=timeout_s, follow_redirects=False, trust_env=False) as client:
         for _ in range(MAX_REDIRECTS + 1):
             pinned, host, _address = _checked(current)
@@ -107,6 +111,8 @@ def fetch(url: str, *, max_bytes: int = MAX_BYTES, timeout_s: float = TIMEOUT_S)
                         raise FetchRefused(f"the URL answered HTTP {response.status_code}")
                     body = bytearray()
                     for piece in response.iter_bytes():
+                        if time.monotonic() > deadline:
+                            raise FetchRefused(f"the URL did not answer within {timeout_s:g} s")
                         body += piece
                         if len(body) > max_bytes:
                             raise FetchRefused(f"the document is larger than {max_bytes} bytes")

@@ -20,7 +20,15 @@ from ninja import Query, Router, Schema, Status
 from pydantic import Field, model_validator
 
 from audit import hygiene
-from console.api.common import ErrorOut, IdempotencyHeader, ServerErrorOut, once, refused
+from console.api.common import (
+    CONTENT_TYPE,
+    ErrorOut,
+    IdempotencyHeader,
+    ServerErrorOut,
+    once,
+    refused,
+)
+from console.idempotency import answered
 from knowledge import services
 from knowledge.extract import SUPPORTED, extract
 from knowledge.index import ScanLimitExceeded
@@ -142,33 +150,41 @@ def add_document(request: HttpRequest, slug: str, payload: DocumentIn,
     if not services.can_write(request.user, collection):
         return _forbidden(collection)
 
-    def action() -> Status[Any]:
-        text, source_url = payload.text or "", ""
-        if payload.file is not None:
-            try:
-                data = base64.b64decode(payload.file, validate=True)
-                text = extract(data, payload.media_type or "")
-                hygiene.check(text, "file")
-            except (binascii.Error, ValueError, hygiene.Refused) as exc:
-                return Status(400, {"error": f"invalid request: file: {_message(exc) or exc}"})
-        if payload.url is not None:
-            try:
-                fetched = fetch(payload.url)
-                text = extract(fetched.data, fetched.media_type)
-            except FetchRefused as exc:
-                return Status(422, {"error": f"the URL was not fetched: {exc}"})
-            except ValueError as exc:
-                return Status(422, {"error": f"no text could be read from the URL: {exc}"})
-            source_url = payload.url
-            try:
-                hygiene.check(text, "text")
-            except hygiene.Refused as exc:
-                return Status(422, {"error": f"the fetched document was refused: {exc}"})
+    # Fetching, extracting and embedding happen before the transaction that records the
+    # version (and the Idempotency-Key): slow work must not hold the database's locks. A retry
+    # of a request already done is answered first, as it was, without that work.
+    done = answered(request, idempotency_key, content_type=CONTENT_TYPE)
+    if done is not None:
+        return done
+    text, source_url = payload.text or "", ""
+    if payload.file is not None:
         try:
-            result = services.ingest(collection, title=payload.title, text=text,
-                                     by=request.user, source_url=source_url)
-        except (ValueError, DjangoValidationError) as exc:
-            return Status(400, {"error": f"invalid request: {_message(exc)}"})
+            data = base64.b64decode(payload.file, validate=True)
+            text = extract(data, payload.media_type or "")
+            hygiene.check(text, "file")
+        except (binascii.Error, ValueError) as exc:
+            return Status(400, {"error": f"invalid request: file: {exc}"})
+    if payload.url is not None:
+        try:
+            fetched = fetch(payload.url)
+            text = extract(fetched.data, fetched.media_type)
+        except FetchRefused as exc:
+            return Status(422, {"error": f"the URL was not fetched: {exc}"})
+        except ValueError as exc:
+            return Status(422, {"error": f"no text could be read from the URL: {exc}"})
+        source_url = payload.url
+        try:
+            hygiene.check(text, "text")
+        except hygiene.Refused as exc:
+            return Status(422, {"error": f"the fetched document was refused: {exc}"})
+    try:
+        prepared = services.prepare(collection, title=payload.title, text=text,
+                                    by=request.user, source_url=source_url)
+    except (ValueError, DjangoValidationError) as exc:
+        return Status(400, {"error": f"invalid request: {_message(exc)}"})
+
+    def action() -> Status[Any]:
+        result = services.write(prepared)
         document = result.document
         return Status(201, {"id": document.pk, "title": document.title,
                             "version": result.version.number,
