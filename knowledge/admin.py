@@ -26,6 +26,16 @@ class CollectionAdmin(AuditedAdmin, GuardedModelAdmin):
         # Existing chunks were cut and embedded with these: changing them would mix two kinds.
         return ["embedder", "chunk_size", "chunk_overlap"] if obj is not None else []
 
+    def delete_model(self, request: Any, obj: Collection) -> None:
+        # Each document through the service, so the index rows go too and each is logged.
+        for document in obj.documents.all():
+            services.delete_document(document, by=request.user)
+        super().delete_model(request, obj)
+
+    def delete_queryset(self, request: Any, queryset: Any) -> None:
+        for collection in queryset:
+            self.delete_model(request, collection)
+
 
 class VersionInline(admin.TabularInline):
     model = DocumentVersion

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import platform
 import re
 import sys
 import threading
@@ -60,7 +61,10 @@ def _load_through_c_api(raw: Any, path: str) -> None:
 
     # The handle is the first field after the object header of pysqlite_Connection in the
     # CPython releases checked here (3.12, 3.13); elsewhere the exact scan serves instead.
-    if sys.implementation.name != "cpython" or sys.version_info[:2] not in ((3, 12), (3, 13)):
+    # sqlite3_db_config is variadic, which ctypes passes right on x86-64 but not on every ABI
+    # (Apple's arm64 among them).
+    if (sys.implementation.name != "cpython" or sys.version_info[:2] not in ((3, 12), (3, 13))
+            or platform.machine().lower() not in ("x86_64", "amd64")):
         raise RuntimeError("no enable_load_extension, and not a CPython whose connection "
                            "layout is known")
     lib = ctypes.CDLL(_sqlite3.__file__)

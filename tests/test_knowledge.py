@@ -436,6 +436,21 @@ def test_admin_lists_collections_and_deletes_documents_through_the_service(
     [event] = _config_events("config.knowledge_deleted")
     assert event.actor == "user:root"
 
+    # Deleting the collection deletes each document through the service too: no index row of
+    # its chunks is left behind.
+    ingest(collection, title="Shipping", text=PARAGRAPHS[1], by=root)
+    response = client.post(f"/admin/knowledge/collection/{collection.pk}/delete/",
+                           {"post": "yes"})
+    assert response.status_code == 302 and not Chunk.objects.exists()
+    assert len(_config_events("config.knowledge_deleted")) == 2
+    from django.db import connection
+
+    if connection.vendor == "sqlite":
+        with connection.cursor() as cursor:
+            for table in ("knowledge_fts", "knowledge_vec_256"):
+                cursor.execute(f"SELECT count(*) FROM {table}")
+                assert cursor.fetchone()[0] == 0, table
+
 
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
