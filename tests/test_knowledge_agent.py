@@ -24,7 +24,7 @@ from knowledge.services import delete_document
 from orchestration import services
 from orchestration.models import Agent, Process, Run, Task, Tool, Transcript
 from orchestration.replay import ledger_of, replay
-from tests.conftest import wait_for_run
+from tests.conftest import DISTRIBUTED, wait_for_run
 
 INQUIRY = {"customer_email": "kim@example.com", "order_id": "ORD-1042",
            "message": "Can I still get a refund?"}
@@ -218,6 +218,31 @@ def test_a_task_gets_its_knowledge_just_in_time_and_replay_reads_it_back(
             data = {**e.data, "chunks": [{**chunk, "chunk_id": "forged", "text": "Never."}]}
             altered[i] = type(e)(seq=e.seq, kind=e.kind, data=data, at=e.at)
     assert not replay(Run.objects.get(pk=run.pk), events=altered).ok
+
+
+@pytest.mark.skipif(DISTRIBUTED, reason="the search is broken in this process; the standalone "
+                                         "pass runs its tasks here")
+def test_a_task_whose_retrieval_failed_replays_as_it_ended(runner: None, api: Any,
+                                                             monkeypatch: Any) -> None:
+    """An embeddings endpoint down (any error of the search) fails the attempt before anything
+    is recorded; the replay, which never searches, ends the attempt with the same error."""
+    from orchestration import retrieval
+
+    agent = _agent("unlucky-reader", [{"text": "x"}])
+    assign_perm("knowledge.read_collection", agent.user,
+                Collection.objects.get(slug="refund-policy"))
+    _process("kb-broken", {"agent": "unlucky-reader", "knowledge": ["refund-policy"]})
+
+    def down(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("the embeddings endpoint is down")
+
+    monkeypatch.setattr(retrieval.source(), "search", down)
+    run_id = api.post("/api/v1/runs", {"process": "kb-broken", "input": {}}).json()["id"]
+    run = wait_for_run(run_id, timeout=60)
+    assert run.status == "failed" and "the embeddings endpoint is down" in run.error
+    assert not events(run, "knowledge.retrieved") and not events(run, "model.called")
+    result = replay(run)
+    assert result.ok, result.summary()
 
 
 @pytest.mark.django_db

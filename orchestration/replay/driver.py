@@ -139,7 +139,11 @@ class Replay:
             knowledge = knowledge_for(ctx, log, lambda: self._knowledge(task),
                                       actor=f"agent:{agent.slug}")
         except NotRecorded as exc:
-            return Outcome(status=TaskStatus.FAILED, error=str(exc))
+            # The original's retrieval failed before anything was recorded (an embeddings
+            # endpoint down, a collection past its scan limit): its attempt ended with that
+            # error, and so does the replay's.
+            return Outcome(status=TaskStatus.FAILED,
+                           error=self.ledger.end(task, ctx.attempt) or str(exc))
         return run_agent(ctx, spec, RecordedModel(self.ledger, task), self.tools, log,
                          granted=self._granted(task), governor=governor,
                          unusable=self.unusable, watch_grant=False, verifier=verifier,
