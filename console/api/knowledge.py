@@ -12,6 +12,7 @@ import base64
 import binascii
 import uuid
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db.models import Count
@@ -172,7 +173,9 @@ def add_document(request: HttpRequest, slug: str, payload: DocumentIn,
             return Status(422, {"error": f"the URL was not fetched: {exc}"})
         except ValueError as exc:
             return Status(422, {"error": f"no text could be read from the URL: {exc}"})
-        source_url = payload.url
+        # Kept without its query: a signed URL's signature or a ?token= must not go into the
+        # append-only ledger, where it could never be taken out again.
+        source_url = urlunsplit(urlsplit(payload.url)._replace(query="", fragment=""))
         try:
             hygiene.check(text, "text")
         except hygiene.Refused as exc:
