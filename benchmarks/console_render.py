@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import random
-import secrets
 import statistics
 import sys
 import time
@@ -215,19 +214,14 @@ def measure(ids: list[str], samples: int) -> dict[str, Any]:
 
 
 def worker(args: argparse.Namespace) -> None:
-    sys.path.insert(0, str(ROOT))
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "console.settings")
-    # A throwaway key for the benchmark's processes (start-up refuses none with DEBUG off).
-    os.environ.setdefault("SECRET_KEY", secrets.token_urlsafe(50))
-    import django
+    from throwaway import setup_django
 
-    django.setup()
+    setup_django()
     from django.core.management import call_command
 
     from audit.models import Event
     from orchestration.models import Run
 
-    call_command("migrate", verbosity=0, interactive=False)
     call_command("seed_demo", stdout=open(os.devnull, "w"))
     started = time.perf_counter()
     ids = seed(args.runs, args.events)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import sys
 import threading
 import time
@@ -122,15 +121,9 @@ def executemany(count: int, per_chain: int) -> dict[str, Any]:
 
 
 def worker(args: argparse.Namespace) -> None:
-    sys.path.insert(0, str(ROOT))
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "console.settings")
-    os.environ.setdefault("SECRET_KEY", secrets.token_urlsafe(50))
-    import django
+    from throwaway import setup_django
 
-    django.setup()
-    from django.core.management import call_command
-
-    call_command("migrate", verbosity=0, interactive=False)
+    setup_django()
     appended = appends(args.runs, args.seconds, args.per_step)
     per_chain = max(appended["events"] // max(args.runs, 1), 1)
     loaded = executemany(max(appended["events"], 1), per_chain)

@@ -27,7 +27,6 @@ import json
 import os
 import random
 import re
-import secrets
 import subprocess
 import sys
 import tempfile
@@ -130,16 +129,11 @@ def scale(chunks: int, queries: int) -> dict[str, Any]:
 
 
 def worker(args: argparse.Namespace) -> None:
-    sys.path.insert(0, str(ROOT))
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "console.settings")
-    os.environ.setdefault("SECRET_KEY", secrets.token_urlsafe(50))
-    import django
+    from throwaway import setup_django
 
-    django.setup()
-    from django.core.management import call_command
+    setup_django()
     from django.db import connection
 
-    call_command("migrate", verbosity=0, interactive=False)
     result = {"vendor": connection.vendor, "quality": quality()}
     if args.chunks:
         result["scale"] = scale(args.chunks, args.queries)

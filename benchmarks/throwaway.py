@@ -42,3 +42,19 @@ def run_worker(script: str, worker_args: list[str], *, postgres_url: str, prefix
         if not keep:
             with psycopg.connect(postgres_url, autocommit=True) as conn:
                 conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def setup_django() -> None:
+    """A worker's start: the project importable, Django set up on the database the parent gave
+    it (a throwaway key: start-up refuses none with DEBUG off), and migrated."""
+    import secrets
+
+    sys.path.insert(0, str(ROOT))
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "console.settings")
+    os.environ.setdefault("SECRET_KEY", secrets.token_urlsafe(50))
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0, interactive=False)
