@@ -17,7 +17,7 @@ from django.core.exceptions import ObjectDoesNotExist, ValidationError
 from django.db import transaction
 from django.utils import timezone
 
-from approvals import responses, rules
+from approvals import current, responses, rules
 from approvals.explain import counted_approvals, match_record
 from approvals.models import (
     BUDGET_REASONS,
@@ -61,11 +61,13 @@ def digest(arguments: Any) -> str:
     return hashlib.sha256(canonical_json(arguments).encode()).hexdigest()
 
 
-def policy_match(*, tool: str, risk_class: str, arguments: Any) -> PolicyVersion | None:
-    """The strictest current policy that matches this call, or None (approvals/rules.py)."""
-    versions = PolicyVersion.objects.filter(policy__current_version_id__isnull=False).filter(
-        pk__in=Policy.objects.values("current_version_id")).select_related("policy")
-    return rules.strictest_match(versions, tool, risk_class, arguments)
+def policy_match(*, tool: str, risk_class: str, arguments: Any,
+                 fingerprint: Any = ...) -> PolicyVersion | None:
+    """The strictest current policy that matches this call, or None (approvals/rules.py).
+    ``fingerprint``: which versions are in force, as the caller just read it
+    (approvals/current.py)."""
+    return current.match(tool=tool, risk_class=risk_class, arguments=arguments,
+                         known=fingerprint)
 
 
 def policy_publish(*, policy: Policy, acting_user: AbstractBaseUser | None = None,

@@ -22,7 +22,7 @@ from orchestration.governance import DjangoGovernor
 from orchestration.models import Agent, ModelPrice, Task, Tool
 from orchestration.plans import plan_of
 from orchestration.store import DjangoRunStore
-from orchestration.tooling import CredentialMissing, contracts, credential, granted_to, secrets
+from orchestration.tooling import CredentialMissing, contracts, credential, secrets
 
 
 def model_for(agent: Agent) -> Model:
@@ -91,7 +91,7 @@ def run_agent_task(ctx: TaskContext) -> Outcome:
                      step_budget=agent.step_budget + task.step_budget_extra,
                      token_budget=agent.token_budget or None, max_output_tokens=max_tokens)
     governor = DjangoGovernor(run=task.run, task_key=task.key, actor=f"agent:{agent.slug}",
-                              agent=agent.slug, tools=rows)
+                              agent=agent.slug, tools=rows, grantee=agent.user_id)
     log = StoreLog(DjangoRunStore(), ctx.run_id, ctx.spec.key, ctx.lease)
     verifier = _verifier(ctx, task, log, governor)
     if isinstance(verifier, Outcome):
@@ -108,7 +108,7 @@ def run_agent_task(ctx: TaskContext) -> Outcome:
                                   actor=f"agent:{agent.slug}")
     except ConfigurationError as exc:
         return stopped_outcome(f"configuration_error: {exc}", key=key)
-    return run_agent(ctx, spec, model, tools, log, granted=granted_to(agent.user_id, rows),
+    return run_agent(ctx, spec, model, tools, log, granted=governor.granted,
                      pricing=_pricing(agent), secrets=secrets(), governor=governor,
                      unusable=unusable, verifier=verifier, delegator=delegator,
                      knowledge=knowledge)

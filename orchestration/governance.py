@@ -1,22 +1,16 @@
-"""The Django answers to the engine's governance questions.
-
-Budgets stack run → task → agent loop. A reservation is one conditional UPDATE per level, in
-one transaction: the WHERE clause re-checks the cap against used + reserved + the new worst case
-on the locked row, so two concurrent calls can never both pass a check only one of them fits.
-"""
+"""The Django answers to the engine's governance questions: stop signals and grants
+(orchestration/precheck.py), budgets (orchestration/budgets.py), approval policies, quotas and
+rate limits."""
 
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Mapping
 from datetime import timedelta
-from decimal import Decimal
 from functools import cache
 from typing import Any
 
 from django.conf import settings
-from django.contrib.auth import get_user_model
 from django.db import connection, transaction
 from django.db.models import F
 from django.utils import timezone
@@ -24,174 +18,12 @@ from django.utils import timezone
 from approvals import services as approvals
 from approvals.models import ApprovalRequest, Reason
 from orchestration import metrics, rules
+from orchestration.budgets import release, reserve, reserve_unless_stopped, run_param
 from orchestration.engine.governance import ALLOW, Gate, Usage
-from orchestration.models import Agent, KillSwitch, Run, Task, Tool, ToolUsage
+from orchestration.models import KillSwitch, Run, Tool, ToolUsage
+from orchestration.precheck import grant_params, grant_sql, stop_sql
 
 log = logging.getLogger("switchboard.governance")
-
-
-class _Refused(Exception):
-    pass
-
-
-# The hot path of every model and tool call: plain SQL, built once. The ORM's F() arithmetic
-# costs about a millisecond of Python per statement; these run in tens of microseconds.
-_RESERVE_RUN = """
-UPDATE orchestration_run
-   SET reserved_tokens = reserved_tokens + %(tokens)s,
-       reserved_cost = reserved_cost + %(cost)s,
-       reserved_steps = reserved_steps + %(steps)s
- WHERE id = %(run)s
-   AND (budget_tokens IS NULL
-        OR budget_tokens >= tokens_in + tokens_out + reserved_tokens + %(tokens)s)
-   AND (budget_cost IS NULL OR budget_cost >= cost + reserved_cost + %(cost)s)
-   AND (budget_steps IS NULL OR budget_steps >= steps + reserved_steps + %(steps)s)
-"""
-_RESERVE_TASK = """
-UPDATE orchestration_task
-   SET reserved_tokens = reserved_tokens + %(tokens)s,
-       reserved_cost = reserved_cost + %(cost)s,
-       reserved_steps = reserved_steps + %(steps)s
- WHERE run_id = %(run)s AND "key" = %(key)s
-   AND (budget_tokens IS NULL OR budget_tokens >= used_tokens + reserved_tokens + %(tokens)s)
-   AND (budget_cost IS NULL OR budget_cost >= used_cost + reserved_cost + %(cost)s)
-"""
-_SETTLE_RUN = """
-UPDATE orchestration_run
-   SET reserved_tokens = reserved_tokens - %(r_tokens)s,
-       reserved_cost = reserved_cost - %(r_cost)s,
-       reserved_steps = reserved_steps - %(r_steps)s,
-       steps = steps + %(steps)s,
-       tool_calls = tool_calls + %(tool_calls)s,
-       tokens_in = tokens_in + %(tokens_in)s,
-       tokens_out = tokens_out + %(tokens_out)s,
-       cost = cost + %(cost)s,
-       updated_at = %(now)s
- WHERE id = %(run)s
-"""
-_SETTLE_TASK = """
-UPDATE orchestration_task
-   SET reserved_tokens = reserved_tokens - %(r_tokens)s,
-       reserved_cost = reserved_cost - %(r_cost)s,
-       reserved_steps = reserved_steps - %(r_steps)s,
-       used_tokens = used_tokens + %(tokens)s,
-       used_cost = used_cost + %(cost)s
- WHERE run_id = %(run)s AND "key" = %(key)s
-"""
-
-
-def _execute(sql: str, params: dict[str, Any]) -> int:
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        return cursor.rowcount
-
-
-def _run_param(run_id: Any) -> Any:
-    value = run_id if isinstance(run_id, uuid.UUID) else uuid.UUID(str(run_id))
-    return Run._meta.pk.get_db_prep_value(value, connection)
-
-
-def _money(value: Decimal) -> Any:
-    return connection.ops.adapt_decimalfield_value(value, 14, 6)
-
-
-def _relaxed_commit() -> None:
-    """A reservation need not wait for its WAL flush on PostgreSQL.
-
-    Locks and visibility are unchanged, so concurrent reservations still cannot overspend. Only
-    a crash of the database server itself could drop a reservation, and then only together with
-    everything its call would have recorded: the step that records the call's result commits
-    synchronously, which flushes the WAL up to and including this reservation."""
-    if connection.vendor == "postgresql":
-        with connection.cursor() as cursor:
-            cursor.execute("SET LOCAL synchronous_commit TO OFF")
-
-
-def reserve(run_id: str, task_key: str, worst: Usage, *, run: Run | None = None) -> str:
-    """Reserve ``worst`` against the run's and the task's budgets; "" or why it was refused.
-
-    ``run``, when given, supplies the wall-time budget and start (neither changes while a task
-    runs: a raise happens while it is parked) and saves reading them again."""
-    params = {"run": _run_param(run_id), "key": task_key, "tokens": worst.tokens,
-              "cost": _money(worst.cost), "steps": worst.steps}
-    try:
-        with transaction.atomic():
-            _relaxed_commit()
-            if not _execute(_RESERVE_RUN, params):
-                raise _Refused(_why_run(run_id, worst))
-            # No task key: a call of the run itself (its planner's), against the run's budgets.
-            if task_key and not _execute(_RESERVE_TASK, params):
-                raise _Refused(_why_task(run_id, task_key, worst))
-    except _Refused as refused:
-        metrics.refused(str(refused))
-        return str(refused)
-    if run is None:
-        run = Run.objects.only("budget_wall_s", "created_at").get(pk=run_id)
-    if run.budget_wall_s and timezone.now() > run.created_at + timedelta(
-            seconds=run.budget_wall_s):
-        release(run_id, task_key, worst)
-        spent = f"budget_exhausted: the run's wall-time budget of {run.budget_wall_s} s is spent"
-        metrics.refused(spent)
-        return spent
-    return ""
-
-
-def release(run_id: str, task_key: str, reserved: Usage) -> None:
-    with transaction.atomic():
-        settle(run_id, task_key, reserved, Usage())
-
-
-def settle(run_id: str, task_key: str, reserved: Usage | None, actual: Usage) -> None:
-    """Swap a reservation for the real usage (call inside the step's transaction)."""
-    reserved = reserved or Usage()
-    params = {
-        "run": _run_param(run_id), "key": task_key,
-        "r_tokens": reserved.tokens, "r_cost": _money(reserved.cost), "r_steps": reserved.steps,
-        "steps": actual.steps, "tool_calls": actual.tool_calls, "tokens_in": actual.tokens_in,
-        "tokens_out": actual.tokens_out, "tokens": actual.tokens, "cost": _money(actual.cost),
-        "now": connection.ops.adapt_datetimefield_value(timezone.now()),
-    }
-    _execute(_SETTLE_RUN, params)
-    if task_key:
-        _execute(_SETTLE_TASK, params)
-
-
-def release_held(run_id: str, task_key: str) -> Usage:
-    """Give back whatever a lost worker still had reserved for the task (inside the takeover's
-    transaction): its calls in flight died with it."""
-    with connection.cursor() as cursor:
-        cursor.execute(
-            'SELECT reserved_tokens, reserved_cost, reserved_steps FROM orchestration_task'
-            ' WHERE run_id = %s AND "key" = %s', [_run_param(run_id), task_key])
-        row = cursor.fetchone()
-    if row is None or not any(row):
-        return Usage()
-    held = Usage(tokens_in=int(row[0]), cost=Decimal(str(row[1])), steps=int(row[2]))
-    settle(run_id, task_key, held, Usage())
-    return held
-
-
-def _why_run(run_id: str, worst: Usage) -> str:
-    run = Run.objects.get(pk=run_id)
-    if rules.over_cap(run.budget_tokens, run.tokens_in + run.tokens_out, run.reserved_tokens,
-                      worst.tokens):
-        return (f"budget_exhausted: run tokens {run.tokens_in + run.tokens_out} used + "
-                f"{run.reserved_tokens} reserved + {worst.tokens} needed > cap {run.budget_tokens}")
-    if rules.over_cap(run.budget_cost, run.cost, run.reserved_cost, worst.cost):
-        return (f"budget_exhausted: run cost {run.cost} used + {run.reserved_cost} reserved + "
-                f"{worst.cost} needed > cap {run.budget_cost}")
-    return (f"budget_exhausted: run steps {run.steps} used + {run.reserved_steps} reserved + "
-            f"{worst.steps} needed > cap {run.budget_steps}")
-
-
-def _why_task(run_id: str, key: str, worst: Usage) -> str:
-    task = Task.objects.get(run_id=run_id, key=key)
-    if rules.over_cap(task.budget_tokens, task.used_tokens, task.reserved_tokens,
-                      worst.tokens):
-        return (f"budget_exhausted: task {key} tokens {task.used_tokens} used + "
-                f"{worst.tokens} needed > cap {task.budget_tokens}")
-    return (f"budget_exhausted: task {key} cost {task.used_cost} used + {worst.cost} needed > "
-            f"cap {task.budget_cost}")
 
 
 @cache
@@ -214,30 +46,9 @@ def _rate_item(text: str) -> Any:
     return parse(text)
 
 
-@cache
-def _stop_sql() -> str:
-    user = get_user_model()._meta
-    return f"""
-SELECT r.cancel_requested,
-       (SELECT k.id
-          FROM {KillSwitch._meta.db_table} k
-         WHERE k.released_at IS NULL
-           AND (k.scope = 'all' OR (k.scope = 'process' AND k.target = %(process)s)
-                OR (k.scope = 'agent' AND k.target = %(agent)s)
-                OR (k.scope = 'tool' AND k.target = %(tool)s))
-         ORDER BY k.engaged_at LIMIT 1),
-       (SELECT CASE WHEN a.status = 'active' AND u.{user.get_field("is_active").column}
-                    THEN 1 ELSE 0 END
-          FROM {Agent._meta.db_table} a JOIN {user.db_table} u
-            ON u.{user.pk.column} = a.user_id
-         WHERE a.slug = %(agent)s)
-  FROM {Run._meta.db_table} r WHERE r.id = %(run)s
-"""
-
-
 class DjangoGovernor:
     def __init__(self, *, run: Run, task_key: str, actor: str, agent: str = "",
-                 tools: Mapping[str, Tool] | None = None) -> None:
+                 tools: Mapping[str, Tool] | None = None, grantee: Any = None) -> None:
         self.run = run
         self.run_id = str(run.pk)
         self.task_key = task_key
@@ -247,18 +58,53 @@ class DjangoGovernor:
         self._tools = tools if tools is not None else {t.slug: t for t in Tool.objects.all()}
         self._requests_key: str | None = None
         self._requests: list[ApprovalRequest] = []
+        # Whose grants ``granted`` answers (an agent's or a process's user), and the answers
+        # the last ``stopped`` read with its stop signals: (tool, granted), policy fingerprint.
+        self._grantee = grantee
+        self._grant = grant_params(grantee) if grantee is not None else {"user": None,
+                                                                          "perm": 0, "ct": 0}
+        self._granted_now: tuple[str, bool] | None = None
+        self._policies: Any = ...
 
-    # stop signals ---------------------------------------------------------------------
+    # stop signals and grants ----------------------------------------------------------------
     def stopped(self, tool: str | None = None, key: str = "") -> str:
         """One query before every model and tool call: the run cancelled, a kill switch on
-        everything, this process, this agent or this tool, or the agent retired."""
+        everything, this process, this agent or this tool, or the agent retired. For a tool
+        call the same query reads the grant, whether a request names the call and which
+        policies are in force, which the gate's next questions then take from here."""
+        self._granted_now, self._policies = None, ...
+        params = {"run": run_param(self.run_id), "process": self.process,
+                  "agent": self.agent or None, "tool": tool or None}
+        row_tool = self._tools.get(tool) if tool else None
+        if tool:
+            params.update(self._grant, key=key,
+                          obj=str(row_tool.pk) if row_tool is not None else "")
         with connection.cursor() as cursor:
-            cursor.execute(_stop_sql(), {"run": _run_param(self.run_id), "process": self.process,
-                                         "agent": self.agent or None, "tool": tool or None})
+            cursor.execute(stop_sql(call=bool(tool)), params)
             row = cursor.fetchone()
+        if row is not None and tool:
+            self._remember(tool, key, granted=bool(row[3]) and row_tool is not None,
+                           asked=bool(row[4]), policies=row[5])
+        return self._stop_reason(row)
+
+    def begin_model_call(self, worst: Usage) -> str:
+        """The stop signals and the reservation of a model call's worst case, in one round
+        trip where the database allows."""
+        row, refused = reserve_unless_stopped(
+            self.run_id, self.task_key, worst, {"run": run_param(self.run_id),
+                                                "process": self.process,
+                                                "agent": self.agent or None, "tool": None},
+            run=self.run)
+        why = self._stop_reason(row)
+        if why or refused is not None:
+            return why or refused or ""
+        # A kill switch released between the statement and its reading: nothing was reserved.
+        return self.reserve(worst)
+
+    def _stop_reason(self, row: Any) -> str:
         if row is None:
             return "cancelled: the run no longer exists"
-        cancel, switch, agent_active = row
+        cancel, switch, agent_active = row[:3]
         if cancel:
             return "cancelled: the run was cancelled"
         if switch:
@@ -269,6 +115,29 @@ class DjangoGovernor:
             return (f"agent_retired: {self.agent} is retired; a person must decide what "
                     "happens")
         return ""
+
+    def _remember(self, tool: str, key: str, *, granted: bool, asked: bool,
+                  policies: Any) -> None:
+        if self._grantee is not None:
+            self._granted_now = (tool, granted)
+        if key and not asked:  # no request names the call: nothing to read for it
+            self._requests_key, self._requests = key, []
+        elif key == self._requests_key:
+            self._requests_key = None
+        self._policies = policies
+
+    def granted(self, name: str) -> bool:
+        """Whether the grantee holds ``name``: the answer read with the stop signals just
+        before (each is used once), else a query of its own."""
+        answer, self._granted_now = self._granted_now, None
+        if answer is not None and answer[0] == name:
+            return answer[1]
+        tool = self._tools.get(name)
+        if tool is None or self._grantee is None:
+            return False
+        with connection.cursor() as cursor:
+            cursor.execute(grant_sql(), {**self._grant, "obj": str(tool.pk)})
+            return cursor.fetchone() is not None
 
     # budgets --------------------------------------------------------------------------
     def reserve(self, worst: Usage) -> str:
@@ -298,8 +167,9 @@ class DjangoGovernor:
                                            (request.resolution or {}).get("note") or "",
                                            str(request.pk))
         row = self._tools.get(tool.name)
+        known, self._policies = self._policies, ...
         version = approvals.policy_match(tool=tool.name, risk_class=row.risk_class if row else "",
-                                         arguments=dict(arguments))
+                                         arguments=dict(arguments), fingerprint=known)
         if version is None:
             return ALLOW
         with transaction.atomic():

@@ -26,7 +26,7 @@ from approvals.models import ApprovalRequest, Reason
 from audit import ledger
 from audit.ledger import actor_of
 from audit.models import Event
-from orchestration import governance, outbox, retrieval, run_lock, transcripts
+from orchestration import budgets, outbox, retrieval, run_lock, transcripts
 from orchestration.engine import planner
 from orchestration.engine.errors import PlanError
 from orchestration.engine.governance import Usage
@@ -182,14 +182,14 @@ def _turn(store: DjangoRunStore, run_id: str) -> bool:
     worst_in = sum(len(m.content) for m in messages) // 2 + 1
     worst = Usage(steps=1, tokens_in=worst_in, tokens_out=max_out,
                   cost=price.cost(worst_in, max_out) if price else Decimal("0"))
-    refused = governance.reserve(run_id, "", worst, run=run)
+    refused = budgets.reserve(run_id, "", worst, run=run)
     if refused:
         return _fail_turn(store, run_id, len(events), refused)
     try:
         response = model_for(agent).complete(ModelRequest(
             messages=messages, params={"max_tokens": max_out}, variables={"input": run.input}))
     except ProviderError as exc:
-        governance.release(run_id, "", worst)
+        budgets.release(run_id, "", worst)
         return _fail_turn(store, run_id, len(events), f"the planner failed: {exc}")
     actual = Usage(steps=1, tokens_in=response.tokens_in, tokens_out=response.tokens_out,
                    cost=price.cost(response.tokens_in, response.tokens_out) if price
@@ -207,9 +207,9 @@ def _record(store: DjangoRunStore, run: Run, agent: Agent, seen: int, response: 
     with transaction.atomic(), run_lock.locked(run_id) as snapshot:
         now = history(run_id)
         if snapshot.status != RunStatus.PLANNING or len(now) != seen:
-            governance.release(run_id, "", worst)  # stopped, or another worker's turn landed
+            budgets.release(run_id, "", worst)  # stopped, or another worker's turn landed
             return False
-        governance.settle(run_id, "", worst, actual)
+        budgets.settle(run_id, "", worst, actual)
         version = last_version(now) + 1
         data = {"version": version, "agent": agent.slug,
                 "response": redact(response.to_dict(), secrets()),

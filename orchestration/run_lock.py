@@ -84,6 +84,42 @@ def lock_run(run_id: str) -> None:
                        [Run._meta.pk.get_db_prep_value(uuid.UUID(str(run_id)), connection)])
 
 
+# One step's checkpoint: the run and its chain head locked together (the step's appends then
+# skip the head read), and, as a second statement of the same round trip, the task's row read
+# once the lock is held (so it is current: see LOCK_RUN_SQL).
+STEP_LOCK_SQL = ("SELECT h.seq, h.head_hash FROM orchestration_run r"
+                 " JOIN audit_chainhead h ON h.chain = r.id WHERE r.id = %s FOR UPDATE OF r, h")
+
+
+def lock_step(run_id: str, task_key: str = "") -> Any:
+    """Take the run's lock for one step's writes and read ``task_key``'s row
+    (``TASK_SQL``'s columns, None without a key or a row): one round trip on PostgreSQL."""
+    read = [uuid_param(run_id), task_key]
+    if not connection.features.has_select_for_update or held_run(run_id) is not None:
+        lock_run(run_id)
+        return _task_row(read) if task_key else None
+    with connection.cursor() as cursor:
+        # Client-side binding (Django's default with psycopg 3): one simple query.
+        cursor.execute(STEP_LOCK_SQL + ("; " + TASK_SQL if task_key else ""),
+                       [uuid_param(run_id), *(read if task_key else [])])
+        head = cursor.fetchone()
+        row = None
+        if task_key:
+            cursor.nextset()
+            row = cursor.fetchone()
+    if head is None:  # no chain head (or no run): the plain lock, then the row under it
+        lock_run(run_id)
+        return _task_row(read) if task_key else None
+    ledger.prime_head(uuid.UUID(str(run_id)), head[0], head[1])
+    return row
+
+
+def _task_row(params: list[Any]) -> Any:
+    with connection.cursor() as cursor:
+        cursor.execute(TASK_SQL, params)
+        return cursor.fetchone()
+
+
 @contextmanager
 def locked(run_id: str) -> Iterator[RunSnapshot]:
     """Lock the run (and its chain head) and read it with its tasks, for the block's writes."""

@@ -20,7 +20,7 @@ from django.utils import timezone
 
 from audit import ledger
 from audit.models import Event
-from orchestration import governance, leases, metrics, outbox, run_lock, transcripts
+from orchestration import budgets, governance, leases, metrics, outbox, run_lock, transcripts
 from orchestration.delegations import DelegationRows
 from orchestration.engine.errors import LeaseLost
 from orchestration.engine.gate import CHECK_KINDS, JOURNAL_KINDS, Journal
@@ -39,6 +39,7 @@ from orchestration.plans import plan_of_run
 from orchestration.retry import persist, retrying
 from orchestration.run_lock import TASK_SQL, TASKS_SQL, Locked, held_run, lock_run
 from orchestration.sql import (
+    deferred_writes,
     dt_param,
     execute,
     fetch_one,
@@ -167,7 +168,7 @@ class DjangoRunStore(DelegationRows):
         if not ended and not cancel:
             return False
         flush_writes()
-        governance.release_held(run_id, key)
+        budgets.release_held(run_id, key)
         error = "the run ended while the worker running this task was lost"
         execute("UPDATE orchestration_task SET status = %s, error = %s, finished_at = %s,"
                 " lease_owner = '', lease_expires_at = NULL WHERE run_id = %s AND \"key\" = %s",
@@ -233,7 +234,7 @@ class DjangoRunStore(DelegationRows):
             if takeover:
                 crashes += 1
                 flush_writes()
-                held = governance.release_held(run_id, key)
+                held = budgets.release_held(run_id, key)
                 ledger.append(uuid.UUID(str(run_id)), "task.recovered", {
                     "task": key, "reason": "the worker running it was lost (lease expired)",
                     "lost_lease": owner, "crashes": crashes,
@@ -394,19 +395,23 @@ class DjangoRunStore(DelegationRows):
     def _record_step(self, run_id: str, kind: str, data: dict[str, Any], *, usage: Any,
                      reserved: Any = None, lease: str = "",
                      transcript: list[dict[str, Any]] | None = None) -> None:
+        task = data.get("task", "")
         with transaction.atomic(savepoint=False):
-            lock_run(run_id)
-            if lease:
-                self._hold(run_id, data.get("task", ""), lease)
-            ledger.append(uuid.UUID(str(run_id)), kind, data,
-                          actor=data.get("actor", self.actor))
-            if transcript is not None:
-                transcripts.keep(run_id, kind, task=data.get("task", ""),
-                                 step=int(data.get("step", data.get("round", 0))),
-                                 digest=data.get("messages_digest", ""), messages=transcript)
+            # Round trips: the lock (with the lease's row), the writes, the commit.
+            row = run_lock.lock_step(run_id, task if lease else "")
+            if lease and (row is None or row[0] != TaskStatus.RUNNING or row[1] != lease):
+                raise LeaseLost(f"task {task} of run {run_id} was taken over by another worker")
+            with deferred_writes() as send, ledger.batched(write=send):
+                ledger.append(uuid.UUID(str(run_id)), kind, data,
+                              actor=data.get("actor", self.actor))
+                if transcript is not None:
+                    transcripts.keep(run_id, kind, task=task,
+                                     step=int(data.get("step", data.get("round", 0))),
+                                     digest=data.get("messages_digest", ""),
+                                     messages=transcript)
+                if reserved is not None or not usage.is_zero():
+                    budgets.settle(run_id, task, reserved, usage, write=send)
             transaction.on_commit(functools.partial(metrics.on_step, run_id, kind, data, usage))
-            if reserved is not None or not usage.is_zero():
-                governance.settle(run_id, data.get("task", ""), reserved, usage)
 
     def journal(self, run_id: str, key: str) -> Journal:
         """What the ledger holds for a task's agent loop, for a resume that calls nothing twice."""

@@ -5,16 +5,11 @@ gate for an acting identity (an agent, or a process's service identity for its p
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from functools import cache
 from typing import Any
 
 import jsonschema
 from django.conf import settings
-from django.contrib.auth import get_user_model
-from django.contrib.auth.models import Permission
-from django.contrib.contenttypes.models import ContentType
 from django.db import connection
-from guardian.models import GroupObjectPermission, UserObjectPermission
 
 from audit import config as config_audit
 from hashchain import canonical_json
@@ -28,6 +23,7 @@ from orchestration.engine.llm import ProviderError
 from orchestration.engine.runner import Outcome, TaskContext, run_contract_task
 from orchestration.governance import DjangoGovernor
 from orchestration.models import Process, Task, Tool
+from orchestration.precheck import grant_params, grant_sql
 from orchestration.store import DjangoRunStore
 
 
@@ -113,38 +109,16 @@ def contracts(rows: Iterable[Tool]) -> tuple[dict[str, ToolContract], dict[str, 
     return usable, unusable
 
 
-@cache
-def _grant_sql() -> str:
-    user = get_user_model()._meta
-    groups = user.get_field("groups").remote_field.through._meta
-    return f"""
-SELECT 1 FROM {user.db_table} u
- WHERE u.{user.pk.column} = %(user)s AND u.{user.get_field("is_active").column}
-   AND (u.{user.get_field("is_superuser").column}
-        OR EXISTS (SELECT 1 FROM {UserObjectPermission._meta.db_table} p
-                    WHERE p.user_id = u.{user.pk.column} AND p.permission_id = %(perm)s
-                      AND p.content_type_id = %(ct)s AND p.object_pk = %(obj)s)
-        OR EXISTS (SELECT 1 FROM {GroupObjectPermission._meta.db_table} g
-                     JOIN {groups.db_table} ug
-                       ON ug.{groups.get_field("group").column} = g.group_id
-                    WHERE ug.{groups.get_field("user").column} = u.{user.pk.column}
-                      AND g.permission_id = %(perm)s
-                      AND g.content_type_id = %(ct)s AND g.object_pk = %(obj)s))
-"""
-
-
 def grant_checker(user_id: Any) -> Callable[[Tool], bool]:
     """Whether the active user holds ``invoke_tool`` on a tool, directly or through a group,
     as django-guardian grants it. One small query per check (this runs before every call)."""
-    ct = ContentType.objects.get_for_model(Tool)
-    perm = Permission.objects.get(content_type=ct, codename="invoke_tool").pk
+    params = grant_params(user_id)
 
     def holds(tool: Tool) -> bool:
         if user_id is None:
             return False
         with connection.cursor() as cursor:
-            cursor.execute(_grant_sql(), {"user": user_id, "perm": perm, "ct": ct.pk,
-                                          "obj": str(tool.pk)})
+            cursor.execute(grant_sql(), {**params, "obj": str(tool.pk)})
             return cursor.fetchone() is not None
 
     return holds
@@ -176,9 +150,9 @@ def run_tool_task(ctx: TaskContext) -> Outcome:
         return contract_for(row) if row is not None else None  # only the one it calls
 
     log = StoreLog(DjangoRunStore(), ctx.run_id, ctx.spec.key, ctx.lease)
-    gate = ToolGate(contracts=lookup, log=log, journal=log.journal(),
-                    governor=DjangoGovernor(run=task.run, task_key=task.key, actor=actor,
-                                            tools=rows),
-                    granted=granted_to(process.service_user_id, rows), task=task.key,
-                    actor=actor, secrets=secrets(), steps=1)
+    governor = DjangoGovernor(run=task.run, task_key=task.key, actor=actor, tools=rows,
+                              grantee=process.service_user_id)
+    gate = ToolGate(contracts=lookup, log=log, journal=log.journal(), governor=governor,
+                    granted=governor.granted, task=task.key, actor=actor, secrets=secrets(),
+                    steps=1)
     return run_contract_task(ctx, gate)

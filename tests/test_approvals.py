@@ -18,8 +18,8 @@ from approvals.models import ApprovalRequest
 from audit.models import Event
 from console.models import ApiToken
 from orchestration import services
+from orchestration.budgets import reserve
 from orchestration.engine.governance import Usage
-from orchestration.governance import reserve
 from orchestration.models import Agent, Outbox, Process, Run, Tool
 from tests.conftest import wait_for, wait_for_run
 

@@ -19,9 +19,10 @@ from approvals import rules as policy_rules
 from approvals import services as approvals
 from approvals.models import ApprovalRequest, Reason
 from orchestration import rules, services
+from orchestration.budgets import _why_run, _why_task
 from orchestration.engine.governance import Gate, Usage
 from orchestration.engine.plan import parse_plan
-from orchestration.governance import DjangoGovernor, _why_run, _why_task
+from orchestration.governance import DjangoGovernor
 from orchestration.models import Process, Run, Task
 from orchestration.replay import Recorded, ReplayGovernor, policies_as_of
 from orchestration.replay.doubles import Request

@@ -150,13 +150,10 @@ def run_agent(
         else:
             request = ModelRequest(messages=tuple(messages), tools=specs, params=agent.params,
                                    variables=variables)
-            stop = governor.stopped()
-            if stop:
-                return stopped_outcome(stop, key=f"{ctx.run_id}:{task}:{step}:model")
             worst_in = _estimate_tokens(messages, specs)
             worst = Usage(steps=1, tokens_in=worst_in, tokens_out=agent.max_output_tokens,
                           cost=pricing(worst_in, agent.max_output_tokens))
-            refused = governor.reserve(worst)
+            refused = governor.begin_model_call(worst)  # stop signals, then the reservation
             if refused:
                 return stopped_outcome(refused, key=f"{ctx.run_id}:{task}:{step}:model")
             started = time.perf_counter()

@@ -69,6 +69,11 @@ class Governor(Protocol):
         ``paused`` (a kill switch), ``agent_retired``."""
         ...
 
+    def begin_model_call(self, worst: Usage) -> str:
+        """Before a model call: ``stopped()``, then ``reserve(worst)`` unless it stopped; ""
+        to go on, else the first's answer (nothing is held then)."""
+        ...
+
 
 class Ungoverned:
     def reserve(self, worst: Usage) -> str:
@@ -87,4 +92,7 @@ class Ungoverned:
         return ""
 
     def stopped(self, tool: str | None = None, key: str = "") -> str:
+        return ""
+
+    def begin_model_call(self, worst: Usage) -> str:
         return ""

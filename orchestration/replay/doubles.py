@@ -288,6 +288,9 @@ class ReplayGovernor:
                                           arguments=dict(arguments), policy=policy)
         return Gate("wait", message=request.id)
 
+    def begin_model_call(self, worst: Usage) -> str:
+        return self.stopped() or self.reserve(worst)
+
     def stopped(self, tool: str | None = None, key: str = "") -> str:
         """A stop (cancel, kill switch, retired agent) where the original attempt stopped:
         at the first call it has no record of."""

@@ -1,0 +1,279 @@
+"""Budgets: reserving a call's worst case before it runs, settling it for what it used after.
+
+Budgets stack run → task → agent loop. A reservation is one conditional UPDATE per level, in
+one transaction: the WHERE clause re-checks the cap on the locked row against used + reserved +
+the new worst case, so two concurrent calls can never both pass a check only one of them fits.
+On PostgreSQL both levels are one statement, committed on its own (one round trip).
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Callable
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any
+
+from django.db import connection, transaction
+from django.utils import timezone
+
+from orchestration import metrics, rules
+from orchestration.engine.governance import Usage
+from orchestration.models import Run, Task
+from orchestration.precheck import stop_sql
+
+
+class _Refused(Exception):
+    pass
+
+
+# The hot path of every model and tool call: plain SQL, built once. The ORM's F() arithmetic
+# costs about a millisecond of Python per statement; these run in tens of microseconds.
+_RESERVE_RUN = """
+UPDATE orchestration_run
+   SET reserved_tokens = reserved_tokens + %(tokens)s,
+       reserved_cost = reserved_cost + %(cost)s,
+       reserved_steps = reserved_steps + %(steps)s
+ WHERE id = %(run)s
+   AND (budget_tokens IS NULL
+        OR budget_tokens >= tokens_in + tokens_out + reserved_tokens + %(tokens)s)
+   AND (budget_cost IS NULL OR budget_cost >= cost + reserved_cost + %(cost)s)
+   AND (budget_steps IS NULL OR budget_steps >= steps + reserved_steps + %(steps)s)
+"""
+_RESERVE_TASK = """
+UPDATE orchestration_task
+   SET reserved_tokens = reserved_tokens + %(tokens)s,
+       reserved_cost = reserved_cost + %(cost)s,
+       reserved_steps = reserved_steps + %(steps)s
+ WHERE run_id = %(run)s AND "key" = %(key)s
+   AND (budget_tokens IS NULL OR budget_tokens >= used_tokens + reserved_tokens + %(tokens)s)
+   AND (budget_cost IS NULL OR budget_cost >= used_cost + reserved_cost + %(cost)s)
+"""
+_SETTLE_RUN = """
+UPDATE orchestration_run
+   SET reserved_tokens = reserved_tokens - %(r_tokens)s,
+       reserved_cost = reserved_cost - %(r_cost)s,
+       reserved_steps = reserved_steps - %(r_steps)s,
+       steps = steps + %(steps)s,
+       tool_calls = tool_calls + %(tool_calls)s,
+       tokens_in = tokens_in + %(tokens_in)s,
+       tokens_out = tokens_out + %(tokens_out)s,
+       cost = cost + %(cost)s,
+       updated_at = %(now)s
+ WHERE id = %(run)s
+"""
+_SETTLE_TASK = """
+UPDATE orchestration_task
+   SET reserved_tokens = reserved_tokens - %(r_tokens)s,
+       reserved_cost = reserved_cost - %(r_cost)s,
+       reserved_steps = reserved_steps - %(r_steps)s,
+       used_tokens = used_tokens + %(tokens)s,
+       used_cost = used_cost + %(cost)s
+ WHERE run_id = %(run)s AND "key" = %(key)s
+"""
+
+
+def _execute(sql: str, params: dict[str, Any]) -> int:
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.rowcount
+
+
+def run_param(run_id: Any) -> Any:
+    value = run_id if isinstance(run_id, uuid.UUID) else uuid.UUID(str(run_id))
+    return Run._meta.pk.get_db_prep_value(value, connection)
+
+
+def _money(value: Decimal) -> Any:
+    return connection.ops.adapt_decimalfield_value(value, 14, 6)
+
+
+# PostgreSQL: both reservations in one round trip. The task's UPDATE runs only once the run's
+# has (its EXISTS over ``r`` is evaluated first), so the lock order stays run row, then task row.
+# A reservation on its own (autocommit) need not wait for its WAL flush (``set_config``, local
+# to its transaction): locks and visibility are unchanged, so concurrent reservations still
+# cannot overspend, and only a crash of the database server itself could drop one, together
+# with everything its call would have recorded (the step that records the call's result commits
+# synchronously, which flushes the WAL up to and including the reservation). Inside a caller's
+# transaction the setting would reach that transaction's own commit: there it stays as it is.
+_RELAXED = "relaxed AS (SELECT set_config('synchronous_commit', 'off', true)),"
+_STRICT = "relaxed AS (SELECT 1),"
+_RESERVE_BOTH = (
+    "WITH {relaxed} r AS (" + _RESERVE_RUN + " RETURNING 1),"
+    " t AS (" + _RESERVE_TASK + " AND EXISTS (SELECT 1 FROM r) RETURNING 1)"
+    " SELECT (SELECT count(*) FROM r) + 0 * (SELECT count(*) FROM relaxed),"
+    " (SELECT count(*) FROM t)")
+_RESERVE_RUN_ONLY = (
+    "WITH {relaxed} r AS (" + _RESERVE_RUN + " RETURNING 1)"
+    " SELECT (SELECT count(*) FROM r) + 0 * (SELECT count(*) FROM relaxed), 1")
+
+
+def _params(run_id: str, task_key: str, worst: Usage) -> dict[str, Any]:
+    return {"run": run_param(run_id), "key": task_key, "tokens": worst.tokens,
+            "cost": _money(worst.cost), "steps": worst.steps}
+
+
+def reserve(run_id: str, task_key: str, worst: Usage, *, run: Run | None = None) -> str:
+    """Reserve ``worst`` against the run's and the task's budgets; "" or why it was refused.
+
+    ``run``, when given, supplies the wall-time budget and start (neither changes while a task
+    runs: a raise happens while it is parked) and saves reading them again."""
+    return _judged(run_id, task_key, worst, run, _reserve(run_id, task_key, worst))
+
+
+# PostgreSQL, a model call: the stop signals (precheck.stop_sql) and, unless one is raised, the
+# reservation, in one statement. The stop row comes back either way.
+_UNLESS_STOPPED = (
+    "WITH s (cancel, switch, active) AS ({stop}), {relaxed}"
+    " r AS (" + _RESERVE_RUN + " AND EXISTS (SELECT 1 FROM s WHERE NOT s.cancel"
+    " AND s.switch IS NULL AND (%(agent)s IS NULL OR s.active = 1)) RETURNING 1){task}"
+    " SELECT s.cancel, s.switch, s.active,"
+    " (SELECT count(*) FROM r) + 0 * (SELECT count(*) FROM relaxed), {task_count} FROM s")
+_UNLESS_STOPPED_TASK = (", t AS (" + _RESERVE_TASK + " AND EXISTS (SELECT 1 FROM r)"
+                        " RETURNING 1)")
+
+
+def stops(row: Any, agent: str | None) -> bool:
+    """Whether a stop row (cancelled, engaged kill switch, agent active) stops the work."""
+    return bool(row[0]) or row[1] is not None or bool(agent and not row[2])
+
+
+def reserve_unless_stopped(run_id: str, task_key: str, worst: Usage, stop: dict[str, Any], *,
+                           run: Run | None = None) -> tuple[Any, str | None]:
+    """A model call's checks before it runs: the stop signals (``precheck.stop_sql``'s row
+    for ``stop``'s parameters; None when the run is gone) and, when they raise no stop, the
+    reservation of ``worst`` ("" or why it was refused; None when nothing was reserved)."""
+    if connection.vendor != "postgresql" or connection.in_atomic_block:
+        with connection.cursor() as cursor:
+            cursor.execute(stop_sql(call=False), stop)
+            row = cursor.fetchone()
+        if row is None or stops(row, stop["agent"]):
+            return row, None
+        return row, reserve(run_id, task_key, worst, run=run)
+    sql = _UNLESS_STOPPED.format(stop=stop_sql(call=False), relaxed=_RELAXED,
+                                 task=_UNLESS_STOPPED_TASK if task_key else "",
+                                 task_count="(SELECT count(*) FROM t)" if task_key else "1")
+    with connection.cursor() as cursor:
+        cursor.execute(sql, {**stop, **_params(run_id, task_key, worst)})
+        row = cursor.fetchone()
+    if row is None or stops(row, stop["agent"]):
+        return row, None
+    return row[:3], _judged(run_id, task_key, worst, run, (row[3], row[4]))
+
+
+def _judged(run_id: str, task_key: str, worst: Usage, run: Run | None,
+            done: tuple[int, int]) -> str:
+    """What a reservation came to: "" when it stands, else why not (and nothing held)."""
+    run_ok, task_ok = done
+    try:
+        if run_ok and not task_ok:  # the run's part committed alone: give it back
+            release(run_id, "", worst)
+        if not run_ok:
+            raise _Refused(_why_run(run_id, worst))
+        if not task_ok:
+            raise _Refused(_why_task(run_id, task_key, worst))
+    except _Refused as refused:
+        metrics.refused(str(refused))
+        return str(refused)
+    if run is None:
+        run = Run.objects.only("budget_wall_s", "created_at").get(pk=run_id)
+    if run.budget_wall_s and timezone.now() > run.created_at + timedelta(
+            seconds=run.budget_wall_s):
+        release(run_id, task_key, worst)
+        spent = f"budget_exhausted: the run's wall-time budget of {run.budget_wall_s} s is spent"
+        metrics.refused(spent)
+        return spent
+    return ""
+
+
+def _reserve(run_id: str, task_key: str, worst: Usage) -> tuple[int, int]:
+    """(run reserved, task reserved); a task refused leaves the run's part held (``_judged``
+    gives it back). No task key: a call of the run itself (its planner's)."""
+    params = _params(run_id, task_key, worst)
+    if connection.vendor == "postgresql":
+        # Outside a transaction, one statement in autocommit mode: its own transaction, one
+        # round trip in all.
+        sql = _RESERVE_BOTH if task_key else _RESERVE_RUN_ONLY
+        with connection.cursor() as cursor:
+            cursor.execute(sql.format(relaxed=_STRICT if connection.in_atomic_block
+                                      else _RELAXED), params)
+            return cursor.fetchone()
+    with transaction.atomic():
+        run_ok = _execute(_RESERVE_RUN, params)
+        task_ok = not task_key or (run_ok and _execute(_RESERVE_TASK, params))
+        return run_ok, task_ok
+
+
+def release(run_id: str, task_key: str, reserved: Usage) -> None:
+    with transaction.atomic():
+        settle(run_id, task_key, reserved, Usage())
+
+
+def _positional(sql: str) -> tuple[str, list[str]]:
+    """A statement with named parameters as one with positional ones, and their names in
+    order (for a step's writes sent together, orchestration/sql.py)."""
+    return re.sub(r"%\((\w+)\)s", "%s", sql), re.findall(r"%\((\w+)\)s", sql)
+
+
+_SETTLE_RUN_AT, _SETTLE_TASK_AT = _positional(_SETTLE_RUN), _positional(_SETTLE_TASK)
+
+
+def settle(run_id: str, task_key: str, reserved: Usage | None, actual: Usage, *,
+           write: Callable[[str, list[Any]], None] | None = None) -> None:
+    """Swap a reservation for the real usage (call inside the step's transaction); ``write``
+    takes the statements instead of running them (a step sending its writes together)."""
+    reserved = reserved or Usage()
+    params = {
+        "run": run_param(run_id), "key": task_key,
+        "r_tokens": reserved.tokens, "r_cost": _money(reserved.cost), "r_steps": reserved.steps,
+        "steps": actual.steps, "tool_calls": actual.tool_calls, "tokens_in": actual.tokens_in,
+        "tokens_out": actual.tokens_out, "tokens": actual.tokens, "cost": _money(actual.cost),
+        "now": connection.ops.adapt_datetimefield_value(timezone.now()),
+    }
+    if write is not None:
+        for (sql, names), needed in ((_SETTLE_RUN_AT, True), (_SETTLE_TASK_AT, bool(task_key))):
+            if needed:
+                write(sql, [params[name] for name in names])
+        return
+    _execute(_SETTLE_RUN, params)
+    if task_key:
+        _execute(_SETTLE_TASK, params)
+
+
+def release_held(run_id: str, task_key: str) -> Usage:
+    """Give back whatever a lost worker still had reserved for the task (inside the takeover's
+    transaction): its calls in flight died with it."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            'SELECT reserved_tokens, reserved_cost, reserved_steps FROM orchestration_task'
+            ' WHERE run_id = %s AND "key" = %s', [run_param(run_id), task_key])
+        row = cursor.fetchone()
+    if row is None or not any(row):
+        return Usage()
+    held = Usage(tokens_in=int(row[0]), cost=Decimal(str(row[1])), steps=int(row[2]))
+    settle(run_id, task_key, held, Usage())
+    return held
+
+
+def _why_run(run_id: str, worst: Usage) -> str:
+    run = Run.objects.get(pk=run_id)
+    if rules.over_cap(run.budget_tokens, run.tokens_in + run.tokens_out, run.reserved_tokens,
+                      worst.tokens):
+        return (f"budget_exhausted: run tokens {run.tokens_in + run.tokens_out} used + "
+                f"{run.reserved_tokens} reserved + {worst.tokens} needed > cap {run.budget_tokens}")
+    if rules.over_cap(run.budget_cost, run.cost, run.reserved_cost, worst.cost):
+        return (f"budget_exhausted: run cost {run.cost} used + {run.reserved_cost} reserved + "
+                f"{worst.cost} needed > cap {run.budget_cost}")
+    return (f"budget_exhausted: run steps {run.steps} used + {run.reserved_steps} reserved + "
+            f"{worst.steps} needed > cap {run.budget_steps}")
+
+
+def _why_task(run_id: str, key: str, worst: Usage) -> str:
+    task = Task.objects.get(run_id=run_id, key=key)
+    if rules.over_cap(task.budget_tokens, task.used_tokens, task.reserved_tokens,
+                      worst.tokens):
+        return (f"budget_exhausted: task {key} tokens {task.used_tokens} used + "
+                f"{worst.tokens} needed > cap {task.budget_tokens}")
+    return (f"budget_exhausted: task {key} cost {task.used_cost} used + {worst.cost} needed > "
+            f"cap {task.budget_cost}")

@@ -1,0 +1,157 @@
+"""The checks a governed call makes before it runs come from one query (orchestration/precheck.py)
+and a reservation is one statement: each answer still follows the database from one call to the
+next, and a reservation the task's budget refuses leaves the run's budget as it was."""
+
+from __future__ import annotations
+
+import threading
+from decimal import Decimal
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from django.contrib.auth.models import User
+from django.db import connection
+from guardian.shortcuts import assign_perm, remove_perm
+
+from approvals.models import ApprovalRequest, Policy
+from approvals.services import policy_publish
+from orchestration import services
+from orchestration.budgets import reserve
+from orchestration.engine.governance import ALLOW, Usage
+from orchestration.governance import DjangoGovernor
+from orchestration.models import Process, Run, Task, Tool
+from tests.test_replay import REFUND
+
+LOOKUP = SimpleNamespace(name="lookup_order", input_schema={"type": "object"})
+
+
+def refund_run() -> Run:
+    process = Process.objects.get(slug="refund-exception")
+    run = services.run_create(process=process, input={**REFUND, "amount": 500},
+                              user=User.objects.get(username="operator"))
+    return Run.objects.select_related("process_version__process").get(pk=run.pk)
+
+
+@pytest.mark.django_db
+def test_the_grant_read_with_the_stop_signals_follows_a_revocation(demo: None) -> None:
+    user = User.objects.create(username="agent-probe")
+    tool = Tool.objects.get(slug="lookup_order")
+    assign_perm("orchestration.invoke_tool", user, tool)
+    governor = DjangoGovernor(run=refund_run(), task_key="refund", actor="agent:probe",
+                              grantee=user.pk)
+    assert governor.stopped(tool="lookup_order", key="k1") == ""
+    assert governor.granted("lookup_order") is True
+    remove_perm("orchestration.invoke_tool", user, tool)
+    assert governor.stopped(tool="lookup_order", key="k2") == ""
+    assert governor.granted("lookup_order") is False
+    # Asked with no stop check just before: a query of its own.
+    assign_perm("orchestration.invoke_tool", user, tool)
+    assert governor.granted("lookup_order") is True
+    # An answer read with the stop signals is used once, and only for its own tool.
+    assert governor.stopped(tool="lookup_order", key="k3") == ""
+    remove_perm("orchestration.invoke_tool", user, tool)
+    assert governor.granted("no_such_tool") is False
+    assert governor.granted("lookup_order") is False
+    User.objects.filter(pk=user.pk).update(is_active=False)
+    assign_perm("orchestration.invoke_tool", user, tool)
+    assert governor.stopped(tool="lookup_order", key="k4") == ""
+    assert governor.granted("lookup_order") is False  # a deactivated identity holds nothing
+
+
+@pytest.mark.django_db
+def test_a_policy_published_between_two_calls_governs_the_second(demo: None) -> None:
+    governor = DjangoGovernor(run=refund_run(), task_key="refund", actor="agent:probe")
+    assert governor.stopped(tool="lookup_order", key="k1") == ""
+    assert governor.gate(LOOKUP, {"order_id": "ORD-1"}, "k1") == ALLOW
+    template = Policy.objects.exclude(current_version=None).first().current_version
+    version = policy_publish(policy=Policy.objects.create(slug="lookups", name="Lookups"),
+                             tool="lookup_order", decider_group=template.decider_group,
+                             required_approvals=1)
+    assert governor.stopped(tool="lookup_order", key="k2") == ""
+    gate = governor.gate(LOOKUP, {"order_id": "ORD-1"}, "k2")
+    assert gate.action == "wait"
+    request = ApprovalRequest.objects.get(call_key="k2")
+    assert request.policy_version_id == version.pk and str(request.pk) == gate.message
+    # The same call again: the request naming it is read, not opened twice.
+    assert governor.stopped(tool="lookup_order", key="k2") == ""
+    assert governor.gate(LOOKUP, {"order_id": "ORD-1"}, "k2").message == str(request.pk)
+    assert ApprovalRequest.objects.filter(call_key="k2").count() == 1
+    # Retired (no current version): calls go through again.
+    Policy.objects.filter(slug="lookups").update(current_version=None)
+    assert governor.stopped(tool="lookup_order", key="k3") == ""
+    assert governor.gate(LOOKUP, {"order_id": "ORD-1"}, "k3") == ALLOW
+
+
+@pytest.mark.django_db
+def test_a_stop_signal_is_still_seen_with_the_call_answers(demo: None) -> None:
+    run = refund_run()
+    governor = DjangoGovernor(run=run, task_key="refund", actor="agent:probe")
+    Run.objects.filter(pk=run.pk).update(cancel_requested=True)
+    assert governor.stopped(tool="lookup_order", key="k1").startswith("cancelled")
+    assert governor.stopped().startswith("cancelled")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_reservations_stop_at_the_task_budget_and_the_run_keeps_only_theirs(
+        demo: None) -> None:
+    run = refund_run()
+    Run.objects.filter(pk=run.pk).update(budget_tokens=None, budget_cost=None,
+                                         budget_steps=None)
+    Task.objects.filter(run=run, key="refund").update(budget_tokens=1000, budget_cost=None)
+    granted: list[str] = []
+    refused: list[str] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(12)
+
+    def worker() -> None:
+        try:
+            barrier.wait()
+            for _ in range(4):
+                why = reserve(str(run.pk), "refund", Usage(steps=1, tokens_in=70, tokens_out=30,
+                                                           cost=Decimal("0.1")))
+                with lock:
+                    (granted if why == "" else refused).append(why)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    task = Task.objects.get(run=run, key="refund")
+    row: Any = Run.objects.get(pk=run.pk)
+    assert len(granted) == 10  # 12 x 4 tried; exactly what fits the task's 1000 tokens
+    assert len(refused) == 38
+    assert all(why.startswith("budget_exhausted: task refund tokens") for why in refused)
+    assert task.reserved_tokens == row.reserved_tokens == 1000
+    assert row.reserved_steps == 10 and row.reserved_cost == Decimal("1.0")
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("stop", ["cancel", "kill_switch", "retired", "none"])
+def test_a_model_call_reserves_only_when_nothing_stops_it(demo: None, stop: str) -> None:
+    from orchestration.models import Agent, KillSwitch
+
+    run = refund_run()
+    agent = Agent.objects.exclude(user=None).first()
+    governor = DjangoGovernor(run=run, task_key="refund", actor=f"agent:{agent.slug}",
+                              agent=agent.slug)
+    if stop == "cancel":
+        Run.objects.filter(pk=run.pk).update(cancel_requested=True)
+    elif stop == "kill_switch":
+        KillSwitch.objects.create(scope="agent", target=agent.slug, reason="drill",
+                                  engaged_by=User.objects.get(username="admin"))
+    elif stop == "retired":
+        Agent.objects.filter(pk=agent.pk).update(status=Agent.Status.RETIRED)
+    why = governor.begin_model_call(Usage(steps=1, tokens_in=70, tokens_out=30))
+    row = Run.objects.get(pk=run.pk)
+    task = Task.objects.get(run=run, key="refund")
+    if stop == "none":
+        assert why == "" and row.reserved_tokens == task.reserved_tokens == 100
+        assert row.reserved_steps == 1
+    else:
+        assert why.startswith({"cancel": "cancelled", "kill_switch": "paused",
+                               "retired": "agent_retired"}[stop]), why
+        assert row.reserved_tokens == task.reserved_tokens == row.reserved_steps == 0
