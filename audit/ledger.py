@@ -17,6 +17,7 @@ from django.utils import timezone
 from audit.metrics import LEDGER_APPEND_SECONDS
 from audit.models import ChainHead, Event
 from audit.signals import event_appended
+from audit.statements import Prepared
 from hashchain import GENESIS, canonical_json, chain_hash, global_hash
 
 # The global chain over every event; its head is a ChainHead row like any other chain's.
@@ -209,10 +210,43 @@ def batched(write: Callable[[str, list[Any]], None] | None = None) -> Iterator[N
         _batch.rows = _batch.heads = None
 
 
+_COLUMNS = ("chain", "seq", "kind", "at", "actor", "data", "body", "prev_hash", "hash")
+_COLUMN_TYPES = ("uuid", "bigint", "text", "timestamptz", "text", "jsonb", "text", "text", "text")
+# PostgreSQL: a step's events (up to this many, all of one chain) and the head's move in one
+# statement planned once per connection.
+_PREPARED_ROWS = 8
+
+
+@functools.cache
+def _append_statement(count: int) -> Prepared:
+    values = ", ".join("(" + ", ".join(f"%({c}{n})s" for c in _COLUMNS) + ")"
+                       for n in range(count))
+    last = count - 1
+    return Prepared(
+        f"append_{count}",
+        f"WITH e AS ({_INSERT_SQL.split(' VALUES ')[0]} VALUES {values})"
+        f" UPDATE audit_chainhead SET seq = %(seq{last})s, head_hash = %(hash{last})s"
+        f" WHERE chain = %(chain{last})s",
+        {f"{c}{n}": t for n in range(count) for c, t in zip(_COLUMNS, _COLUMN_TYPES,
+                                                             strict=True)})
+
+
 def _flush(rows: list[list[Any]], heads: dict[uuid.UUID, tuple[Any, int, str]],
            write: Callable[[str, list[Any]], None] | None = None) -> None:
     if not rows:
         return
+    if (connection.vendor == "postgresql" and len(heads) == 1
+            and len(rows) <= _PREPARED_ROWS):
+        # One chain: its head moves to the last row (rows are in append order).
+        statement = _append_statement(len(rows)).statement(
+            {f"{c}{n}": value for n, row in enumerate(rows)
+             for c, value in zip(_COLUMNS, row, strict=True)})
+        if write is not None:
+            write(*statement)
+        else:
+            with connection.cursor() as cursor:
+                cursor.execute(*statement)
+        return _remember(heads)
     values = ", ".join(["(%s, %s, %s, %s, %s, %s, %s, %s, %s)"] * len(rows))
     insert = _INSERT_SQL.split(" VALUES ")[0] + " VALUES " + values
     params = [value for row in rows for value in row]

@@ -8,20 +8,21 @@ On PostgreSQL both levels are one statement, committed on its own (one round tri
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
 from decimal import Decimal
+from functools import cache
 from typing import Any
 
 from django.db import connection, transaction
 from django.utils import timezone
 
+from audit.statements import Prepared
 from orchestration import metrics, rules
 from orchestration.engine.governance import Usage
 from orchestration.models import Run, Task
-from orchestration.precheck import stop_sql
+from orchestration.precheck import TYPES, stop_sql, stop_statement
 
 
 class _Refused(Exception):
@@ -109,6 +110,27 @@ _RESERVE_RUN_ONLY = (
     " SELECT (SELECT count(*) FROM r) + 0 * (SELECT count(*) FROM relaxed), 1")
 
 
+_TYPES = {**TYPES, "tokens": "bigint", "cost": "numeric", "steps": "integer",
+          "r_tokens": "bigint", "r_cost": "numeric", "r_steps": "integer",
+          "tool_calls": "integer", "tokens_in": "bigint", "tokens_out": "bigint",
+          "now": "timestamptz"}
+
+
+@cache
+def _reserve_statement(task: bool, relaxed: bool) -> Prepared:
+    sql = _RESERVE_BOTH if task else _RESERVE_RUN_ONLY
+    return Prepared(f"reserve{'_task' if task else ''}{'_relaxed' if relaxed else ''}",
+                    sql.format(relaxed=_RELAXED if relaxed else _STRICT), _TYPES)
+
+
+@cache
+def _unless_stopped_statement(task: bool, vendor: str) -> Prepared:
+    return Prepared(f"reserve_unless_stopped{'_task' if task else ''}", _UNLESS_STOPPED.format(
+        stop=stop_sql(call=False), relaxed=_RELAXED,
+        task=_UNLESS_STOPPED_TASK if task else "",
+        task_count="(SELECT count(*) FROM t)" if task else "1"), _TYPES)
+
+
 def _params(run_id: str, task_key: str, worst: Usage) -> dict[str, Any]:
     return {"run": run_param(run_id), "key": task_key, "tokens": worst.tokens,
             "cost": _money(worst.cost), "steps": worst.steps}
@@ -146,16 +168,14 @@ def reserve_unless_stopped(run_id: str, task_key: str, worst: Usage, stop: dict[
     reservation of ``worst`` ("" or why it was refused; None when nothing was reserved)."""
     if connection.vendor != "postgresql" or connection.in_atomic_block:
         with connection.cursor() as cursor:
-            cursor.execute(stop_sql(call=False), stop)
+            cursor.execute(*stop_statement(call=False).statement(stop))
             row = cursor.fetchone()
         if row is None or stops(row, stop["agent"]):
             return row, None
         return row, reserve(run_id, task_key, worst, run=run)
-    sql = _UNLESS_STOPPED.format(stop=stop_sql(call=False), relaxed=_RELAXED,
-                                 task=_UNLESS_STOPPED_TASK if task_key else "",
-                                 task_count="(SELECT count(*) FROM t)" if task_key else "1")
+    statement = _unless_stopped_statement(bool(task_key), connection.vendor)
     with connection.cursor() as cursor:
-        cursor.execute(sql, {**stop, **_params(run_id, task_key, worst)})
+        cursor.execute(*statement.statement({**stop, **_params(run_id, task_key, worst)}))
         row = cursor.fetchone()
     if row is None or stops(row, stop["agent"]):
         return row, None
@@ -194,10 +214,9 @@ def _reserve(run_id: str, task_key: str, worst: Usage) -> tuple[int, int]:
     if connection.vendor == "postgresql":
         # Outside a transaction, one statement in autocommit mode: its own transaction, one
         # round trip in all.
-        sql = _RESERVE_BOTH if task_key else _RESERVE_RUN_ONLY
+        statement = _reserve_statement(bool(task_key), not connection.in_atomic_block)
         with connection.cursor() as cursor:
-            cursor.execute(sql.format(relaxed=_STRICT if connection.in_atomic_block
-                                      else _RELAXED), params)
+            cursor.execute(*statement.statement(params))
             return cursor.fetchone()
     with transaction.atomic():
         run_ok = _execute(_RESERVE_RUN, params)
@@ -210,13 +229,8 @@ def release(run_id: str, task_key: str, reserved: Usage) -> None:
         settle(run_id, task_key, reserved, Usage())
 
 
-def _positional(sql: str) -> tuple[str, list[str]]:
-    """A statement with named parameters as one with positional ones, and their names in
-    order (for a step's writes sent together, orchestration/sql.py)."""
-    return re.sub(r"%\((\w+)\)s", "%s", sql), re.findall(r"%\((\w+)\)s", sql)
-
-
-_SETTLE_RUN_AT, _SETTLE_TASK_AT = _positional(_SETTLE_RUN), _positional(_SETTLE_TASK)
+_SETTLE_RUN_AT, _SETTLE_TASK_AT = (Prepared("settle_run", _SETTLE_RUN, _TYPES),
+                                   Prepared("settle_task", _SETTLE_TASK, _TYPES))
 
 
 def settle(run_id: str, task_key: str, reserved: Usage | None, actual: Usage, *,
@@ -231,14 +245,14 @@ def settle(run_id: str, task_key: str, reserved: Usage | None, actual: Usage, *,
         "tokens_out": actual.tokens_out, "tokens": actual.tokens, "cost": _money(actual.cost),
         "now": connection.ops.adapt_datetimefield_value(timezone.now()),
     }
-    if write is not None:
-        for (sql, names), needed in ((_SETTLE_RUN_AT, True), (_SETTLE_TASK_AT, bool(task_key))):
-            if needed:
-                write(sql, [params[name] for name in names])
-        return
-    _execute(_SETTLE_RUN, params)
-    if task_key:
-        _execute(_SETTLE_TASK, params)
+    for statement, needed in ((_SETTLE_RUN_AT, True), (_SETTLE_TASK_AT, bool(task_key))):
+        if needed:
+            sql, values = statement.statement(params)
+            if write is not None:
+                write(sql, values)
+            else:
+                with connection.cursor() as cursor:
+                    cursor.execute(sql, values)
 
 
 def release_held(run_id: str, task_key: str) -> Usage:

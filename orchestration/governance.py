@@ -21,7 +21,7 @@ from orchestration import metrics, rules
 from orchestration.budgets import release, reserve, reserve_unless_stopped, run_param
 from orchestration.engine.governance import ALLOW, Gate, Usage
 from orchestration.models import KillSwitch, Run, Tool, ToolUsage
-from orchestration.precheck import grant_params, grant_sql, stop_sql
+from orchestration.precheck import grant_params, grant_sql, stop_statement
 
 log = logging.getLogger("switchboard.governance")
 
@@ -80,7 +80,7 @@ class DjangoGovernor:
             params.update(self._grant, key=key,
                           obj=str(row_tool.pk) if row_tool is not None else "")
         with connection.cursor() as cursor:
-            cursor.execute(stop_sql(call=bool(tool)), params)
+            cursor.execute(*stop_statement(call=bool(tool)).statement(params))
             row = cursor.fetchone()
         if row is not None and tool:
             self._remember(tool, key, granted=bool(row[3]) and row_tool is not None,

@@ -17,6 +17,7 @@ from guardian.models import GroupObjectPermission, UserObjectPermission
 
 from approvals import current
 from approvals.models import ApprovalRequest
+from audit.statements import Prepared
 from orchestration.models import Agent, KillSwitch, Run, Tool
 
 
@@ -84,3 +85,18 @@ def stop_sql(*, call: bool) -> str:
     """Parameters: run, process, agent, tool; for a call also key and ``grant_sql``'s (user
     None when nobody's grant is asked)."""
     return _stop_sql(call, connection.vendor)
+
+
+# The PostgreSQL types of the parameters of ``stop_sql`` and ``grant_sql``.
+TYPES = {"run": "uuid", "process": "text", "agent": "text", "tool": "text", "key": "text",
+         "user": "integer", "perm": "integer", "ct": "integer", "obj": "text"}
+
+
+@cache
+def _stop_statement(call: bool, vendor: str) -> Prepared:
+    return Prepared("stop_call" if call else "stop", _stop_sql(call, vendor), TYPES)
+
+
+def stop_statement(*, call: bool) -> Prepared:
+    """``stop_sql``, planned once per connection."""
+    return _stop_statement(call, connection.vendor)

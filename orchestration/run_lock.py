@@ -13,6 +13,7 @@ from typing import Any
 from django.db import connection, transaction
 
 from audit import ledger
+from audit.statements import Prepared
 from orchestration.engine.store import RunSnapshot, TaskSnapshot
 from orchestration.models import Run
 from orchestration.plans import plan_of_run
@@ -87,8 +88,11 @@ def lock_run(run_id: str) -> None:
 # One step's checkpoint: the run and its chain head locked together (the step's appends then
 # skip the head read), and, as a second statement of the same round trip, the task's row read
 # once the lock is held (so it is current: see LOCK_RUN_SQL).
-STEP_LOCK_SQL = ("SELECT h.seq, h.head_hash FROM orchestration_run r"
-                 " JOIN audit_chainhead h ON h.chain = r.id WHERE r.id = %s FOR UPDATE OF r, h")
+STEP_LOCK = Prepared("step_lock", "SELECT h.seq, h.head_hash FROM orchestration_run r"
+                     " JOIN audit_chainhead h ON h.chain = r.id WHERE r.id = %(run)s"
+                     " FOR UPDATE OF r, h", {"run": "uuid"})
+TASK_ROW = Prepared("task_row", TASK_SQL.replace("run_id = %s", "run_id = %(run)s")
+                    .replace('"key" = %s', '"key" = %(key)s'), {"run": "uuid", "key": "text"})
 
 
 def lock_step(run_id: str, task_key: str = "") -> Any:
@@ -98,10 +102,12 @@ def lock_step(run_id: str, task_key: str = "") -> Any:
     if not connection.features.has_select_for_update or held_run(run_id) is not None:
         lock_run(run_id)
         return _task_row(read) if task_key else None
+    lock_sql, lock_params = STEP_LOCK.statement({"run": uuid_param(run_id)})
+    row_sql, row_params = TASK_ROW.statement({"run": uuid_param(run_id), "key": task_key})
     with connection.cursor() as cursor:
         # Client-side binding (Django's default with psycopg 3): one simple query.
-        cursor.execute(STEP_LOCK_SQL + ("; " + TASK_SQL if task_key else ""),
-                       [uuid_param(run_id), *(read if task_key else [])])
+        cursor.execute(lock_sql + ("; " + row_sql if task_key else ""),
+                       [*lock_params, *(row_params if task_key else [])])
         head = cursor.fetchone()
         row = None
         if task_key:

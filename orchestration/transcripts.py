@@ -20,6 +20,7 @@ from django.conf import settings
 from django.db import connection
 from django.utils import timezone
 
+from audit.statements import Prepared
 from hashchain import canonical_json
 from orchestration.engine.redaction import redact
 from orchestration.models import Transcript
@@ -27,8 +28,12 @@ from orchestration.sql import dt_param, uuid_param, write
 
 log = logging.getLogger("switchboard.transcripts")
 
-_INSERT = ("INSERT INTO orchestration_transcript (run_id, kind, task, step, messages_digest,"
-           " messages, recorded_at) VALUES (%s, %s, %s, %s, %s, %s, %s)")
+_INSERT = Prepared(
+    "transcript", "INSERT INTO orchestration_transcript (run_id, kind, task, step,"
+    " messages_digest, messages, recorded_at) VALUES (%(run)s, %(kind)s, %(task)s, %(step)s,"
+    " %(digest)s, %(messages)s, %(at)s)",
+    {"run": "uuid", "kind": "text", "task": "text", "step": "integer", "digest": "text",
+     "messages": "jsonb", "at": "timestamptz"})
 _BATCH = 500
 
 
@@ -47,8 +52,10 @@ def keep(run_id: Any, kind: str, *, task: str, step: int, messages: list[dict[st
     writes (orchestration/sql.py)."""
     messages = redact(messages, [v for v in settings.SWITCHBOARD_CREDENTIALS.values() if v])
     field = Transcript._meta.get_field("messages")
-    write(_INSERT, [uuid_param(run_id), kind, task, step, digest or digest_of(messages),
-                    field.get_db_prep_save(messages, connection), dt_param(timezone.now())])
+    write(*_INSERT.statement({
+        "run": uuid_param(run_id), "kind": kind, "task": task, "step": step,
+        "digest": digest or digest_of(messages),
+        "messages": field.get_db_prep_save(messages, connection), "at": dt_param(timezone.now())}))
 
 
 def retention() -> timedelta:
