@@ -2,19 +2,20 @@
 
     .venv/bin/python benchmarks/ledger_rate.py              # 8 runs, 10 s, 5 events a step
 
-On a throwaway PostgreSQL database (created and dropped here), ``--runs`` threads, each with
-its own connection and its own run chain, append events for ``--seconds`` as a worker's steps
-do: each step is one transaction that appends ``--per-step`` events through
-``audit.ledger.append`` inside ``ledger.batched()`` (the chain head locked, every event
-canonicalised and hashed onto its chain, one multi-row INSERT, the head moved) and commits
-with ``synchronous_commit`` on. Then, in the same process and on the same table, the same
-number of rows (the same shape, hashed the same way, new chain ids) is written by
-``executemany`` on a plain psycopg connection (statements pipelined) in one transaction per
-1,000 rows, the batched insert a user would reach for. It prints events per second for both
-and their ratio; the target is at least 0.5 (``--check`` exits 1 when it is missed).
+On a throwaway PostgreSQL database (created and dropped here), ``--runs`` worker processes (as
+distributed mode's prefork workers run runs; ``--threads``: threads of one process, as
+standalone mode's pool), each with its own connection and its own run chain, append events for
+``--seconds`` as a worker's steps do: each step is one transaction that appends ``--per-step``
+events through ``audit.ledger.append`` inside ``ledger.batched()`` (the chain head locked, every
+event canonicalised and hashed onto its chain, one multi-row INSERT, the head moved) and commits
+with ``synchronous_commit`` on. Then, in the same process and on the same table, the same number
+of rows (the same shape, hashed the same way, new chain ids) is written by ``executemany`` on a
+plain psycopg connection (statements pipelined) in one transaction per 1,000 rows, the batched
+insert a user would reach for. It prints events per second for both and their ratio; the target
+is at least 0.5 (``--check`` exits 1 when it is missed).
 ``--per-step 1`` measures one event per commit.
 
-Options: ``--runs N``, ``--seconds S``, ``--per-step N``, ``--postgres-url`` (default
+Options: ``--runs N``, ``--seconds S``, ``--per-step N``, ``--threads``, ``--postgres-url`` (default
 ``$BENCH_POSTGRES_URL`` or postgresql://postgres@127.0.0.1:5432/postgres), ``--check``.
 """
 
@@ -22,12 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import sys
 import threading
 import time
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,47 +40,65 @@ DATA = {"task": "refund", "step": 0, "tokens_in": 320, "tokens_out": 70, "cost":
         "response": {"text": "Checked the order; it was delivered. " * 4}}
 
 
-def appends(runs: int, seconds: float, per_step: int) -> dict[str, Any]:
+def _run_steps(index: int, per_step: int, start: Any, stop_at: Any, counts: Any,
+               errors: Any) -> None:
+    """One run: its own chain and connection, a committed step of ``per_step`` appends at a
+    time until ``stop_at``."""
     from django.db import connection, transaction
 
     from audit import ledger
 
-    counts = [0] * runs
-    errors: list[str] = []
-    start = threading.Barrier(runs + 1)
-    stop_at = [0.0]
+    chain = uuid.uuid4()
+    try:
+        with transaction.atomic():
+            ledger.start_chain(chain)
+        start.wait()
+        step = 0
+        while time.time() < stop_at.value:
+            step += 1
+            with transaction.atomic(), ledger.batched():
+                for n in range(per_step):
+                    ledger.append(chain, "model.called", {**DATA, "step": step * 10 + n},
+                                  actor="agent:bench")
+            counts[index] += per_step
+    except Exception as exc:  # noqa: BLE001 - reported with the figures
+        errors.append(f"{type(exc).__name__}: {exc}")
+    finally:
+        connection.close()
 
-    def one(index: int) -> None:
-        chain = uuid.uuid4()
-        try:
-            with transaction.atomic():
-                ledger.start_chain(chain)
-            start.wait()
-            step = 0
-            while time.perf_counter() < stop_at[0]:
-                step += 1
-                with transaction.atomic(), ledger.batched():
-                    for n in range(per_step):
-                        ledger.append(chain, "model.called", {**DATA, "step": step * 10 + n},
-                                      actor="agent:bench")
-                counts[index] += per_step
-        except Exception as exc:  # noqa: BLE001 - reported with the figures
-            errors.append(f"{type(exc).__name__}: {exc}")
-        finally:
-            connection.close()
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(runs)]
-    for t in threads:
-        t.start()
-    stop_at[0] = time.perf_counter() + 3600  # set properly once every thread is ready
-    start.wait()
-    began = time.perf_counter()
-    stop_at[0] = began + seconds
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - began
+def appends(runs: int, seconds: float, per_step: int, *, threads: bool) -> dict[str, Any]:
+    """``runs`` runs appending at once: worker processes, as distributed mode's prefork
+    workers run them, or (``threads``) threads of one process, as standalone mode's pool."""
+    from django.db import connection
+
+    if threads:
+        start: Any = threading.Barrier(runs + 1)
+        stop_at: Any = SimpleNamespace(value=time.time() + 3600)
+        counts: Any = [0] * runs
+        errors: Any = []
+        workers: list[Any] = [threading.Thread(target=_run_steps, args=(
+            i, per_step, start, stop_at, counts, errors)) for i in range(runs)]
+    else:
+        connection.close()  # each process opens its own
+        context = multiprocessing.get_context("fork")
+        start = context.Barrier(runs + 1)
+        stop_at = context.Value("d", time.time() + 3600)
+        counts = context.Array("q", runs)
+        errors = context.Manager().list()
+        workers = [context.Process(target=_run_steps, args=(
+            i, per_step, start, stop_at, counts, errors)) for i in range(runs)]
+    for w in workers:
+        w.start()
+    start.wait()  # every run has its chain and connection: go
+    began = time.time()
+    stop_at.value = began + seconds
+    for w in workers:
+        w.join()
+    elapsed = time.time() - began
     total = sum(counts)
-    return {"events": total, "seconds": elapsed, "rate": total / elapsed, "errors": errors}
+    return {"events": total, "seconds": elapsed, "rate": total / elapsed,
+            "errors": list(errors)}
 
 
 def executemany(count: int, per_chain: int) -> dict[str, Any]:
@@ -124,7 +145,7 @@ def worker(args: argparse.Namespace) -> None:
     from throwaway import setup_django
 
     setup_django()
-    appended = appends(args.runs, args.seconds, args.per_step)
+    appended = appends(args.runs, args.seconds, args.per_step, threads=args.threads)
     per_chain = max(appended["events"] // max(args.runs, 1), 1)
     loaded = executemany(max(appended["events"], 1), per_chain)
     Path(args.out).write_text(json.dumps({"append": appended, "executemany": loaded}))
@@ -137,6 +158,8 @@ def main() -> int:
     parser.add_argument("--per-step", type=int, default=5)
     parser.add_argument("--postgres-url", default=os.environ.get("BENCH_POSTGRES_URL",
                                                                  DEFAULT_PG))
+    parser.add_argument("--threads", action="store_true",
+                        help="the runs as threads of one process (standalone mode's pool)")
     parser.add_argument("--check", action="store_true")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -150,11 +173,13 @@ def main() -> int:
     from throwaway import run_worker
 
     result = run_worker(__file__, ["--runs", str(args.runs), "--seconds", str(args.seconds),
-                                   "--per-step", str(args.per_step)],
+                                   "--per-step", str(args.per_step),
+                                   *(["--threads"] if args.threads else [])],
                         postgres_url=args.postgres_url, prefix="switchboard_bench_ledger")
     app, bulk = result["append"], result["executemany"]
     ratio = app["rate"] / bulk["rate"]
-    print(f"\nLedger write rate on PostgreSQL, {args.runs} concurrent runs, "
+    shape = "threads of one process" if args.threads else "worker processes"
+    print(f"\nLedger write rate on PostgreSQL, {args.runs} concurrent runs ({shape}), "
           f"{args.per_step} events per committed step, {args.seconds:g} s:")
     print(f"{'writer':<44} {'events':>8} {'seconds':>8} {'events/s':>9}")
     print(f"{'ledger.append (hash-chained, per step)':<44} {app['events']:>8} "
