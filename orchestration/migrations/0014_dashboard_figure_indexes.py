@@ -14,7 +14,7 @@ class Migration(migrations.Migration):
     operations = [
         migrations.AddIndex(
             model_name='run',
-            index=models.Index(fields=['status', 'finished_at', 'cost', 'process_version', 'created_by'], name='run_finished_figures'),
+            index=models.Index(condition=models.Q(('status__in', ['succeeded', 'failed', 'cancelled'])), fields=['finished_at', 'status', 'cost', 'process_version', 'created_by'], name='run_finished_figures'),
         ),
         migrations.AddIndex(
             model_name='run',
