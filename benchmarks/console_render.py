@@ -16,7 +16,16 @@ The targets: p95 at most 150 ms a page and 50 ms an API call.
 
 Options: ``--runs N``, ``--events N``, ``--samples N``, ``--verify``, ``--postgres-url`` (server
 to create the throwaway database on; default ``$BENCH_POSTGRES_URL`` or postgresql://postgres@127.0.0.1:5432/postgres),
-``--keep`` (leave the database for inspection), ``--check`` (exit 1 if a target is missed).
+``--database NAME`` (the throwaway database's name; default switchboard_bench_render_ and this
+process's id), ``--keep`` (leave the database for inspection), ``--reuse`` (measure again on the
+database an earlier ``--keep`` run left under ``--database``, without seeding; it is kept again),
+``--check`` (exit 1 if a target is missed). Seed once, then iterate on queries and indexes:
+
+    .venv/bin/python benchmarks/console_render.py --runs 100000 --events 5000000 \\
+        --database bench_render --keep
+    .venv/bin/python benchmarks/console_render.py --database bench_render --reuse
+
+A reused database is migrated first, so new indexes are built on the seeded data.
 """
 
 from __future__ import annotations
@@ -222,10 +231,14 @@ def worker(args: argparse.Namespace) -> None:
     from audit.models import Event
     from orchestration.models import Run
 
-    call_command("seed_demo", stdout=open(os.devnull, "w"))
     started = time.perf_counter()
-    ids = seed(args.runs, args.events)
-    seed_requests(ids, min(args.runs, 500))
+    if args.reuse:
+        # Seeded by an earlier run (--keep); the run pages pick among all of its runs.
+        ids = [str(pk) for pk in Run.objects.values_list("pk", flat=True)]
+    else:
+        call_command("seed_demo", stdout=open(os.devnull, "w"))
+        ids = seed(args.runs, args.events)
+        seed_requests(ids, min(args.runs, 500))
     seeded_s = time.perf_counter() - started
     if args.verify:
         call_command("audit_verify")
@@ -242,7 +255,10 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=100)
     parser.add_argument("--postgres-url", default=os.environ.get("BENCH_POSTGRES_URL",
                                                                  DEFAULT_PG))
+    parser.add_argument("--database", help="the throwaway database's name")
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--reuse", action="store_true",
+                        help="measure on the kept --database again, without seeding")
     parser.add_argument("--verify", action="store_true", help="run audit_verify after seeding")
     parser.add_argument("--check", action="store_true")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -250,6 +266,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.runs < 1 or args.events < 0 or args.samples < 1:
         parser.error("--runs and --samples must be at least 1, --events at least 0")
+    if args.reuse and not args.database and not args.worker:
+        parser.error("--reuse needs --database (the database a --keep run left)")
     if args.worker:
         worker(args)
         return 0
@@ -258,14 +276,18 @@ def main() -> int:
 
     result = run_worker(
         __file__, ["--runs", str(args.runs), "--events", str(args.events), "--samples",
-                   str(args.samples), *(["--verify"] if args.verify else [])],
+                   str(args.samples), *(["--verify"] if args.verify else []),
+                   *(["--reuse"] if args.reuse else [])],
         postgres_url=args.postgres_url, prefix="switchboard_bench_render", keep=args.keep,
+        name=args.database, reuse=args.reuse,
         # Django's test client calls itself "testserver".
         env={"ALLOWED_HOSTS": "testserver"},
-        announce=f"seeding {args.runs} runs and {args.events} events into {{name}} ...")
+        announce="measuring again on {name} ..." if args.reuse else
+        f"seeding {args.runs} runs and {args.events} events into {{name}} ...")
     seeded = result.pop("seed")
+    how = "reused" if args.reuse else f"seeded in {seeded['seconds']} s"
     print(f"\nPostgreSQL with {seeded['runs']} runs and {seeded['events']} events "
-          f"(seeded in {seeded['seconds']} s); server-side render, ms:")
+          f"({how}); server-side render, ms:")
     print(f"{'page':<13} {'p50':>7} {'p95':>7} {'max':>7} {'queries':>8} {'target':>7}")
     missed = False
     for page, row in result.items():

@@ -18,14 +18,21 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def run_worker(script: str, worker_args: list[str], *, postgres_url: str, prefix: str,
                env: dict[str, str] | None = None, keep: bool = False,
-               announce: str = "") -> dict[str, Any]:
+               announce: str = "", name: str | None = None,
+               reuse: bool = False) -> dict[str, Any]:
     """``python script --worker *worker_args --out FILE`` on a new database; its JSON result.
-    ``announce`` (with ``{name}``, the database's name) is printed before it starts."""
+    ``announce`` (with ``{name}``, the database's name) is printed before it starts. The
+    database is ``name``, or ``prefix`` and this process's id; ``reuse`` runs on that database
+    as an earlier kept run left it (not created, and kept again)."""
     import psycopg
 
-    name = f"{prefix}_{os.getpid()}"
-    with psycopg.connect(postgres_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
+    name = name or f"{prefix}_{os.getpid()}"
+    if not name or '"' in name or "\x00" in name:
+        raise ValueError(f"not a database name: {name!r}")
+    keep = keep or reuse
+    if not reuse:
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
     url = urlunsplit(urlsplit(postgres_url)._replace(path=f"/{name}"))
     try:
         with tempfile.TemporaryDirectory() as tmp:

@@ -240,11 +240,11 @@ class RunsConsumer(LiveConsumer):
         return [live.runs_group()]
 
     def render(self, user: Any) -> str | None:
-        from console.access import visible_runs
+        from console.selectors import recent_runs
 
         request = self.http_request(user)
-        runs = visible_runs(user).order_by("-created_at")[:50]
-        return render_to_string("console/dashboard.html#runs", {"runs": runs}, request=request)
+        return render_to_string("console/dashboard.html#runs", {"runs": recent_runs(user)},
+                                request=request)
 
 
 class ReviewConsumer(LiveConsumer):

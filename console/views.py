@@ -21,9 +21,8 @@ from console.access import (
     can_start,
     get_run_for_user,
     startable_processes,
-    visible_runs,
 )
-from console.selectors import dashboard_figures, first_unfinished, run_page
+from console.selectors import dashboard_figures, first_unfinished, recent_runs, run_page
 from orchestration import services
 from orchestration.engine.states import RunStatus
 from orchestration.models import Process
@@ -56,7 +55,7 @@ def _dashboard(request: HttpRequest, start: dict[str, Any] | None = None,
         start = _start_card(chosen, example=request.GET.get("example") == "1")
     return render(request, "console/dashboard.html", {
         "processes": processes,
-        "runs": visible_runs(request.user).order_by("-created_at")[:50],
+        "runs": recent_runs(request.user),
         "figures": dashboard_figures(request.user),
         "start": start,
     }, status=status)

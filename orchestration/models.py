@@ -16,6 +16,7 @@ from orchestration.config_checks import (
     tool_problems,
 )
 from orchestration.engine.states import RunStatus, TaskStatus
+from orchestration.run_indexes import RUN_INDEXES
 
 
 class Agent(CheckedFields, models.Model):
@@ -203,11 +204,7 @@ class Run(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
-        # The runs list: newest first, by status, and its counts read from an index alone.
-        indexes = [models.Index(fields=["-created_at", "-id"], name="run_newest"),
-                   models.Index(fields=["status", "-created_at"], name="run_status_newest"),
-                   models.Index(fields=["status", "process_version", "created_by"],
-                                name="run_status_visible")]
+        indexes = RUN_INDEXES  # orchestration/run_indexes.py: which page reads which
 
     def __str__(self) -> str:
         return f"run {self.id}"

@@ -275,3 +275,50 @@ def test_it_renders_every_screen_after_real_runs(runner: None, people: dict[str,
     approval = ApprovalRequest.objects.get(run_id=refund.pk, status="pending")
     assert f'href="/review/{approval.pk}/"' in pages["/"].content.decode()
     assert "customer-inquiry" in pages["/analytics/"].content.decode()
+
+
+def _figures_by_hand(user: User, now: Any) -> dict[str, Any]:
+    """The dashboard's figures counted run by run over what visible_runs lets ``user`` see."""
+    from console.access import visible_runs
+    from orchestration.engine.states import RUN_TERMINAL
+
+    ended = {s.value for s in RUN_TERMINAL}
+    waits = {"waiting", "awaiting_plan_approval"}
+    today = timezone.localtime(now).replace(hour=0, minute=0, second=0, microsecond=0)
+    runs = list(visible_runs(user))
+    done = [r for r in runs if r.status in ended and r.finished_at
+            and r.finished_at >= now - timedelta(days=14)]
+    new = [r for r in runs if r.created_at >= today]
+    return {"active": sum(r.status not in ended | waits for r in runs),
+            "waiting": sum(r.status in waits for r in runs),
+            "spend_today": sum((r.cost for r in new), Decimal(0)),
+            "budget_today": sum((r.budget_cost for r in new if r.budget_cost), Decimal(0)),
+            "capped_spend_today": sum((r.cost for r in new if r.budget_cost is not None),
+                                      Decimal(0)),
+            "uncapped_today": sum(r.budget_cost is None for r in new),
+            "finished": len(done), "succeeded": sum(r.status == "succeeded" for r in done),
+            "failed": sum(r.status == "failed" for r in done),
+            "finished_cost": sum((r.cost for r in done), Decimal(0))}
+
+
+def test_the_dashboard_figures_match_a_count_of_the_runs_each_person_may_see(
+        people: dict[str, User]) -> None:
+    from orchestration.engine.states import RunStatus
+
+    team = User.objects.create(username="refund-team")
+    assign_perm("orchestration.start_run", team, Process.objects.get(slug="refund-exception"))
+    now = timezone.now()
+    for n, status in enumerate(RunStatus):
+        for slug in ("refund-exception", "customer-inquiry"):
+            for by in (team, people["operator"], None):
+                run = _run(slug, status.value, f"0.{n + 1:02d}", by=by,
+                           budget="1.00" if n % 2 else None,
+                           finished_ago=timedelta(days=20 if n % 3 == 0 else n % 3))
+                if n % 4 == 0:  # started before today
+                    Run.objects.filter(pk=run.pk).update(created_at=now - timedelta(days=2))
+    for user in (team, people["operator"], people["reviewer"]):
+        figures = selectors.dashboard_figures(user, now=now)
+        expected = _figures_by_hand(user, now)
+        assert {k: getattr(figures, k) for k in expected} == expected, user.username
+    assert selectors.dashboard_figures(team, now=now).finished < selectors.dashboard_figures(
+        people["reviewer"], now=now).finished

@@ -14,6 +14,7 @@ from console.selectors.figures import (
     cost_breakdowns,
     dashboard_figures,
     escalation_reasons,
+    recent_runs,
     tool_usage,
 )
 from console.selectors.runs import approval_out, first_unfinished, run_out, run_page
@@ -33,6 +34,7 @@ __all__ = [
     "escalation_reasons",
     "first_unfinished",
     "people_waited_on",
+    "recent_runs",
     "run_out",
     "run_page",
     "run_waiting_on",
