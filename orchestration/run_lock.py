@@ -85,6 +85,11 @@ def lock_run(run_id: str) -> None:
                        [Run._meta.pk.get_db_prep_value(uuid.UUID(str(run_id)), connection)])
 
 
+# A scheduling step's lock and its tasks read, planned once per connection (PostgreSQL).
+RUN_LOCK = Prepared("run_lock", LOCK_RUN_SQL.format(lock=" FOR UPDATE OF r, h")
+                    .replace("%s", "%(run)s"), {"run": "uuid"})
+RUN_TASKS = Prepared("run_tasks", TASKS_SQL.replace("%s", "%(run)s"), {"run": "uuid"})
+
 # One step's checkpoint: the run and its chain head locked together (the step's appends then
 # skip the head read), and, as a second statement of the same round trip, the task's row read
 # once the lock is held (so it is current: see LOCK_RUN_SQL).
@@ -137,16 +142,27 @@ def locked(run_id: str) -> Iterator[RunSnapshot]:
         lock = (" FOR UPDATE OF r, h" if connection.features.has_select_for_update
                 else "")
         with connection.cursor() as cursor:
-            cursor.execute(LOCK_RUN_SQL.format(lock=lock), [uuid_param(run_id)])
-            row = cursor.fetchone()
-            if row is None:
+            if lock:  # PostgreSQL: the lock, then the tasks read under it, in one round trip
+                lock_sql, lock_params = RUN_LOCK.statement({"run": uuid_param(run_id)})
+                tasks_sql, tasks_params = RUN_TASKS.statement({"run": uuid_param(run_id)})
+                cursor.execute(f"{lock_sql}; {tasks_sql}", [*lock_params, *tasks_params])
+                row = cursor.fetchone()
+                cursor.nextset()
+                fetched = cursor.fetchall()
+            else:
+                cursor.execute(LOCK_RUN_SQL.format(lock=lock), [uuid_param(run_id)])
+                row = cursor.fetchone()
+            if row is None:  # (the tasks read then was not under the lock: read again)
                 cursor.execute(LOCK_BARE_RUN_SQL.format(lock=" FOR UPDATE OF r" if lock
                                                         else ""), [uuid_param(run_id)])
                 row = cursor.fetchone()
-            if row is None:
-                raise Run.DoesNotExist(f"no run {run_id}")
-            cursor.execute(TASKS_SQL, [uuid_param(run_id)])
-            fetched = cursor.fetchall()
+                if row is None:
+                    raise Run.DoesNotExist(f"no run {run_id}")
+                cursor.execute(TASKS_SQL, [uuid_param(run_id)])
+                fetched = cursor.fetchall()
+            elif not lock:
+                cursor.execute(TASKS_SQL, [uuid_param(run_id)])
+                fetched = cursor.fetchall()
         status, run_input, cancel_requested, version_id, hydration_limit = row[:5]
         head_seq, head_hash, plan_version = row[5:8]
         if head_seq is not None:
