@@ -22,6 +22,7 @@ from orchestration.budgets import reserve
 from orchestration.engine.governance import Usage
 from orchestration.models import Agent, Outbox, Process, Run, Tool
 from tests.conftest import wait_for, wait_for_run
+from tests.test_precheck import idle_run
 
 REFUND = {"order_id": "ORD-1042", "reason": "damaged", "customer_email": "kim@example.com"}
 
@@ -314,7 +315,7 @@ def test_it_escalates_an_exhausted_per_run_quota(runner: None, as_: Any) -> None
 
 @pytest.mark.django_db(transaction=True)
 def test_concurrent_reservations_never_overspend_a_budget(people: dict) -> None:
-    run = _open_request(people["operator"]).run_id
+    run = idle_run().pk  # no worker reserves against it meanwhile
     Run.objects.filter(pk=run).update(budget_tokens=1000, budget_cost=Decimal("5"),
                                       budget_steps=None)
     granted: list[int] = []

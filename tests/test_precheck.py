@@ -33,6 +33,18 @@ def refund_run() -> Run:
     return Run.objects.select_related("process_version__process").get(pk=run.pk)
 
 
+def idle_run() -> Run:
+    """A refund run with its ``refund`` task running, which no worker was given: nothing but
+    the test reserves against its budgets (a created run's own tasks would, in a test that
+    commits)."""
+    process = Process.objects.get(slug="refund-exception")
+    run = Run.objects.create(process_version=process.current_version, input=REFUND,
+                             status="running", created_by=User.objects.get(username="operator"))
+    Task.objects.create(run=run, key="refund", title="Refund", executor_type="agent",
+                        executor_ref="refund-executor", status="running", attempts=1)
+    return Run.objects.select_related("process_version__process").get(pk=run.pk)
+
+
 @pytest.mark.django_db
 def test_the_grant_read_with_the_stop_signals_follows_a_revocation(demo: None) -> None:
     user = User.objects.create(username="agent-probe")
@@ -95,7 +107,7 @@ def test_a_stop_signal_is_still_seen_with_the_call_answers(demo: None) -> None:
 @pytest.mark.django_db(transaction=True)
 def test_concurrent_reservations_stop_at_the_task_budget_and_the_run_keeps_only_theirs(
         demo: None) -> None:
-    run = refund_run()
+    run = idle_run()
     Run.objects.filter(pk=run.pk).update(budget_tokens=None, budget_cost=None,
                                          budget_steps=None)
     Task.objects.filter(run=run, key="refund").update(budget_tokens=1000, budget_cost=None)
