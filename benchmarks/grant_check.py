@@ -1,5 +1,5 @@
 """The per-call grant check: the one-query check the gate runs before every tool call
-(``orchestration.tooling.grant_checker``: raw SQL built from the models' ``_meta`` table names)
+(``orchestration.precheck.grant_checker``: raw SQL built from the models' ``_meta`` table names)
 against django-guardian's public API doing the same job (re-read the user, so a deactivated
 identity is refused at once, then ``ObjectPermissionChecker(user).has_perm``).
 
@@ -42,7 +42,7 @@ def _measure(checks: int) -> dict[str, Any]:
     from guardian.shortcuts import assign_perm
 
     from orchestration.models import Tool
-    from orchestration.tooling import grant_checker
+    from orchestration.precheck import grant_checker
 
     call_command("migrate", verbosity=0)
     tool = Tool.objects.create(slug="bench_tool", name="bench", description="")

@@ -21,7 +21,7 @@ from orchestration import metrics, rules
 from orchestration.budgets import release, reserve, reserve_unless_stopped, run_param
 from orchestration.engine.governance import ALLOW, Gate, Usage
 from orchestration.models import KillSwitch, Run, Tool, ToolUsage
-from orchestration.precheck import grant_params, grant_sql, stop_statement
+from orchestration.precheck import grant_checker, grant_params, stop_statement
 
 log = logging.getLogger("switchboard.governance")
 
@@ -63,6 +63,7 @@ class DjangoGovernor:
         self._grantee = grantee
         self._grant = grant_params(grantee) if grantee is not None else {"user": None,
                                                                           "perm": 0, "ct": 0}
+        self._holds = grant_checker(grantee, self._grant)
         self._granted_now: tuple[str, bool] | None = None
         self._policies: Any = ...
 
@@ -133,11 +134,7 @@ class DjangoGovernor:
         if answer is not None and answer[0] == name:
             return answer[1]
         tool = self._tools.get(name)
-        if tool is None or self._grantee is None:
-            return False
-        with connection.cursor() as cursor:
-            cursor.execute(grant_sql(), {**self._grant, "obj": str(tool.pk)})
-            return cursor.fetchone() is not None
+        return tool is not None and self._holds(tool)
 
     # budgets --------------------------------------------------------------------------
     def reserve(self, worst: Usage) -> str:

@@ -37,10 +37,11 @@ from orchestration.engine.states import RunStatus, TaskStatus
 from orchestration.engine.transcript import conversation
 from orchestration.models import Agent, ModelPrice, Run, Task, Tool
 from orchestration.plans import plan_for_id, plan_of
+from orchestration.precheck import granted_to
 from orchestration.retry import persist
 from orchestration.rules import PlanDecision
 from orchestration.store import DjangoRunStore
-from orchestration.tooling import granted_to, secrets
+from orchestration.tooling import secrets
 
 log = logging.getLogger("switchboard.planning")
 

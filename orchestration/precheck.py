@@ -6,6 +6,7 @@ says it must (orchestration/governance.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cache
 from typing import Any
 
@@ -49,6 +50,34 @@ def grant_params(user_id: Any) -> dict[str, Any]:
     ct = ContentType.objects.get_for_model(Tool)
     perm = Permission.objects.get(content_type=ct, codename="invoke_tool").pk
     return {"user": user_id, "perm": perm, "ct": ct.pk}
+
+
+def grant_checker(user_id: Any, params: dict[str, Any] | None = None) -> Callable[[Tool], bool]:
+    """Whether the active user holds ``invoke_tool`` on a tool, directly or through a group,
+    as django-guardian grants it. One small query per check (this runs before every call).
+    ``params``: ``grant_params(user_id)``, when the caller has them already."""
+    params = params if params is not None else grant_params(user_id)
+
+    def holds(tool: Tool) -> bool:
+        if user_id is None:
+            return False
+        with connection.cursor() as cursor:
+            cursor.execute(grant_sql(), {**params, "obj": str(tool.pk)})
+            return cursor.fetchone() is not None
+
+    return holds
+
+
+def granted_to(user_id: Any, tools: dict[str, Tool]) -> Callable[[str], bool]:
+    """The grant check by tool name. Asked before every call and while one runs, so a
+    revoked grant or a deactivated identity stops work at once."""
+    holds = grant_checker(user_id)
+
+    def granted(name: str) -> bool:
+        tool = tools.get(name)
+        return tool is not None and holds(tool)
+
+    return granted
 
 
 @cache

@@ -107,22 +107,34 @@ def lock_step(run_id: str, task_key: str = "") -> Any:
     if not connection.features.has_select_for_update or held_run(run_id) is not None:
         lock_run(run_id)
         return _task_row(read) if task_key else None
-    lock_sql, lock_params = STEP_LOCK.statement({"run": uuid_param(run_id)})
-    row_sql, row_params = TASK_ROW.statement({"run": uuid_param(run_id), "key": task_key})
-    with connection.cursor() as cursor:
-        # Client-side binding (Django's default with psycopg 3): one simple query.
-        cursor.execute(lock_sql + ("; " + row_sql if task_key else ""),
-                       [*lock_params, *(row_params if task_key else [])])
-        head = cursor.fetchone()
-        row = None
-        if task_key:
-            cursor.nextset()
-            row = cursor.fetchone()
+    params = {"run": uuid_param(run_id), "key": task_key}
+    if task_key:
+        head, rows = _lock_then_read(STEP_LOCK, TASK_ROW, params)
+        row = rows[0] if rows else None
+    else:
+        head, row = _lock_then_read(STEP_LOCK, None, params)[0], None
     if head is None:  # no chain head (or no run): the plain lock, then the row under it
         lock_run(run_id)
         return _task_row(read) if task_key else None
     ledger.prime_head(uuid.UUID(str(run_id)), head[0], head[1])
     return row
+
+
+def _lock_then_read(lock: Prepared, read: Prepared | None,
+                    params: dict[str, Any]) -> tuple[Any, list[Any]]:
+    """``lock``'s row and ``read``'s rows, the second statement run once the first holds its
+    locks (so it reads current rows), in one round trip (PostgreSQL)."""
+    lock_sql, lock_params = lock.statement(params)
+    read_sql, read_params = read.statement(params) if read is not None else ("", [])
+    with connection.cursor() as cursor:
+        # Client-side binding (Django's default with psycopg 3): one simple query.
+        cursor.execute(f"{lock_sql}; {read_sql}" if read_sql else lock_sql,
+                       [*lock_params, *read_params])
+        locked_row = cursor.fetchone()
+        if read is None:
+            return locked_row, []
+        cursor.nextset()
+        return locked_row, cursor.fetchall()
 
 
 def _task_row(params: list[Any]) -> Any:
@@ -143,12 +155,7 @@ def locked(run_id: str) -> Iterator[RunSnapshot]:
                 else "")
         with connection.cursor() as cursor:
             if lock:  # PostgreSQL: the lock, then the tasks read under it, in one round trip
-                lock_sql, lock_params = RUN_LOCK.statement({"run": uuid_param(run_id)})
-                tasks_sql, tasks_params = RUN_TASKS.statement({"run": uuid_param(run_id)})
-                cursor.execute(f"{lock_sql}; {tasks_sql}", [*lock_params, *tasks_params])
-                row = cursor.fetchone()
-                cursor.nextset()
-                fetched = cursor.fetchall()
+                row, fetched = _lock_then_read(RUN_LOCK, RUN_TASKS, {"run": uuid_param(run_id)})
             else:
                 cursor.execute(LOCK_RUN_SQL.format(lock=lock), [uuid_param(run_id)])
                 row = cursor.fetchone()

@@ -1,15 +1,13 @@
-"""The Django side of the gate: contracts from Tool rows, grants from django-guardian, and the
-gate for an acting identity (an agent, or a process's service identity for its plan-level
-``tool`` and ``function`` steps)."""
+"""The Django side of the gate: contracts from Tool rows, and the gate for an acting identity (an
+agent, or a process's service identity for its plan-level ``tool`` and ``function`` steps),
+whose grants orchestration/precheck.py asks django-guardian's tables for."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Iterable
 
 import jsonschema
 from django.conf import settings
-from django.db import connection
 
 from audit import config as config_audit
 from hashchain import canonical_json
@@ -23,7 +21,6 @@ from orchestration.engine.llm import ProviderError
 from orchestration.engine.runner import Outcome, TaskContext, run_contract_task
 from orchestration.governance import DjangoGovernor
 from orchestration.models import Process, Task, Tool
-from orchestration.precheck import grant_params, grant_sql
 from orchestration.store import DjangoRunStore
 
 
@@ -107,33 +104,6 @@ def contracts(rows: Iterable[Tool]) -> tuple[dict[str, ToolContract], dict[str, 
         except ConfigurationError as exc:
             unusable[tool.slug] = str(exc)
     return usable, unusable
-
-
-def grant_checker(user_id: Any) -> Callable[[Tool], bool]:
-    """Whether the active user holds ``invoke_tool`` on a tool, directly or through a group,
-    as django-guardian grants it. One small query per check (this runs before every call)."""
-    params = grant_params(user_id)
-
-    def holds(tool: Tool) -> bool:
-        if user_id is None:
-            return False
-        with connection.cursor() as cursor:
-            cursor.execute(grant_sql(), {**params, "obj": str(tool.pk)})
-            return cursor.fetchone() is not None
-
-    return holds
-
-
-def granted_to(user_id: Any, tools: dict[str, Tool]) -> Callable[[str], bool]:
-    """The grant check by tool name. Asked before every call and while one runs, so a
-    revoked grant or a deactivated identity stops work at once."""
-    holds = grant_checker(user_id)
-
-    def granted(name: str) -> bool:
-        tool = tools.get(name)
-        return tool is not None and holds(tool)
-
-    return granted
 
 
 def run_tool_task(ctx: TaskContext) -> Outcome:

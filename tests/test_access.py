@@ -23,7 +23,7 @@ from console import auth_views
 from console.models import ApiToken
 from orchestration import grants, services
 from orchestration.models import Agent, ModelPrice, Process, Tool
-from orchestration.tooling import grant_checker
+from orchestration.precheck import grant_checker
 from tests.conftest import wait_for_run
 
 REFUND = {"order_id": "ORD-1042", "amount": 40, "reason": "damaged",

@@ -405,7 +405,7 @@ def test_bad_model_parameters_escalate_instead_of_crashing(demo: None, steps: An
 
 def test_revoking_a_grant_is_seen_by_the_next_check(db: Any) -> None:
     """The grant check reads the database each time (no cache that could outlive a revoke)."""
-    from orchestration.tooling import grant_checker
+    from orchestration.precheck import grant_checker
 
     user = User.objects.create(username="agent-x")
     tool = Tool.objects.create(slug="t_x", name="x", implementation="t_x", input_schema=OBJECT)
