@@ -21,6 +21,13 @@ ROOT = Path(__file__).resolve().parent.parent
 DISTRIBUTED = settings.SWITCHBOARD_MODE == "distributed"
 POSTGRES = settings.DATABASES["default"]["ENGINE"].endswith("postgresql")
 REQUIRE_SERVICES = os.environ.get("SWITCHBOARD_REQUIRE_SERVICES", "").lower() in {"1", "true"}
+# Under pytest-xdist each worker process writes its services' logs to its own folder.
+ARTIFACTS = ROOT / "artifacts" / os.environ.get("PYTEST_XDIST_WORKER", "")
+
+
+def artifact_path(name: str) -> Path:
+    """Where this test process keeps the artifact ``name`` (a service's log, say)."""
+    return ARTIFACTS / name
 
 
 def _reachable(host: str, port: int) -> bool:
@@ -52,6 +59,12 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        names = getattr(item, "fixturenames", None)
+        # Instantiated first (see _fillfixtures): the shared demo's transaction must be open
+        # before the test's own atomic block, which becomes a savepoint inside it.
+        if names is not None and "demo" in names and _rolls_back(item) and SHARED not in names:
+            names.insert(0, SHARED)
     missing = _unreachable_services()
     if missing:
         message = "unreachable: " + ", ".join(missing)
@@ -78,11 +91,99 @@ def _drain_worker_pool() -> Iterator[None]:
     dispatch.shutdown(wait=True)
 
 
-@pytest.fixture
-def demo(db: Any) -> None:
+def _seed_demo() -> None:
     from django.core.management import call_command
 
     call_command("seed_demo", stdout=open(os.devnull, "w"))
+
+
+def _rolls_back(item: pytest.Item) -> bool:
+    """Whether the test runs inside a transaction rolled back afterwards (pytest-django's ``db``),
+    as opposed to committing (``transactional_db``, ``live_server``): the ordering rule of
+    pytest-django, which runs every test of the first kind before any of the second."""
+    marker = item.get_closest_marker("django_db")
+    if marker is not None and (marker.kwargs.get("transaction")
+                               or marker.kwargs.get("reset_sequences")):
+        return False
+    names = getattr(item, "fixturenames", ())
+    return not ({"transactional_db", "live_server", "runner"} & set(names))
+
+
+SHARED = "_shared_demo"
+
+
+class _DemoTransaction:
+    """The demo, seeded once for one module's rolled-back tests, in a transaction undone when the
+    next test is of another module or commits: each test's atomic block is a savepoint in it,
+    so every test still meets the freshly seeded demo."""
+
+    def __init__(self) -> None:
+        self.module: str | None = None
+        self.block: Any = None
+
+    def open(self, module: str) -> None:
+        from django.db import transaction
+
+        if self.module == module:
+            return
+        self.close()
+        block = transaction.atomic()
+        block.__enter__()
+        try:
+            _seed_demo()
+        except BaseException:
+            transaction.set_rollback(True)
+            block.__exit__(None, None, None)
+            raise
+        self.module, self.block = module, block
+
+    def close(self) -> None:
+        from django.db import transaction
+
+        if self.block is not None:
+            transaction.set_rollback(True)
+            self.block.__exit__(None, None, None)
+            self.module = self.block = None
+
+
+_demo_transaction = _DemoTransaction()
+
+
+@pytest.fixture(scope="session")
+def _demo_holder(django_db_setup: Any, django_db_blocker: Any) -> Iterator[_DemoTransaction]:
+    """Closes the shared demo's transaction before the test database is dropped."""
+    yield _demo_transaction
+    with django_db_blocker.unblock():
+        _demo_transaction.close()
+
+
+@pytest.fixture
+def _shared_demo(request: pytest.FixtureRequest, _demo_holder: _DemoTransaction,
+                 django_db_blocker: Any) -> None:
+    with django_db_blocker.unblock():
+        _demo_holder.open(request.module.__name__)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    result = yield
+    holder = _demo_transaction
+    if holder.block is not None and not (
+            nextitem is not None and SHARED in getattr(nextitem, "fixturenames", ())
+            and nextitem.module.__name__ == holder.module):  # type: ignore[attr-defined]
+        from pytest_django.plugin import blocking_manager_key
+
+        with item.config.stash[blocking_manager_key].unblock():
+            holder.close()
+    return result
+
+
+@pytest.fixture
+def demo(request: pytest.FixtureRequest, db: Any) -> None:
+    """The demo's processes, agents, tools and people (seed_demo). Tests that roll back share
+    one seeding per module (see _DemoTransaction); tests that commit seed their own."""
+    if SHARED not in request.fixturenames:
+        _seed_demo()
 
 
 @pytest.fixture
@@ -218,9 +319,9 @@ def service_process(args: list[str], *, env: dict[str, str], log_name: str,
     """A server or worker subprocess logging to artifacts/<log_name> (its stderr to
     artifacts/<error_log_name> when given), stopped afterwards. The path returned is the one
     stderr goes to."""
-    log_path = ROOT / "artifacts" / log_name
-    log_path.parent.mkdir(exist_ok=True)
-    error_path = ROOT / "artifacts" / error_log_name if error_log_name else log_path
+    log_path = artifact_path(log_name)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    error_path = artifact_path(error_log_name) if error_log_name else log_path
     with open(log_path, "wb") as log, ExitStack() as stack:
         errors = (stack.enter_context(open(error_path, "wb")) if error_log_name
                   else subprocess.STDOUT)

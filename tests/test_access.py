@@ -30,10 +30,6 @@ REFUND = {"order_id": "ORD-1042", "amount": 40, "reason": "damaged",
           "customer_email": "kim@example.com"}
 
 
-@pytest.fixture(autouse=True)
-def _fast_password_hashing(settings: Any) -> None:
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
 
 @pytest.fixture(autouse=True)
 def _fresh_login_counts() -> None:

@@ -26,10 +26,6 @@ from tests.test_access import _admin_form
 ADMIN = "/admin/"
 
 
-@pytest.fixture(autouse=True)
-def _fast_password_hashing(settings: Any) -> None:
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
 
 @pytest.fixture
 def admin_client(demo: None) -> Client:

@@ -24,11 +24,6 @@ from orchestration.models import Process, ProcessVersion, Run, Task
 EVENT_KEYS = {"seq", "kind", "at", "actor", "data", "hash", "prev_hash"}
 
 
-@pytest.fixture(autouse=True)
-def _fast_password_hashing(settings: Any) -> None:
-    # seed_demo hashes four passwords per test; the default hasher makes that slow.
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
 
 def _bearer(token: str) -> dict[str, str]:
     return {"HTTP_AUTHORIZATION": f"Bearer {token}"}

@@ -31,11 +31,6 @@ RUNS = "/api/v1/runs"
 REFUND = {"order_id": "ORD-1042", "reason": "damaged", "customer_email": "kim@example.com"}
 
 
-@pytest.fixture(autouse=True)
-def _fast_password_hashing(settings: Any) -> None:
-    # seed_demo hashes four passwords per test; the default hasher makes that slow.
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
 
 def _post(client: Client, token: str, path: str, body: Any, key: str | None = None,
           **headers: str) -> Any:

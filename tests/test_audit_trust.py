@@ -37,10 +37,6 @@ VERIFY_EXPORT = ROOT / "audit" / "verify_export.py"
 XSS = "<script>alert('owned')</script>"
 
 
-@pytest.fixture(autouse=True)
-def _fast_password_hashing(settings: Any) -> None:
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
 
 # --- helpers ----------------------------------------------------------------------------------
 

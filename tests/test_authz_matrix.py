@@ -154,10 +154,6 @@ def _flatten(patterns: list[Any]) -> list[Any]:
 # --- the cast ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def _fast_password_hashing(settings: Any) -> None:
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
 
 @pytest.fixture
 def cast(demo: None) -> dict[str, Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,7 +13,7 @@ from orchestration.engine import runner
 from orchestration.models import Process, Task
 from orchestration.store import DjangoRunStore
 from orchestration.tasks import execute_task
-from tests.conftest import ROOT, wait_for, wait_for_run
+from tests.conftest import artifact_path, wait_for, wait_for_run
 
 
 def _released_run(monkeypatch: pytest.MonkeyPatch, operator: Any, vendor_input: dict) -> str:
@@ -88,7 +87,7 @@ def test_it_executes_once_when_the_broker_delivers_twice(
 
     run = wait_for_run(run_id)
     assert run.status == "succeeded", run.error
-    log = Path(ROOT / "artifacts" / "celery-worker.log")
+    log = artifact_path("celery-worker.log")
     wait_for(lambda: all(f"{r.id}] succeeded" in log.read_text() for r in (first, second)),
              what="the worker to process both deliveries")
     assert _started(run_id, "validate") == 1

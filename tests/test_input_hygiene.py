@@ -22,11 +22,6 @@ from orchestration.models import Process, Run, Task
 from tests.test_approvals import _open_request
 
 
-@pytest.fixture(autouse=True)
-def _fast_password_hashing(settings: Any) -> None:
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
 def _counts() -> tuple[int, int, int, int]:
     return (Run.objects.count(), Task.objects.count(), Decision.objects.count(),
             Event.objects.count())

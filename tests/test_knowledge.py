@@ -41,6 +41,25 @@ def admin_user(db: Any) -> Any:
     return User.objects.create_user("kb-admin", password="x")
 
 
+def _sqlite_index_rows() -> dict[str, int]:
+    """Rows in SQLite's full-text and vector indexes (virtual tables: a committing test's flush
+    leaves them, so tests compare against the count they started with)."""
+    from django.db import connection
+
+    if connection.vendor != "sqlite":
+        return {}
+    with connection.cursor() as cursor:
+        counts = {}
+        for table in ("knowledge_fts", "knowledge_vec_256"):  # the second is made on first use
+            cursor.execute("SELECT count(*) FROM sqlite_master WHERE name = %s", [table])
+            if cursor.fetchone()[0]:
+                cursor.execute(f"SELECT count(*) FROM {table}")
+                counts[table] = cursor.fetchone()[0]
+            else:
+                counts[table] = 0
+        return counts
+
+
 def _config_events(kind: str) -> list[Any]:
     from audit.ledger import CONFIG_CHAIN
     from audit.models import Event
@@ -110,11 +129,11 @@ def test_reposting_the_same_text_is_a_no_op(collection: Any, admin_user: Any) ->
 
 
 def test_delete_removes_everything_and_logs(collection: Any, admin_user: Any) -> None:
-    from django.db import connection
 
     from knowledge.models import Chunk, Document, DocumentVersion
     from knowledge.services import delete_document, ingest, search
 
+    before = _sqlite_index_rows()
     result = ingest(collection, title="Returns", text="\n\n".join(PARAGRAPHS), by=admin_user)
     ingest(collection, title="Returns", text=PARAGRAPHS[0], by=admin_user)
     document_id = result.document.pk
@@ -123,11 +142,7 @@ def test_delete_removes_everything_and_logs(collection: Any, admin_user: Any) ->
     assert not DocumentVersion.objects.exists() and not Chunk.objects.exists()
     for mode in ("text", "vector", "hybrid"):
         assert search(collection, "refunds payment method", mode=mode) == []
-    if connection.vendor == "sqlite":
-        with connection.cursor() as cursor:
-            for table in ("knowledge_fts", "knowledge_vec_256"):
-                cursor.execute(f"SELECT count(*) FROM {table}")
-                assert cursor.fetchone()[0] == 0, table
+    assert _sqlite_index_rows() == before
     [event] = _config_events("config.knowledge_deleted")
     assert event.data["document"] == str(document_id) and event.data["chunks"] == 3
     assert event.data["versions"] == 2
@@ -423,6 +438,7 @@ def test_admin_lists_collections_and_deletes_documents_through_the_service(
     from knowledge.models import Chunk
     from knowledge.services import ingest
 
+    before = _sqlite_index_rows()
     root = User.objects.create_superuser("root", password="x")
     client.force_login(root)
     document = ingest(collection, title="Returns", text=PARAGRAPHS[0], by=root).document
@@ -443,13 +459,7 @@ def test_admin_lists_collections_and_deletes_documents_through_the_service(
                            {"post": "yes"})
     assert response.status_code == 302 and not Chunk.objects.exists()
     assert len(_config_events("config.knowledge_deleted")) == 2
-    from django.db import connection
-
-    if connection.vendor == "sqlite":
-        with connection.cursor() as cursor:
-            for table in ("knowledge_fts", "knowledge_vec_256"):
-                cursor.execute(f"SELECT count(*) FROM {table}")
-                assert cursor.fetchone()[0] == 0, table
+    assert _sqlite_index_rows() == before
 
 
 @pytest.mark.postgres

@@ -31,10 +31,6 @@ INQUIRY = {"customer_email": "kim@example.com", "order_id": "ORD-1042",
 CITATION = re.compile(r"\[doc:([0-9a-f-]{36})@v(\d+)#(\d+)\]")
 
 
-@pytest.fixture(autouse=True)
-def _fast_password_hashing(settings: Any) -> None:
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
 
 def events(run: Run, kind: str) -> list[dict[str, Any]]:
     return [e.data for e in Event.objects.filter(chain=run.pk, kind=kind).order_by("seq")]

@@ -42,10 +42,6 @@ class Caller:
         return self.client.delete(path, **self._auth({}))
 
 
-@pytest.fixture(autouse=True)
-def _fast_password_hashing(settings: Any) -> None:
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
 
 @pytest.fixture
 def as_(demo: None, client: Client) -> Any:

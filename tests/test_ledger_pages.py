@@ -21,10 +21,6 @@ from orchestration.models import Process
 STEPS = 130  # two full pages and a part
 
 
-@pytest.fixture(autouse=True)
-def _fast_password_hashing(settings: Any) -> None:
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
 
 @pytest.fixture
 def chains(operator: User, vendor_input: dict[str, str]) -> tuple[uuid.UUID, uuid.UUID]:

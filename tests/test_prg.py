@@ -15,11 +15,6 @@ from orchestration.models import Agent, Process, ReplayCheck, Run
 from tests.test_approvals import _open_request
 
 
-@pytest.fixture(autouse=True)
-def _fast_password_hashing(settings: Any) -> None:
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
 def signed_in(user: User) -> Client:
     client = Client()
     client.force_login(user)

@@ -28,10 +28,6 @@ from tests.test_approvals import REFUND, _open_request
 XSS = '<img src=x onerror="window.__xss=1">'
 
 
-@pytest.fixture(autouse=True)
-def _fast_password_hashing(settings: Any) -> None:
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
 
 def signed_in(user: User) -> Client:
     client = Client()

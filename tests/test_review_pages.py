@@ -5,7 +5,6 @@ from __future__ import annotations
 import html
 import re
 from datetime import timedelta
-from typing import Any
 
 import pytest
 from django.contrib.auth.models import User
@@ -16,11 +15,6 @@ from orchestration import services
 from orchestration.models import Process, Run
 from tests.conftest import wait_for, wait_for_run
 from tests.test_approvals import REFUND, _open_request
-
-
-@pytest.fixture(autouse=True)
-def _fast_password_hashing(settings: Any) -> None:
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 
 def browser(user: User) -> Client:

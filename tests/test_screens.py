@@ -31,10 +31,6 @@ REFUND = {"order_id": "ORD-1042", "amount": 500, "reason": "damaged",
           "customer_email": "kim@example.com"}
 
 
-@pytest.fixture(autouse=True)
-def _fast_password_hashing(settings: Any) -> None:
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
 
 def signed_in(user: User, *, csrf: bool = False) -> Client:
     client = Client(enforce_csrf_checks=csrf)

@@ -18,10 +18,6 @@ ADDRESS_LOCK = 20  # failures per address (auth_views.FAILURES_PER_ADDRESS)
 PROXY = "10.0.0.9"
 
 
-@pytest.fixture(autouse=True)
-def _fast_password_hashing(settings: Any) -> None:
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
 
 @pytest.fixture(autouse=True)
 def _fresh_counts() -> None:

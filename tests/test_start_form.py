@@ -49,11 +49,6 @@ GOOD = {"in/name": "Kim Lee", "in/amount": "12.5", "in/count": "3", "in/kind": "
         "in/address/city": "Berlin"}
 
 
-@pytest.fixture(autouse=True)
-def _fast_password_hashing(settings: Any) -> None:
-    # seed_demo hashes four passwords per test; the default hasher makes that slow.
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
 
 def _by_path(fields: list[Field]) -> dict[str, Field]:
     return {item.dotted: item for item in start_form.walk(fields)}

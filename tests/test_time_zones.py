@@ -28,10 +28,6 @@ WINTER = datetime(2026, 1, 15, 12, 34, 56, 789012, tzinfo=UTC)
 SUMMER = datetime(2026, 7, 15, 12, 34, 56, 789012, tzinfo=UTC)
 
 
-@pytest.fixture(autouse=True)
-def _fast_password_hashing(settings: Any) -> None:
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
 
 @pytest.fixture
 def run(operator: User, vendor_input: dict[str, str]) -> Run:

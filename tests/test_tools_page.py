@@ -14,11 +14,6 @@ from guardian.shortcuts import assign_perm, get_users_with_perms
 from orchestration.models import Agent, Tool
 
 
-@pytest.fixture(autouse=True)
-def _fast_password_hashing(settings: Any) -> None:
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
 @pytest.fixture
 def page(people: dict[str, User]) -> str:
     client = Client()
