@@ -358,3 +358,18 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     from tests.faults.report import write_summary
 
     write_summary(terminalreporter)
+
+
+
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_setup: Any, django_db_blocker: Any) -> Iterator[None]:
+    """pytest-django's, and before it drops the PostgreSQL test database: end the sessions that
+    in-process ASGI tests left behind. Their requests ran on asgiref's executor threads, which
+    stay idle with their connections open, and the drop refuses a database still in use."""
+    yield
+    from django.db import connection
+
+    if connection.vendor == "postgresql":
+        with django_db_blocker.unblock(), connection.cursor() as cursor:
+            cursor.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                           " WHERE datname = current_database() AND pid <> pg_backend_pid()")

@@ -165,8 +165,10 @@ def _hold_worker(request: pytest.FixtureRequest) -> Any:
     from console.celery import app
 
     request.getfixturevalue("celery_worker")
-    assert app.control.cancel_consumer("celery", reply=True, timeout=10), "worker did not answer"
-    return lambda: app.control.add_consumer("celery", reply=True, timeout=10)
+    # limit=1: the one worker's answer ends the wait (without it a broadcast waits out timeout)
+    answer = app.control.cancel_consumer("celery", reply=True, timeout=10, limit=1)
+    assert answer, "worker did not answer"
+    return lambda: app.control.add_consumer("celery", reply=True, timeout=10, limit=1)
 
 
 def test_it_shows_a_run_reaching_succeeded_without_a_reload(
