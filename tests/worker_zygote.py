@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import sys
 
@@ -27,6 +28,7 @@ def _reap(*_: object) -> None:
 
 
 def _child(argv: list[str], log: str) -> None:
+    random.seed()  # not the zygote's sequence, which every earlier child also had
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     os.setpgid(0, 0)
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)  # emptied by the test
