@@ -58,8 +58,9 @@ async def quiet(*communicators: WebsocketCommunicator) -> None:
 
 
 async def assert_forbidden(communicator: WebsocketCommunicator) -> None:
-    """The socket is closed for lost access, and nothing follows the close."""
-    assert await communicator.receive_output(timeout=5) == {
+    """The socket is closed for lost access, and nothing follows the close. (The wait is long:
+    the close comes through Redis, and the suite keeps both cores busy.)"""
+    assert await communicator.receive_output(timeout=30) == {
         "type": "websocket.close", "code": CLOSE_FORBIDDEN}
     assert await communicator.receive_nothing(timeout=0.3)
 
