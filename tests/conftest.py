@@ -498,12 +498,27 @@ def people(demo: None) -> dict[str, Any]:
         username__in=["operator", "reviewer", "reviewer2", "admin"])}
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[Any]:
+    report = yield
+    if report.when == "call":
+        from tests.faults.report import attach
+
+        attach(report)
+    return report
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    from tests.faults.report import collect
+
+    collect(report)
+
+
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     """The fault-injection figures (tests/test_faults.py), when that module ran."""
     from tests.faults.report import write_summary
 
     write_summary(terminalreporter)
-
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,11 +34,30 @@ class ScenarioResult:
         return f"{statistics.median(self.duration_s):.1f}/{max(self.duration_s):.1f}"
 
 
-RESULTS: list[ScenarioResult] = []
+RESULTS: list[ScenarioResult] = []  # the scenarios this process ran
+# The scenarios whose reports reached this process: under pytest-xdist the table is printed by
+# the controller, which ran none of them; each scenario travels on its test's report.
+REPORTED: list[ScenarioResult] = []
+_KEY = "fault_scenario"
+_attached = 0
+
+
+def attach(report: Any) -> None:
+    """Put the scenarios run since the last call on this test's report."""
+    global _attached
+    for result in RESULTS[_attached:]:
+        report.user_properties.append((_KEY, dataclasses.asdict(result)))
+    _attached = len(RESULTS)
+
+
+def collect(report: Any) -> None:
+    for key, value in report.user_properties:
+        if key == _KEY:
+            REPORTED.append(ScenarioResult(**value))
 
 
 def write_summary(terminalreporter: Any) -> None:
-    if not RESULTS:
+    if not REPORTED:
         return
     tr = terminalreporter
     tr.write_sep("=", "fault injection summary")
@@ -45,12 +65,12 @@ def write_summary(terminalreporter: Any) -> None:
               f"{'lost':>5} {'dups':>5} {'stalled':>7} {'retried':>7} {'run p50/max s':>13}"
               "  statuses")
     tr.write_line(header)
-    for r in RESULTS:
+    for r in REPORTED:
         statuses = ", ".join(f"{k} {v}" for k, v in sorted(r.statuses.items()))
         tr.write_line(f"{r.name:<28} {r.runs:>5} {r.faults:>6} {r.p50():>9} {r.worst():>9} "
                       f"{r.lost:>5} {r.duplicates:>5} {r.stalled:>7} {r.retried:>7} "
                       f"{r.durations():>13}  {statuses}")
-    for r in RESULTS:
+    for r in REPORTED:
         for failure in r.failures[:8]:
             tr.write_line(f"  {r.name}: {failure}")
         if len(r.failures) > 8:
