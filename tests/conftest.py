@@ -38,11 +38,21 @@ def _sql_flush_by_delete(self: Any, style: Any, tables: list[str], *, reset_sequ
     one TRUNCATE of them all, which gives each of the ~70 tables and their indexes new files
     and takes a third of a second. Triggers (the ledger's append-only one among them) and
     foreign keys are off for the transaction the flush runs in; every table is emptied."""
-    if not tables or reset_sequences:
+    if not tables or reset_sequences or not _superuser(self.connection):
         return _truncating_flush(self, style, tables, reset_sequences=reset_sequences,
                                  allow_cascade=allow_cascade)
     return ["SET LOCAL session_replication_role = replica",
             *(f"DELETE FROM {self.quote_name(table)}" for table in tables)]
+
+
+def _superuser(connection: Any) -> bool:
+    """Whether the test role may turn triggers off (session_replication_role); if not, the
+    flush stays Django's TRUNCATE."""
+    if not hasattr(connection, "_switchboard_superuser"):
+        with connection.cursor() as cursor:
+            cursor.execute("SHOW is_superuser")
+            connection._switchboard_superuser = cursor.fetchone()[0] == "on"
+    return connection._switchboard_superuser
 
 
 if POSTGRES:
@@ -80,9 +90,12 @@ def pytest_report_header(config: pytest.Config) -> str:
     return f"switchboard mode: {settings.SWITCHBOARD_MODE}, database: {db}"
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m selects: the browser mark is given here
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         names = getattr(item, "fixturenames", None)
+        if names is not None and "browser" in names:
+            item.add_marker(pytest.mark.browser)
         # Instantiated first (see _fillfixtures): the shared demo's transaction must be open
         # before the test's own atomic block, which becomes a savepoint inside it.
         if names is not None and "demo" in names and _rolls_back(item) and SHARED not in names:
