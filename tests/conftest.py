@@ -314,8 +314,18 @@ def celery_worker(request: pytest.FixtureRequest, transactional_db: Any) -> Iter
             yield proc
         return
     _empty_test_redis()
-    with _running_worker(zygote.fork, "celery-worker.log", None) as (proc, _log_path):
+    log_path = artifact_path("celery-worker.log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.write_bytes(b"")
+    proc = zygote.fork(log_path)
+    try:
+        _wait_until_ready(proc, log_path)
         yield proc
+    finally:
+        # The test is over: no need to wait out a shutdown (a second and a half even when
+        # idle). What it was still running is abandoned, as after a crash.
+        proc.kill()
+        proc.wait(timeout=20)
 
 
 def _empty_test_redis() -> None:
@@ -362,18 +372,12 @@ class _ForkedWorker:
                 self.returncode = -1  # exited and reaped by the zygote; its status is the zygote's
         return self.returncode
 
-    def _signal(self, sig: int) -> None:
+    def kill(self) -> None:
         if self.poll() is None:
             try:
-                os.kill(self.pid, sig)
+                os.kill(self.pid, signal.SIGKILL)
             except ProcessLookupError:
                 self.returncode = -1
-
-    def terminate(self) -> None:
-        self._signal(signal.SIGTERM)
-
-    def kill(self) -> None:
-        self._signal(signal.SIGKILL)
 
     def wait(self, timeout: float | None = None) -> int:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -429,34 +433,16 @@ def celery_worker_process(
     env = _worker_env(env_extra)
     with service_process([sys.executable, "-m", "celery", "-A", "console", *_worker_argv()],
                          env=env, log_name=log_name, error_log_name=error_log_name,
-                         ) as (proc, log_path), _running_worker(lambda _: proc, log_name,
-                                                                log_path) as started:
-        yield started
-
-
-@contextmanager
-def _running_worker(start: Callable[[Path], Any], log_name: str,
-                    log_path: Path | None) -> Iterator[tuple[Any, Path]]:
-    """A worker, once its log says it is ready; stopped afterwards if ``start`` forked it."""
-    forked = log_path is None
-    if forked:
-        log_path = artifact_path(log_name)
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        log_path.write_bytes(b"")
-    assert log_path is not None
-    proc = start(log_path)
-    try:
-        wait_for(lambda: b"ready." in log_path.read_bytes() or proc.poll() is not None,
-                 timeout=60, what="the celery worker to start")
-        if proc.poll() is not None:
-            raise AssertionError(f"celery worker exited early; see {log_path}")
+                         ) as (proc, log_path):
+        _wait_until_ready(proc, log_path)
         yield proc, log_path
-    finally:
-        if forked:
-            # The test is over: no need to wait out a shutdown (a second and a half even when
-            # idle). What it was still running is abandoned, as after a crash.
-            proc.kill()
-            proc.wait(timeout=20)
+
+
+def _wait_until_ready(proc: Any, log_path: Path) -> None:
+    wait_for(lambda: b"ready." in log_path.read_bytes() or proc.poll() is not None,
+             timeout=60, what="the celery worker to start")
+    if proc.poll() is not None:
+        raise AssertionError(f"celery worker exited early; see {log_path}")
 
 
 def subprocess_database_url() -> str:
