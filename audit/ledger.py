@@ -32,7 +32,7 @@ _MOVE_SQL = "UPDATE audit_chainhead SET seq = %s, head_hash = %s WHERE chain = %
 # gseq, gprev_hash and ghash stay NULL: seal() fills them.
 _INSERT_SQL = ("INSERT INTO audit_event (chain, seq, kind, at, actor, data, body, prev_hash, hash)"
                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id")
-# PostgreSQL: the insert and the head's move in one round trip.
+# PostgreSQL, one event alone: the insert and the head's move in one round trip.
 _INSERT_MOVE_SQL = ("WITH e AS (" + _INSERT_SQL + ") UPDATE audit_chainhead SET seq = %s,"
                     " head_hash = %s WHERE chain = %s RETURNING (SELECT id FROM e)")
 # Served by the partial index audit_event_unsealed (or a scan of the primary key without one).
@@ -139,6 +139,12 @@ def _append(chain: uuid.UUID, kind: str, data: dict[str, Any], *, actor: str) ->
         chain=chain, seq=seq, kind=kind, at=at, actor=actor, data=json.loads(body)["data"],
         body=body, prev_hash=head_hash, hash=digest,
     )
+    postgresql = connection.vendor == "postgresql"
+    if batch is not None and postgresql:  # the columns are read out of the body: see APPEND
+        batch.append([body, head_hash, digest])
+        _batch.heads[chain] = (chain_param, seq, digest)
+        _announce(chain, seq, kind)
+        return event
     data_param = Event._meta.get_field("data").get_db_prep_save(event.data, connection)
     params = [chain_param, seq, kind, connection.ops.adapt_datetimefield_value(at), actor,
               data_param, body, head_hash, digest]
@@ -148,7 +154,7 @@ def _append(chain: uuid.UUID, kind: str, data: dict[str, Any], *, actor: str) ->
         _announce(chain, seq, kind)
         return event
     with connection.cursor() as cursor:
-        if connection.vendor == "postgresql":
+        if postgresql:
             cursor.execute(_INSERT_MOVE_SQL, [*params, seq, digest, chain_param])
             event.pk = cursor.fetchone()[0]
         else:
@@ -210,37 +216,30 @@ def batched(write: Callable[[str, list[Any]], None] | None = None) -> Iterator[N
         _batch.rows = _batch.heads = None
 
 
-_COLUMNS = ("chain", "seq", "kind", "at", "actor", "data", "body", "prev_hash", "hash")
-_COLUMN_TYPES = ("uuid", "bigint", "text", "timestamptz", "text", "jsonb", "text", "text", "text")
-# PostgreSQL: a step's events (up to this many, all of one chain) and the head's move in one
-# statement planned once per connection.
-_PREPARED_ROWS = 8
-
-
-@functools.cache
-def _append_statement(count: int) -> Prepared:
-    values = ", ".join("(" + ", ".join(f"%({c}{n})s" for c in _COLUMNS) + ")"
-                       for n in range(count))
-    last = count - 1
-    return Prepared(
-        f"append_{count}",
-        f"WITH e AS ({_INSERT_SQL.split(' VALUES ')[0]} VALUES {values})"
-        f" UPDATE audit_chainhead SET seq = %(seq{last})s, head_hash = %(hash{last})s"
-        f" WHERE chain = %(chain{last})s",
-        {f"{c}{n}": t for n in range(count) for c, t in zip(_COLUMNS, _COLUMN_TYPES,
-                                                             strict=True)})
+# PostgreSQL: any number of events, of any chains, and the move of each chain's head, in one
+# statement planned once per connection. Each event travels as its canonical body with its two
+# hashes (one JSON parameter, so adapting it is one C call); the columns are read out of the
+# body, which is what the hash covers. ORDER BY n: ids follow append order, as seal() needs.
+APPEND = Prepared(
+    "append_rows",
+    "WITH r AS (SELECT x->>0 AS body, (x->>0)::jsonb AS b, x->>1 AS prev_hash, x->>2 AS hash, n"
+    " FROM json_array_elements(%(rows)s::json) WITH ORDINALITY AS t (x, n)),"
+    " e AS (INSERT INTO audit_event (chain, seq, kind, at, actor, data, body, prev_hash, hash)"
+    " SELECT (b->>'chain')::uuid, (b->>'seq')::bigint, b->>'kind', (b->>'at')::timestamptz,"
+    " b->>'actor', b->'data', body, prev_hash, hash FROM r ORDER BY n)"
+    " UPDATE audit_chainhead AS h SET seq = m.seq, head_hash = m.hash FROM"
+    " (SELECT DISTINCT ON (b->>'chain') (b->>'chain')::uuid AS chain, (b->>'seq')::bigint AS seq,"
+    " hash FROM r ORDER BY b->>'chain', n DESC) AS m WHERE h.chain = m.chain",
+    {"rows": "text"})
 
 
 def _flush(rows: list[list[Any]], heads: dict[uuid.UUID, tuple[Any, int, str]],
            write: Callable[[str, list[Any]], None] | None = None) -> None:
     if not rows:
         return
-    if (connection.vendor == "postgresql" and len(heads) == 1
-            and len(rows) <= _PREPARED_ROWS):
-        # One chain: its head moves to the last row (rows are in append order).
-        statement = _append_statement(len(rows)).statement(
-            {f"{c}{n}": value for n, row in enumerate(rows)
-             for c, value in zip(_COLUMNS, row, strict=True)})
+    if connection.vendor == "postgresql":
+        # Rows hold (body, prev_hash, hash) here: see _append.
+        statement = APPEND.statement({"rows": json.dumps(rows, ensure_ascii=False)})
         if write is not None:
             write(*statement)
         else:
@@ -250,22 +249,16 @@ def _flush(rows: list[list[Any]], heads: dict[uuid.UUID, tuple[Any, int, str]],
     values = ", ".join(["(%s, %s, %s, %s, %s, %s, %s, %s, %s)"] * len(rows))
     insert = _INSERT_SQL.split(" VALUES ")[0] + " VALUES " + values
     params = [value for row in rows for value in row]
+    moves = [[seq, digest, chain_param] for chain_param, seq, digest in heads.values()]
     if write is not None:
         write(insert, params)
-        for chain_param, seq, digest in heads.values():
-            write(_MOVE_SQL, [seq, digest, chain_param])
-        _remember(heads)
-        return
-    with connection.cursor() as cursor:
-        moves = list(heads.values())
-        if connection.vendor == "postgresql" and len(moves) == 1:
-            chain_param, seq, digest = moves[0]
-            cursor.execute(f"WITH e AS ({insert}) " + _MOVE_SQL, [*params, seq, digest,
-                                                                  chain_param])
-            return _remember(heads)
-        cursor.execute(insert, params)
-        for chain_param, seq, digest in moves:
-            cursor.execute(_MOVE_SQL, [seq, digest, chain_param])
+        for move in moves:
+            write(_MOVE_SQL, move)
+    else:
+        with connection.cursor() as cursor:
+            cursor.execute(insert, params)
+            for move in moves:
+                cursor.execute(_MOVE_SQL, move)
     _remember(heads)
 
 

@@ -160,12 +160,38 @@ def worker(backend: str, checkpoint_url: str, runs: int, warmup: int, out: Path)
                 if index >= warmup:
                     samples[name].append(steps)
                     totals[name].append(total)
+        trips = ({name: round_trips(lang.pgconn() if name == "langgraph" else None, loop)
+                  for name, loop in loops.items()} if backend == "postgres" else {})
     finally:
         lang.close()
     result = {name: summarise(samples[name], totals[name]) for name in loops}
+    for name, count in trips.items():
+        result[name]["round_trips"] = count
     result["langgraph"]["saver"] = lang.saver_name
     result["engine"]["ledger_verified"] = engine.verified
     out.write_text(json.dumps(result))
+
+
+def round_trips(pgconn: Any, loop: Callable[[], tuple[list[float], float]]) -> float:
+    """Requests one more run of ``loop`` sent to PostgreSQL per step, from libpq's trace of
+    its connection (Django's, or ``pgconn``): each simple query, and each Sync that ends a
+    batch of extended-protocol messages, waits for the server once."""
+    if pgconn is None:
+        from django.db import connection
+
+        connection.ensure_connection()
+        pgconn = connection.connection.pgconn
+    with tempfile.TemporaryDirectory(prefix="switchboard-trace-") as tmp:
+        path = Path(tmp) / "libpq.trace"
+        with path.open("wb") as trace:
+            pgconn.trace(trace.fileno())
+            try:
+                loop()
+            finally:
+                pgconn.untrace()
+        sent = [line.split("\t")[3] for line in path.read_text(errors="replace").splitlines()
+                if line.count("\t") >= 3 and line.split("\t")[1] == "F"]
+    return sum(1 for message in sent if message in ("Query", "Sync")) / STEPS
 
 
 class EngineBench:
@@ -377,6 +403,10 @@ class LangGraphBench:
             raise RuntimeError(f"the LangGraph loop did not end with an answer: {last}")
         return clock.steps_us(), total
 
+    def pgconn(self) -> Any:
+        """The PostgreSQL saver's connection (libpq's handle)."""
+        return self.graph.checkpointer.conn.pgconn
+
     def close(self) -> None:
         self._exit()
 
@@ -466,6 +496,10 @@ def print_table(results: dict[str, dict[str, Any]], args: argparse.Namespace) ->
             print(f"{backend:<9} {label:<30} {row['median_us']:>8.0f} {row['p95_us']:>8.0f} "
                   f"{row['whole_run_us']:>10.0f} {row['step2_us']:>8.0f} "
                   f"{row['step20_us']:>8.0f} {row['flatness']:>6.2f}")
+        if "round_trips" in result["engine"]:
+            print(f"{'':<9} round trips a step (libpq trace of one more run): " + ", ".join(
+                f"{LABELS[name].format(saver=result['langgraph'].get('saver', ''))} "
+                f"{result[name]['round_trips']:.1f}" for name in LOOPS))
         v = result["verdict"]
         print(f"{'':<9} ratio engine/langgraph: median {v['ratio_median']:.2f}, "
               f"p95 {v['ratio_p95']:.2f}, whole run {v['ratio_whole_run']:.2f} "

@@ -47,6 +47,7 @@ def _run_steps(index: int, per_step: int, start: Any, stop_at: Any, counts: Any,
     from django.db import connection, transaction
 
     from audit import ledger
+    from orchestration.sql import deferred_writes
 
     chain = uuid.uuid4()
     try:
@@ -56,7 +57,8 @@ def _run_steps(index: int, per_step: int, start: Any, stop_at: Any, counts: Any,
         step = 0
         while time.time() < stop_at.value:
             step += 1
-            with transaction.atomic(), ledger.batched():
+            with transaction.atomic(), deferred_writes(commit=True) as write, \
+                    ledger.batched(write):
                 for n in range(per_step):
                     ledger.append(chain, "model.called", {**DATA, "step": step * 10 + n},
                                   actor="agent:bench")

@@ -100,6 +100,41 @@ TASK_ROW = Prepared("task_row", TASK_SQL.replace("run_id = %s", "run_id = %(run)
                     .replace('"key" = %s', '"key" = %(key)s'), {"run": "uuid", "key": "text"})
 
 
+# A step written at a head it already knows (PostgreSQL): sent ahead of its writes in their one
+# round trip with the commit, the run and its chain head are locked, then (a statement of its
+# own, so it reads the rows as they are once the lock is held) the head and the task's lease
+# are checked to be what the step assumed; if either moved, the transaction fails and nothing
+# of the step lands (``moved_on`` tells that failure apart).
+MOVED_ON = "switchboard: the run moved on since the step's last write"
+STEP_EXPECT = Prepared(
+    "step_expect",
+    "SELECT switchboard_expect((SELECT h.seq = %(seq)s AND h.head_hash = %(hash)s"
+    " FROM audit_chainhead h WHERE h.chain = %(run)s) AND (%(lease)s = '' OR EXISTS ("
+    " SELECT 1 FROM orchestration_task t WHERE t.run_id = %(run)s AND t.\"key\" = %(key)s"
+    " AND t.status = 'running' AND t.lease_owner = %(lease)s)), %(message)s)",
+    {"run": "uuid", "seq": "bigint", "hash": "text", "key": "text", "lease": "text",
+     "message": "text"})
+
+
+def expect_step(run_id: str, task_key: str, lease: str, head: tuple[int, str],
+                write: Any) -> None:
+    """Give ``write`` (a step's deferred writes) the statements that lock the run and its head
+    and fail the step unless the head is still ``head`` and, with a ``lease``, the task is
+    still running under it. The step's appends then hash onto ``head`` without reading it."""
+    params = {"run": uuid_param(run_id), "seq": head[0], "hash": head[1], "key": task_key,
+              "lease": lease, "message": MOVED_ON}
+    write(*STEP_LOCK.statement(params))
+    write(*STEP_EXPECT.statement(params))
+    ledger.prime_head(uuid.UUID(str(run_id)), head[0], head[1])
+
+
+def moved_on(exc: BaseException) -> bool:
+    """Whether ``exc`` is a step's expectation failing (see ``expect_step``)."""
+    cause = exc.__cause__
+    return (getattr(cause, "sqlstate", None) == "P0001"
+            and str(getattr(getattr(cause, "diag", None), "message_primary", "")) == MOVED_ON)
+
+
 def lock_step(run_id: str, task_key: str = "") -> Any:
     """Take the run's lock for one step's writes and read ``task_key``'s row
     (``TASK_SQL``'s columns, None without a key or a row): one round trip on PostgreSQL."""

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from django.db import connection
+from psycopg.pq import TransactionStatus
 
 from orchestration.models import Run, Task
 
@@ -46,21 +47,28 @@ def execute(sql: str, params: list[Any]) -> int:
 
 
 _writes = threading.local()
+_IDLE = TransactionStatus.IDLE
 
 
 @contextmanager
-def deferred_writes() -> Iterator[Callable[[str, list[Any]], None]]:
+def deferred_writes(*, commit: bool = False) -> Iterator[Callable[[str, list[Any]], None]]:
     """Collect a step's writes (whose results nothing reads) and send them together when the
     block ends: on PostgreSQL one round trip for the whole step, statements in order. Use it
     inside the step's transaction; if the block raises, nothing is sent. Reads of rows the
-    buffer would change must flush first (``flush_writes``)."""
+    buffer would change must flush first (``flush_writes``).
+
+    ``commit``: the block ends its transaction (nothing after it reads or writes the database
+    before the enclosing ``transaction.atomic()`` exits): when that is the outermost one, the
+    COMMIT goes in the same round trip as the writes, and Django's own commit then finds no
+    transaction open and sends nothing. Nested in a caller's transaction (a test's, a batch's)
+    the writes are sent alone and the caller commits."""
     if getattr(_writes, "buffer", None) is not None:
         yield write  # the outer block sends
         return
     _writes.buffer = []
     try:
         yield write
-        flush_writes()
+        flush_writes(commit=commit)
     finally:
         _writes.buffer = None
 
@@ -75,7 +83,14 @@ def write(sql: str, params: list[Any]) -> None:
         buffer.append((sql, params))
 
 
-def flush_writes() -> None:
+def _ends_outermost() -> bool:
+    """Whether this connection's only atomic block is one that commits on exit, so a COMMIT
+    sent now is the one Django would send at its end."""
+    return (connection.vendor == "postgresql" and len(connection.atomic_blocks) == 1
+            and connection.commit_on_exit and not connection.needs_rollback)
+
+
+def flush_writes(*, commit: bool = False) -> None:
     buffer = getattr(_writes, "buffer", None)
     if not buffer:
         return
@@ -83,8 +98,14 @@ def flush_writes() -> None:
     buffer.clear()
     if connection.vendor == "postgresql":
         # Client-side binding (Django's default with psycopg 3) sends this as one simple query.
-        execute("; ".join(sql for sql, _ in statements),
-                [value for _, params in statements for value in params])
+        sql = "; ".join(sql for sql, _ in statements)
+        params = [value for _, params in statements for value in params]
+        if commit and _ends_outermost():
+            execute(f"{sql}; COMMIT", params)
+            if connection.connection.info.transaction_status != _IDLE:
+                raise RuntimeError("the step's COMMIT did not end its transaction")
+            return
+        execute(sql, params)
         return
     for sql, params in statements:
         execute(sql, params)

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from django.db import connection, transaction
+from django.db import DatabaseError, connection, transaction
 from django.utils import timezone
 
 from audit import ledger
@@ -57,6 +57,9 @@ class DjangoRunStore(DelegationRows):
         # The lease token the next release_and_claim gives its task, when the caller chose it
         # beforehand: a step retried after an unclear commit can then find what it claimed.
         self.next_lease = ""
+        # Per run, the chain head this store's last committed step left (PostgreSQL): the
+        # next step writes at it with its checks in the same round trip (_record_step).
+        self._heads: dict[str, tuple[int, str]] = {}
 
     def _token(self) -> str:
         token, self.next_lease = self.next_lease or leases.new_token(), ""
@@ -395,23 +398,54 @@ class DjangoRunStore(DelegationRows):
     def _record_step(self, run_id: str, kind: str, data: dict[str, Any], *, usage: Any,
                      reserved: Any = None, lease: str = "",
                      transcript: list[dict[str, Any]] | None = None) -> None:
+        # Outside a caller's transaction this one commits here, and the head it leaves is the
+        # one the next step of this run starts from (unless someone else appends meanwhile,
+        # which that step's expectation finds).
+        outermost = not transaction.get_connection().in_atomic_block
+        known = self._heads.pop(str(run_id), None) if outermost else None
+        event = None
+        if known is not None:
+            try:
+                event = self._write_step(run_id, kind, data, usage=usage, reserved=reserved,
+                                         lease=lease, transcript=transcript, head=known)
+            except DatabaseError as exc:
+                if not run_lock.moved_on(exc):
+                    raise
+        if event is None:  # the head unknown or moved: lock and read it first
+            event = self._write_step(run_id, kind, data, usage=usage, reserved=reserved,
+                                     lease=lease, transcript=transcript)
+        if outermost and connection.vendor == "postgresql":
+            self._heads[str(run_id)] = (event.seq, event.hash)
+
+    def _write_step(self, run_id: str, kind: str, data: dict[str, Any], *, usage: Any,
+                    reserved: Any, lease: str, transcript: list[dict[str, Any]] | None,
+                    head: tuple[int, str] | None = None) -> Event:
+        """One step's writes in one transaction. Round trips on PostgreSQL: the lock (with the
+        lease's row), then the writes with the commit; with the ``head`` the last step left,
+        the lock and the checks travel with the writes instead."""
         task = data.get("task", "")
         with transaction.atomic(savepoint=False):
-            # Round trips: the lock (with the lease's row), the writes, the commit.
-            row = run_lock.lock_step(run_id, task if lease else "")
-            if lease and (row is None or row[0] != TaskStatus.RUNNING or row[1] != lease):
-                raise LeaseLost(f"task {task} of run {run_id} was taken over by another worker")
-            with deferred_writes() as send, ledger.batched(write=send):
-                ledger.append(uuid.UUID(str(run_id)), kind, data,
-                              actor=data.get("actor", self.actor))
-                if transcript is not None:
-                    transcripts.keep(run_id, kind, task=task,
-                                     step=int(data.get("step", data.get("round", 0))),
-                                     digest=data.get("messages_digest", ""),
-                                     messages=transcript)
-                if reserved is not None or not usage.is_zero():
-                    budgets.settle(run_id, task, reserved, usage, write=send)
+            if head is None:
+                row = run_lock.lock_step(run_id, task if lease else "")
+                if lease and (row is None or row[0] != TaskStatus.RUNNING or row[1] != lease):
+                    raise LeaseLost(f"task {task} of run {run_id} was taken over by another "
+                                    "worker")
             transaction.on_commit(functools.partial(metrics.on_step, run_id, kind, data, usage))
+            # The step's writes and, when this is the worker's own transaction, its commit.
+            with deferred_writes(commit=True) as send:
+                if head is not None:
+                    run_lock.expect_step(run_id, task, lease, head, send)
+                with ledger.batched(write=send):
+                    event = ledger.append(uuid.UUID(str(run_id)), kind, data,
+                                          actor=data.get("actor", self.actor))
+                    if transcript is not None:
+                        transcripts.keep(run_id, kind, task=task,
+                                         step=int(data.get("step", data.get("round", 0))),
+                                         digest=data.get("messages_digest", ""),
+                                         messages=transcript)
+                    if reserved is not None or not usage.is_zero():
+                        budgets.settle(run_id, task, reserved, usage, write=send)
+        return event
 
     def journal(self, run_id: str, key: str) -> Journal:
         """What the ledger holds for a task's agent loop, for a resume that calls nothing twice."""

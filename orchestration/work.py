@@ -44,7 +44,7 @@ def advance(run_id: str, message_id: int | None = None) -> None:
     token = leases.new_token()
 
     def step() -> AdvanceResult | TaskSnapshot | None:
-        with transaction.atomic(), deferred_writes() as write, ledger.batched(write):
+        with transaction.atomic(), deferred_writes(commit=True) as write, ledger.batched(write):
             if not outbox.consume(message_id):
                 # Done already: by a twin delivery, or by this very step, whose commit went
                 # through although the connection failed before it said so.
@@ -72,7 +72,7 @@ def execute(run_id: str, key: str, message_id: int | None = None) -> None:
     store = DjangoRunStore()
 
     def step() -> TaskSnapshot | None:
-        with transaction.atomic(), deferred_writes() as write, ledger.batched(write):
+        with transaction.atomic(), deferred_writes(commit=True) as write, ledger.batched(write):
             if not outbox.consume(message_id):
                 return None
             return store.claim_task(run_id, key)  # None for a run or task that is gone
@@ -97,7 +97,8 @@ def run_chain(store: DjangoRunStore, run_id: str, claim: TaskSnapshot | None) ->
 
             def step(c: TaskSnapshot = claim, o: Outcome = outcome,
                      t: str = token) -> AdvanceResult:
-                with transaction.atomic(), deferred_writes() as write, ledger.batched(write):
+                with (transaction.atomic(), deferred_writes(commit=True) as write,
+                      ledger.batched(write)):
                     store.next_lease = t
                     result = runner.finish(store, run_id, c.key, o, lease=c.lease, take=1)
                     _dispatch(run_id, result)

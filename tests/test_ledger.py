@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from django.db import DatabaseError, IntegrityError, OperationalError, connection, transaction
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from audit import ledger, verify
@@ -293,6 +294,45 @@ def test_it_appends_without_touching_the_global_chain(db: Any) -> None:
     assert (result.ok, result.events, result.unsealed) == (True, head[0], 3)
     assert "3 not sealed yet" in result.describe()
     assert verify_chain(chain).ok
+
+
+def test_a_batch_writes_interleaved_chains_in_append_order(db: Any) -> None:
+    """One block appending to two chains in turn: one write for all of their events when the
+    block ends, ids in append order, every column as the hashed body has it,
+    and each head at its own chain's last event."""
+    first, second = uuid.uuid4(), uuid.uuid4()
+    with transaction.atomic():
+        ledger.start_chain(first)
+        ledger.start_chain(second)
+    awkward = {"text": 'quotes " and \\ backslash, ümlaut, 改, emoji \U0001f600, <b>&amp;',
+               "n": 1.5, "nested": {"list": [1, None, True]}}
+    order = [first, second, second, first, second]
+    with CaptureQueriesContext(connection) as queries, transaction.atomic(), \
+            ledger.batched():
+        appended = [ledger.append(chain, f"test.k{i}", {**awkward, "i": i},
+                                 actor="user:tester") for i, chain in enumerate(order)]
+        assert not any("audit_event" in q["sql"] or "append_rows" in q["sql"]
+                       for q in queries.captured_queries)  # nothing written before the end
+    writes = [q["sql"] for q in queries.captured_queries
+              if q["sql"].startswith(("INSERT INTO audit_event", "EXECUTE sb_append_rows"))]
+    # PostgreSQL: the events and both heads' moves are one statement.
+    assert len(writes) == 1
+    events = list(Event.objects.filter(chain__in=[first, second]).order_by("id"))
+    assert [(e.chain, e.seq, e.kind) for e in events] == [
+        (a.chain, a.seq, a.kind) for a in appended]
+    assert [e.seq for e in events] == [1, 1, 2, 2, 3]
+    for event, made in zip(events, appended, strict=True):
+        body = json.loads(event.body)
+        assert event.body == made.body
+        assert (str(event.chain), event.seq, event.kind, event.actor, event.data) == (
+            body["chain"], body["seq"], body["kind"], body["actor"], body["data"])
+        assert event.at.isoformat() == body["at"] == made.at.isoformat()
+        assert (event.prev_hash, event.hash) == (made.prev_hash, made.hash)
+    assert events[0].data["text"] == awkward["text"]
+    heads = dict(ChainHead.objects.filter(chain__in=[first, second])
+                 .values_list("chain", "head_hash"))
+    assert heads == {first: appended[3].hash, second: appended[4].hash}
+    assert verify_chain(first).ok and verify_chain(second).ok
 
 
 def test_it_seals_in_batches_in_id_order(db: Any) -> None:
