@@ -60,6 +60,7 @@ class DjangoRunStore(DelegationRows):
         # Per run, the chain head this store's last committed step left (PostgreSQL): the
         # next step writes at it with its checks in the same round trip (_record_step).
         self._heads: dict[str, tuple[int, str]] = {}
+        self._contended: set[str] = set()
 
     def _token(self) -> str:
         token, self.next_lease = self.next_lease or leases.new_token(), ""
@@ -401,6 +402,8 @@ class DjangoRunStore(DelegationRows):
         # Outside a caller's transaction this one commits here, and the head it leaves is the
         # one the next step of this run starts from (unless someone else appends meanwhile,
         # which that step's expectation finds).
+        # A run whose head moved under this store once (side-by-side tasks, people deciding)
+        # is locked and read first from then on: a failed try costs more than the read.
         outermost = not transaction.get_connection().in_atomic_block
         known = self._heads.pop(str(run_id), None) if outermost else None
         event = None
@@ -411,10 +414,12 @@ class DjangoRunStore(DelegationRows):
             except DatabaseError as exc:
                 if not run_lock.moved_on(exc):
                     raise
+                self._contended.add(str(run_id))
         if event is None:  # the head unknown or moved: lock and read it first
             event = self._write_step(run_id, kind, data, usage=usage, reserved=reserved,
                                      lease=lease, transcript=transcript)
-        if outermost and connection.vendor == "postgresql":
+        if (outermost and connection.vendor == "postgresql"
+                and str(run_id) not in self._contended):
             self._heads[str(run_id)] = (event.seq, event.hash)
 
     def _write_step(self, run_id: str, kind: str, data: dict[str, Any], *, usage: Any,
