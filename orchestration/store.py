@@ -7,7 +7,6 @@ Every write takes the run's lock first (orchestration/run_lock.py) and goes out 
 from __future__ import annotations
 
 import copy
-import functools
 import uuid
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
@@ -15,12 +14,13 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from django.db import DatabaseError, connection, transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from audit import ledger
 from audit.models import Event
-from orchestration import budgets, governance, leases, metrics, outbox, run_lock, transcripts
+from orchestration import budgets, governance, leases, outbox, run_lock
+from orchestration.call_records import CallRecords
 from orchestration.delegations import DelegationRows
 from orchestration.engine.errors import LeaseLost
 from orchestration.engine.gate import CHECK_KINDS, JOURNAL_KINDS, Journal
@@ -36,10 +36,9 @@ from orchestration.engine.states import (
 from orchestration.engine.store import RunSnapshot, TaskSnapshot
 from orchestration.models import Task
 from orchestration.plans import plan_of_run
-from orchestration.retry import persist, retrying
+from orchestration.retry import retrying
 from orchestration.run_lock import TASK_SQL, TASKS_SQL, Locked, held_run, lock_run
 from orchestration.sql import (
-    deferred_writes,
     dt_param,
     execute,
     fetch_one,
@@ -51,16 +50,13 @@ from orchestration.sql import (
 )
 
 
-class DjangoRunStore(DelegationRows):
+class DjangoRunStore(DelegationRows, CallRecords):
     def __init__(self, actor: str = "system") -> None:
         self.actor = actor
         # The lease token the next release_and_claim gives its task, when the caller chose it
         # beforehand: a step retried after an unclear commit can then find what it claimed.
         self.next_lease = ""
-        # Per run, the chain head this store's last committed step left (PostgreSQL): the
-        # next step writes at it with its checks in the same round trip (_record_step).
-        self._heads: dict[str, tuple[int, str]] = {}
-        self._contended: set[str] = set()
+        CallRecords.__init__(self)
 
     def _token(self) -> str:
         token, self.next_lease = self.next_lease or leases.new_token(), ""
@@ -358,99 +354,6 @@ class DjangoRunStore(DelegationRows):
                     status=TaskStatus.QUEUED, lease_owner="", lease_expires_at=None)
             ledger.append(uuid.UUID(str(run_id)), "task.requeued", {"task": key, "reason": reason},
                           actor=self.actor)
-
-    def record_step(self, run_id: str, kind: str, data: dict[str, Any], *, usage: Any,
-                    reserved: Any = None, lease: str = "",
-                    transcript: list[dict[str, Any]] | None = None) -> None:
-        """Checkpoint one model or tool call and settle its reservation, atomically (a model
-        call's ``transcript`` in the same transaction). The call's result is in hand: a
-        database that is briefly away is waited for (``persist``) rather than the call made
-        again."""
-        if transaction.get_connection().in_atomic_block:
-            self._record_step(run_id, kind, data, usage=usage, reserved=reserved, lease=lease,
-                              transcript=transcript)
-            return
-        tries = 0
-
-        def attempt() -> None:
-            nonlocal tries
-            tries += 1
-            if tries > 1 and self._recorded(run_id, kind, data):
-                return  # the earlier try committed; only its answer was lost
-            self._record_step(run_id, kind, data, usage=usage, reserved=reserved, lease=lease,
-                              transcript=transcript)
-
-        persist(attempt, what=f"record {kind} of {run_id}/{data.get('task', '')}")
-
-    @staticmethod
-    def _recorded(run_id: str, kind: str, data: dict[str, Any]) -> bool:
-        """Whether the ledger holds this very step already (same task, kind and call key or
-        model step)."""
-        same = {"data__task": data.get("task", "")}
-        if "idempotency_key" in data:
-            same["data__idempotency_key"] = data["idempotency_key"]
-        elif "step" in data:
-            same["data__step"] = data["step"]
-        else:
-            return False
-        return Event.objects.filter(chain=run_id, kind=kind, **same).exists()
-
-    @retrying
-    def _record_step(self, run_id: str, kind: str, data: dict[str, Any], *, usage: Any,
-                     reserved: Any = None, lease: str = "",
-                     transcript: list[dict[str, Any]] | None = None) -> None:
-        # Outside a caller's transaction this one commits here, and the head it leaves is the
-        # one the next step of this run starts from (unless someone else appends meanwhile,
-        # which that step's expectation finds).
-        # A run whose head moved under this store once (side-by-side tasks, people deciding)
-        # is locked and read first from then on: a failed try costs more than the read.
-        outermost = not transaction.get_connection().in_atomic_block
-        known = self._heads.pop(str(run_id), None) if outermost else None
-        event = None
-        if known is not None:
-            try:
-                event = self._write_step(run_id, kind, data, usage=usage, reserved=reserved,
-                                         lease=lease, transcript=transcript, head=known)
-            except DatabaseError as exc:
-                if not run_lock.moved_on(exc):
-                    raise
-                self._contended.add(str(run_id))
-        if event is None:  # the head unknown or moved: lock and read it first
-            event = self._write_step(run_id, kind, data, usage=usage, reserved=reserved,
-                                     lease=lease, transcript=transcript)
-        if (outermost and connection.vendor == "postgresql"
-                and str(run_id) not in self._contended):
-            self._heads[str(run_id)] = (event.seq, event.hash)
-
-    def _write_step(self, run_id: str, kind: str, data: dict[str, Any], *, usage: Any,
-                    reserved: Any, lease: str, transcript: list[dict[str, Any]] | None,
-                    head: tuple[int, str] | None = None) -> Event:
-        """One step's writes in one transaction. Round trips on PostgreSQL: the lock (with the
-        lease's row), then the writes with the commit; with the ``head`` the last step left,
-        the lock and the checks travel with the writes instead."""
-        task = data.get("task", "")
-        with transaction.atomic(savepoint=False):
-            if head is None:
-                row = run_lock.lock_step(run_id, task if lease else "")
-                if lease and (row is None or row[0] != TaskStatus.RUNNING or row[1] != lease):
-                    raise LeaseLost(f"task {task} of run {run_id} was taken over by another "
-                                    "worker")
-            transaction.on_commit(functools.partial(metrics.on_step, run_id, kind, data, usage))
-            # The step's writes and, when this is the worker's own transaction, its commit.
-            with deferred_writes(commit=True) as send:
-                if head is not None:
-                    run_lock.expect_step(run_id, task, lease, head, send)
-                with ledger.batched(write=send):
-                    event = ledger.append(uuid.UUID(str(run_id)), kind, data,
-                                          actor=data.get("actor", self.actor))
-                    if transcript is not None:
-                        transcripts.keep(run_id, kind, task=task,
-                                         step=int(data.get("step", data.get("round", 0))),
-                                         digest=data.get("messages_digest", ""),
-                                         messages=transcript)
-                    if reserved is not None or not usage.is_zero():
-                        budgets.settle(run_id, task, reserved, usage, write=send)
-        return event
 
     def journal(self, run_id: str, key: str) -> Journal:
         """What the ledger holds for a task's agent loop, for a resume that calls nothing twice."""
