@@ -11,8 +11,11 @@ event canonicalised and hashed onto its chain, one multi-row INSERT, the head mo
 with ``synchronous_commit`` on. Then, in the same process and on the same table, the same number
 of rows (the same shape, hashed the same way, new chain ids) is written by ``executemany`` on a
 plain psycopg connection (statements pipelined) in one transaction per 1,000 rows, the batched
-insert a user would reach for. It prints events per second for both and their ratio; the target
-is at least 0.5 (``--check`` exits 1 when it is missed).
+insert a user would reach for. A third row is the floor under any writer that commits each
+step: the same processes insert rows of the same shape, made beforehand (no hashing, no chain
+head), ``--per-step`` at a time with ``executemany`` in a transaction each. It prints events
+per second for all three and the ratios; the target is the ledger at least 0.5 of the batched
+insert (``--check`` exits 1 when it is missed).
 ``--per-step 1`` measures one event per commit.
 
 Options: ``--runs N``, ``--seconds S``, ``--per-step N``, ``--threads``, ``--postgres-url`` (default
@@ -103,10 +106,13 @@ def appends(runs: int, seconds: float, per_step: int, *, threads: bool) -> dict[
             "errors": list(errors)}
 
 
-def executemany(count: int, per_chain: int) -> dict[str, Any]:
-    """``count`` rows shaped like the appended ones, hashed the same way, loaded in
-    1,000-row transactions by ``executemany``."""
-    from django.db import connection
+INSERT = ("INSERT INTO audit_event (chain, seq, kind, at, actor, data, body, prev_hash, hash)"
+          " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)")
+
+
+def _rows(count: int, per_chain: int) -> list[list[Any]]:
+    """``count`` rows shaped like the appended ones and hashed the same way, on new chains of
+    ``per_chain`` events."""
     from django.utils import timezone
 
     from hashchain import GENESIS, canonical_json, chain_hash
@@ -125,22 +131,78 @@ def executemany(count: int, per_chain: int) -> dict[str, Any]:
         rows.append([chain, seq, "model.called", at, "agent:bench", json.dumps(data), body,
                      prev, digest])
         prev = digest
-    sql = ("INSERT INTO audit_event (chain, seq, kind, at, actor, data, body, prev_hash, hash)"
-           " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)")
-    # psycopg's own connection (server-side binding; executemany pipelines the statements),
-    # not Django's cursor: the strongest plain baseline.
+    return rows
+
+
+def _psycopg() -> Any:
+    """psycopg's own connection to the benchmark's database (server-side binding; executemany
+    pipelines the statements), not Django's cursor: the strongest plain baseline."""
     import psycopg
+    from django.db import connection
 
     settings = connection.settings_dict
-    with psycopg.connect(dbname=settings["NAME"], user=settings["USER"] or None,
-                         host=settings["HOST"] or None, port=settings["PORT"] or None,
-                         password=settings["PASSWORD"] or None) as conn:
+    return psycopg.connect(dbname=settings["NAME"], user=settings["USER"] or None,
+                           host=settings["HOST"] or None, port=settings["PORT"] or None,
+                           password=settings["PASSWORD"] or None)
+
+
+def executemany(count: int, per_chain: int) -> dict[str, Any]:
+    """``count`` rows shaped like the appended ones, hashed the same way, loaded in
+    1,000-row transactions by ``executemany``."""
+    rows = _rows(count, per_chain)
+    with _psycopg() as conn:
         began = time.perf_counter()
         for first in range(0, len(rows), 1000):
             with conn.transaction(), conn.cursor() as cursor:
-                cursor.executemany(sql, rows[first:first + 1000])
+                cursor.executemany(INSERT, rows[first:first + 1000])
         elapsed = time.perf_counter() - began
     return {"events": count, "seconds": elapsed, "rate": count / elapsed}
+
+
+def _plain_steps(index: int, per_step: int, rows: list[list[Any]], start: Any, stop_at: Any,
+                 counts: Any, errors: Any) -> None:
+    """One run's rows, made beforehand, inserted ``per_step`` at a time, a transaction each."""
+    try:
+        with _psycopg() as conn:
+            start.wait()
+            done = 0
+            while time.time() < stop_at.value and done + per_step <= len(rows):
+                with conn.transaction(), conn.cursor() as cursor:
+                    cursor.executemany(INSERT, rows[done:done + per_step])
+                done += per_step
+                counts[index] += per_step
+            if done + per_step > len(rows):
+                errors.append(f"run {index} ran out of rows made beforehand")
+    except Exception as exc:  # noqa: BLE001 - reported with the figures
+        errors.append(f"{type(exc).__name__}: {exc}")
+
+
+def plain_steps(runs: int, seconds: float, per_step: int, expected: int) -> dict[str, Any]:
+    """The floor under any per-step durable writer: ``runs`` processes insert the same shape
+    of rows (hashed beforehand, no chain head) with a commit every ``per_step`` rows."""
+    from django.db import connection
+
+    connection.close()  # each process opens its own
+    context = multiprocessing.get_context("fork")
+    start = context.Barrier(runs + 1)
+    stop_at = context.Value("d", time.time() + 3600)
+    counts = context.Array("q", runs)
+    errors = context.Manager().list()
+    # Four times what the ledger managed per run, so the plain writers do not run out.
+    per_run = max(4 * expected // max(runs, 1), 1000)
+    workers = [context.Process(target=_plain_steps, args=(
+        i, per_step, _rows(per_run, per_run), start, stop_at, counts, errors))
+        for i in range(runs)]
+    for w in workers:
+        w.start()
+    start.wait()
+    began = time.time()
+    stop_at.value = began + seconds
+    for w in workers:
+        w.join()
+    elapsed = time.time() - began
+    return {"events": sum(counts), "seconds": elapsed, "rate": sum(counts) / elapsed,
+            "errors": list(errors)}
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -150,7 +212,9 @@ def worker(args: argparse.Namespace) -> None:
     appended = appends(args.runs, args.seconds, args.per_step, threads=args.threads)
     per_chain = max(appended["events"] // max(args.runs, 1), 1)
     loaded = executemany(max(appended["events"], 1), per_chain)
-    Path(args.out).write_text(json.dumps({"append": appended, "executemany": loaded}))
+    plain = plain_steps(args.runs, args.seconds, args.per_step, appended["events"])
+    Path(args.out).write_text(json.dumps({"append": appended, "executemany": loaded,
+                                          "plain": plain}))
 
 
 def main() -> int:
@@ -188,10 +252,17 @@ def main() -> int:
           f"{app['seconds']:>8.2f} {app['rate']:>9.0f}")
     print(f"{'executemany, 1,000-row transactions':<44} {bulk['events']:>8} "
           f"{bulk['seconds']:>8.2f} {bulk['rate']:>9.0f}")
+    plain = result["plain"]
+    print(f"{'plain INSERTs, a transaction per step':<44} {plain['events']:>8} "
+          f"{plain['seconds']:>8.2f} {plain['rate']:>9.0f}")
     if app["errors"]:
         print(f"errors in the appending runs: {app['errors'][:3]}")
     missed = ratio < TARGET or bool(app["errors"])
-    print(f"ratio {ratio:.2f}; target >= {TARGET}: {'MISSED' if missed else 'met'}")
+    if plain["errors"]:
+        print(f"errors in the plain writers: {plain['errors'][:3]}")
+    print(f"ratio {ratio:.2f}; target >= {TARGET}: {'MISSED' if missed else 'met'} "
+          f"(the plain per-step writers: {plain['rate'] / bulk['rate']:.2f}; the ledger against "
+          f"them: {app['rate'] / plain['rate']:.2f})")
     return 1 if args.check and missed else 0
 
 
