@@ -162,6 +162,7 @@ def _append(chain: uuid.UUID, kind: str, data: dict[str, Any], *, actor: str) ->
             event.pk = cursor.fetchone()[0]
             cursor.execute(_MOVE_SQL, [seq, digest, chain_param])
     heads[chain] = (savepoints, seq, digest)
+    _on_commit_head(chain, seq, digest)
     event._state.adding = False
     event._state.db = connection.alias
     _announce(chain, seq, kind)
@@ -266,6 +267,35 @@ def _remember(heads: dict[uuid.UUID, tuple[Any, int, str]]) -> None:
     cached, savepoints = _cached_heads()
     for chain, (_, seq, digest) in heads.items():
         cached[chain] = (savepoints, seq, digest)
+        _on_commit_head(chain, seq, digest)
+
+
+# Per thread, the head each chain was left at by this thread's last committed append (at most
+# _COMMITTED_CHAINS chains, the oldest forgotten first). Another process may have appended
+# since: a writer that starts from it must check it under the head's lock (as a recorded call
+# does, orchestration/call_records.py).
+_committed = threading.local()
+_COMMITTED_CHAINS = 1000
+
+
+def _on_commit_head(chain: uuid.UUID, seq: int, digest: str) -> None:
+    transaction.on_commit(functools.partial(_committed_at, chain, seq, digest), robust=True)
+
+
+def _committed_at(chain: uuid.UUID, seq: int, digest: str) -> None:
+    heads: dict[uuid.UUID, tuple[int, str]] | None = getattr(_committed, "heads", None)
+    if heads is None:
+        heads = _committed.heads = {}
+    heads.pop(chain, None)
+    heads[chain] = (seq, digest)
+    if len(heads) > _COMMITTED_CHAINS:
+        del heads[next(iter(heads))]
+
+
+def committed_head(chain: uuid.UUID) -> tuple[int, str] | None:
+    """(seq, hash) of ``chain``'s head as this thread's last committed append left it, if it
+    remembers one; someone else may have appended since."""
+    return getattr(_committed, "heads", {}).get(chain)
 
 
 def start_chain(chain: uuid.UUID) -> None:

@@ -15,7 +15,7 @@ from audit.models import Event
 from orchestration import budgets, metrics, run_lock, transcripts
 from orchestration.engine.errors import LeaseLost
 from orchestration.engine.states import TaskStatus
-from orchestration.retry import persist, retrying
+from orchestration.retry import persist
 from orchestration.sql import deferred_writes
 
 
@@ -23,9 +23,7 @@ class CallRecords:
     actor: str
 
     def __init__(self) -> None:
-        # Per run, the chain head this store's last committed call left (PostgreSQL): the
-        # next call writes at it with its checks in the same round trip (_record_step).
-        self._heads: dict[str, tuple[int, str]] = {}
+        # Runs whose chain head moved under this store's write at the head this thread left.
         self._contended: set[str] = set()
 
     def record_step(self, run_id: str, kind: str, data: dict[str, Any], *, usage: Any,
@@ -64,36 +62,37 @@ class CallRecords:
             return False
         return Event.objects.filter(chain=run_id, kind=kind, **same).exists()
 
-    @retrying
+    # Not @retrying: a connection lost after the step's COMMIT went out leaves it unclear
+    # whether the call was recorded, and only record_step's persist asks the ledger before
+    # writing it again (it retries lock conflicts too).
     def _record_step(self, run_id: str, kind: str, data: dict[str, Any], *, usage: Any,
                      reserved: Any = None, lease: str = "",
                      transcript: list[dict[str, Any]] | None = None) -> None:
-        # Outside a caller's transaction this one commits here, and the head it leaves is the
-        # one the next step of this run starts from (unless someone else appends meanwhile,
-        # which that step's expectation finds).
-        # A run whose head moved under this store once (side-by-side tasks, people deciding)
-        # is locked and read first from then on: a failed try costs more than the read.
-        outermost = not transaction.get_connection().in_atomic_block
-        known = self._heads.pop(str(run_id), None) if outermost else None
-        event = None
+        # On PostgreSQL, outside a caller's transaction, a call is written at the head this
+        # thread's last committed append left (ledger.committed_head), its lock and checks in
+        # the same round trip; if someone else appended since, nothing of that try lands and
+        # the call is written again after reading the head under the lock. A run whose head
+        # moved under this store once (side-by-side tasks, people deciding) is locked and read
+        # first from then on: a failed try costs more than the read.
+        known = None
+        if (connection.vendor == "postgresql" and str(run_id) not in self._contended
+                and not transaction.get_connection().in_atomic_block):
+            known = ledger.committed_head(uuid.UUID(str(run_id)))
         if known is not None:
             try:
-                event = self._write_step(run_id, kind, data, usage=usage, reserved=reserved,
-                                         lease=lease, transcript=transcript, head=known)
+                self._write_step(run_id, kind, data, usage=usage, reserved=reserved,
+                                 lease=lease, transcript=transcript, head=known)
+                return
             except DatabaseError as exc:
                 if not run_lock.moved_on(exc):
                     raise
                 self._contended.add(str(run_id))
-        if event is None:  # the head unknown or moved: lock and read it first
-            event = self._write_step(run_id, kind, data, usage=usage, reserved=reserved,
-                                     lease=lease, transcript=transcript)
-        if (outermost and connection.vendor == "postgresql"
-                and str(run_id) not in self._contended):
-            self._heads[str(run_id)] = (event.seq, event.hash)
+        self._write_step(run_id, kind, data, usage=usage, reserved=reserved, lease=lease,
+                         transcript=transcript)
 
     def _write_step(self, run_id: str, kind: str, data: dict[str, Any], *, usage: Any,
                     reserved: Any, lease: str, transcript: list[dict[str, Any]] | None,
-                    head: tuple[int, str] | None = None) -> Event:
+                    head: tuple[int, str] | None = None) -> None:
         """One step's writes in one transaction. Round trips on PostgreSQL: the lock (with the
         lease's row), then the writes with the commit; with the ``head`` the last step left,
         the lock and the checks travel with the writes instead."""
@@ -110,8 +109,8 @@ class CallRecords:
                 if head is not None:
                     run_lock.expect_step(run_id, task, lease, head, send)
                 with ledger.batched(write=send):
-                    event = ledger.append(uuid.UUID(str(run_id)), kind, data,
-                                          actor=data.get("actor", self.actor))
+                    ledger.append(uuid.UUID(str(run_id)), kind, data,
+                                  actor=data.get("actor", self.actor))
                     if transcript is not None:
                         transcripts.keep(run_id, kind, task=task,
                                          step=int(data.get("step", data.get("round", 0))),
@@ -119,5 +118,4 @@ class CallRecords:
                                          messages=transcript)
                     if reserved is not None or not usage.is_zero():
                         budgets.settle(run_id, task, reserved, usage, write=send)
-        return event
 

@@ -230,7 +230,7 @@ class DjangoRunStore(DelegationRows, CallRecords):
                 return None
             if takeover and self._cancel_orphan(run_id, key, state):
                 return None
-            token = leases.new_token()
+            token = self._token()
             if takeover:
                 crashes += 1
                 flush_writes()

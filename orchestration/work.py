@@ -70,11 +70,15 @@ def advance(run_id: str, message_id: int | None = None) -> None:
 def execute(run_id: str, key: str, message_id: int | None = None) -> None:
     """Claim a released task (or take over one whose worker was lost) and run it."""
     store = DjangoRunStore()
+    token = leases.new_token()
 
     def step() -> TaskSnapshot | None:
         with transaction.atomic(), deferred_writes(commit=True) as write, ledger.batched(write):
             if not outbox.consume(message_id):
-                return None
+                # Done already: by a twin delivery, or by this very step, whose commit went
+                # through although the connection failed before it said so.
+                return store.claimed_by(run_id, token) if message_id is not None else None
+            store.next_lease = token
             return store.claim_task(run_id, key)  # None for a run or task that is gone
 
     claim = persist(step, what=f"claim {run_id}/{key}")

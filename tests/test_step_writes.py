@@ -5,15 +5,16 @@ same round trip."""
 
 from __future__ import annotations
 
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from django.db import DatabaseError, connection, transaction
+from django.db import DatabaseError, OperationalError, connection, transaction
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
@@ -155,6 +156,27 @@ def _call(store: DjangoRunStore, run_id: str, claim: Any, key: str,
                       usage=Usage(tool_calls=1), lease=claim.lease if lease is None else lease)
 
 
+def _elsewhere(change: Callable[[], Any]) -> None:
+    """``change`` committed by another thread, on its own connection: as another process
+    would, unseen by this thread's memory of the heads it left."""
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with transaction.atomic():
+                change()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
+            failed.append(exc)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if failed:
+        raise failed[0]
+
+
 def _called(run_id: str) -> list[str]:
     return [data["idempotency_key"] for data in Event.objects.filter(
         chain=run_id, kind="tool.called").order_by("seq").values_list("data", flat=True)]
@@ -182,9 +204,8 @@ def test_a_call_after_someone_else_appended_reads_the_head_again(
         claimed: tuple[str, DjangoRunStore, Any], tmp_path: Path) -> None:
     run_id, store, claim = claimed
     _call(store, run_id, claim, "k1")
-    with transaction.atomic():  # another process writes to the run's chain meanwhile
-        ledger.append(uuid.UUID(run_id), "run.note", {"note": "a reviewer was here"},
-                      actor="user:reviewer")
+    _elsewhere(lambda: ledger.append(uuid.UUID(run_id), "run.note",
+                                     {"note": "a reviewer was here"}, actor="user:reviewer"))
     _call(store, run_id, claim, "k2")
     if POSTGRES:
         with _sent_to_server(tmp_path) as sent:
@@ -207,6 +228,8 @@ def test_a_call_whose_lease_was_taken_over_writes_nothing(
     spent = Run.objects.get(pk=run_id).tool_calls
     Task.objects.filter(run_id=run_id, key=claim.key).update(
         lease_expires_at=timezone.now() - timedelta(seconds=1))
+    # Taken over in this thread: the head this thread remembers is the current one, so only
+    # the lease tells the call it may not write.
     taker = DjangoRunStore().claim_task(run_id, claim.key)
     assert taker is not None and taker.lease != claim.lease
     with pytest.raises(LeaseLost):
@@ -216,3 +239,66 @@ def test_a_call_whose_lease_was_taken_over_writes_nothing(
     _call(store, run_id, claim, "k3", lease=taker.lease)  # the new holder may
     assert _called(run_id) == ["k1", "k3"]
     assert verify_chain(uuid.UUID(run_id)).ok
+
+
+# --- a COMMIT that went through although the connection failed before it said so -----------
+
+
+def _lose_the_answer_once(monkeypatch: pytest.MonkeyPatch, marker: str) -> list[str]:
+    """The first query holding ``marker`` and a COMMIT runs, and then the connection is lost
+    before its answer comes back (as a restart or a network fault can do)."""
+    from orchestration import sql
+
+    lost: list[str] = []
+    real = sql.execute
+
+    def execute(statement: str, params: list[Any]) -> int:
+        count = real(statement, params)
+        if not lost and marker in statement and statement.endswith("; COMMIT"):
+            lost.append(statement)
+            connection.close()
+            raise OperationalError("server closed the connection unexpectedly")
+        return count
+
+    monkeypatch.setattr(sql, "execute", execute)
+    return lost
+
+
+@pytest.mark.skipif(not POSTGRES, reason="PostgreSQL: a step's COMMIT travels with its writes")
+def test_a_call_whose_commit_answer_was_lost_is_recorded_once(
+        claimed: tuple[str, DjangoRunStore, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    run_id, store, claim = claimed
+    _call(store, run_id, claim, "k1")
+    lost = _lose_the_answer_once(monkeypatch, "sb_append_rows")
+    _call(store, run_id, claim, "k2")  # committed, answer lost, retried: the ledger has it
+    assert lost
+    _call(store, run_id, claim, "k3")
+    assert _called(run_id) == ["k1", "k2", "k3"]
+    assert Run.objects.get(pk=run_id).tool_calls == 3
+    assert verify_chain(uuid.UUID(run_id)).ok
+
+
+@pytest.mark.skipif(not POSTGRES, reason="PostgreSQL: a step's COMMIT travels with its writes")
+def test_a_claim_whose_commit_answer_was_lost_is_still_run_by_its_worker(
+        transactional_db: Any, operator: Any, vendor_input: dict[str, Any],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestration import dispatch, outbox, services, work
+    from orchestration.engine import runner
+    from orchestration.models import Process
+
+    monkeypatch.setattr(dispatch, "send", lambda *args, **kwargs: None)
+    run_id = str(services.run_create(process=Process.objects.get(slug="vendor-onboarding"),
+                                     input=vendor_input, user=operator).pk)
+    with transaction.atomic():
+        released = runner.advance(DjangoRunStore(), run_id, take=0).released
+        assert released, "the run's first task is ready to claim"
+        message = outbox.emit("execute", run_id, key=released[0])
+    ran: list[Any] = []
+    monkeypatch.setattr(work, "run_chain", lambda store, run, claim: ran.append(claim))
+    lost = _lose_the_answer_once(monkeypatch, "UPDATE orchestration_task SET status")
+    work.execute(run_id, released[0], message)
+    assert lost
+    task = Task.objects.get(run_id=run_id, key=released[0])
+    assert task.status == "running" and task.attempts == 1
+    # The retry found the message gone and the task claimed under its own token: it runs it.
+    assert [c.lease for c in ran] == [task.lease_owner]
