@@ -55,10 +55,8 @@ def _in_memory() -> bool:
 
 
 COALESCE_SECONDS = 0.05
-# How long a process about to exit waits for what it still has to send: its first send opens
-# the connection pool, which on a loaded machine can take seconds. Only a Redis that accepts
-# and then hangs makes a process wait this long; one that refuses fails the send at once.
-DRAIN_SECONDS = 10.0
+# How long a process about to exit waits for what it still has to send.
+DRAIN_SECONDS = 2.0
 
 
 class _Broadcaster:

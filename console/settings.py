@@ -210,7 +210,11 @@ if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL]},
+            # socket_timeout: redis-py reads with a 5 s timeout unless told otherwise, and a
+            # consumer waits for its messages with a 5 s BZPOPMIN: the answer and the timeout
+            # raced, and on a loaded machine the timeout won and took the consumer (and its
+            # socket) down. Reads wait well past the longest blocking command.
+            "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 30}]},
         }
     }
 else:

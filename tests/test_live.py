@@ -160,3 +160,23 @@ async def test_it_closes_the_sockets_of_a_user_who_signs_out(runner: None) -> No
     await sync_to_async(sign_out)()
     closed = await communicator.receive_output(timeout=5)
     assert closed == {"type": "websocket.close", "code": CLOSE_SIGNED_OUT}
+
+
+async def test_the_channel_layers_reads_outlast_its_blocking_waits() -> None:
+    """A consumer waits for its messages with a blocking pop of ``brpop_timeout`` seconds;
+    a socket read timeout no longer than that raced the answer, and on a busy machine took
+    the consumer and its socket down ("Timeout reading from ...")."""
+    from channels.layers import get_channel_layer
+
+    layer = get_channel_layer()
+    if not hasattr(layer, "brpop_timeout"):
+        pytest.skip("the in-memory channel layer (standalone pass) does not block on Redis")
+    client = layer.connection(0)
+    try:
+        connection = await client.connection_pool.get_connection()
+        try:
+            assert connection.socket_timeout >= 3 * layer.brpop_timeout
+        finally:
+            await client.connection_pool.release(connection)
+    finally:
+        await client.aclose()
