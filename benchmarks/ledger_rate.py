@@ -72,6 +72,31 @@ def _run_steps(index: int, per_step: int, start: Any, stop_at: Any, counts: Any,
         connection.close()
 
 
+def _race(workers: list[Any], start: Any, stop_at: Any, counts: Any, errors: Any,
+          seconds: float) -> dict[str, Any]:
+    """Start ``workers``, let them go together once all are ready, stop them ``seconds``
+    later, and count what they wrote."""
+    for w in workers:
+        w.start()
+    start.wait()  # every writer has its rows, chain and connection: go
+    began = time.time()
+    stop_at.value = began + seconds
+    for w in workers:
+        w.join()
+    elapsed = time.time() - began
+    total = sum(counts)
+    return {"events": total, "seconds": elapsed, "rate": total / elapsed,
+            "errors": list(errors)}
+
+
+def _shared(runs: int) -> tuple[Any, Any, Any, Any, Any]:
+    """A fork context and what its processes share: the start barrier, the stop time, a
+    count per run and the errors."""
+    context = multiprocessing.get_context("fork")
+    return (context, context.Barrier(runs + 1), context.Value("d", time.time() + 3600),
+            context.Array("q", runs), context.Manager().list())
+
+
 def appends(runs: int, seconds: float, per_step: int, *, threads: bool) -> dict[str, Any]:
     """``runs`` runs appending at once: worker processes, as distributed mode's prefork
     workers run them, or (``threads``) threads of one process, as standalone mode's pool."""
@@ -86,24 +111,10 @@ def appends(runs: int, seconds: float, per_step: int, *, threads: bool) -> dict[
             i, per_step, start, stop_at, counts, errors)) for i in range(runs)]
     else:
         connection.close()  # each process opens its own
-        context = multiprocessing.get_context("fork")
-        start = context.Barrier(runs + 1)
-        stop_at = context.Value("d", time.time() + 3600)
-        counts = context.Array("q", runs)
-        errors = context.Manager().list()
+        context, start, stop_at, counts, errors = _shared(runs)
         workers = [context.Process(target=_run_steps, args=(
             i, per_step, start, stop_at, counts, errors)) for i in range(runs)]
-    for w in workers:
-        w.start()
-    start.wait()  # every run has its chain and connection: go
-    began = time.time()
-    stop_at.value = began + seconds
-    for w in workers:
-        w.join()
-    elapsed = time.time() - began
-    total = sum(counts)
-    return {"events": total, "seconds": elapsed, "rate": total / elapsed,
-            "errors": list(errors)}
+    return _race(workers, start, stop_at, counts, errors, seconds)
 
 
 INSERT = ("INSERT INTO audit_event (chain, seq, kind, at, actor, data, body, prev_hash, hash)"
@@ -183,26 +194,13 @@ def plain_steps(runs: int, seconds: float, per_step: int, expected: int) -> dict
     from django.db import connection
 
     connection.close()  # each process opens its own
-    context = multiprocessing.get_context("fork")
-    start = context.Barrier(runs + 1)
-    stop_at = context.Value("d", time.time() + 3600)
-    counts = context.Array("q", runs)
-    errors = context.Manager().list()
+    context, start, stop_at, counts, errors = _shared(runs)
     # Four times what the ledger managed per run, so the plain writers do not run out.
     per_run = max(4 * expected // max(runs, 1), 1000)
     workers = [context.Process(target=_plain_steps, args=(
         i, per_step, _rows(per_run, per_run), start, stop_at, counts, errors))
         for i in range(runs)]
-    for w in workers:
-        w.start()
-    start.wait()
-    began = time.time()
-    stop_at.value = began + seconds
-    for w in workers:
-        w.join()
-    elapsed = time.time() - began
-    return {"events": sum(counts), "seconds": elapsed, "rate": sum(counts) / elapsed,
-            "errors": list(errors)}
+    return _race(workers, start, stop_at, counts, errors, seconds)
 
 
 def worker(args: argparse.Namespace) -> None:
