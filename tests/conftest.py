@@ -129,7 +129,15 @@ def _drain_worker_pool() -> Iterator[None]:
 def _seed_demo() -> None:
     from django.core.management import call_command
 
-    call_command("seed_demo", stdout=open(os.devnull, "w"))
+    from tests.demo_snapshot import DemoSnapshot
+
+    global _demo_snapshot
+    if _demo_snapshot is None:
+        _demo_snapshot = DemoSnapshot()
+    _demo_snapshot.seed(lambda: call_command("seed_demo", stdout=open(os.devnull, "w")))
+
+
+_demo_snapshot: Any = None  # the demo's rows, once seeded in this process
 
 
 def _rolls_back(item: pytest.Item) -> bool:
