@@ -1,11 +1,14 @@
 """JSON helpers every layer shares (pure Python, no Django): how a JSON-Schema violation is
-described to a person, and one walk over a JSON value's strings."""
+described to a person, a schema's own check, and one walk over a JSON value's strings."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+import jsonschema
 
 
 class _Validator(Protocol):
@@ -33,6 +36,28 @@ def schema_problems(validator: _Validator, value: Any, *, limit: int = 5) -> lis
         (0, p, "") if isinstance(p, int) else (1, 0, str(p)) for p in e.absolute_path])
     return [SchemaProblem("/".join(str(p) for p in e.absolute_path), e.message)
             for e in errors[:limit]]
+
+
+# Schemas that passed the meta-schema check, as canonical JSON; bounded, since admins write them.
+_checked: set[str] = set()
+_CHECKED_MAX = 4096
+
+
+def check_schema(schema: Any) -> None:
+    """Check ``schema`` against JSON Schema 2020-12's meta-schema (``jsonschema.SchemaError``
+    when it is not one), remembering the schemas that passed: the check took milliseconds a
+    schema, and every task that loads its tools builds their contracts again."""
+    try:
+        key = json.dumps(schema, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError):
+        key = None  # not plain JSON: checked every time
+    if key is not None and key in _checked:
+        return
+    jsonschema.Draft202012Validator.check_schema(schema)
+    if key is not None:
+        if len(_checked) >= _CHECKED_MAX:
+            _checked.clear()
+        _checked.add(key)
 
 
 def map_strings(value: Any, fn: Callable[[str], Any], *, keys: bool = False) -> Any:

@@ -20,6 +20,7 @@ import jsonschema
 from django.core.exceptions import ValidationError
 
 from audit import hygiene
+from jsonkit import check_schema
 from orchestration.builtin_tools import registry
 from orchestration.model_params import PROVIDERS, check_model_params
 
@@ -68,7 +69,7 @@ def json_schema_problems(schema: Any, *, arguments: bool = False) -> list[str]:
     if problems:
         return problems
     try:
-        jsonschema.Draft202012Validator.check_schema(schema)
+        check_schema(schema)
     except jsonschema.SchemaError as exc:
         where = "/".join(str(p) for p in exc.path)
         return ["is not a valid JSON Schema (2020-12): " + (f"at {where}: " if where else "")

@@ -18,7 +18,7 @@ from approvals.models import ApprovalRequest
 from audit import config as config_audit
 from audit import hygiene, ledger
 from audit.ledger import actor_of
-from jsonkit import schema_problems
+from jsonkit import check_schema, schema_problems
 from orchestration import outbox, planning, retrieval, rules
 from orchestration.engine import runner
 from orchestration.engine.errors import PlanError
@@ -119,7 +119,7 @@ def process_validate(*, plan: dict[str, Any], input_schema: dict[str, Any],
     if problems:
         raise ServiceError("; ".join(problems))
     try:
-        jsonschema.Draft202012Validator.check_schema(input_schema)
+        check_schema(input_schema)
     except jsonschema.SchemaError as exc:
         raise ServiceError(f"input schema is not a valid JSON Schema: {exc.message}") from None
     if hydration_limit < 1:

@@ -14,7 +14,7 @@ import yaml
 
 from hashchain import GENESIS, canonical_json, chain_hash
 from orchestration.engine import runner
-from orchestration.engine.contracts import ToolRegistry
+from orchestration.engine.contracts import ToolContract, ToolRegistry
 from orchestration.engine.errors import PlanError, TransitionError
 from orchestration.engine.local import drive
 from orchestration.engine.plan import Plan, parse_plan
@@ -345,6 +345,31 @@ def test_it_fails_a_task_whose_output_breaks_its_schema() -> None:
     assert store.runs[run_id].error == f"only: {task.error}"
     assert not kinds(store, run_id, "tool.called")
     assert [e.data["error"] for e in kinds(store, run_id, "tool.failed")] == [task.error]
+
+
+def test_a_contracts_schemas_are_checked_once_and_a_bad_one_every_time(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import jsonschema
+
+    import jsonkit
+
+    monkeypatch.setattr(jsonkit, "_checked", set())  # none remembered from earlier tests
+    checked: list[Any] = []
+    real = jsonschema.Draft202012Validator.check_schema
+    monkeypatch.setattr(jsonschema.Draft202012Validator, "check_schema",
+                        lambda schema, **kw: (checked.append(schema), real(schema, **kw)))
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 1.5}}}
+    for _ in range(3):
+        ToolContract("counter", lambda n: n, input_schema=schema, output_schema=VALUE_OUT)
+    assert checked.count(schema) == 1
+    other = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 1}}}
+    ToolContract("counter", lambda n: n, input_schema=other, output_schema=VALUE_OUT)
+    assert checked.count(other) == 1  # another schema is checked in its own right
+    bad = {"type": "object", "properties": {"n": {"type": "integr"}}}
+    for _ in range(2):
+        with pytest.raises(jsonschema.SchemaError):
+            ToolContract("counter", lambda n: n, input_schema=bad)
+    assert checked.count(bad) == 2
 
 
 def test_it_fails_invalid_arguments_without_repairing_them() -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import jsonschema
 
-from jsonkit import schema_problems
+from jsonkit import check_schema, schema_problems
 from orchestration.engine.errors import (
     ToolFailed,
     ToolInputInvalid,
@@ -67,8 +67,8 @@ class ToolContract:
         self._takes_key = _accepts_keyword(self.fn, "idempotency_key")
         self._takes_cancel = _accepts_keyword(self.fn, "cancel")
         self._takes_caller = _accepts_keyword(self.fn, "caller")
-        jsonschema.Draft202012Validator.check_schema(self.input_schema)
-        jsonschema.Draft202012Validator.check_schema(self.output_schema)
+        check_schema(self.input_schema)
+        check_schema(self.output_schema)
         self._in = jsonschema.Draft202012Validator(self.input_schema)
         self._out = jsonschema.Draft202012Validator(self.output_schema)
 

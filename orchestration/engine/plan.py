@@ -10,7 +10,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from jsonkit import schema_problems
+from jsonkit import check_schema, schema_problems
 from orchestration.engine.errors import PlanError
 
 EXECUTOR_TYPES = ("tool", "function", "agent", "human")
@@ -342,7 +342,7 @@ def parse_plan(source: str | Mapping[str, Any]) -> Plan:
                          *((f"task {t.key!r} output_schema", t.output_schema) for t in tasks)]:
         if schema:
             try:
-                jsonschema.Draft202012Validator.check_schema(schema)
+                check_schema(schema)
             except jsonschema.SchemaError as exc:
                 raise PlanError(f"{name} is not valid JSON Schema: {exc.message}") from None
     v = data.get("verification", {})
