@@ -6,51 +6,57 @@ The search indexes outside the models' tables (SQLite's FTS5 and sqlite-vec tabl
 tables: anything else with a ``chunk_id`` column) are not emptied between tests; the snapshot
 keeps the entries of the demo's chunks and puts them back in place of any left with their ids.
 
-Only an empty database is written back to, i.e. one holding just what migrating (and emptying
-after a committing test) leaves: the content types, the permissions and guardian's anonymous
-user, all recreated by ``post_migrate`` under new ids. Those rows are replaced by the snapshot's,
-so every row the demo's rows point at is the one they pointed at when it was taken. Anything
-else found in the database (a fixture's rows written before the demo) makes the demo seeded the
-slow way, as before.
+Only an empty database is written back to, i.e. one holding just what migrating leaves: the
+content types, the permissions and guardian's anonymous user, made again by ``post_migrate``
+under new ids after a committing test empties the database, and until then the global chain's
+head, which a migration writes. One snapshot is kept for each of those starting points. The
+rows found are replaced by the snapshot's, so every row the demo's rows point at is the one they
+pointed at when it was taken. Anything else in the database (a fixture's rows written before
+the demo) makes the demo seeded the slow way, as before.
 
-The rows come back with the ids and timestamps of the seeding they were taken from: ids do not
-collide, since PostgreSQL's sequences and SQLite's AUTOINCREMENT counters have moved past them,
-and every test of a module already met the same ids under the shared rolled-back seeding."""
+The rows come back with the ids and timestamps of the seeding they were taken from. Ids do not
+collide: the database is empty but for the rows replaced, writing explicit ids moves SQLite's
+AUTOINCREMENT counters past them, and PostgreSQL's sequences are set to the tables' highest ids.
+Every test of a module already met the same ids under the shared rolled-back seeding."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
+from django.apps import apps
 from django.contrib.contenttypes.models import ContentType
+from django.core.management.color import no_style
 from django.db import connection, transaction
 
-# Filled again by post_migrate after a test database is migrated or emptied.
-REMADE_BY_MIGRATE = frozenset({"django_content_type", "auth_permission", "auth_user"})
+# What migrating leaves in a test database: post_migrate's rows (made again under new ids after a
+# committing test empties it) and, until then, the global chain's head that a migration writes.
+LEFT_BY_MIGRATE = frozenset({"django_content_type", "auth_permission", "auth_user",
+                             "audit_chainhead"})
+
+Rows = list[tuple[str, list[str], Any]]  # (table, columns, rows)
 
 
 class DemoSnapshot:
     def __init__(self) -> None:
-        self.vendor = ""
-        self.remade: frozenset[str] = frozenset()  # the tables migrate had filled
-        self.tables: list[tuple[str, list[str], Any]] = []  # (table, columns, rows)
-        self.entries: list[tuple[str, list[str], list[Any]]] = []  # the indexes' demo rows
+        # By the tables found filled before seeding: the models' rows after it, and the search
+        # indexes' entries for its chunks.
+        self.taken: dict[tuple[str, frozenset[str]], tuple[Rows, Rows]] = {}
 
     def seed(self, slow: Callable[[], None]) -> None:
-        """The demo, from the snapshot when it fits, else by ``slow`` (taking the snapshot)."""
+        """The demo, from a snapshot when one fits, else by ``slow`` (taking one)."""
         with transaction.atomic():
             filled = self._filled()
-            if self.tables and self.vendor == connection.vendor and filled == self.remade:
-                self._restore()
+            key = (connection.vendor, filled)
+            if key in self.taken:
+                self._restore(filled, *self.taken[key])
                 ContentType.objects.clear_cache()
                 return
-            taking = not self.tables and filled <= REMADE_BY_MIGRATE and self._only_anonymous()
+            taking = filled <= LEFT_BY_MIGRATE and self._only_anonymous()
             before = {t: set(self._chunk_ids(t)) for t in self._indexes()} if taking else {}
             slow()
             if taking:
-                self.vendor, self.remade = connection.vendor, filled
-                self.tables = self._take()
-                self.entries = self._take_entries(before)
+                self.taken[key] = (self._take(), self._take_entries(before))
 
     @staticmethod
     def _names() -> list[str]:
@@ -78,7 +84,7 @@ class DemoSnapshot:
             cursor.execute(f"SELECT chunk_id FROM {connection.ops.quote_name(table)}")
             return [row[0] for row in cursor.fetchall()]
 
-    def _take_entries(self, before: dict[str, set[Any]]) -> list[tuple[str, list[str], list[Any]]]:
+    def _take_entries(self, before: dict[str, set[Any]]) -> Rows:
         taken = []
         for table, old in before.items():
             columns = self._columns(table)
@@ -113,7 +119,7 @@ class DemoSnapshot:
         with connection.cursor() as cursor:
             return [c.name for c in connection.introspection.get_table_description(cursor, table)]
 
-    def _take(self) -> list[tuple[str, list[str], Any]]:
+    def _take(self) -> Rows:
         taken = []
         quote = connection.ops.quote_name
         for table in sorted(self._filled()):
@@ -129,12 +135,13 @@ class DemoSnapshot:
             taken.append((table, columns, rows))
         return taken
 
-    def _restore(self) -> None:
+    @staticmethod
+    def _restore(filled: frozenset[str], tables: Rows, entries: Rows) -> None:
         quote = connection.ops.quote_name
         with connection.cursor() as cursor:
-            for table in sorted(self.remade):  # post_migrate's rows, under ids of their own
+            for table in sorted(filled):  # post_migrate's rows, under ids of their own
                 cursor.execute(f"DELETE FROM {quote(table)}")
-            for table, columns, rows in self.tables:
+            for table, columns, rows in tables:
                 listed = ", ".join(quote(c) for c in columns)
                 if connection.vendor == "postgresql":
                     with cursor.cursor.copy(f"COPY {quote(table)} ({listed}) FROM STDIN") as copy:
@@ -143,7 +150,13 @@ class DemoSnapshot:
                     marks = ", ".join(["%s"] * len(columns))
                     cursor.executemany(
                         f"INSERT INTO {quote(table)} ({listed}) VALUES ({marks})", rows)
-            for table, columns, rows in self.entries:  # in place of those left by earlier tests
+            if connection.vendor == "postgresql":
+                restored = {table for table, _, _ in tables}
+                for sql in connection.ops.sequence_reset_sql(no_style(), [
+                        m for m in apps.get_models(include_auto_created=True)
+                        if m._meta.db_table in restored]):
+                    cursor.execute(sql)
+            for table, columns, rows in entries:  # in place of those left by earlier tests
                 key = columns.index("chunk_id")
                 cursor.executemany(f"DELETE FROM {quote(table)} WHERE chunk_id = %s",
                                    [(row[key],) for row in rows])
