@@ -47,10 +47,12 @@ def check_schema(schema: Any) -> None:
     """Check ``schema`` against JSON Schema 2020-12's meta-schema (``jsonschema.SchemaError``
     when it is not one), remembering the schemas that passed: the check took milliseconds a
     schema, and every task that loads its tools builds their contracts again."""
-    try:
-        key = json.dumps(schema, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError):
-        key = None  # not plain JSON: checked every time
+    key = None  # not plain JSON (a tuple, say, which is no JSON array): checked every time
+    if _plain(schema):
+        try:
+            key = json.dumps(schema, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        except ValueError:
+            key = None
     if key is not None and key in _checked:
         return
     jsonschema.Draft202012Validator.check_schema(schema)
@@ -58,6 +60,18 @@ def check_schema(schema: Any) -> None:
         if len(_checked) >= _CHECKED_MAX:
             _checked.clear()
         _checked.add(key)
+
+
+def _plain(value: Any) -> bool:
+    """Whether ``value`` is made of JSON's own types only: dicts with string keys, lists,
+    strings, numbers, booleans and None."""
+    if value is None or isinstance(value, str | int | float):  # bool is an int
+        return True
+    if type(value) is list:
+        return all(_plain(v) for v in value)
+    if type(value) is dict:
+        return all(type(k) is str and _plain(v) for k, v in value.items())
+    return False
 
 
 def map_strings(value: Any, fn: Callable[[str], Any], *, keys: bool = False) -> Any:

@@ -71,7 +71,9 @@ def _scanned_once(scan: Callable[..., None]) -> Callable[..., None]:
 
     def remembered(self: Any, *args: Any) -> None:
         key = (args, repr(sorted((name, getattr(settings, name)) for name in dir(settings)
-                                 if name.startswith(("WHITENOISE_", "STATIC")) or name == "DEBUG")))
+                                 if name.startswith(("WHITENOISE_", "STATIC")) or name in {
+                                     "DEBUG", "STORAGES", "FORCE_SCRIPT_NAME",
+                                     "INSTALLED_APPS"})))
         if key not in scanned:
             before = dict(self.files)
             scan(self, *args)
@@ -115,6 +117,24 @@ def _unreachable_services() -> list[str]:
 def pytest_report_header(config: pytest.Config) -> str:
     db = settings.DATABASES["default"]["ENGINE"].rsplit(".", 1)[-1]
     return f"switchboard mode: {settings.SWITCHBOARD_MODE}, database: {db}"
+
+
+class _FaultsFirst:
+    """Runs the fault scenarios first (after pytest-django has put its database tests in their
+    order, and the scenarios, which use no test database, last). xdist's ``worksteal`` gives
+    each process a share of the tests in this order, and a process that runs out takes tests
+    from the end of another's share: the scenarios (two minutes, the longest file by far) start
+    at once on the first process, in one cluster of services (tests/test_faults.py's module
+    fixture), rather than running last, where the processes that run out would split them and
+    each start a cluster of its own."""
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        items.sort(key=lambda item: item.nodeid.split("::")[0] != "tests/test_faults.py")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(_FaultsFirst(), "switchboard-faults-first")
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m selects: the browser mark is given here
@@ -214,6 +234,9 @@ class _DemoTransaction:
             transaction.set_rollback(True)
             self.block.__exit__(None, None, None)
             self.module = self.block = None
+            from django.contrib.contenttypes.models import ContentType
+
+            ContentType.objects.clear_cache()  # a restored demo's ids are gone again
 
 
 _demo_transaction = _DemoTransaction()

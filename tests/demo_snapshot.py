@@ -15,18 +15,20 @@ pointed at when it was taken. Anything else in the database (a fixture's rows wr
 the demo) makes the demo seeded the slow way, as before.
 
 The rows come back with the ids and timestamps of the seeding they were taken from. Ids do not
-collide: the database is empty but for the rows replaced, writing explicit ids moves SQLite's
-AUTOINCREMENT counters past them, and PostgreSQL's sequences are set to the tables' highest ids.
-Every test of a module already met the same ids under the shared rolled-back seeding."""
+collide: the database is empty but for the rows replaced; writing explicit ids moves SQLite's
+AUTOINCREMENT counters past them; PostgreSQL's sequences handed those ids out and never go
+back, not even when a transaction rolls back (no test empties the database with
+``reset_sequences``, which would restart them). Every test of a module already met the same ids
+under the shared rolled-back seeding. Restoring replaces the content types' ids, so Django's
+cache of them is cleared then, and again when a rolled-back restore is undone (conftest.py)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
-from django.apps import apps
 from django.contrib.contenttypes.models import ContentType
-from django.core.management.color import no_style
 from django.db import connection, transaction
 
 # What migrating leaves in a test database: post_migrate's rows (made again under new ids after a
@@ -55,7 +57,7 @@ class DemoSnapshot:
             taking = filled <= LEFT_BY_MIGRATE and self._only_anonymous()
             before = {t: set(self._chunk_ids(t)) for t in self._indexes()} if taking else {}
             slow()
-            if taking:
+            if taking:  # the indexes as they are now: seeding may have made a vector table
                 self.taken[key] = (self._take(), self._take_entries(before))
 
     @staticmethod
@@ -85,8 +87,10 @@ class DemoSnapshot:
             return [row[0] for row in cursor.fetchall()]
 
     def _take_entries(self, before: dict[str, set[Any]]) -> Rows:
+        """The entries seeding added to each index, including one it made."""
         taken = []
-        for table, old in before.items():
+        for table in self._indexes():
+            old = before.get(table, set())
             columns = self._columns(table)
             with connection.cursor() as cursor:
                 cursor.execute(f"SELECT {', '.join(columns)} FROM "
@@ -150,13 +154,12 @@ class DemoSnapshot:
                     marks = ", ".join(["%s"] * len(columns))
                     cursor.executemany(
                         f"INSERT INTO {quote(table)} ({listed}) VALUES ({marks})", rows)
-            if connection.vendor == "postgresql":
-                restored = {table for table, _, _ in tables}
-                for sql in connection.ops.sequence_reset_sql(no_style(), [
-                        m for m in apps.get_models(include_auto_created=True)
-                        if m._meta.db_table in restored]):
-                    cursor.execute(sql)
             for table, columns, rows in entries:  # in place of those left by earlier tests
+                made = re.fullmatch(r"knowledge_vec_(\d+)", table)
+                if made:  # made by seeding, perhaps in a transaction since rolled back
+                    from knowledge import index
+
+                    index._vec_table(int(made.group(1)))
                 key = columns.index("chunk_id")
                 cursor.executemany(f"DELETE FROM {quote(table)} WHERE chunk_id = %s",
                                    [(row[key],) for row in rows])

@@ -370,6 +370,11 @@ def test_a_contracts_schemas_are_checked_once_and_a_bad_one_every_time(
         with pytest.raises(jsonschema.SchemaError):
             ToolContract("counter", lambda n: n, input_schema=bad)
     assert checked.count(bad) == 2
+    # A tuple is no JSON array: the list's verdict is not taken for it.
+    listed = {"type": "object", "required": ["n"]}
+    ToolContract("counter", lambda n: n, input_schema=listed, output_schema=VALUE_OUT)
+    with pytest.raises(jsonschema.SchemaError):
+        ToolContract("counter", lambda n: n, input_schema={"type": "object", "required": ("n",)})
 
 
 def test_it_fails_invalid_arguments_without_repairing_them() -> None:
