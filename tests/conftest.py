@@ -234,9 +234,9 @@ class _DemoTransaction:
             transaction.set_rollback(True)
             self.block.__exit__(None, None, None)
             self.module = self.block = None
-            from django.contrib.contenttypes.models import ContentType
+            from tests.demo_snapshot import forget_what_ids_named
 
-            ContentType.objects.clear_cache()  # a restored demo's ids are gone again
+            forget_what_ids_named()  # a restored demo's ids are gone again
 
 
 _demo_transaction = _DemoTransaction()

@@ -19,8 +19,9 @@ collide: the database is empty but for the rows replaced; writing explicit ids m
 AUTOINCREMENT counters past them; PostgreSQL's sequences handed those ids out and never go
 back, not even when a transaction rolls back (no test empties the database with
 ``reset_sequences``, which would restart them). Every test of a module already met the same ids
-under the shared rolled-back seeding. Restoring replaces the content types' ids, so Django's
-cache of them is cleared then, and again when a rolled-back restore is undone (conftest.py)."""
+under the shared rolled-back seeding. What this process cached by those ids (content types,
+the policy versions in force) is forgotten at each restore, and again when a rolled-back
+restore is undone (conftest.py)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,17 @@ LEFT_BY_MIGRATE = frozenset({"django_content_type", "auth_permission", "auth_use
 Rows = list[tuple[str, list[str], Any]]  # (table, columns, rows)
 
 
+def forget_what_ids_named() -> None:
+    """This process's caches keyed by rows' ids, which a restore brings back for rows that may
+    differ from those the cache read: Django's content types, and the policy versions in force
+    (approvals/current.py keys them by version id and creation time, and a test may have
+    changed a version in place since)."""
+    import approvals.current
+
+    ContentType.objects.clear_cache()
+    approvals.current._cached = None
+
+
 class DemoSnapshot:
     def __init__(self) -> None:
         # By the tables found filled before seeding: the models' rows after it, and the search
@@ -52,7 +64,7 @@ class DemoSnapshot:
             key = (connection.vendor, filled)
             if key in self.taken:
                 self._restore(filled, *self.taken[key])
-                ContentType.objects.clear_cache()
+                forget_what_ids_named()
                 return
             taking = filled <= LEFT_BY_MIGRATE and self._only_anonymous()
             before = {t: set(self._chunk_ids(t)) for t in self._indexes()} if taking else {}
