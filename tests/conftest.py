@@ -65,8 +65,8 @@ if POSTGRES:
 def _scanned_once(scan: Callable[..., None]) -> Callable[..., None]:
     """WhiteNoise's scan of the static files, done once per test process and settings. Django's
     test client builds the middleware again for every client (every test), and each build
-    stat'ed and described the ~180 static files again: a quarter of the time of a test that
-    asks for one page. The files do not change while the tests run."""
+    stat'ed and described the ~180 static files again. The files do not change while the
+    tests run."""
     scanned: dict[Any, dict[str, Any]] = {}
 
     def remembered(self: Any, *args: Any) -> None:
@@ -176,15 +176,9 @@ def _drain_worker_pool() -> Iterator[None]:
 def _seed_demo() -> None:
     from django.core.management import call_command
 
-    from tests.demo_snapshot import DemoSnapshot
+    from tests import demo_snapshot
 
-    global _demo_snapshot
-    if _demo_snapshot is None:
-        _demo_snapshot = DemoSnapshot()
-    _demo_snapshot.seed(lambda: call_command("seed_demo", stdout=open(os.devnull, "w")))
-
-
-_demo_snapshot: Any = None  # the demo's rows, once seeded in this process
+    demo_snapshot.seed(lambda: call_command("seed_demo", stdout=open(os.devnull, "w")))
 
 
 def _rolls_back(item: pytest.Item) -> bool:

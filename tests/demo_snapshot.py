@@ -104,11 +104,8 @@ class DemoSnapshot:
         for table in self._indexes():
             old = before.get(table, set())
             columns = self._columns(table)
-            with connection.cursor() as cursor:
-                cursor.execute(f"SELECT {', '.join(columns)} FROM "
-                               f"{connection.ops.quote_name(table)}")
-                key = columns.index("chunk_id")
-                rows = [row for row in cursor.fetchall() if row[key] not in old]
+            key = columns.index("chunk_id")
+            rows = [row for row in _select(table, columns) if row[key] not in old]
             taken.append((table, columns, rows))
         return taken
 
@@ -140,14 +137,13 @@ class DemoSnapshot:
         quote = connection.ops.quote_name
         for table in sorted(self._filled()):
             columns = self._columns(table)
-            listed = ", ".join(quote(c) for c in columns)
-            with connection.cursor() as cursor:
-                if connection.vendor == "postgresql":
-                    with cursor.cursor.copy(f"COPY {quote(table)} ({listed}) TO STDOUT") as copy:
-                        rows: Any = b"".join(bytes(block) for block in copy)
-                else:
-                    cursor.execute(f"SELECT {listed} FROM {quote(table)}")
-                    rows = cursor.fetchall()
+            if connection.vendor == "postgresql":
+                listed = ", ".join(quote(c) for c in columns)
+                with connection.cursor() as cursor, cursor.cursor.copy(
+                        f"COPY {quote(table)} ({listed}) TO STDOUT") as copy:
+                    rows: Any = b"".join(bytes(block) for block in copy)
+            else:
+                rows = _select(table, columns)
             taken.append((table, columns, rows))
         return taken
 
@@ -163,9 +159,7 @@ class DemoSnapshot:
                     with cursor.cursor.copy(f"COPY {quote(table)} ({listed}) FROM STDIN") as copy:
                         copy.write(rows)
                 else:
-                    marks = ", ".join(["%s"] * len(columns))
-                    cursor.executemany(
-                        f"INSERT INTO {quote(table)} ({listed}) VALUES ({marks})", rows)
+                    _insert(cursor, table, columns, rows)
             for table, columns, rows in entries:  # in place of those left by earlier tests
                 made = re.fullmatch(r"knowledge_vec_(\d+)", table)
                 if made:  # made by seeding, perhaps in a transaction since rolled back
@@ -175,6 +169,25 @@ class DemoSnapshot:
                 key = columns.index("chunk_id")
                 cursor.executemany(f"DELETE FROM {quote(table)} WHERE chunk_id = %s",
                                    [(row[key],) for row in rows])
-                marks = ", ".join(["%s"] * len(columns))
-                cursor.executemany(f"INSERT INTO {quote(table)} ({', '.join(columns)}) "
-                                   f"VALUES ({marks})", rows)
+                _insert(cursor, table, columns, rows)
+
+
+def _select(table: str, columns: list[str]) -> list[Any]:
+    quote = connection.ops.quote_name
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT {', '.join(map(quote, columns))} FROM {quote(table)}")
+        return cursor.fetchall()
+
+
+def _insert(cursor: Any, table: str, columns: list[str], rows: list[Any]) -> None:
+    quote = connection.ops.quote_name
+    cursor.executemany(f"INSERT INTO {quote(table)} ({', '.join(map(quote, columns))}) "
+                       f"VALUES ({', '.join(['%s'] * len(columns))})", rows)
+
+
+_snapshot = DemoSnapshot()
+
+
+def seed(slow: Callable[[], None]) -> None:
+    """The demo for a test, from this process's snapshot when one fits, else by ``slow``."""
+    _snapshot.seed(slow)
