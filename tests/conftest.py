@@ -21,6 +21,8 @@ from django.conf import settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DISTRIBUTED = settings.SWITCHBOARD_MODE == "distributed"
+CHROMIUM = os.environ.get("SWITCHBOARD_CHROMIUM", "/usr/bin/chromium")
+ASYNC_UNSAFE = "DJANGO_ALLOW_ASYNC_UNSAFE"  # set by _chromium, in this process only
 POSTGRES = settings.DATABASES["default"]["ENGINE"].endswith("postgresql")
 REQUIRE_SERVICES = os.environ.get("SWITCHBOARD_REQUIRE_SERVICES", "").lower() in {"1", "true"}
 # Under pytest-xdist each worker process writes its services' logs to its own folder.
@@ -350,7 +352,7 @@ def worker_metrics_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def celery_worker(request: pytest.FixtureRequest, transactional_db: Any) -> Iterator[Any]:
     """A real `celery worker` process against the test database and the test Redis, forked from
-    this test process's worker zygote (tests/worker_zygote.py); a test that reads the worker's
+    this test process's worker zygote (tests/zygote.py); a test that reads the worker's
     metrics (``worker_metrics_dir``) gets a freshly started one writing them there."""
     if not DISTRIBUTED:
         pytest.skip("needs REDIS_URL (the distributed pass)")
@@ -369,7 +371,7 @@ def celery_worker(request: pytest.FixtureRequest, transactional_db: Any) -> Iter
     log_path = artifact_path("celery-worker.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.write_bytes(b"")
-    proc = zygote.fork(log_path)
+    proc = zygote.fork("celery", _worker_argv(), log_path)
     try:
         _wait_until_ready(proc, log_path)
         yield proc
@@ -393,7 +395,7 @@ def _settled(env: dict[str, str]) -> dict[str, str]:
 
 
 def _worker_env(env_extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ)
+    env = _inherited_env()
     env["DATABASE_URL"] = subprocess_database_url()
     env["REDIS_URL"] = settings.REDIS_URL
     env["SWITCHBOARD_CREDENTIAL_CRM"] = TEST_CRM_SECRET
@@ -408,9 +410,9 @@ def _worker_argv() -> list[str]:
             "-n", f"test-{os.getpid()}@%h"]
 
 
-class _ForkedWorker:
-    """A worker the zygote forked (its child, not this process's): what the fixtures use of
-    ``subprocess.Popen``."""
+class _Forked:
+    """A worker or server a zygote forked (its child, not this process's): what the fixtures use
+    of ``subprocess.Popen``."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
@@ -424,12 +426,18 @@ class _ForkedWorker:
                 self.returncode = -1  # exited and reaped by the zygote; its status is the zygote's
         return self.returncode
 
-    def kill(self) -> None:
+    def send_signal(self, signum: int) -> None:
         if self.poll() is None:
             try:
-                os.kill(self.pid, signal.SIGKILL)
+                os.kill(self.pid, signum)
             except ProcessLookupError:
                 self.returncode = -1
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
 
     def wait(self, timeout: float | None = None) -> int:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -440,21 +448,24 @@ class _ForkedWorker:
         return self.returncode or 0
 
 
-class _Zygote:
-    def __init__(self) -> None:
-        self.env = _worker_env()
+class Zygote:
+    """tests/zygote.py with the environment ``env``: forks Celery workers and daphne servers."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.worker_zygote"], cwd=ROOT,
+            [sys.executable, "-m", "tests.zygote"], cwd=ROOT,
             env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
-    def fork(self, log_path: Path) -> _ForkedWorker:
+    def fork(self, main: str, argv: list[str], log_path: Path) -> _Forked:
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps({"argv": _worker_argv(), "log": str(log_path)}) + "\n")
+        request = {"main": main, "argv": argv, "log": str(log_path)}
+        self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
         answer = self.proc.stdout.readline()
         if not answer:
-            raise AssertionError(f"the worker zygote exited ({self.proc.wait()})")
-        return _ForkedWorker(int(answer))
+            raise AssertionError(f"the zygote exited ({self.proc.wait()})")
+        return _Forked(int(answer))
 
     def close(self) -> None:
         assert self.proc.stdin is not None
@@ -466,11 +477,83 @@ class _Zygote:
 
 
 @pytest.fixture(scope="session")
-def _worker_zygote(django_db_setup: Any) -> Iterator[_Zygote]:
+def _worker_zygote(django_db_setup: Any) -> Iterator[Zygote]:
     """Imports the project once per test process; forks each test's Celery worker."""
-    zygote = _Zygote()
+    zygote = Zygote(_worker_env())
     yield zygote
     zygote.close()
+
+
+@pytest.fixture(scope="session")
+def _chromium() -> Iterator[Any]:
+    """One headless Chromium for the test process (starting one takes most of a second), for
+    the browser tests (tests/test_browser.py's ``browser``): each test opens its own contexts
+    (cookies, storage, pages) in it, and they are closed when the test ends."""
+    from playwright.sync_api import sync_playwright
+
+    # Playwright's sync API keeps its event loop running in this thread for as long as the
+    # browser lives, and Django refuses ORM calls in a thread with a running loop. The tests'
+    # fixtures and bodies call the ORM between Playwright's calls, never on its loop. The
+    # servers and workers they start are not given the variable (_inherited_env).
+    os.environ[ASYNC_UNSAFE] = "true"
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            try:
+                yield browser
+            finally:
+                browser.close()
+    finally:
+        del os.environ[ASYNC_UNSAFE]
+
+
+def _inherited_env() -> dict[str, str]:
+    """This process's environment as its servers and workers get it."""
+    return {k: v for k, v in os.environ.items() if k != ASYNC_UNSAFE}
+
+
+def _server_env() -> dict[str, str]:
+    env = {k: v for k, v in _inherited_env().items() if k not in {"REDIS_URL", "DATABASE_URL"}}
+    env["DATABASE_URL"] = subprocess_database_url()
+    if DISTRIBUTED:
+        env["REDIS_URL"] = settings.REDIS_URL
+    env["SWITCHBOARD_DEMO_PASSWORD"] = settings.SWITCHBOARD_DEMO_PASSWORD
+    return env
+
+
+@pytest.fixture(scope="session")
+def _server_zygote(django_db_setup: Any) -> Iterator[Zygote]:
+    """Imports the project once per test process; forks each test's daphne server."""
+    zygote = Zygote(_server_env())
+    yield zygote
+    zygote.close()
+
+
+@contextmanager
+def daphne_process(request: pytest.FixtureRequest, argv: list[str], *, log_name: str,
+                   ) -> Iterator[tuple[Any, Path]]:
+    """``daphne <argv>`` against the test database (and in the distributed pass the test
+    Redis), logging to artifacts/<log_name>, stopped (SIGTERM) afterwards: forked from the test
+    process's server zygote, or started afresh when the test changed the environment."""
+    env = _server_env()
+    zygote = request.getfixturevalue("_server_zygote")
+    if _settled(env) != _settled(zygote.env):
+        with service_process([sys.executable, "-m", "daphne", *argv], env=env,
+                             log_name=log_name) as started:
+            yield started
+        return
+    log_path = artifact_path(log_name)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.write_bytes(b"")
+    proc = zygote.fork("daphne", argv, log_path)
+    try:
+        yield proc, log_path
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 @contextmanager

@@ -6,10 +6,8 @@ artifacts/screenshots/<mode>/."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,16 +16,15 @@ import pytest
 from django.conf import settings
 
 from tests.conftest import (
+    CHROMIUM,
     DISTRIBUTED,
     REQUIRE_SERVICES,
     ROOT,
     VENDOR_INPUT,
-    service_process,
-    subprocess_database_url,
+    daphne_process,
     wait_for,
 )
 
-CHROMIUM = os.environ.get("SWITCHBOARD_CHROMIUM", "/usr/bin/chromium")
 MODE = "distributed" if DISTRIBUTED else "standalone"
 SHOTS = ROOT / "artifacts" / "screenshots" / MODE
 XSS_IMG = '<img src=x onerror="window.__xss=1">'
@@ -51,7 +48,7 @@ if _missing():
         raise RuntimeError(f"SWITCHBOARD_REQUIRE_SERVICES is set but {_missing()}")
     pytest.skip(f"browser tests skipped: {_missing()}", allow_module_level=True)
 
-from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright  # noqa: E402
+from playwright.sync_api import Browser, BrowserContext, Page, expect  # noqa: E402
 
 expect.set_options(timeout=60_000)
 
@@ -62,24 +59,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _server_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in {"REDIS_URL", "DATABASE_URL"}}
-    env["DATABASE_URL"] = subprocess_database_url()
-    if DISTRIBUTED:
-        env["REDIS_URL"] = settings.REDIS_URL
-    env["SWITCHBOARD_DEMO_PASSWORD"] = settings.SWITCHBOARD_DEMO_PASSWORD
-    return env
-
-
 @pytest.fixture
-def server(transactional_db: Any, demo: None) -> Iterator[str]:
-    """`daphne console.asgi:application` on a free port, against the test database."""
+def server(request: pytest.FixtureRequest, transactional_db: Any, demo: None) -> Iterator[str]:
+    """`daphne console.asgi:application` on a free port, against the test database: forked from
+    the test process's server zygote (tests/zygote.py), or started afresh when the test changed
+    the environment the zygote was given."""
     port = _free_port()
-    with service_process(
-        [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
-         "console.asgi:application"],
-        env=_server_env(), log_name=f"daphne-{MODE}.log",
-    ) as (proc, log_path):
+    with daphne_process(request, ["-b", "127.0.0.1", "-p", str(port),
+                                  "console.asgi:application"],
+                        log_name=f"daphne-{MODE}.log") as (proc, log_path):
 
         def up() -> bool:
             if proc.poll() is not None:
@@ -101,13 +89,12 @@ def worker(request: pytest.FixtureRequest, server: str) -> None:
 
 
 @pytest.fixture
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        try:
-            yield browser
-        finally:
-            browser.close()
+def browser(_chromium: Browser) -> Iterator[Browser]:
+    """The test process's Chromium (tests/conftest.py). The contexts a test opened are closed
+    after it, so none of its pages polls or reconnects to a server that is gone."""
+    yield _chromium
+    for context in _chromium.contexts:
+        context.close()
 
 
 class Watched:

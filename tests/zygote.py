@@ -1,0 +1,109 @@
+"""A factory of the tests' Celery workers and daphne servers: imports the project once, then forks
+a ready-to-start process per test, which skips the second and more a fresh interpreter spends
+importing Django, Celery, Channels and the project.
+
+Started by tests/conftest.py with the environment its children are to have (the test database,
+the test Redis, ...). Each line on stdin is a JSON object {"main": "celery" | "daphne", "argv":
+[...], "log": "<path>"}; the zygote forks a child that sends its output to the log and runs
+``celery worker`` or ``daphne`` with argv, and answers with the child's pid on a line of stdout.
+The zygote reaps its children; it exits when stdin closes.
+
+Nothing is connected or started before the fork: the children open their own database and broker
+connections, and build their own event loop. Daphne makes its loop (and installs Twisted's reactor
+on it) when ``daphne.server`` is first imported, which ``django.setup()`` does through daphne's
+app; a loop made here would be one epoll instance shared by every child. So the zygote sets up
+Django with a placeholder in its place and removes it before forking: each daphne child imports
+the real module, and with it a loop of its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sys
+import types
+
+DAPHNE_SERVER = "daphne.server"
+
+
+def _reap(*_: object) -> None:
+    while True:
+        try:
+            pid, _status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _celery(argv: list[str]) -> None:
+    from console.celery import app
+
+    app.worker_main(argv)
+
+
+def _daphne(argv: list[str]) -> None:
+    from daphne.cli import CommandLineInterface
+
+    CommandLineInterface().run(argv)
+
+
+MAINS = {"celery": _celery, "daphne": _daphne}
+
+
+def _child(main: str, argv: list[str], log: str) -> None:
+    random.seed()  # not the zygote's sequence, which every earlier child also had
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    os.setpgid(0, 0)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)  # emptied by the test
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    try:
+        MAINS[main](argv)
+    finally:
+        os._exit(0)
+
+
+def _set_up() -> None:
+    import django
+
+    sys.modules[DAPHNE_SERVER] = types.ModuleType(DAPHNE_SERVER)
+    try:
+        django.setup(set_prefix=False)
+    finally:
+        del sys.modules[DAPHNE_SERVER]
+    if "twisted.internet.reactor" in sys.modules:
+        raise RuntimeError("a reactor was installed while the zygote set up Django")
+    import channels.routing  # noqa: F401
+    import django.core.asgi  # noqa: F401
+
+    import console.routing  # noqa: F401
+    import console.urls  # noqa: F401
+    from console.celery import app
+
+    app.loader.import_default_modules()
+    from django.db import connections
+
+    connections.close_all()
+
+
+def main() -> None:
+    _set_up()
+    signal.signal(signal.SIGCHLD, _reap)
+    out = sys.stdout
+    for line in sys.stdin:
+        request = json.loads(line)
+        sys.stdout.flush()
+        pid = os.fork()
+        if pid == 0:
+            _child(request["main"], request["argv"], request["log"])
+        out.write(f"{pid}\n")
+        out.flush()
+
+
+if __name__ == "__main__":
+    main()
