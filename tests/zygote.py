@@ -22,6 +22,7 @@ import os
 import random
 import signal
 import sys
+import threading
 import types
 
 DAPHNE_SERVER = "daphne.server"
@@ -89,6 +90,9 @@ def _set_up() -> None:
     from django.db import connections
 
     connections.close_all()
+    if threading.active_count() != 1:  # a fork copies only the thread that forks
+        names = [t.name for t in threading.enumerate()]
+        raise RuntimeError(f"the zygote started threads before forking: {names}")
 
 
 def main() -> None:
