@@ -22,7 +22,7 @@ from django.conf import settings
 ROOT = Path(__file__).resolve().parent.parent
 DISTRIBUTED = settings.SWITCHBOARD_MODE == "distributed"
 CHROMIUM = os.environ.get("SWITCHBOARD_CHROMIUM", "/usr/bin/chromium")
-ASYNC_UNSAFE = "DJANGO_ALLOW_ASYNC_UNSAFE"  # set by _chromium, in this process only
+ASYNC_UNSAFE = "DJANGO_ALLOW_ASYNC_UNSAFE"  # set while _Chromium runs, in this process only
 POSTGRES = settings.DATABASES["default"]["ENGINE"].endswith("postgresql")
 REQUIRE_SERVICES = os.environ.get("SWITCHBOARD_REQUIRE_SERVICES", "").lower() in {"1", "true"}
 # Under pytest-xdist each worker process writes its services' logs to its own folder.
@@ -255,16 +255,21 @@ def _shared_demo(request: pytest.FixtureRequest, _demo_holder: _DemoTransaction,
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
-    result = yield
-    holder = _demo_transaction
-    if holder.block is not None and not (
-            nextitem is not None and SHARED in getattr(nextitem, "fixturenames", ())
-            and nextitem.module.__name__ == holder.module):  # type: ignore[attr-defined]
-        from pytest_django.plugin import blocking_manager_key
+    try:
+        result = yield
+        holder = _demo_transaction
+        if holder.block is not None and not (
+                nextitem is not None and SHARED in getattr(nextitem, "fixturenames", ())
+                and nextitem.module.__name__ == holder.module):  # type: ignore[attr-defined]
+            from pytest_django.plugin import blocking_manager_key
 
-        with item.config.stash[blocking_manager_key].unblock():
-            holder.close()
-    return result
+            with item.config.stash[blocking_manager_key].unblock():
+                holder.close()
+        return result
+    finally:  # after the ORM calls above, which need Chromium's variable while it runs
+        if CHROMIUM_SESSION.browser is not None and (
+                nextitem is None or nextitem.get_closest_marker("browser") is None):
+            CHROMIUM_SESSION.stop()
 
 
 @pytest.fixture
@@ -422,7 +427,7 @@ class _Forked:
         if self.returncode is None:
             try:
                 os.kill(self.pid, 0)
-            except ProcessLookupError:
+            except (ProcessLookupError, PermissionError):  # PermissionError: the pid was reused
                 self.returncode = -1  # exited and reaped by the zygote; its status is the zygote's
         return self.returncode
 
@@ -484,27 +489,48 @@ def _worker_zygote(django_db_setup: Any) -> Iterator[Zygote]:
     zygote.close()
 
 
-@pytest.fixture(scope="session")
-def _chromium() -> Iterator[Any]:
-    """One headless Chromium for the test process (starting one takes most of a second), for
-    the browser tests (tests/test_browser.py's ``browser``): each test opens its own contexts
-    (cookies, storage, pages) in it, and they are closed when the test ends."""
-    from playwright.sync_api import sync_playwright
+class _Chromium:
+    """One headless Chromium for a run of browser tests in a test process (starting one takes
+    most of a second): each test opens its own contexts (cookies, storage, pages) in it, closed
+    when the test ends (tests/test_browser.py's ``browser``). It is stopped after the last
+    browser test of a run of them (``pytest_runtest_teardown``), so the tests after it find the
+    process as it was.
 
-    # Playwright's sync API keeps its event loop running in this thread for as long as the
-    # browser lives, and Django refuses ORM calls in a thread with a running loop. The tests'
-    # fixtures and bodies call the ORM between Playwright's calls, never on its loop. The
-    # servers and workers they start are not given the variable (_inherited_env).
-    os.environ[ASYNC_UNSAFE] = "true"
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-            try:
-                yield browser
-            finally:
-                browser.close()
-    finally:
-        del os.environ[ASYNC_UNSAFE]
+    Playwright's sync API keeps its event loop marked as running in this thread while it lives,
+    and Django refuses ORM calls in a thread with a running loop. The browser tests' fixtures and
+    bodies call the ORM between Playwright's calls, never on its loop: for as long as Chromium
+    runs, DJANGO_ALLOW_ASYNC_UNSAFE is set in this process. The servers and workers the tests
+    start are not given it (_inherited_env)."""
+
+    def __init__(self) -> None:
+        self.playwright: Any = None
+        self.browser: Any = None
+
+    def get(self) -> Any:
+        if self.browser is not None and not self.browser.is_connected():  # it crashed
+            self.stop()
+        if self.browser is None:
+            from playwright.sync_api import sync_playwright
+
+            os.environ[ASYNC_UNSAFE] = "true"
+            self.playwright = sync_playwright().start()
+            self.browser = self.playwright.chromium.launch(
+                executable_path=CHROMIUM, args=["--no-sandbox"])
+        return self.browser
+
+    def stop(self) -> None:
+        try:
+            if self.browser is not None and self.browser.is_connected():
+                self.browser.close()
+        finally:
+            self.browser = None
+            if self.playwright is not None:
+                self.playwright.stop()
+                self.playwright = None
+            os.environ.pop(ASYNC_UNSAFE, None)
+
+
+CHROMIUM_SESSION = _Chromium()
 
 
 def _inherited_env() -> dict[str, str]:

@@ -6,6 +6,7 @@ artifacts/screenshots/<mode>/."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from django.conf import settings
 
 from tests.conftest import (
     CHROMIUM,
+    CHROMIUM_SESSION,
     DISTRIBUTED,
     REQUIRE_SERVICES,
     ROOT,
@@ -59,6 +61,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _listens(pid: int, port: int) -> bool:
+    """Whether process ``pid`` holds a TCP socket listening on ``port`` (Linux's /proc)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as rows:
+            for row in list(rows)[1:]:
+                fields = row.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":  # LISTEN
+                    inodes.add(f"socket:[{fields[9]}]")
+    if not inodes:
+        return False
+    fds = Path(f"/proc/{pid}/fd")
+    try:
+        held = {os.readlink(fd) for fd in fds.iterdir()}
+    except FileNotFoundError:  # exited: the caller's poll says so
+        return False
+    return bool(inodes & held)
+
+
 @pytest.fixture
 def server(request: pytest.FixtureRequest, transactional_db: Any, demo: None) -> Iterator[str]:
     """`daphne console.asgi:application` on a free port, against the test database: forked from
@@ -72,11 +93,9 @@ def server(request: pytest.FixtureRequest, transactional_db: Any, demo: None) ->
         def up() -> bool:
             if proc.poll() is not None:
                 raise AssertionError(f"daphne exited early; see {log_path}")
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                    return True
-            except OSError:
-                return False
+            # Its own socket: the port was free when chosen, and another test process (the
+            # other pass's browser tests run at the same time) may have taken it since.
+            return _listens(proc.pid, port)
 
         wait_for(up, timeout=30, what="daphne to listen")
         yield f"http://127.0.0.1:{port}"
@@ -89,12 +108,15 @@ def worker(request: pytest.FixtureRequest, server: str) -> None:
 
 
 @pytest.fixture
-def browser(_chromium: Browser) -> Iterator[Browser]:
-    """The test process's Chromium (tests/conftest.py). The contexts a test opened are closed
-    after it, so none of its pages polls or reconnects to a server that is gone."""
-    yield _chromium
-    for context in _chromium.contexts:
-        context.close()
+def browser() -> Iterator[Browser]:
+    """The test process's Chromium (tests/conftest.py's CHROMIUM_SESSION). The contexts a test
+    opened are closed after it, so none of its pages polls or reconnects to a server that is
+    gone."""
+    chromium = CHROMIUM_SESSION.get()
+    yield chromium
+    if chromium.is_connected():
+        for context in chromium.contexts:
+            context.close()
 
 
 class Watched:
