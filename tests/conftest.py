@@ -373,9 +373,7 @@ def celery_worker(request: pytest.FixtureRequest, transactional_db: Any) -> Iter
             yield proc
         return
     _empty_test_redis()
-    log_path = artifact_path("celery-worker.log")
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log_path.write_bytes(b"")
+    log_path = _empty_log("celery-worker.log")
     proc = zygote.fork("celery", _worker_argv(), log_path)
     try:
         _wait_until_ready(proc, log_path)
@@ -385,6 +383,14 @@ def celery_worker(request: pytest.FixtureRequest, transactional_db: Any) -> Iter
         # idle). What it was still running is abandoned, as after a crash.
         proc.kill()
         proc.wait(timeout=20)
+
+
+def _empty_log(name: str) -> Path:
+    """artifacts/<name>, empty: a zygote's child appends to it."""
+    path = artifact_path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    return path
 
 
 def _empty_test_redis() -> None:
@@ -568,18 +574,12 @@ def daphne_process(request: pytest.FixtureRequest, argv: list[str], *, log_name:
                              log_name=log_name) as started:
             yield started
         return
-    log_path = artifact_path(log_name)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log_path.write_bytes(b"")
+    log_path = _empty_log(log_name)
     proc = zygote.fork("daphne", argv, log_path)
     try:
         yield proc, log_path
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _stop(proc)
 
 
 @contextmanager
@@ -634,11 +634,16 @@ def service_process(args: list[str], *, env: dict[str, str], log_name: str,
         try:
             yield proc, error_path
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            _stop(proc)
+
+
+def _stop(proc: Any) -> None:
+    """SIGTERM, and SIGKILL if it has not exited 20 s later."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 @pytest.fixture
