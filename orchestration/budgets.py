@@ -124,9 +124,13 @@ def _reserve_statement(task: bool, relaxed: bool) -> Prepared:
 
 
 @cache
-def _unless_stopped_statement(task: bool, vendor: str) -> Prepared:
-    return Prepared(f"reserve_unless_stopped{'_task' if task else ''}", _UNLESS_STOPPED.format(
-        stop=stop_sql(call=False), relaxed=_RELAXED,
+def _unless_stopped_statement(task: bool, vendor: str, call: bool = False,
+                              relaxed: bool = True) -> Prepared:
+    label = (f"{'ahead_tool' if call else 'reserve_unless_stopped'}{'_task' if task else ''}"
+             f"{'' if relaxed else '_strict'}")
+    return Prepared(label, _UNLESS_STOPPED.format(
+        stop=stop_sql(call=call), relaxed=_RELAXED if relaxed else _STRICT,
+        columns=_CALL_COLUMNS if call else "",
         task=_UNLESS_STOPPED_TASK if task else "",
         task_count="(SELECT count(*) FROM t)" if task else "1"), _TYPES)
 
@@ -146,12 +150,15 @@ def reserve(run_id: str, task_key: str, worst: Usage, *, run: Run | None = None)
 
 # PostgreSQL, a model call: the stop signals (precheck.stop_sql) and, unless one is raised, the
 # reservation, in one statement. The stop row comes back either way.
+# A tool call's stop row (precheck.stop_sql(call=True)) has three more columns: the grant,
+# whether people were asked about the call, and the policies' fingerprint.
 _UNLESS_STOPPED = (
-    "WITH s (cancel, switch, active) AS ({stop}), {relaxed}"
+    "WITH s (cancel, switch, active{columns}) AS ({stop}), {relaxed}"
     " r AS (" + _RESERVE_RUN + " AND EXISTS (SELECT 1 FROM s WHERE NOT s.cancel"
     " AND s.switch IS NULL AND (%(agent)s IS NULL OR s.active = 1)) RETURNING 1){task}"
-    " SELECT s.cancel, s.switch, s.active,"
+    " SELECT s.cancel, s.switch, s.active{columns},"
     " (SELECT count(*) FROM r) + 0 * (SELECT count(*) FROM relaxed), {task_count} FROM s")
+_CALL_COLUMNS = ", granted, asked, policies"
 _UNLESS_STOPPED_TASK = (", t AS (" + _RESERVE_TASK + " AND EXISTS (SELECT 1 FROM r)"
                         " RETURNING 1)")
 
@@ -180,6 +187,74 @@ def reserve_unless_stopped(run_id: str, task_key: str, worst: Usage, stop: dict[
     if row is None or stops(row, stop["agent"]):
         return row, None
     return row[:3], _judged(run_id, task_key, worst, run, (row[3], row[4]))
+
+
+class Ahead:
+    """A call's checks run ahead, in the transaction that records the call before it (the
+    governor's ``ahead_of_tool``/``ahead_of_model``): the stop signals (for a tool call with
+    the grant, whether people were asked about it and the policies in force) and, unless they
+    stop the work, the reservation of ``worst``, under the same conditional UPDATEs as
+    ``reserve``. The store runs it after the step's writes (``sql.deferred_read``: on
+    PostgreSQL one statement in the step's round trip), ``took`` keeps what it read, and
+    ``committed`` (the step's on-commit hook) makes it count: a rolled back step holds
+    nothing. ``lost``: the step committed but its answer never came back (the store found it
+    in the ledger on a retry), so whether this reserved anything is unknown."""
+
+    __slots__ = ("run_id", "task_key", "worst", "stop", "tool", "key", "row", "counts",
+                 "ready", "lost", "stop_used")
+
+    def __init__(self, run_id: str, task_key: str, worst: Usage, stop: dict[str, Any], *,
+                 tool: str | None = None, key: str = "") -> None:
+        self.run_id, self.task_key, self.worst, self.stop = run_id, task_key, worst, stop
+        self.tool, self.key = tool, key
+        self.row: Any = None
+        self.counts: tuple[int, int] | None = None  # (run reserved, task reserved)
+        self.ready = self.lost = self.stop_used = False
+
+    def statement(self) -> tuple[str, list[Any]]:
+        """PostgreSQL: the checks and the reservation as one statement (``took`` its row)."""
+        statement = _unless_stopped_statement(bool(self.task_key), connection.vendor,
+                                              call=self.tool is not None, relaxed=False)
+        return statement.statement({**self.stop, **_params(self.run_id, self.task_key,
+                                                             self.worst)})
+
+    def took(self, row: Any) -> None:
+        width = 3 if self.tool is None else 6
+        self.row = row[:width] if row is not None else None
+        self.counts = (None if row is None or stops(row, self.stop["agent"])
+                       else (row[width], row[width + 1]))
+
+    def run(self) -> None:
+        """Elsewhere: the stop row, then the reservation's UPDATEs, in the open transaction."""
+        with connection.cursor() as cursor:
+            cursor.execute(*stop_statement(call=self.tool is not None).statement(self.stop))
+            row = cursor.fetchone()
+        self.row, self.counts = row, None
+        if row is None or stops(row, self.stop["agent"]):
+            return
+        params = _params(self.run_id, self.task_key, self.worst)
+        run_ok = _execute(_RESERVE_RUN, params)
+        self.counts = (run_ok, int(not self.task_key or bool(run_ok
+                                                             and _execute(_RESERVE_TASK, params))))
+
+    def committed(self) -> None:
+        self.ready = True
+
+    def judged(self, run: Run | None) -> str:
+        """What the reservation came to, as ``reserve`` answers (only once it is ``ready``
+        and the stop row raised no stop)."""
+        assert self.counts is not None
+        return _judged(self.run_id, self.task_key, self.worst, run, self.counts)
+
+    def release(self) -> None:
+        """Give back what it holds: nothing when it never committed or its checks stopped
+        the work. A ``lost`` one gives back what the task holds: it has no other call in
+        flight (the call the step recorded is settled)."""
+        if self.lost:
+            with transaction.atomic():
+                release_held(self.run_id, self.task_key)
+        elif self.ready and self.counts is not None and self.counts[0]:
+            release(self.run_id, self.task_key if self.counts[1] else "", self.worst)
 
 
 def _judged(run_id: str, task_key: str, worst: Usage, run: Run | None,

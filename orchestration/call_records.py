@@ -16,7 +16,7 @@ from orchestration import budgets, metrics, run_lock, transcripts
 from orchestration.engine.errors import LeaseLost
 from orchestration.engine.states import TaskStatus
 from orchestration.retry import persist
-from orchestration.sql import deferred_writes
+from orchestration.sql import deferred_read, deferred_writes
 
 
 class CallRecords:
@@ -28,11 +28,13 @@ class CallRecords:
 
     def record_step(self, run_id: str, kind: str, data: dict[str, Any], *, usage: Any,
                     reserved: Any = None, lease: str = "",
-                    transcript: list[dict[str, Any]] | None = None) -> None:
+                    transcript: list[dict[str, Any]] | None = None,
+                    ahead: budgets.Ahead | None = None) -> None:
         """Checkpoint one model or tool call and settle its reservation, atomically (a model
         call's ``transcript`` in the same transaction). The call's result is in hand: a
         database that is briefly away is waited for (``persist``) rather than the call made
-        again."""
+        again. ``ahead``: the next call's checks, run in the same transaction (not inside a
+        caller's transaction, whose commit comes after that call would want them)."""
         if transaction.get_connection().in_atomic_block:
             self._record_step(run_id, kind, data, usage=usage, reserved=reserved, lease=lease,
                               transcript=transcript)
@@ -43,9 +45,11 @@ class CallRecords:
             nonlocal tries
             tries += 1
             if tries > 1 and self._recorded(run_id, kind, data):
+                if ahead is not None:
+                    ahead.lost = True
                 return  # the earlier try committed; only its answer was lost
             self._record_step(run_id, kind, data, usage=usage, reserved=reserved, lease=lease,
-                              transcript=transcript)
+                              transcript=transcript, ahead=ahead)
 
         persist(attempt, what=f"record {kind} of {run_id}/{data.get('task', '')}")
 
@@ -67,7 +71,8 @@ class CallRecords:
     # writing it again (it retries lock conflicts too).
     def _record_step(self, run_id: str, kind: str, data: dict[str, Any], *, usage: Any,
                      reserved: Any = None, lease: str = "",
-                     transcript: list[dict[str, Any]] | None = None) -> None:
+                     transcript: list[dict[str, Any]] | None = None,
+                     ahead: budgets.Ahead | None = None) -> None:
         # On PostgreSQL, outside a caller's transaction, a call is written at the head this
         # thread's last committed append left (ledger.committed_head), its lock and checks in
         # the same round trip; if someone else appended since, nothing of that try lands and
@@ -81,21 +86,23 @@ class CallRecords:
         if known is not None:
             try:
                 self._write_step(run_id, kind, data, usage=usage, reserved=reserved,
-                                 lease=lease, transcript=transcript, head=known)
+                                 lease=lease, transcript=transcript, head=known, ahead=ahead)
                 return
             except DatabaseError as exc:
                 if not run_lock.moved_on(exc):
                     raise
                 self._contended.add(str(run_id))
         self._write_step(run_id, kind, data, usage=usage, reserved=reserved, lease=lease,
-                         transcript=transcript)
+                         transcript=transcript, ahead=ahead)
 
     def _write_step(self, run_id: str, kind: str, data: dict[str, Any], *, usage: Any,
                     reserved: Any, lease: str, transcript: list[dict[str, Any]] | None,
-                    head: tuple[int, str] | None = None) -> None:
+                    head: tuple[int, str] | None = None,
+                    ahead: budgets.Ahead | None = None) -> None:
         """One step's writes in one transaction. Round trips on PostgreSQL: the lock (with the
         lease's row), then the writes with the commit; with the ``head`` the last step left,
-        the lock and the checks travel with the writes instead."""
+        the lock and the checks travel with the writes instead. The next call's checks
+        (``ahead``) are read after the writes, in the same round trip."""
         task = data.get("task", "")
         with transaction.atomic(savepoint=False):
             if head is None:
@@ -118,4 +125,7 @@ class CallRecords:
                                          messages=transcript)
                     if reserved is not None or not usage.is_zero():
                         budgets.settle(run_id, task, reserved, usage, write=send)
+                if ahead is not None:  # after the settlement, which frees what it held
+                    deferred_read(ahead)
+                    transaction.on_commit(ahead.committed)
 

@@ -11,14 +11,14 @@ from functools import cache
 from typing import Any
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import DatabaseError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
 from approvals import services as approvals
 from approvals.models import ApprovalRequest, Reason
 from orchestration import metrics, rules
-from orchestration.budgets import release, reserve, reserve_unless_stopped, run_param
+from orchestration.budgets import Ahead, release, reserve, reserve_unless_stopped, run_param
 from orchestration.engine.governance import ALLOW, Gate, Usage
 from orchestration.models import KillSwitch, Run, Tool, ToolUsage
 from orchestration.precheck import grant_checker, grant_params, stop_statement
@@ -66,36 +66,54 @@ class DjangoGovernor:
         self._holds = grant_checker(grantee, self._grant)
         self._granted_now: tuple[str, bool] | None = None
         self._policies: Any = ...
+        # The next call's checks, run in the transaction that recorded the call before it.
+        self._ahead: Ahead | None = None
 
     # stop signals and grants ----------------------------------------------------------------
+    def _stop_params(self, tool: str | None, key: str) -> dict[str, Any]:
+        params = {"run": run_param(self.run_id), "process": self.process,
+                  "agent": self.agent or None, "tool": tool or None}
+        if tool:
+            row_tool = self._tools.get(tool)
+            params.update(self._grant, key=key,
+                          obj=str(row_tool.pk) if row_tool is not None else "")
+        return params
+
     def stopped(self, tool: str | None = None, key: str = "") -> str:
         """One query before every model and tool call: the run cancelled, a kill switch on
         everything, this process, this agent or this tool, or the agent retired. For a tool
         call the same query reads the grant, whether a request names the call and which
-        policies are in force, which the gate's next questions then take from here."""
+        policies are in force, which the gate's next questions then take from here. A tool
+        call whose checks ran ahead (``ahead_of_tool``) is answered from them, once."""
         self._granted_now, self._policies = None, ...
-        params = {"run": run_param(self.run_id), "process": self.process,
-                  "agent": self.agent or None, "tool": tool or None}
-        row_tool = self._tools.get(tool) if tool else None
-        if tool:
-            params.update(self._grant, key=key,
-                          obj=str(row_tool.pk) if row_tool is not None else "")
-        with connection.cursor() as cursor:
-            cursor.execute(*stop_statement(call=bool(tool)).statement(params))
-            row = cursor.fetchone()
+        ahead = self._ahead
+        if (tool and ahead is not None and ahead.ready and not ahead.stop_used
+                and ahead.tool == tool and ahead.key == key):
+            ahead.stop_used = True
+            row = ahead.row
+        else:
+            with connection.cursor() as cursor:
+                cursor.execute(*stop_statement(call=bool(tool)).statement(
+                    self._stop_params(tool, key)))
+                row = cursor.fetchone()
         if row is not None and tool:
-            self._remember(tool, key, granted=bool(row[3]) and row_tool is not None,
+            self._remember(tool, key, granted=bool(row[3]) and tool in self._tools,
                            asked=bool(row[4]), policies=row[5])
         return self._stop_reason(row)
 
     def begin_model_call(self, worst: Usage) -> str:
         """The stop signals and the reservation of a model call's worst case, in one round
-        trip where the database allows."""
+        trip where the database allows, or none when they ran ahead (``ahead_of_model``)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            if ahead.ready and ahead.tool is None and ahead.worst == worst:
+                why = self._stop_reason(ahead.row)
+                if why or ahead.counts is not None:
+                    return why or ahead.judged(self.run)
+                return self.reserve(worst)  # a kill switch released since: nothing held
+            self._let_go(ahead)
         row, refused = reserve_unless_stopped(
-            self.run_id, self.task_key, worst, {"run": run_param(self.run_id),
-                                                "process": self.process,
-                                                "agent": self.agent or None, "tool": None},
-            run=self.run)
+            self.run_id, self.task_key, worst, self._stop_params(None, ""), run=self.run)
         why = self._stop_reason(row)
         if why or refused is not None:
             return why or refused or ""
@@ -138,7 +156,39 @@ class DjangoGovernor:
 
     # budgets --------------------------------------------------------------------------
     def reserve(self, worst: Usage) -> str:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            if (ahead.ready and ahead.tool is not None and ahead.stop_used
+                    and ahead.counts is not None and ahead.worst == worst):
+                return ahead.judged(self.run)
+            self._let_go(ahead)
         return reserve(self.run_id, self.task_key, worst, run=self.run)
+
+    def ahead_of_tool(self, tool: str, key: str, worst: Usage) -> Ahead:
+        self.release_ahead()
+        self._ahead = Ahead(self.run_id, self.task_key, worst, self._stop_params(tool, key),
+                            tool=tool, key=key)
+        return self._ahead
+
+    def ahead_of_model(self, worst: Usage) -> Ahead:
+        self.release_ahead()
+        self._ahead = Ahead(self.run_id, self.task_key, worst, self._stop_params(None, ""))
+        return self._ahead
+
+    def release_ahead(self) -> None:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            self._let_go(ahead)
+
+    def _let_go(self, ahead: Ahead) -> None:
+        """Give back a reservation made ahead for a call that did not come. Should the database
+        be away, it stays held and a warning says so: not raised, since the loop may be ending
+        because of that very outage."""
+        try:
+            ahead.release()
+        except DatabaseError:
+            log.warning("run %s task %s: could not give back a reservation made ahead",
+                        self.run_id, self.task_key, exc_info=True)
 
     def release(self, reserved: Usage) -> None:
         release(self.run_id, self.task_key, reserved)

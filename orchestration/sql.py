@@ -9,7 +9,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol
 
 from django.db import connection
 from psycopg.pq import TransactionStatus
@@ -46,6 +46,15 @@ def execute(sql: str, params: list[Any]) -> int:
         return cursor.rowcount
 
 
+def execute_reading(sql: str, params: list[Any], index: int) -> Any:
+    """Run several statements (PostgreSQL) and return the first row of the ``index``-th."""
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        for _ in range(index):
+            cursor.nextset()
+        return cursor.fetchone()
+
+
 _writes = threading.local()
 _IDLE = TransactionStatus.IDLE
 
@@ -66,11 +75,37 @@ def deferred_writes(*, commit: bool = False) -> Iterator[Callable[[str, list[Any
         yield write  # the outer block sends
         return
     _writes.buffer = []
+    _writes.read = None
     try:
         yield write
         flush_writes(commit=commit)
     finally:
-        _writes.buffer = None
+        _writes.buffer = _writes.read = None
+
+
+class Reader(Protocol):
+    def statement(self) -> tuple[str, list[Any]]: ...  # PostgreSQL: one statement
+    def took(self, row: Any) -> None: ...  # its first row (None when it has none)
+    def run(self) -> None: ...  # elsewhere: run it in the open transaction
+
+
+def deferred_read(reader: Reader) -> None:
+    """A read (one at most) to run after the step's writes, in their transaction: on
+    PostgreSQL as the last statement of their round trip, before its COMMIT. Outside
+    ``deferred_writes`` it runs now."""
+    if getattr(_writes, "buffer", None) is None:
+        _read(reader)
+    else:
+        _writes.read = reader
+
+
+def _read(reader: Reader) -> None:
+    if connection.vendor != "postgresql":
+        reader.run()
+        return
+    with connection.cursor() as cursor:
+        cursor.execute(*reader.statement())
+        reader.took(cursor.fetchone())
 
 
 def write(sql: str, params: list[Any]) -> None:
@@ -92,20 +127,30 @@ def _ends_outermost() -> bool:
 
 def flush_writes(*, commit: bool = False) -> None:
     buffer = getattr(_writes, "buffer", None)
+    reader, _writes.read = getattr(_writes, "read", None), None
     if not buffer:
+        if reader is not None:
+            _read(reader)
         return
     statements = list(buffer)
     buffer.clear()
     if connection.vendor == "postgresql":
+        if reader is not None:
+            statements.append(reader.statement())
         # Client-side binding (Django's default with psycopg 3) sends this as one simple query.
         sql = "; ".join(sql for sql, _ in statements)
         params = [value for _, params in statements for value in params]
-        if commit and _ends_outermost():
-            execute(f"{sql}; COMMIT", params)
-            if connection.connection.info.transaction_status != _IDLE:
-                raise RuntimeError("the step's COMMIT did not end its transaction")
-            return
-        execute(sql, params)
+        ends = commit and _ends_outermost()
+        if ends:
+            sql = f"{sql}; COMMIT"
+        if reader is None:
+            execute(sql, params)
+        else:
+            reader.took(execute_reading(sql, params, len(statements) - 1))
+        if ends and connection.connection.info.transaction_status != _IDLE:
+            raise RuntimeError("the step's COMMIT did not end its transaction")
         return
     for sql, params in statements:
         execute(sql, params)
+    if reader is not None:
+        reader.run()

@@ -30,7 +30,7 @@ class Log:
 
     def record(self, kind: str, data: dict[str, Any], *, usage: Usage,
                reserved: Usage | None = None,
-               transcript: list[dict[str, Any]] | None = None) -> None:
+               transcript: list[dict[str, Any]] | None = None, ahead: Any = None) -> None:
         self.events.append((kind, data))
 
     def journal(self) -> Journal:

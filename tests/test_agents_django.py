@@ -19,7 +19,7 @@ from orchestration.engine.agent import AgentSpec, run_agent
 from orchestration.engine.gate import StoreLog
 from orchestration.engine.llm import ModelRequest, ModelResponse, ScriptedModel
 from orchestration.engine.runner import TaskContext
-from orchestration.models import Agent, Process, Run, Tool
+from orchestration.models import Agent, Process, Run, Task, Tool
 from orchestration.plans import plan_for
 from orchestration.store import DjangoRunStore
 from orchestration.tooling import contract_for
@@ -40,6 +40,15 @@ def make_agent(slug: str, script: list[dict[str, Any]], tools: list[str],
     for tool in tools:
         assign_perm("orchestration.invoke_tool", user, Tool.objects.get(slug=tool))
     return agent
+
+
+def held(run_id: Any) -> list[tuple[Any, ...]]:
+    """What the run and its tasks still hold reserved: (tokens, cost, steps) of each that does."""
+    rows = [Run.objects.values_list("reserved_tokens", "reserved_cost", "reserved_steps")
+            .get(pk=run_id)]
+    rows += Task.objects.filter(run_id=run_id).values_list("reserved_tokens", "reserved_cost",
+                                                           "reserved_steps")
+    return [row for row in rows if any(row)]
 
 
 def one_task_process(slug: str, agent: Agent) -> Process:
@@ -77,6 +86,7 @@ def test_it_runs_the_agent_demo_processes_offline_with_usage_and_cost(
     assert body["usage"]["tool_calls"] == tool_calls
     assert body["result"]["message_id"].startswith("MAIL-")
     assert all(e.actor.startswith("agent:") for e in calls)
+    assert held(run.pk) == []
 
 
 @pytest.mark.django_db(transaction=True)
@@ -99,6 +109,7 @@ def test_it_parks_a_run_whose_agent_spends_its_step_budget(runner: None, api: An
     assert body["usage"]["steps"] == 5
     kinds = list(Event.objects.filter(chain=run_id).values_list("kind", flat=True))
     assert "task.waiting" in kinds and kinds.count("model.called") == 5
+    assert held(run_id) == []
 
 
 def _task_ctx(run: Run) -> TaskContext:
@@ -123,6 +134,60 @@ def test_it_refuses_and_records_a_revoked_grant(demo: None, operator: User) -> N
     refused = Event.objects.get(chain=run.pk, kind="tool.refused")
     assert refused.actor == "agent:revoked" and "not granted" in refused.data["error"]
     assert not Event.objects.filter(chain=run.pk, kind="tool.called").exists()
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("ending, status", [
+    ("answer", "succeeded"), ("revoked", "succeeded"), ("step_budget", "waiting"),
+    ("token_budget", "waiting"), ("cancelled", "cancelled"), ("approval", "waiting")])
+def test_what_a_record_reserved_ahead_is_given_back_when_its_call_does_not_come(
+        demo: None, operator: User, monkeypatch: pytest.MonkeyPatch, ending: str,
+        status: str) -> None:
+    """A call's record reserves the next call's worst case in its own transaction. Whatever the
+    loop does next (a refusal, a budget, a cancellation, a policy that waits on people), the
+    run and its task hold nothing once the loop has ended."""
+    from approvals.models import Policy
+    from approvals.services import policy_publish
+    from orchestration import dispatch
+    from orchestration.agents import run_agent_task
+    from orchestration.builtin_tools import registry
+
+    monkeypatch.setattr(dispatch, "send", lambda *args, **kwargs: None)
+    # A tool call reserves its cost (an agent's calls are part of its model turn's step).
+    Tool.objects.filter(slug="lookup_order").update(cost_per_call=Decimal("0.01"))
+    turns: list[dict[str, Any]] = [
+        {"tool_calls": [{"name": "lookup_order", "arguments": {"order_id": f"ORD-{i}"}},
+                        {"name": "lookup_order", "arguments": {"order_id": f"ORD-{i}0"}}],
+         "tokens_in": 50, "tokens_out": 5} for i in range(3)]
+    agent = make_agent(f"ahead-{ending.replace('_', '-')}",
+                       [*turns, {"text": "done", "tokens_in": 50, "tokens_out": 5}],
+                       ["lookup_order"], step_budget=2 if ending == "step_budget" else 5)
+    process = one_task_process(f"ahead-{ending.replace('_', '-')}", agent)
+    run = services.run_create(process=process, input={}, user=operator)
+    if ending == "token_budget":
+        Agent.objects.filter(pk=agent.pk).update(token_budget=100)
+    elif ending == "revoked":
+        remove_perm("orchestration.invoke_tool", agent.user, Tool.objects.get(slug="lookup_order"))
+    elif ending == "approval":
+        template = Policy.objects.exclude(current_version=None).first().current_version
+        policy_publish(policy=Policy.objects.create(slug="lookups", name="Lookups"),
+                       tool="lookup_order", decider_group=template.decider_group,
+                       required_approvals=1)
+    elif ending == "cancelled":  # the first call's result comes back to a cancelled run
+        contract = registry.get("lookup_order")
+        real = contract.fn
+
+        def cancelling(order_id: str) -> dict[str, Any]:
+            Run.objects.filter(pk=run.pk).update(cancel_requested=True)
+            return real(order_id)
+
+        monkeypatch.setattr(contract, "fn", cancelling)
+    outcome = run_agent_task(_task_ctx(run))
+    assert outcome.status == status, outcome.error
+    assert held(run.pk) == []
+    called = Event.objects.filter(chain=run.pk, kind="tool.called").count()
+    assert called == {"answer": 6, "revoked": 0, "step_budget": 4, "token_budget": 4,
+                      "cancelled": 1, "approval": 0}[ending]
 
 
 class _Crash(BaseException):

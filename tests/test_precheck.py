@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from django.contrib.auth.models import User
-from django.db import connection
+from django.db import connection, transaction
 from guardian.shortcuts import assign_perm, remove_perm
 
 from approvals.models import ApprovalRequest, Policy
@@ -167,3 +167,81 @@ def test_a_model_call_reserves_only_when_nothing_stops_it(demo: None, stop: str)
         assert why.startswith({"cancel": "cancelled", "kill_switch": "paused",
                                "retired": "agent_retired"}[stop]), why
         assert row.reserved_tokens == task.reserved_tokens == row.reserved_steps == 0
+
+
+def _record_with(run: Run, ahead: Any, key: str = "k1") -> None:
+    from orchestration.store import DjangoRunStore
+
+    DjangoRunStore().record_step(str(run.pk), "tool.called", {
+        "task": "refund", "tool": "lookup_order", "idempotency_key": key},
+        usage=Usage(tool_calls=1), ahead=ahead)
+
+
+def _reserved(run: Run) -> tuple[Any, ...]:
+    task = Task.objects.get(run=run, key="refund")
+    row = Run.objects.get(pk=run.pk)
+    return (row.reserved_tokens, row.reserved_cost, row.reserved_steps, task.reserved_tokens,
+            task.reserved_cost)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("cancelled", [False, True])
+def test_a_call_whose_checks_ran_with_the_record_before_asks_nothing_more(
+        demo: None, cancelled: bool) -> None:
+    """The next call's stop signals, grant, policies and reservation are read in the
+    transaction that records the call before it; the gate's questions then make no query."""
+    from django.test.utils import CaptureQueriesContext
+
+    run = idle_run()
+    user = User.objects.create(username="agent-probe")
+    assign_perm("orchestration.invoke_tool", user, Tool.objects.get(slug="lookup_order"))
+    governor = DjangoGovernor(run=run, task_key="refund", actor="agent:probe", grantee=user.pk)
+    worst = Usage(tool_calls=1, cost=Decimal("0.25"))
+    # The policies in force are read once per change of them, by the first call that meets it.
+    assert governor.stopped(tool="lookup_order", key="k0") == ""
+    assert governor.gate(LOOKUP, {"order_id": "ORD-0"}, "k0") == ALLOW
+    if cancelled:
+        Run.objects.filter(pk=run.pk).update(cancel_requested=True)
+    _record_with(run, governor.ahead_of_tool("lookup_order", "k2", worst))
+    with CaptureQueriesContext(connection) as queries:
+        why = governor.stopped(tool="lookup_order", key="k2")
+        if not cancelled:
+            assert why == "" and governor.granted("lookup_order") is True
+            assert governor.gate(LOOKUP, {"order_id": "ORD-1"}, "k2") == ALLOW
+            assert governor.reserve(worst) == ""
+    assert [q["sql"] for q in queries.captured_queries] == []
+    if cancelled:
+        assert why.startswith("cancelled")
+        assert _reserved(run) == (0, 0, 0, 0, 0)  # stopped: nothing reserved
+    else:
+        assert _reserved(run) == (0, Decimal("0.25"), 0, 0, Decimal("0.25"))
+    # Polled again while the call runs: a query of its own, which sees a cancellation now.
+    Run.objects.filter(pk=run.pk).update(cancel_requested=True)
+    assert governor.stopped(tool="lookup_order", key="k2").startswith("cancelled")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_reservation_made_ahead_for_another_call_is_given_back(demo: None) -> None:
+    run = idle_run()
+    governor = DjangoGovernor(run=run, task_key="refund", actor="agent:probe")
+    model = Usage(steps=1, tokens_in=70, tokens_out=30)
+    _record_with(run, governor.ahead_of_model(model))
+    assert _reserved(run) == (100, 0, 1, 100, 0)
+    # The model call asks for a different worst case (its prompt changed): the one made ahead
+    # is given back and the call's own reserved instead.
+    assert governor.begin_model_call(Usage(steps=1, tokens_in=50, tokens_out=30)) == ""
+    assert _reserved(run) == (80, 0, 1, 80, 0)
+    governor.release(Usage(steps=1, tokens_in=50, tokens_out=30))
+    # One that no call takes up is given back when the loop lets it go.
+    _record_with(run, governor.ahead_of_model(model), key="k2")
+    assert _reserved(run) == (100, 0, 1, 100, 0)
+    governor.release_ahead()
+    assert _reserved(run) == (0, 0, 0, 0, 0)
+    # A record that rolls back holds nothing and its checks are asked again.
+    ahead = governor.ahead_of_model(model)
+    with pytest.raises(ZeroDivisionError), transaction.atomic():
+        _record_with(run, ahead, key="k3")
+        raise ZeroDivisionError
+    assert not ahead.ready and _reserved(run) == (0, 0, 0, 0, 0)
+    assert governor.begin_model_call(model) == ""
+    assert _reserved(run) == (100, 0, 1, 100, 0)

@@ -250,17 +250,21 @@ def _lose_the_answer_once(monkeypatch: pytest.MonkeyPatch, marker: str) -> list[
     from orchestration import sql
 
     lost: list[str] = []
-    real = sql.execute
 
-    def execute(statement: str, params: list[Any]) -> int:
-        count = real(statement, params)
-        if not lost and marker in statement and statement.endswith("; COMMIT"):
-            lost.append(statement)
-            connection.close()
-            raise OperationalError("server closed the connection unexpectedly")
-        return count
+    def losing(real: Callable[..., Any]) -> Callable[..., Any]:
+        def run(statement: str, params: list[Any], *args: Any) -> Any:
+            answer = real(statement, params, *args)
+            if not lost and marker in statement and statement.endswith("; COMMIT"):
+                lost.append(statement)
+                connection.close()
+                raise OperationalError("server closed the connection unexpectedly")
+            return answer
 
-    monkeypatch.setattr(sql, "execute", execute)
+        return run
+
+    # A step's writes alone, and with the next call's checks read after them.
+    monkeypatch.setattr(sql, "execute", losing(sql.execute))
+    monkeypatch.setattr(sql, "execute_reading", losing(sql.execute_reading))
     return lost
 
 
@@ -276,6 +280,32 @@ def test_a_call_whose_commit_answer_was_lost_is_recorded_once(
     assert _called(run_id) == ["k1", "k2", "k3"]
     assert Run.objects.get(pk=run_id).tool_calls == 3
     assert verify_chain(uuid.UUID(run_id)).ok
+
+
+@pytest.mark.skipif(not POSTGRES, reason="PostgreSQL: a step's COMMIT travels with its writes")
+def test_a_call_whose_commit_answer_was_lost_gives_back_what_it_reserved_ahead(
+        claimed: tuple[str, DjangoRunStore, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestration.governance import DjangoGovernor
+
+    run_id, store, claim = claimed
+    run = Run.objects.select_related("process_version__process").get(pk=run_id)
+    governor = DjangoGovernor(run=run, task_key=claim.key, actor="agent:probe")
+    _call(store, run_id, claim, "k1")
+    lost = _lose_the_answer_once(monkeypatch, "sb_append_rows")
+    worst = Usage(steps=1, tokens_in=70, tokens_out=30)
+    ahead = governor.ahead_of_model(worst)
+    store.record_step(run_id, "tool.called", {"task": claim.key, "tool": "lookup",
+                                               "idempotency_key": "k2"},
+                      usage=Usage(tool_calls=1), lease=claim.lease, ahead=ahead)
+    assert lost and ahead.lost and not ahead.ready
+    task = Task.objects.get(run_id=run_id, key=claim.key)
+    assert task.reserved_tokens == 100  # the commit whose answer was lost reserved it
+    # Whether it had is unknown to the worker: it gives back what the task holds, and the
+    # model call reserves anew.
+    assert governor.begin_model_call(worst) == ""
+    task = Task.objects.get(run_id=run_id, key=claim.key)
+    assert (task.reserved_tokens, Run.objects.get(pk=run_id).reserved_tokens) == (100, 100)
+    assert _called(run_id) == ["k1", "k2"]
 
 
 @pytest.mark.skipif(not POSTGRES, reason="PostgreSQL: a step's COMMIT travels with its writes")

@@ -318,7 +318,7 @@ def test_the_agent_loop_hands_its_conversation_redacted_to_the_step_log() -> Non
             return Journal.fold([(kind, data) for kind, data, _ in kept])
 
         def record(self, kind: str, data: dict[str, Any], *, usage: Any, reserved: Any = None,
-                   transcript: list[dict[str, Any]] | None = None) -> None:
+                   transcript: list[dict[str, Any]] | None = None, ahead: Any = None) -> None:
             kept.append((kind, data, transcript))
 
     context = TaskContext(run_id="run-1", spec=TaskSpec(key="t", executor_type="agent",

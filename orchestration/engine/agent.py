@@ -111,8 +111,26 @@ def run_agent(
     another step budget for the rework. A ``delegator`` offers the task's handoff tools
     (engine/delegation.py): a handoff call adds a task for another agent, and the task waits
     until what it delegated has ended. ``knowledge`` are the chunks its prompt is given
-    (engine/knowledge.py), already checkpointed."""
+    (engine/knowledge.py), already checkpointed.
+
+    Each call's record carries the governor's checks of the call after it when that call is
+    known by then (``Governor.ahead_of_tool``/``ahead_of_model``): the stop signals and the
+    reservation commit with the record. What was reserved for a call that does not come is
+    given back when the loop ends."""
     governor = governor or Ungoverned()
+    try:
+        return _loop(ctx, agent, model, tools, log, governor, granted=granted, pricing=pricing,
+                     secrets=secrets, unusable=unusable, watch_grant=watch_grant,
+                     verifier=verifier, delegator=delegator, knowledge=knowledge)
+    finally:
+        governor.release_ahead()
+
+
+def _loop(ctx: TaskContext, agent: AgentSpec, model: Model, tools: Mapping[str, ToolContract],
+          log: StepLog, governor: Governor, *, granted: Callable[[str], bool], pricing: Pricing,
+          secrets: Sequence[str], unusable: Mapping[str, str] | None, watch_grant: bool,
+          verifier: Verifier | None, delegator: Delegator | None,
+          knowledge: Sequence[Mapping[str, Any]]) -> Outcome:
     actor = f"agent:{agent.slug}"
     agent_attributes(agent.slug)
     task = ctx.spec.key
@@ -141,6 +159,17 @@ def run_agent(
     if verifier is not None:
         verifier.recorded = journal.checks
     limit, rework = agent.step_budget, 0
+    spec_chars = _spec_chars(specs)
+
+    def worst_of(conversation: Sequence[Message]) -> Usage:
+        """A model call's worst case: its prompt's upper bound and the most it may answer."""
+        tokens_in = _estimate_tokens(conversation, spec_chars)
+        return Usage(steps=1, tokens_in=tokens_in, tokens_out=agent.max_output_tokens,
+                     cost=pricing(tokens_in, agent.max_output_tokens))
+
+    def handoff_call(name: str) -> bool:
+        return delegator is not None and delegation.callee(name) is not None
+
     step = 0
     while step < limit:
         step += 1
@@ -150,9 +179,7 @@ def run_agent(
         else:
             request = ModelRequest(messages=tuple(messages), tools=specs, params=agent.params,
                                    variables=variables)
-            worst_in = _estimate_tokens(messages, specs)
-            worst = Usage(steps=1, tokens_in=worst_in, tokens_out=agent.max_output_tokens,
-                          cost=pricing(worst_in, agent.max_output_tokens))
+            worst = worst_of(messages)
             refused = governor.begin_model_call(worst)  # stop signals, then the reservation
             if refused:
                 return stopped_outcome(refused, key=f"{ctx.run_id}:{task}:{step}:model")
@@ -168,6 +195,7 @@ def run_agent(
                 return Outcome(status=TaskStatus.FAILED, error=redact(str(exc), secrets))
             latency = round((time.perf_counter() - started) * 1000, 3)
             cost = pricing(response.tokens_in, response.tokens_out)
+            first = response.tool_calls[0] if response.tool_calls else None
             log.record(
                 "model.called",
                 {"task": task, "step": step, "actor": actor, "provider": model.provider,
@@ -178,6 +206,8 @@ def run_agent(
                 usage=Usage(steps=1, tokens_in=response.tokens_in,
                             tokens_out=response.tokens_out, cost=cost),
                 reserved=worst, transcript=redact(conversation(messages), secrets),
+                ahead=(gate.ahead_of(f"{ctx.run_id}:{task}:{step}:0", first.name)
+                       if first is not None and not handoff_call(first.name) else None),
             )
         tokens_used += response.tokens_in + response.tokens_out
         messages.append(Message("assistant", response.text, tool_calls=list(response.tool_calls)))
@@ -211,10 +241,14 @@ def run_agent(
                                     + "\nFix what they found and answer again."))
             continue
 
+        # Whether the loop asks the model again after this turn's calls (unless one of them
+        # delegates work or stops the loop).
+        again = step < limit and not (agent.token_budget is not None
+                                      and tokens_used >= agent.token_budget)
         delegated = ""  # the first handoff of this turn still under way
         for index, call in enumerate(response.tool_calls):
             key = f"{ctx.run_id}:{task}:{step}:{index}"
-            handoff = delegator is not None and delegation.callee(call.name) is not None
+            handoff = handoff_call(call.name)
             if delegated and not handoff:
                 break  # the turn's other calls run once the delegated work has ended
             if handoff:
@@ -224,7 +258,10 @@ def run_agent(
                     delegated = delegated or verdict.pause
                     continue  # the turn's other handoffs are delegated at once
             else:
-                verdict = gate.call(key, call.name, call.arguments)
+                verdict = gate.call(key, call.name, call.arguments,
+                                    _follow(gate, governor, response.tool_calls, index,
+                                            f"{ctx.run_id}:{task}:{step}", handoff_call,
+                                            worst_of, messages, again and not delegated))
             if verdict.pause:
                 return stopped_outcome(verdict.pause, key=key, tool=call.name,
                                        arguments=redact(call.arguments, secrets))
@@ -248,9 +285,30 @@ def run_agent(
         key=f"{ctx.run_id}:{task}:{limit}:steps")
 
 
-def _estimate_tokens(messages: Sequence[Message], tools: Sequence[ToolSpec]) -> int:
-    """A safe upper bound on prompt tokens: about 3 characters a token, plus framing."""
+def _follow(gate: ToolGate, governor: Governor, calls: Sequence[Any], index: int, turn: str,
+            handoff_call: Callable[[str], bool], worst_of: Callable[[Sequence[Message]], Usage],
+            messages: Sequence[Message], again: bool) -> Callable[[str], Any] | None:
+    """What a successful tool call's record runs ahead: the checks of the turn's next call,
+    or, after its last, of the next model call (whose prompt ends with this call's result)."""
+    if index + 1 < len(calls):
+        following = calls[index + 1]
+        if handoff_call(following.name):
+            return None
+        return lambda content: gate.ahead_of(f"{turn}:{index + 1}", following.name)
+    if not again:
+        return None
+    call = calls[index]
+    return lambda content: governor.ahead_of_model(worst_of(
+        [*messages, Message("tool", content, tool_call_id=call.id)]))
+
+
+def _spec_chars(tools: Sequence[ToolSpec]) -> int:
+    return sum(len(canonical_json(dict(t.input_schema))) + len(t.description) for t in tools)
+
+
+def _estimate_tokens(messages: Sequence[Message], spec_chars: int) -> int:
+    """A safe upper bound on prompt tokens: about 3 characters a token, plus framing
+    (``spec_chars``: the tools' schemas and descriptions, ``_spec_chars``)."""
     chars = sum(len(m.content) + sum(len(str(c.arguments)) for c in m.tool_calls)
                 for m in messages)
-    chars += sum(len(canonical_json(dict(t.input_schema))) + len(t.description) for t in tools)
-    return chars // 3 + 16 * len(messages) + 64
+    return (chars + spec_chars) // 3 + 16 * len(messages) + 64

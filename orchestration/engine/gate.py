@@ -83,9 +83,11 @@ class StepLog(Protocol):
 
     def record(self, kind: str, data: dict[str, Any], *, usage: Usage,
                reserved: Usage | None = None,
-               transcript: list[dict[str, Any]] | None = None) -> None:
+               transcript: list[dict[str, Any]] | None = None, ahead: Any = None) -> None:
         """Checkpoint one step; settle its reservation against the real usage atomically.
-        ``transcript`` is a model call's conversation, kept beside the ledger (not in it)."""
+        ``transcript`` is a model call's conversation, kept beside the ledger (not in it).
+        ``ahead``: the governor's checks of the next call (``Governor.ahead_of_tool``), for a
+        log that can run them in the same transaction; one that cannot leaves them alone."""
         ...
 
 
@@ -94,7 +96,8 @@ class StepStore(Protocol):
 
     def record_step(self, run_id: str, kind: str, data: dict[str, Any], *, usage: Usage,
                     reserved: Usage | None = None, lease: str = "",
-                    transcript: list[dict[str, Any]] | None = None) -> None: ...
+                    transcript: list[dict[str, Any]] | None = None,
+                    ahead: Any = None) -> None: ...
 
 
 @dataclass(slots=True)
@@ -111,9 +114,9 @@ class StoreLog:
 
     def record(self, kind: str, data: dict[str, Any], *, usage: Usage,
                reserved: Usage | None = None,
-               transcript: list[dict[str, Any]] | None = None) -> None:
+               transcript: list[dict[str, Any]] | None = None, ahead: Any = None) -> None:
         self.store.record_step(self.run_id, kind, data, usage=usage, reserved=reserved,
-                               lease=self.lease, transcript=transcript)
+                               lease=self.lease, transcript=transcript, ahead=ahead)
 
 
 # Resolves a tool's name to its contract: None when no such tool exists, ConfigurationError
@@ -172,14 +175,32 @@ class ToolGate:
     # ledger, once per call, so it does not).
     watch_grant: bool = True
 
-    def call(self, key: str, name: str, arguments: Any) -> Verdict:
+    def call(self, key: str, name: str, arguments: Any,
+             ahead: Callable[[str], Any] | None = None) -> Verdict:
+        """``ahead``: given what the model will be told of a call that succeeds, the
+        governor's checks of the call after it, to run with this call's record."""
         # An execute_tool span under the task's span: the tool's name and the call's key only.
         with tool_span(name=name, call_id=key, task=self.task, actor=self.actor) as span:
-            verdict = self._call(key, name, arguments)
+            verdict = self._call(key, name, arguments, ahead)
             tool_verdict(span, is_error=verdict.is_error, pause=verdict.pause)
         return verdict
 
-    def _call(self, key: str, name: str, arguments: Any) -> Verdict:
+    def ahead_of(self, key: str, name: str) -> Any:
+        """The governor's checks of tool call ``key`` to run ahead; None for a call answered
+        from the journal or a tool that is unknown or unusable (its call asks as usual)."""
+        if key in self.journal.results:
+            return None
+        try:
+            contract = self.contracts(name)
+        except ConfigurationError:
+            return None
+        if contract is None:
+            return None
+        return self.governor.ahead_of_tool(name, key, Usage(steps=self.steps, tool_calls=1,
+                                                            cost=contract.cost_per_call))
+
+    def _call(self, key: str, name: str, arguments: Any,
+              ahead: Callable[[str], Any] | None = None) -> Verdict:
         recorded = self.journal.results.get(key)
         if recorded is not None:
             if "error" in recorded:
@@ -255,10 +276,11 @@ class ToolGate:
         if not contract.idempotent:
             # Written before the call: if we die mid-call, a resume knows not to repeat it.
             self.log.record("tool.intent", {**base, "arguments": shown}, usage=Usage())
-        return self._invoke(contract, key, dict(arguments), base, shown, worst)
+        return self._invoke(contract, key, dict(arguments), base, shown, worst, ahead)
 
     def _invoke(self, contract: ToolContract, key: str, arguments: dict[str, Any],
-                base: dict[str, Any], shown: Any, worst: Usage) -> Verdict:
+                base: dict[str, Any], shown: Any, worst: Usage,
+                ahead: Callable[[str], Any] | None) -> Verdict:
         name = contract.name
 
         def stop() -> str:
@@ -302,7 +324,9 @@ class ToolGate:
             return Verdict(error, True)
         latency = round((time.perf_counter() - started) * 1000, 3)
         clean = redact(result, self.secrets)
+        content = canonical_json(clean)
         self.log.record("tool.called", {**base, "arguments": shown, "result": clean,
                                         "latency_ms": latency},
-                        usage=spent, reserved=worst)
-        return Verdict(canonical_json(clean), False, clean, arguments=shown)
+                        usage=spent, reserved=worst,
+                        ahead=ahead(content) if ahead is not None else None)
+        return Verdict(content, False, clean, arguments=shown)

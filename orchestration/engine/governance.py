@@ -74,6 +74,23 @@ class Governor(Protocol):
         to go on, else the first's answer (nothing is held then)."""
         ...
 
+    # The next call's checks, asked ahead: a step log that can run them does so in the
+    # transaction that records the call before (one commit instead of two). ``stopped``,
+    # ``reserve`` and ``begin_model_call`` then answer the matching call from what that
+    # transaction read; anything else asks as usual. None: nothing to run ahead.
+    def ahead_of_tool(self, tool: str, key: str, worst: Usage) -> Any:
+        """The stop signals, grant and policies for tool call ``key``, and its reservation."""
+        ...
+
+    def ahead_of_model(self, worst: Usage) -> Any:
+        """The stop signals and the reservation for the next model call."""
+        ...
+
+    def release_ahead(self) -> None:
+        """Give back what was reserved ahead for a call that did not come (the loop ended,
+        or went another way)."""
+        ...
+
 
 class Ungoverned:
     def reserve(self, worst: Usage) -> str:
@@ -96,3 +113,12 @@ class Ungoverned:
 
     def begin_model_call(self, worst: Usage) -> str:
         return ""
+
+    def ahead_of_tool(self, tool: str, key: str, worst: Usage) -> Any:
+        return None
+
+    def ahead_of_model(self, worst: Usage) -> Any:
+        return None
+
+    def release_ahead(self) -> None:
+        return None

@@ -263,8 +263,10 @@ class MemoryStore:
 
     def record_step(self, run_id: str, kind: str, data: dict[str, Any], *, usage: Any,
                     reserved: Any = None, lease: str = "",
-                    transcript: list[dict[str, Any]] | None = None) -> None:
-        """Transcripts are not kept in memory: nothing here reads them back."""
+                    transcript: list[dict[str, Any]] | None = None,
+                    ahead: Any = None) -> None:
+        """Transcripts are not kept in memory: nothing here reads them back. Budgets are not
+        either, so checks run ahead (``ahead``) are left to be asked as usual."""
         with self._lock:
             self.record(run_id, kind, data, actor=data.get("actor", "system"))
             run = self.runs[run_id]

@@ -291,6 +291,15 @@ class ReplayGovernor:
     def begin_model_call(self, worst: Usage) -> str:
         return self.stopped() or self.reserve(worst)
 
+    def ahead_of_tool(self, tool: str, key: str, worst: Usage) -> Any:
+        return None  # answered from the ledger, call by call
+
+    def ahead_of_model(self, worst: Usage) -> Any:
+        return None
+
+    def release_ahead(self) -> None:
+        return None
+
     def stopped(self, tool: str | None = None, key: str = "") -> str:
         """A stop (cancel, kill switch, retired agent) where the original attempt stopped:
         at the first call it has no record of."""
