@@ -250,6 +250,7 @@ class ToolGate:
                             usage=Usage())
             return Verdict(f"A reviewer rejected this call: {gate.message}", True,
                            error=f"rejected by a reviewer: {gate.message}", denied=True)
+        validated = gate.arguments is None  # the contract validates an edit once more
         if gate.arguments is not None:
             arguments = gate.arguments  # a reviewer's edit, already re-validated and re-matched
             shown = redact(arguments, self.secrets)
@@ -276,11 +277,12 @@ class ToolGate:
         if not contract.idempotent:
             # Written before the call: if we die mid-call, a resume knows not to repeat it.
             self.log.record("tool.intent", {**base, "arguments": shown}, usage=Usage())
-        return self._invoke(contract, key, dict(arguments), base, shown, worst, ahead)
+        return self._invoke(contract, key, dict(arguments), base, shown, worst, ahead,
+                            validated)
 
     def _invoke(self, contract: ToolContract, key: str, arguments: dict[str, Any],
                 base: dict[str, Any], shown: Any, worst: Usage,
-                ahead: Callable[[str], Any] | None) -> Verdict:
+                ahead: Callable[[str], Any] | None, validated: bool) -> Verdict:
         name = contract.name
 
         def stop() -> str:
@@ -294,7 +296,7 @@ class ToolGate:
         try:
             with opened_by_gate():
                 result = contract.call(arguments, idempotency_key=key, stop=stop,
-                                       caller=self.actor)
+                                       caller=self.actor, validated=validated)
         except (ToolTimeout, ToolStopped) as exc:
             latency = round((time.perf_counter() - started) * 1000, 3)
             error = redact(str(exc), self.secrets)
