@@ -425,6 +425,47 @@ def test_it_fails_a_tool_that_exceeds_its_timeout() -> None:
     assert task.error == "hang did not answer within 0.1 s"
 
 
+def test_a_call_left_running_past_its_timeout_holds_up_no_later_call() -> None:
+    """Tool implementations run on threads kept for later calls once idle: one that ignores
+    its timeout keeps its own thread, the next call gets another at once, and a thread that
+    is idle again is taken by a later call, with nothing of the call before in its context."""
+    import contextvars
+
+    from orchestration.engine.contracts import opened_by_gate
+    from orchestration.engine.errors import ToolTimeout
+
+    release = threading.Event()
+    seen = contextvars.ContextVar("seen", default="")
+    threads: list[int] = []
+    contexts: list[str] = []
+
+    def hang() -> dict[str, Any]:
+        threads.append(threading.get_ident())
+        release.wait(timeout=5)
+        return {}
+
+    def quick() -> dict[str, Any]:
+        threads.append(threading.get_ident())
+        contexts.append(seen.get())
+        seen.set("left by an earlier call")
+        return {}
+
+    hanging = ToolContract("hang", hang, output_schema={"type": "object"}, timeout_s=0.1)
+    answering = ToolContract("quick", quick, output_schema={"type": "object"}, timeout_s=5)
+    with opened_by_gate():
+        with pytest.raises(ToolTimeout):
+            hanging.call({})
+        began = time.monotonic()
+        assert answering.call({}) == {}
+        assert time.monotonic() - began < 1  # not queued behind the hanging call
+        release.set()
+        deadline = time.monotonic() + 5
+        while threads[0] != threads[-1] and time.monotonic() < deadline:
+            answering.call({})  # until the hanging call's thread, idle again, takes one
+    assert threads[0] != threads[1] and threads[-1] == threads[0]
+    assert contexts and set(contexts) == {""}
+
+
 def test_it_cancels_downstream_work_when_a_branch_fails() -> None:
     calls = Calls()
     registry = ToolRegistry()
