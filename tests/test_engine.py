@@ -425,14 +425,25 @@ def test_it_fails_a_tool_that_exceeds_its_timeout() -> None:
     assert task.error == "hang did not answer within 0.1 s"
 
 
-def test_a_call_left_running_past_its_timeout_holds_up_no_later_call() -> None:
+def test_a_call_left_running_past_its_timeout_holds_up_no_later_call(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """Tool implementations run on threads kept for later calls once idle: one that ignores
     its timeout keeps its own thread, the next call gets another at once, and a thread that
     is idle again is taken by a later call, with nothing of the call before in its context."""
     import contextvars
 
+    from orchestration.engine import contracts
     from orchestration.engine.contracts import opened_by_gate
     from orchestration.engine.errors import ToolTimeout
+
+    idle: list[Any] = []
+    monkeypatch.setattr(contracts._Runner, "_idle", idle)  # none left by earlier tests
+
+    def until(condition: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 5
+        while not condition():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
 
     release = threading.Event()
     seen = contextvars.ContextVar("seen", default="")
@@ -458,12 +469,12 @@ def test_a_call_left_running_past_its_timeout_holds_up_no_later_call() -> None:
         began = time.monotonic()
         assert answering.call({}) == {}
         assert time.monotonic() - began < 1  # not queued behind the hanging call
+        until(lambda: len(idle) == 1)  # the second runner, back
         release.set()
-        deadline = time.monotonic() + 5
-        while threads[0] != threads[-1] and time.monotonic() < deadline:
-            answering.call({})  # until the hanging call's thread, idle again, takes one
-    assert threads[0] != threads[1] and threads[-1] == threads[0]
-    assert contexts and set(contexts) == {""}
+        until(lambda: len(idle) == 2)  # the first, its call over, after it
+        assert answering.call({}) == {}  # the one idle last is taken first
+    assert threads[0] != threads[1] and threads[2] == threads[0]
+    assert contexts == ["", ""]
 
 
 def test_it_cancels_downstream_work_when_a_branch_fails() -> None:
