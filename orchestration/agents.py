@@ -91,7 +91,8 @@ def run_agent_task(ctx: TaskContext) -> Outcome:
                      step_budget=agent.step_budget + task.step_budget_extra,
                      token_budget=agent.token_budget or None, max_output_tokens=max_tokens)
     governor = DjangoGovernor(run=task.run, task_key=task.key, actor=f"agent:{agent.slug}",
-                              agent=agent.slug, tools=rows, grantee=agent.user_id)
+                              agent=agent.slug, tools=rows, grantee=agent.user_id,
+                              lease=ctx.lease)
     log = StoreLog(DjangoRunStore(), ctx.run_id, ctx.spec.key, ctx.lease)
     verifier = _verifier(ctx, task, log, governor)
     if isinstance(verifier, Outcome):
@@ -120,7 +121,7 @@ def run_audit_task(ctx: TaskContext) -> Outcome:
         run_id=ctx.run_id, key=ctx.spec.key)
     slug = ctx.spec.executor_ref
     governor = DjangoGovernor(run=task.run, task_key=task.key, actor=f"agent:{slug}",
-                              agent=slug, tools={})
+                              agent=slug, tools={}, lease=ctx.lease)
     log = StoreLog(DjangoRunStore(), ctx.run_id, ctx.spec.key, ctx.lease)
     verifier = _verifier(ctx, task, log, governor, auditor_slug=slug)
     if isinstance(verifier, Outcome):

@@ -124,15 +124,45 @@ def _reserve_statement(task: bool, relaxed: bool) -> Prepared:
 
 
 @cache
-def _unless_stopped_statement(task: bool, vendor: str, call: bool = False,
-                              relaxed: bool = True) -> Prepared:
-    label = (f"{'ahead_tool' if call else 'reserve_unless_stopped'}{'_task' if task else ''}"
-             f"{'' if relaxed else '_strict'}")
-    return Prepared(label, _UNLESS_STOPPED.format(
-        stop=stop_sql(call=call), relaxed=_RELAXED if relaxed else _STRICT,
-        columns=_CALL_COLUMNS if call else "",
+def _unless_stopped_statement(task: bool, vendor: str) -> Prepared:
+    return Prepared(f"reserve_unless_stopped{'_task' if task else ''}", _UNLESS_STOPPED.format(
+        stop=stop_sql(call=False), relaxed=_RELAXED,
         task=_UNLESS_STOPPED_TASK if task else "",
         task_count="(SELECT count(*) FROM t)" if task else "1"), _TYPES)
+
+
+# PostgreSQL, the next call's checks run ahead, after a step's writes in its transaction (which
+# holds the run's row lock from its start): the stop row and, unless it stops the work, the
+# reservation at both levels or at neither. The task's row is locked and its caps checked
+# before the run's UPDATE, so the run's part is never taken alone (a commit whose answer is
+# lost then leaves either both parts held or none: see Ahead.release). The tool call's own
+# key is ``call_key`` here: ``key`` is the task's.
+_AHEAD = (
+    "WITH s (cancel, switch, active{columns}) AS ({stop}),"
+    " go AS (SELECT 1 FROM s WHERE NOT s.cancel AND s.switch IS NULL"
+    " AND (%(agent)s IS NULL OR s.active = 1)),"
+    " rf AS (SELECT 1 FROM orchestration_run WHERE id = %(run)s"
+    "   AND (budget_tokens IS NULL"
+    "        OR budget_tokens >= tokens_in + tokens_out + reserved_tokens + %(tokens)s)"
+    "   AND (budget_cost IS NULL OR budget_cost >= cost + reserved_cost + %(cost)s)"
+    "   AND (budget_steps IS NULL OR budget_steps >= steps + reserved_steps + %(steps)s)),"
+    " tf AS (SELECT 1 FROM orchestration_task WHERE run_id = %(run)s AND \"key\" = %(key)s"
+    "   AND (budget_tokens IS NULL"
+    "        OR budget_tokens >= used_tokens + reserved_tokens + %(tokens)s)"
+    "   AND (budget_cost IS NULL OR budget_cost >= used_cost + reserved_cost + %(cost)s)"
+    "   FOR UPDATE),"
+    " r AS (" + _RESERVE_RUN + " AND EXISTS (SELECT 1 FROM go) AND EXISTS (SELECT 1 FROM tf)"
+    " RETURNING 1),"
+    " t AS (" + _RESERVE_TASK + " AND EXISTS (SELECT 1 FROM r) RETURNING 1)"
+    " SELECT s.cancel, s.switch, s.active{columns}, (SELECT count(*) FROM r),"
+    " (SELECT count(*) FROM t), (SELECT count(*) FROM rf), (SELECT count(*) FROM tf) FROM s")
+
+
+@cache
+def _ahead_statement(call: bool, vendor: str) -> Prepared:
+    return Prepared(f"ahead_{'tool' if call else 'model'}", _AHEAD.format(
+        stop=stop_sql(call=call).replace("%(key)s", "%(call_key)s"),
+        columns=_CALL_COLUMNS if call else ""), {**_TYPES, "call_key": "text"})
 
 
 def _params(run_id: str, task_key: str, worst: Usage) -> dict[str, Any]:
@@ -150,14 +180,14 @@ def reserve(run_id: str, task_key: str, worst: Usage, *, run: Run | None = None)
 
 # PostgreSQL, a model call: the stop signals (precheck.stop_sql) and, unless one is raised, the
 # reservation, in one statement. The stop row comes back either way.
-# A tool call's stop row (precheck.stop_sql(call=True)) has three more columns: the grant,
-# whether people were asked about the call, and the policies' fingerprint.
 _UNLESS_STOPPED = (
-    "WITH s (cancel, switch, active{columns}) AS ({stop}), {relaxed}"
+    "WITH s (cancel, switch, active) AS ({stop}), {relaxed}"
     " r AS (" + _RESERVE_RUN + " AND EXISTS (SELECT 1 FROM s WHERE NOT s.cancel"
     " AND s.switch IS NULL AND (%(agent)s IS NULL OR s.active = 1)) RETURNING 1){task}"
-    " SELECT s.cancel, s.switch, s.active{columns},"
+    " SELECT s.cancel, s.switch, s.active,"
     " (SELECT count(*) FROM r) + 0 * (SELECT count(*) FROM relaxed), {task_count} FROM s")
+# A tool call's stop row (precheck.stop_sql(call=True)) has three more columns: the grant,
+# whether people were asked about the call, and the policies' fingerprint.
 _CALL_COLUMNS = ", granted, asked, policies"
 _UNLESS_STOPPED_TASK = (", t AS (" + _RESERVE_TASK + " AND EXISTS (SELECT 1 FROM r)"
                         " RETURNING 1)")
@@ -193,49 +223,58 @@ class Ahead:
     """A call's checks run ahead, in the transaction that records the call before it (the
     governor's ``ahead_of_tool``/``ahead_of_model``): the stop signals (for a tool call with
     the grant, whether people were asked about it and the policies in force) and, unless they
-    stop the work, the reservation of ``worst``, under the same conditional UPDATEs as
-    ``reserve``. The store runs it after the step's writes (``sql.deferred_read``: on
-    PostgreSQL one statement in the step's round trip), ``took`` keeps what it read, and
-    ``committed`` (the step's on-commit hook) makes it count: a rolled back step holds
-    nothing. ``lost``: the step committed but its answer never came back (the store found it
-    in the ledger on a retry), so whether this reserved anything is unknown."""
+    stop the work, the reservation of ``worst`` at the run's and the task's level, both or
+    neither. The store runs it after the step's writes (``sql.deferred_read``: on PostgreSQL
+    one statement in the step's round trip), ``took`` keeps what it read, and ``committed``
+    (the step's on-commit hook) makes it count: a rolled back step holds nothing. ``lost``: the
+    step committed but its answer never came back (the store found it in the ledger on a
+    retry), so whether this reserved anything is unknown."""
 
-    __slots__ = ("run_id", "task_key", "worst", "stop", "tool", "key", "row", "counts",
-                 "ready", "lost", "stop_used")
+    __slots__ = ("run_id", "task_key", "worst", "stop", "tool", "key", "lease", "row",
+                 "held", "fits", "ready", "lost", "stop_used")
 
     def __init__(self, run_id: str, task_key: str, worst: Usage, stop: dict[str, Any], *,
-                 tool: str | None = None, key: str = "") -> None:
+                 tool: str | None = None, key: str = "", lease: str = "") -> None:
         self.run_id, self.task_key, self.worst, self.stop = run_id, task_key, worst, stop
-        self.tool, self.key = tool, key
+        self.tool, self.key, self.lease = tool, key, lease
         self.row: Any = None
-        self.counts: tuple[int, int] | None = None  # (run reserved, task reserved)
+        self.held = False  # reserved at both levels
+        self.fits: tuple[bool, bool] | None = None  # (run, task); None: stopped, or no run
         self.ready = self.lost = self.stop_used = False
 
     def statement(self) -> tuple[str, list[Any]]:
         """PostgreSQL: the checks and the reservation as one statement (``took`` its row)."""
-        statement = _unless_stopped_statement(bool(self.task_key), connection.vendor,
-                                              call=self.tool is not None, relaxed=False)
-        return statement.statement({**self.stop, **_params(self.run_id, self.task_key,
-                                                             self.worst)})
+        return _ahead_statement(self.tool is not None, connection.vendor).statement(
+            {**self.stop, "call_key": self.stop.get("key", ""),
+             **_params(self.run_id, self.task_key, self.worst)})
 
     def took(self, row: Any) -> None:
         width = 3 if self.tool is None else 6
         self.row = row[:width] if row is not None else None
-        self.counts = (None if row is None or stops(row, self.stop["agent"])
-                       else (row[width], row[width + 1]))
+        if row is None or stops(row, self.stop["agent"]):
+            self.held, self.fits = False, None
+            return
+        self.held = bool(row[width] and row[width + 1])
+        self.fits = (bool(row[width + 2]), bool(row[width + 3]))
 
     def run(self) -> None:
-        """Elsewhere: the stop row, then the reservation's UPDATEs, in the open transaction."""
+        """Elsewhere: the stop row, then the reservation's UPDATEs, in the open transaction
+        (one that writes, so it holds the database's write lock): the run's part is given
+        back at once when the task's budget refuses."""
         with connection.cursor() as cursor:
             cursor.execute(*stop_statement(call=self.tool is not None).statement(self.stop))
             row = cursor.fetchone()
-        self.row, self.counts = row, None
+        self.row, self.held, self.fits = row, False, None
         if row is None or stops(row, self.stop["agent"]):
             return
         params = _params(self.run_id, self.task_key, self.worst)
-        run_ok = _execute(_RESERVE_RUN, params)
-        self.counts = (run_ok, int(not self.task_key or bool(run_ok
-                                                             and _execute(_RESERVE_TASK, params))))
+        if not _execute(_RESERVE_RUN, params):
+            self.fits = (False, True)
+        elif _execute(_RESERVE_TASK, params):
+            self.held, self.fits = True, (True, True)
+        else:
+            settle(self.run_id, "", self.worst, Usage())
+            self.fits = (True, False)
 
     def committed(self) -> None:
         self.ready = True
@@ -243,18 +282,44 @@ class Ahead:
     def judged(self, run: Run | None) -> str:
         """What the reservation came to, as ``reserve`` answers (only once it is ``ready``
         and the stop row raised no stop)."""
-        assert self.counts is not None
-        return _judged(self.run_id, self.task_key, self.worst, run, self.counts)
+        assert self.fits is not None
+        if self.held:
+            return _judged(self.run_id, self.task_key, self.worst, run, (1, 1))
+        if not self.fits[0]:
+            return _judged(self.run_id, self.task_key, self.worst, run, (0, 0))
+        why = _why_task(self.run_id, self.task_key, self.worst)
+        metrics.refused(why)
+        return why
 
     def release(self) -> None:
-        """Give back what it holds: nothing when it never committed or its checks stopped
-        the work. A ``lost`` one gives back what the task holds: it has no other call in
-        flight (the call the step recorded is settled)."""
+        """Give back what it holds: nothing when it never committed or did not reserve. A
+        ``lost`` one gives back what the task holds: the task has no other call in flight
+        (the call the step recorded is settled), and the run's part was reserved with the
+        task's or not at all. Under a lease, only while the task is still this worker's:
+        one that took the task over has given back everything it held already."""
         if self.lost:
             with transaction.atomic():
-                release_held(self.run_id, self.task_key)
-        elif self.ready and self.counts is not None and self.counts[0]:
-            release(self.run_id, self.task_key if self.counts[1] else "", self.worst)
+                if self._still_ours():
+                    release_held(self.run_id, self.task_key)
+        elif self.ready and self.held:
+            with transaction.atomic():
+                if self._still_ours():
+                    settle(self.run_id, self.task_key, self.worst, Usage())
+
+    def _still_ours(self) -> bool:
+        """Locks the task's row (under the run's, as every writer of it does)."""
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1 FROM orchestration_run WHERE id = %s" + _lock(),
+                           [run_param(self.run_id)])
+            cursor.execute('SELECT lease_owner FROM orchestration_task'
+                           ' WHERE run_id = %s AND "key" = %s' + _lock(),
+                           [run_param(self.run_id), self.task_key])
+            row = cursor.fetchone()
+        return row is not None and (not self.lease or row[0] == self.lease)
+
+
+def _lock() -> str:
+    return " FOR UPDATE" if connection.features.has_select_for_update else ""
 
 
 def _judged(run_id: str, task_key: str, worst: Usage, run: Run | None,

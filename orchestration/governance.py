@@ -48,7 +48,8 @@ def _rate_item(text: str) -> Any:
 
 class DjangoGovernor:
     def __init__(self, *, run: Run, task_key: str, actor: str, agent: str = "",
-                 tools: Mapping[str, Tool] | None = None, grantee: Any = None) -> None:
+                 tools: Mapping[str, Tool] | None = None, grantee: Any = None,
+                 lease: str = "") -> None:
         self.run = run
         self.run_id = str(run.pk)
         self.task_key = task_key
@@ -66,8 +67,11 @@ class DjangoGovernor:
         self._holds = grant_checker(grantee, self._grant)
         self._granted_now: tuple[str, bool] | None = None
         self._policies: Any = ...
-        # The next call's checks, run in the transaction that recorded the call before it.
+        # The next call's checks, run in the transaction that recorded the call before it,
+        # the task's lease they were run under, and the call ``stopped`` last answered.
         self._ahead: Ahead | None = None
+        self._lease = lease
+        self._checked: tuple[str | None, str] = (None, "")
 
     # stop signals and grants ----------------------------------------------------------------
     def _stop_params(self, tool: str | None, key: str) -> dict[str, Any]:
@@ -86,6 +90,7 @@ class DjangoGovernor:
         policies are in force, which the gate's next questions then take from here. A tool
         call whose checks ran ahead (``ahead_of_tool``) is answered from them, once."""
         self._granted_now, self._policies = None, ...
+        self._checked = (tool, key)
         ahead = self._ahead
         if (tool and ahead is not None and ahead.ready and not ahead.stop_used
                 and ahead.tool == tool and ahead.key == key):
@@ -108,7 +113,7 @@ class DjangoGovernor:
         if ahead is not None:
             if ahead.ready and ahead.tool is None and ahead.worst == worst:
                 why = self._stop_reason(ahead.row)
-                if why or ahead.counts is not None:
+                if why or ahead.fits is not None:
                     return why or ahead.judged(self.run)
                 return self.reserve(worst)  # a kill switch released since: nothing held
             self._let_go(ahead)
@@ -158,8 +163,8 @@ class DjangoGovernor:
     def reserve(self, worst: Usage) -> str:
         ahead, self._ahead = self._ahead, None
         if ahead is not None:
-            if (ahead.ready and ahead.tool is not None and ahead.stop_used
-                    and ahead.counts is not None and ahead.worst == worst):
+            if (ahead.ready and ahead.stop_used and ahead.fits is not None
+                    and (ahead.tool, ahead.key) == self._checked and ahead.worst == worst):
                 return ahead.judged(self.run)
             self._let_go(ahead)
         return reserve(self.run_id, self.task_key, worst, run=self.run)
@@ -167,12 +172,13 @@ class DjangoGovernor:
     def ahead_of_tool(self, tool: str, key: str, worst: Usage) -> Ahead:
         self.release_ahead()
         self._ahead = Ahead(self.run_id, self.task_key, worst, self._stop_params(tool, key),
-                            tool=tool, key=key)
+                            tool=tool, key=key, lease=self._lease)
         return self._ahead
 
     def ahead_of_model(self, worst: Usage) -> Ahead:
         self.release_ahead()
-        self._ahead = Ahead(self.run_id, self.task_key, worst, self._stop_params(None, ""))
+        self._ahead = Ahead(self.run_id, self.task_key, worst, self._stop_params(None, ""),
+                            lease=self._lease)
         return self._ahead
 
     def release_ahead(self) -> None:

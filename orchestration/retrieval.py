@@ -8,7 +8,6 @@ never imports it (the same inversion as approvals' decision signal)."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
@@ -84,21 +83,15 @@ def _hit(hit: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
 
 def search_as(caller: str, collection: str, query: str, k: int) -> dict[str, Any]:
     """The ``search_knowledge`` tool: ``collection``'s best ``k`` chunks for ``query`` if the
-    caller holds ``read_collection`` on it. Runs on the gate's own thread for the call, whose
-    database connection is closed afterwards (nothing else will use it)."""
-    from django.db import connections
-
-    try:
-        user_id = identity_of(caller) if caller else None
-        found = source()
-        if user_id is None or found.unreadable(user_id, [collection]):
-            raise KnowledgeRefused(f"the knowledge collection {collection!r} does not exist or "
-                                   f"is not granted to {caller or 'this caller'}")
-        hits = found.search(collection, query, k)
-        return {"collection": collection, "results": [_hit(h) for h in hits]}
-    finally:
-        if threading.current_thread().name.startswith("switchboard-tool-"):
-            connections.close_all()
+    caller holds ``read_collection`` on it. Runs on a tool runner thread, whose database
+    connection is closed after each call (orchestration/apps.py)."""
+    user_id = identity_of(caller) if caller else None
+    found = source()
+    if user_id is None or found.unreadable(user_id, [collection]):
+        raise KnowledgeRefused(f"the knowledge collection {collection!r} does not exist or "
+                               f"is not granted to {caller or 'this caller'}")
+    hits = found.search(collection, query, k)
+    return {"collection": collection, "results": [_hit(h) for h in hits]}
 
 
 def task_chunks(ctx: TaskContext, user_id: Any) -> dict[str, Any]:

@@ -245,3 +245,51 @@ def test_a_reservation_made_ahead_for_another_call_is_given_back(demo: None) -> 
     assert not ahead.ready and _reserved(run) == (0, 0, 0, 0, 0)
     assert governor.begin_model_call(model) == ""
     assert _reserved(run) == (100, 0, 1, 100, 0)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_call_waiting_on_people_is_answered_ahead_with_its_own_request(demo: None) -> None:
+    run = idle_run()
+    governor = DjangoGovernor(run=run, task_key="refund", actor="agent:probe")
+    template = Policy.objects.exclude(current_version=None).first().current_version
+    policy_publish(policy=Policy.objects.create(slug="lookups", name="Lookups"),
+                   tool="lookup_order", decider_group=template.decider_group,
+                   required_approvals=1)
+    assert governor.stopped(tool="lookup_order", key="k2") == ""
+    opened = governor.gate(LOOKUP, {"order_id": "ORD-1"}, "k2")
+    assert opened.action == "wait"
+    _record_with(run, governor.ahead_of_tool("lookup_order", "k2", Usage(tool_calls=1)))
+    assert governor.stopped(tool="lookup_order", key="k2") == ""
+    # The request naming this call is found (the task's key is not the call's), not opened
+    # again.
+    assert governor.gate(LOOKUP, {"order_id": "ORD-1"}, "k2") == opened
+    assert ApprovalRequest.objects.filter(call_key="k2").count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_reservation_ahead_the_task_refuses_holds_nothing_at_the_run_either(
+        demo: None) -> None:
+    run = idle_run()
+    Task.objects.filter(run=run, key="refund").update(budget_tokens=10)
+    governor = DjangoGovernor(run=run, task_key="refund", actor="agent:probe")
+    worst = Usage(steps=1, tokens_in=70, tokens_out=30)
+    _record_with(run, governor.ahead_of_model(worst))
+    assert _reserved(run) == (0, 0, 0, 0, 0)
+    assert governor.begin_model_call(worst).startswith("budget_exhausted: task refund tokens")
+    assert _reserved(run) == (0, 0, 0, 0, 0)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_reservation_ahead_is_not_given_back_twice_once_the_task_was_taken_over(
+        demo: None) -> None:
+    run = idle_run()
+    Task.objects.filter(run=run, key="refund").update(lease_owner="first")
+    governor = DjangoGovernor(run=run, task_key="refund", actor="agent:probe", lease="first")
+    _record_with(run, governor.ahead_of_model(Usage(steps=1, tokens_in=70, tokens_out=30)))
+    assert _reserved(run) == (100, 0, 1, 100, 0)
+    # Another worker takes the task over and gives back all it held (store.claim_task).
+    Task.objects.filter(run=run, key="refund").update(lease_owner="second", reserved_tokens=0,
+                                                      reserved_steps=0)
+    Run.objects.filter(pk=run.pk).update(reserved_tokens=0, reserved_steps=0)
+    governor.release_ahead()
+    assert _reserved(run) == (0, 0, 0, 0, 0)

@@ -16,7 +16,7 @@ from hashchain import canonical_json
 from orchestration.engine import delegation
 from orchestration.engine.contracts import ToolContract
 from orchestration.engine.delegation import Delegator
-from orchestration.engine.gate import StepLog, ToolGate, contract_lookup
+from orchestration.engine.gate import StepLog, ToolGate, checks_ahead, contract_lookup
 from orchestration.engine.governance import Governor, Ungoverned, Usage
 from orchestration.engine.handoff import (
     Envelope,
@@ -206,7 +206,7 @@ def _loop(ctx: TaskContext, agent: AgentSpec, model: Model, tools: Mapping[str, 
                 usage=Usage(steps=1, tokens_in=response.tokens_in,
                             tokens_out=response.tokens_out, cost=cost),
                 reserved=worst, transcript=redact(conversation(messages), secrets),
-                ahead=(gate.ahead_of(f"{ctx.run_id}:{task}:{step}:0", first.name)
+                ahead=(checks_ahead(gate.ahead_of, f"{ctx.run_id}:{task}:{step}:0", first.name)
                        if first is not None and not handoff_call(first.name) else None),
             )
         tokens_used += response.tokens_in + response.tokens_out

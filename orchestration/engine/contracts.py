@@ -213,6 +213,11 @@ class _Runner:
                         return
                 continue  # taken as the wait ended: its call is on the way
             contextvars.Context().run(job)
+            for cleanup in _after_each_call:
+                try:
+                    cleanup()
+                except Exception:  # noqa: BLE001 - a runner outlives a failed cleanup
+                    log.warning("cleaning up after a tool call failed", exc_info=True)
             with self._lock:
                 self._idle.append(self)
 
@@ -224,6 +229,15 @@ class _Runner:
 
 
 os.register_at_fork(after_in_child=_Runner._forked)
+
+# Run on a runner thread after each call it ran (the Django side closes the thread's database
+# connections, as a thread of its own per call used to leave none open for the next call).
+_after_each_call: list[Callable[[], None]] = []
+
+
+def after_each_call(cleanup: Callable[[], None]) -> None:
+    if cleanup not in _after_each_call:
+        _after_each_call.append(cleanup)
 
 
 def _accepts_keyword(fn: Any, name: str) -> bool:

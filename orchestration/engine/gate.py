@@ -17,6 +17,7 @@ way fails loudly instead of skipping the checks.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ from orchestration.engine.errors import (
 from orchestration.engine.governance import Governor, Usage
 from orchestration.engine.redaction import redact
 from orchestration.engine.tracing import tool_span, tool_verdict
+
+log = logging.getLogger("switchboard.gate")
 
 # The ledger events a resume reads back (Journal.fold).
 JOURNAL_KINDS = ("model.called", "tool.intent", "tool.called", "tool.failed", "tool.denied",
@@ -132,6 +135,17 @@ def contract_lookup(tools: Mapping[str, ToolContract],
         return tools.get(name)
 
     return lookup
+
+
+def checks_ahead(make: Callable[..., Any], *args: Any) -> Any:
+    """The next call's checks to run with a record (``make(*args)``), or None when they
+    cannot be set up: the record of a call that was made never depends on them (the next call
+    then asks as usual)."""
+    try:
+        return make(*args)
+    except Exception:  # noqa: BLE001 - any failure only costs the next call its shortcut
+        log.warning("the next call's checks could not be run ahead", exc_info=True)
+        return None
 
 
 @dataclass(slots=True)
@@ -330,5 +344,5 @@ class ToolGate:
         self.log.record("tool.called", {**base, "arguments": shown, "result": clean,
                                         "latency_ms": latency},
                         usage=spent, reserved=worst,
-                        ahead=ahead(content) if ahead is not None else None)
+                        ahead=checks_ahead(ahead, content) if ahead else None)
         return Verdict(content, False, clean, arguments=shown)
