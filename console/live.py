@@ -162,8 +162,15 @@ def send(group: str, message: dict[str, Any]) -> None:
         running = None
     if running is loop:
         loop.create_task(layer.group_send(group, message))
-    else:
-        asyncio.run_coroutine_threadsafe(layer.group_send(group, message), loop)
+        return
+
+    def schedule() -> None:  # the coroutine is made on the loop, once it runs this
+        loop.create_task(layer.group_send(group, message))
+
+    try:
+        loop.call_soon_threadsafe(schedule)
+    except RuntimeError:  # the loop closed since it was looked at: nobody left to tell
+        return
 
 
 def announce(chain: Any, seq: int, kind: str, kinds: frozenset[str] = frozenset()) -> None:

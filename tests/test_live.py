@@ -180,3 +180,35 @@ async def test_the_channel_layers_reads_outlast_its_blocking_waits() -> None:
             await client.connection_pool.release(connection)
     finally:
         await client.aclose()
+
+
+@pytest.mark.parametrize("loop_state", ["stopped", "closed"])
+async def test_a_send_to_a_loop_that_ends_meanwhile_leaves_no_coroutine_behind(
+        monkeypatch: pytest.MonkeyPatch, loop_state: str) -> None:
+    """A worker thread's announcement races the end of the process's socket loop: whether the
+    loop stops before it runs the send or closes right after it was looked at, nothing is
+    left unawaited (or raised to the worker)."""
+    import asyncio
+    import gc
+    import warnings
+
+    from channels.layers import InMemoryChannelLayer
+
+    from console import live
+
+    loop = asyncio.new_event_loop()
+    if loop_state == "closed":
+        loop.close()
+    monkeypatch.setattr(live, "_loop", loop)
+    monkeypatch.setattr(live, "_in_memory", lambda: True)
+    monkeypatch.setattr(live, "get_channel_layer", InMemoryChannelLayer)
+    monkeypatch.setattr(loop, "is_running", lambda: True)  # as it was when looked at
+    monkeypatch.setattr(loop, "is_closed", lambda: False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        live.send("runs", {"type": "runs.changed", "run": "r"})
+        if not loop.is_closed():
+            monkeypatch.undo()
+            loop.close()  # stopped without running what was handed to it
+        gc.collect()
+    assert [str(w.message) for w in caught if "never awaited" in str(w.message)] == []
