@@ -161,16 +161,26 @@ def send(group: str, message: dict[str, Any]) -> None:
     except RuntimeError:
         running = None
     if running is loop:
-        loop.create_task(layer.group_send(group, message))
+        _start_send(loop, layer, group, message)
         return
-
-    def schedule() -> None:  # the coroutine is made on the loop, once it runs this
-        loop.create_task(layer.group_send(group, message))
-
-    try:
-        loop.call_soon_threadsafe(schedule)
+    try:  # the coroutine is made on the loop, once it runs this
+        loop.call_soon_threadsafe(_start_send, loop, layer, group, message)
     except RuntimeError:  # the loop closed since it was looked at: nobody left to tell
         return
+
+
+def _start_send(loop: asyncio.AbstractEventLoop, layer: Any, group: str,
+                message: dict[str, Any]) -> None:
+    """Start the in-memory layer's group_send on its loop at once (an eager task, and the
+    per-channel sends it starts too): the messages are in the channels' queues before this
+    returns, whether or not the loop runs again. A loop closed with the task not yet started
+    (a test's, as it ends) would drop it, and its coroutine would never be awaited."""
+    factory = loop.get_task_factory()
+    loop.set_task_factory(asyncio.eager_task_factory)
+    try:
+        loop.create_task(layer.group_send(group, message))
+    finally:
+        loop.set_task_factory(factory)
 
 
 def announce(chain: Any, seq: int, kind: str, kinds: frozenset[str] = frozenset()) -> None:

@@ -212,3 +212,37 @@ async def test_a_send_to_a_loop_that_ends_meanwhile_leaves_no_coroutine_behind(
             loop.close()  # stopped without running what was handed to it
         gc.collect()
     assert [str(w.message) for w in caught if "never awaited" in str(w.message)] == []
+
+
+async def test_a_send_started_on_a_loop_that_then_closes_has_delivered_its_message() -> None:
+    """The in-memory layer's messages are in their channels' queues as soon as the send is
+    started on the socket loop, and nothing is left unawaited when that loop closes without
+    running again (as a test's loop does when the test ends)."""
+    import asyncio
+    import gc
+    import threading
+    import warnings
+
+    from channels.layers import InMemoryChannelLayer
+
+    from console import live
+
+    layer = InMemoryChannelLayer()
+    loop = asyncio.new_event_loop()
+
+    async def announce() -> None:
+        await layer.group_add("runs", "specific.inbox")
+        live._start_send(loop, layer, "runs", {"type": "runs.changed", "run": "r"})
+
+    def on_its_own_thread() -> None:  # (this test's own loop is running on this one)
+        loop.run_until_complete(announce())
+        loop.close()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        thread = threading.Thread(target=on_its_own_thread)
+        thread.start()
+        thread.join()
+        gc.collect()
+    assert [str(w.message) for w in caught if "never awaited" in str(w.message)] == []
+    assert layer.channels["specific.inbox"].qsize() == 1
