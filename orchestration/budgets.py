@@ -19,7 +19,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from audit.statements import Prepared
-from orchestration import metrics, rules
+from orchestration import metrics, rules, run_lock
 from orchestration.engine.governance import Usage
 from orchestration.models import Run, Task
 from orchestration.precheck import TYPES, stop_sql, stop_statement
@@ -31,26 +31,26 @@ class _Refused(Exception):
 
 # The hot path of every model and tool call: plain SQL, built once. The ORM's F() arithmetic
 # costs about a millisecond of Python per statement; these run in tens of microseconds.
-_RESERVE_RUN = """
-UPDATE orchestration_run
-   SET reserved_tokens = reserved_tokens + %(tokens)s,
-       reserved_cost = reserved_cost + %(cost)s,
-       reserved_steps = reserved_steps + %(steps)s
+# The row of the run, and of its task, when the worst case %(tokens)s, %(cost)s, %(steps)s fits
+# what is used and reserved under each cap.
+_RUN_FITS = """
  WHERE id = %(run)s
    AND (budget_tokens IS NULL
         OR budget_tokens >= tokens_in + tokens_out + reserved_tokens + %(tokens)s)
    AND (budget_cost IS NULL OR budget_cost >= cost + reserved_cost + %(cost)s)
    AND (budget_steps IS NULL OR budget_steps >= steps + reserved_steps + %(steps)s)
 """
-_RESERVE_TASK = """
-UPDATE orchestration_task
-   SET reserved_tokens = reserved_tokens + %(tokens)s,
-       reserved_cost = reserved_cost + %(cost)s,
-       reserved_steps = reserved_steps + %(steps)s
+_TASK_FITS = """
  WHERE run_id = %(run)s AND "key" = %(key)s
    AND (budget_tokens IS NULL OR budget_tokens >= used_tokens + reserved_tokens + %(tokens)s)
    AND (budget_cost IS NULL OR budget_cost >= used_cost + reserved_cost + %(cost)s)
 """
+_RESERVING = """
+   SET reserved_tokens = reserved_tokens + %(tokens)s,
+       reserved_cost = reserved_cost + %(cost)s,
+       reserved_steps = reserved_steps + %(steps)s"""
+_RESERVE_RUN = "UPDATE orchestration_run" + _RESERVING + _RUN_FITS
+_RESERVE_TASK = "UPDATE orchestration_task" + _RESERVING + _TASK_FITS
 _SETTLE_RUN = """
 UPDATE orchestration_run
    SET reserved_tokens = reserved_tokens - %(r_tokens)s,
@@ -141,16 +141,8 @@ _AHEAD = (
     "WITH s (cancel, switch, active{columns}) AS ({stop}),"
     " go AS (SELECT 1 FROM s WHERE NOT s.cancel AND s.switch IS NULL"
     " AND (%(agent)s IS NULL OR s.active = 1)),"
-    " rf AS (SELECT 1 FROM orchestration_run WHERE id = %(run)s"
-    "   AND (budget_tokens IS NULL"
-    "        OR budget_tokens >= tokens_in + tokens_out + reserved_tokens + %(tokens)s)"
-    "   AND (budget_cost IS NULL OR budget_cost >= cost + reserved_cost + %(cost)s)"
-    "   AND (budget_steps IS NULL OR budget_steps >= steps + reserved_steps + %(steps)s)),"
-    " tf AS (SELECT 1 FROM orchestration_task WHERE run_id = %(run)s AND \"key\" = %(key)s"
-    "   AND (budget_tokens IS NULL"
-    "        OR budget_tokens >= used_tokens + reserved_tokens + %(tokens)s)"
-    "   AND (budget_cost IS NULL OR budget_cost >= used_cost + reserved_cost + %(cost)s)"
-    "   FOR UPDATE),"
+    " rf AS (SELECT 1 FROM orchestration_run" + _RUN_FITS + "),"
+    " tf AS (SELECT 1 FROM orchestration_task" + _TASK_FITS + " FOR UPDATE),"
     " r AS (" + _RESERVE_RUN + " AND EXISTS (SELECT 1 FROM go) AND EXISTS (SELECT 1 FROM tf)"
     " RETURNING 1),"
     " t AS (" + _RESERVE_TASK + " AND EXISTS (SELECT 1 FROM r) RETURNING 1)"
@@ -307,19 +299,9 @@ class Ahead:
                     settle(self.run_id, self.task_key, self.worst, Usage())
 
     def _still_ours(self) -> bool:
-        """Locks the task's row (under the run's, as every writer of it does)."""
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT 1 FROM orchestration_run WHERE id = %s" + _lock(),
-                           [run_param(self.run_id)])
-            cursor.execute('SELECT lease_owner FROM orchestration_task'
-                           ' WHERE run_id = %s AND "key" = %s' + _lock(),
-                           [run_param(self.run_id), self.task_key])
-            row = cursor.fetchone()
-        return row is not None and (not self.lease or row[0] == self.lease)
-
-
-def _lock() -> str:
-    return " FOR UPDATE" if connection.features.has_select_for_update else ""
+        """Takes the run's lock, as every writer of the task's row does, and reads its lease."""
+        row = run_lock.lock_step(self.run_id, self.task_key)
+        return row is not None and (not self.lease or row[1] == self.lease)
 
 
 def _judged(run_id: str, task_key: str, worst: Usage, run: Run | None,

@@ -104,9 +104,7 @@ def _read(reader: Reader) -> None:
     if connection.vendor != "postgresql":
         reader.run()
         return
-    with connection.cursor() as cursor:
-        cursor.execute(*reader.statement())
-        reader.took(cursor.fetchone())
+    reader.took(execute_reading(*reader.statement(), 0))
 
 
 def write(sql: str, params: list[Any]) -> None:
