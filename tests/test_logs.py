@@ -116,10 +116,20 @@ def test_every_line_is_json_and_the_run_work_carries_the_run_id(
     run = start_run(api)
 
     if json_worker is None:  # standalone: the work ran on this process's pool threads
-        records = parsed([line for _thread, line in json_lines.lines])
-        work = [r for (thread, _), r in zip(json_lines.lines, records, strict=True)
-                if thread.startswith("switchboard-worker")]
-        assert_carries_the_run(work, run)
+        tasks = Task.objects.filter(run_id=run.pk).count()
+
+        def work_records() -> list[dict[str, Any]] | None:
+            # A task's line follows the commit that finishes it, so the run's last task may
+            # be logged just after the run is seen to have ended.
+            lines = list(json_lines.lines)
+            records = parsed([line for _thread, line in lines])
+            work = [r for (thread, _), r in zip(lines, records, strict=True)
+                    if thread.startswith("switchboard-worker")]
+            finished = [r for r in work if r["logger"] == "switchboard.work"]
+            return work if len(finished) >= tasks else None
+
+        assert_carries_the_run(wait_for(work_records, what="the pool's log lines about the run"),
+                               run)
         return
 
     parsed([line for _thread, line in json_lines.lines])  # the web side's own lines
